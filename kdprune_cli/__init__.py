@@ -1,0 +1,2 @@
+"""kdprune: knowledge-distillation-guided pruning experiments (CA-KLD and baselines)."""
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""Structured configs (the Hydra schema) and the validation every run passes before any work.
+
+The schema types every top-level field, so Hydra rejects a wrong type at composition; :func:`validate`
+checks what types cannot (ranges, names, files) and raises :class:`ConfigError` with one clear line.
+Method nodes are free-form (each method reads its own fields); their training recipes are checked
+against :class:`TrainRecipe` here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line that says what to change."""
+
+
+@dataclass
+class TrainRecipe:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: str = "cosine"  # cosine | multistep | constant
+    milestones: List[int] = field(default_factory=list)
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    augment: bool = True
+    eval_every: int = 1  # evaluate on the test split every n epochs for the log (0 = never)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "./data"
+    download: bool = False
+    cache_dir: str = "${store.root}/data"
+    val_split: float = 0.0
+    split_seed: int = 0
+    crop_padding: int = 4
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    checkpoint: Optional[str] = None  # load instead of training
+    seed: int = 0
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+
+@dataclass
+class PruneConfig:
+    scope: str = "global"  # global | layer
+    exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # none | csv | wandb
+    project: str = "kdprune"
+    entity: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled (wandb)
+    group: Optional[str] = None  # default: the sweep folder's name, else the experiment name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class StoreConfig:
+    root: str = "${oc.env:KDPRUNE_STORE,outputs/store}"
+    enabled: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+    ece_bins: int = 15
+    latency: bool = False
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet56"))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    method: Dict[str, Any] = field(default_factory=dict)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sparsity: float = 0.9
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast on CUDA
+    progress: bool = True
+    experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="kdprune_schema", node=RunConfig)
+
+
+NOT_RECIPE = ("kd",)  # switches that live beside a recipe in a method's node
+
+
+def recipe(node: Any, where: str) -> DictConfig:
+    """A training recipe from a (possibly partial) node, type-checked against :class:`TrainRecipe`."""
+    node = {k: v for k, v in (node or {}).items() if k not in NOT_RECIPE}
+    try:
+        r = OmegaConf.merge(OmegaConf.structured(TrainRecipe), node)
+    except Exception as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    _check_recipe(r, where)
+    return r
+
+
+def _check_recipe(r, where: str) -> None:
+    if r.epochs < 0:
+        raise ConfigError(f"{where}.epochs must be >= 0, got {r.epochs}")
+    if r.batch_size <= 0:
+        raise ConfigError(f"{where}.batch_size must be > 0, got {r.batch_size}")
+    if r.lr < 0 or r.weight_decay < 0 or not 0 <= r.momentum < 1:
+        raise ConfigError(f"{where}: lr and weight_decay must be >= 0 and momentum in [0, 1)")
+    if r.schedule not in ("cosine", "multistep", "constant"):
+        raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything a run needs that types cannot say; raises :class:`ConfigError`."""
+    from .data import DATASETS
+    from .models import is_known, model_names
+    from .pruning import method_names
+
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0.0 <= cfg.data.val_split < 1.0:
+        raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
+    for role in ("teacher", "student"):
+        m = cfg[role]
+        if not is_known(m.name):
+            raise ConfigError(f"unknown {role} model {m.name!r}; choose one of {', '.join(model_names())}")
+        if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
+            raise ConfigError(f"{role}.checkpoint {m.checkpoint} does not exist")
+        _check_recipe(m.train, f"{role}.train")
+    name = cfg.method.get("name")
+    if name not in method_names():
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(method_names())}")
+    if cfg.prune.scope not in ("global", "layer"):
+        raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
+    if cfg.logger.name not in ("none", "csv", "wandb"):
+        raise ConfigError(f"logger must be none, csv or wandb, got {cfg.logger.name!r}")
+    if cfg.logger.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
+    if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
+        raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
+    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -1,0 +1,68 @@
+"""Per-epoch metrics: ``metrics.jsonl`` always, ``metrics.csv`` with ``logger=csv``, W&B with ``logger=wandb``.
+
+W&B (DESIGN.md): one run per job, ``group`` = the sweep or experiment, ``job_type`` = the method, the
+deterministic job id as run id with ``resume="allow"``, the resolved config, per-epoch curves, the record
+as summary, and ``finish(exit_code=1)`` when the job failed. ``logger.mode=offline`` needs no network.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+class RunLogger:
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str):
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.jsonl.write_text("")
+        self.rows: list[dict] = []
+        self.csv = cfg.logger.name == "csv"
+        self.wandb_run = None
+        self.step = 0
+        if cfg.logger.name == "wandb":
+            import wandb
+
+            lc = cfg.logger
+            self.wandb_run = wandb.init(
+                project=lc.project, entity=lc.entity, group=lc.group or group, job_type=cfg.method.name,
+                id=job_id, resume="allow", mode=lc.mode, dir=str(self.run_dir), tags=list(lc.tags),
+                name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
+                config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, rec: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.rows.append(rec)
+        if self.csv:
+            keys = list(dict.fromkeys(k for r in self.rows for k in r))
+            with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.rows)
+        if self.wandb_run is not None:
+            stage = rec.get("stage", "run")
+            self.wandb_run.log({f"{stage}/{k}": v for k, v in rec.items() if k != "stage"}, step=self.step)
+            self.step += 1
+
+    def finish(self, record: dict) -> None:
+        if self.wandb_run is None:
+            return
+        flat = {k: v for k, v in _flatten({kk: vv for kk, vv in record.items() if kk != "config"}).items()
+                if isinstance(v, (int, float, str, bool)) or v is None}
+        self.wandb_run.summary.update(flat)
+        self.wandb_run.finish(exit_code=0 if record["status"] == "ok" else 1)
+        self.wandb_run = None

@@ -1,0 +1,58 @@
+"""The model zoo: one registry for teachers and students.
+
+- CIFAR ResNet-20/32/56/110 and WRN-28-10 are written here (no maintained library ships them);
+- ResNet-18/34/50, VGG-16/19-BN and MobileNetV2 are torchvision's classes with a CIFAR stem;
+- ``timm/<name>`` is any timm model, created with the dataset's classes and input channels.
+
+Classes, input channels and image size always come from the dataset.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from torch import nn
+
+from .cifar import cifar_resnet, wide_resnet
+from .tv import tv_mobilenet_v2, tv_resnet, tv_vgg
+
+Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
+
+ZOO: Dict[str, Builder] = {
+    "resnet20": lambda c, ch, s: cifar_resnet(20, c, ch),
+    "resnet32": lambda c, ch, s: cifar_resnet(32, c, ch),
+    "resnet56": lambda c, ch, s: cifar_resnet(56, c, ch),
+    "resnet110": lambda c, ch, s: cifar_resnet(110, c, ch),
+    "resnet18": lambda c, ch, s: tv_resnet("resnet18", c, ch),
+    "resnet34": lambda c, ch, s: tv_resnet("resnet34", c, ch),
+    "resnet50": lambda c, ch, s: tv_resnet("resnet50", c, ch),
+    "vgg16": lambda c, ch, s: tv_vgg("vgg16_bn", c, ch, s),
+    "vgg19": lambda c, ch, s: tv_vgg("vgg19_bn", c, ch, s),
+    "wrn28_10": lambda c, ch, s: wide_resnet(28, 10, c, ch),
+    "mobilenetv2": lambda c, ch, s: tv_mobilenet_v2(c, ch),
+}
+
+
+def model_names() -> list[str]:
+    return sorted(ZOO) + ["timm/<any timm model>"]
+
+
+def is_known(name: str) -> bool:
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.is_model(name[len("timm/"):])
+    return name in ZOO
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Build ``name`` for a dataset with ``num_classes`` classes, ``in_channels`` and ``image_size``."""
+    if name.startswith("timm/"):
+        import timm
+
+        arch = name[len("timm/"):]
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    return ZOO[name](num_classes, in_channels, image_size)

@@ -1,0 +1,68 @@
+"""The method interface and the shared one-shot flow (score → global threshold → retrain).
+
+A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns the final pruned model
+and its masks. ``ctx`` is the runner's :class:`~kdprune_cli.runner.Context`; it gives the data, the
+teacher and dense student (cached artifacts), seeded generators, the one trainer and the evaluator,
+and records the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict
+
+from omegaconf import DictConfig
+from torch import nn
+
+from .masks import Masks, Scores, apply_masks, prunable_params, select
+
+REGISTRY: Dict[str, type["Method"]] = {}
+
+
+class Method:
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    @property
+    def retrain_kd(self) -> bool | None:
+        """Whether retraining distils from the teacher (None where the method has no such switch)."""
+        return None
+
+    def validate(self) -> None:
+        """Check method-specific options; raise ConfigError."""
+
+    def run(self, ctx) -> tuple[nn.Module, Masks]:
+        raise NotImplementedError
+
+
+class OneShot(Method):
+    """Score once, keep the top ``(1−s)·|P|`` scores, retrain with the mask fixed."""
+
+    def base_model(self, ctx) -> nn.Module:
+        """The network to score and prune (default: the trained dense student)."""
+        return ctx.dense_student()
+
+    def score(self, ctx, model: nn.Module) -> Scores:
+        raise NotImplementedError
+
+    def retrain_objective(self, ctx):
+        return ctx.objective(kd=False)
+
+    def run(self, ctx) -> tuple[nn.Module, Masks]:
+        model = self.base_model(ctx)
+        with ctx.stage("score"):
+            scores = self.score(ctx, model)
+        masks = select(scores, ctx.sparsity, ctx.scope)
+        apply_masks(model, masks)
+        ctx.record_metrics("pruned", model)
+        ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
+        return model, masks
+
+
+def params_for_scoring(ctx, model: nn.Module) -> Dict[str, nn.Parameter]:
+    return prunable_params(model, ctx.exclude)

@@ -1,0 +1,88 @@
+"""CA-KLD teacher-guided one-shot pruning (arXiv 2511.16653; METHODS.md §2).
+
+1–2. dense teacher and dense student (cached artifacts of the runner);
+3.   teacher-guided fine-tuning of the dense student with ``L_total = α·L_CA-KLD + (1−α)·CE`` (§1);
+4.   importance ``S_j = Σ_b |θ_j · ∂L_total(x_b, y_b)/∂θ_j|`` over ``score_batches`` batches, BN in eval
+     mode, teacher in eval mode under no_grad;
+5.   one global threshold keeps the top ``(1−s)·|P|`` scores;
+6.   sparsity-aware retraining with the mask fixed, with KD (``L_total``) or without (CE): ``retrain.kd``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import losses
+from ..config import ConfigError
+from .base import OneShot, params_for_scoring
+
+
+class CAKLD(OneShot):
+    name = "cakld"
+
+    @property
+    def retrain_kd(self) -> bool:
+        return bool(self.cfg.retrain.get("kd", True))
+
+    def validate(self) -> None:
+        c = self.cfg
+        if not 0.0 <= c.alpha <= 1.0:
+            raise ConfigError(f"method.alpha must be in [0, 1], got {c.alpha}")
+        if c.temperature <= 0:
+            raise ConfigError(f"method.temperature must be > 0, got {c.temperature}")
+        if c.gamma != "auto" and not (isinstance(c.gamma, (int, float)) and 0.0 <= c.gamma <= 1.0):
+            raise ConfigError(f"method.gamma must be 'auto' or a number in [0, 1], got {c.gamma!r}")
+        if c.score_batches is not None and c.score_batches <= 0:
+            raise ConfigError(f"method.score_batches must be > 0 or null (one pass), got {c.score_batches}")
+
+    def gamma(self, ctx) -> float:
+        """γ: fixed, or the teacher's mean max-probability over ``gamma_batches`` training batches."""
+        if self.cfg.gamma != "auto":
+            return float(self.cfg.gamma)
+        if "gamma" not in ctx.extra:
+            teacher = ctx.teacher()
+            batches = ((x, y) for x, y, _ in ctx.data.batches(
+                "train", self.cfg.finetune.batch_size, shuffle=True, gen=ctx.generator("gamma"),
+                max_batches=int(self.cfg.gamma_batches)))
+            with ctx.stage("gamma") as st:
+                ctx.extra["gamma"] = losses.teacher_confidence(teacher, batches)
+                st.teacher_samples += min(len(ctx.data.train), self.cfg.gamma_batches * self.cfg.finetune.batch_size)
+        return ctx.extra["gamma"]
+
+    def distill_objective(self, ctx):
+        return ctx.distill(alpha=self.cfg.alpha, gamma=self.gamma(ctx), temperature=self.cfg.temperature,
+                           logit_norm=self.cfg.logit_norm)
+
+    def base_model(self, ctx):
+        """Step 3: the dense student fine-tuned with L_total (a cached artifact)."""
+        spec = {"student": ctx.spec("student"), "teacher": ctx.spec("teacher"), "gamma": self.gamma(ctx),
+                "alpha": self.cfg.alpha, "temperature": self.cfg.temperature, "logit_norm": self.cfg.logit_norm,
+                "recipe": ctx.recipe_spec(self.cfg.finetune, "method.finetune"), "seed": ctx.seed}
+        return ctx.cached_model("finetune", spec, ctx.dense_student,
+                                lambda m: ctx.train(m, self.cfg.finetune, self.distill_objective(ctx),
+                                                    stage="finetune", record=False))
+
+    def score(self, ctx, model):
+        """Step 4: Σ over batches of |θ ⊙ ∇θ L_total|, BN in eval mode."""
+        objective = self.distill_objective(ctx)
+        params = params_for_scoring(ctx, model)
+        scores = {n: torch.zeros_like(p) for n, p in params.items()}
+        model.eval()
+        n_batches = self.cfg.score_batches
+        bs = int(self.cfg.score_batch_size)
+        st = ctx.current_stage
+        for x, y, idx in ctx.data.batches("train", bs, shuffle=n_batches is not None,
+                                          gen=ctx.generator("score"), max_batches=n_batches):
+            model.zero_grad(set_to_none=True)
+            loss, _ = objective(model, x, y, idx)
+            loss.backward()
+            with torch.no_grad():
+                for n, p in params.items():
+                    scores[n] += (p * p.grad).abs()
+            st.samples += x.shape[0]
+            st.teacher_samples += x.shape[0]
+        model.zero_grad(set_to_none=True)
+        model.train()
+        return scores
+
+    def retrain_objective(self, ctx):
+        return self.distill_objective(ctx) if self.retrain_kd else ctx.objective(kd=False)

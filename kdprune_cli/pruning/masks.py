@@ -1,0 +1,147 @@
+"""The one mask mechanism (METHODS.md §0): prunable set, selection, application, enforcement, counting.
+
+Masks are ``{parameter name: bool tensor}``; ``True`` = keep. Scores are ``{name: float tensor}`` with
+higher = keep. Every method produces scores or masks and goes through :func:`select`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping
+
+import torch
+from torch import nn
+
+Masks = Dict[str, torch.Tensor]
+Scores = Dict[str, torch.Tensor]
+
+
+def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> Dict[str, nn.Module]:
+    """Every Conv2d and Linear (first conv and classifier included) except the module names in ``exclude``."""
+    exclude = set(exclude)
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in exclude}
+
+
+def prunable_params(model: nn.Module, exclude: Iterable[str] = ()) -> Dict[str, nn.Parameter]:
+    """The prunable set P: ``{"<module>.weight": weight}`` in module order."""
+    return {f"{name}.weight": m.weight for name, m in prunable_modules(model, exclude).items()}
+
+
+def check_exclude(model: nn.Module, exclude: Iterable[str]) -> None:
+    """Raise a clear error when ``prune.exclude`` names a module that is not a Conv2d/Linear."""
+    names = set(prunable_modules(model))
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise ValueError(f"prune.exclude names no Conv2d/Linear module: {unknown}; "
+                         f"choices start with {sorted(names)[:6]}")
+
+
+def _removal_counts(sizes: list[int], sparsity: float, scope: str) -> list[int] | int:
+    total = sum(sizes)
+    k = int(round(sparsity * total))
+    if scope == "global":
+        return k
+    if scope != "layer":
+        raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
+    # Same ratio in every tensor; largest-remainder rounding so the total is still exactly k.
+    exact = [sparsity * n for n in sizes]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: k - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
+           keep: Masks | None = None) -> Masks:
+    """Keep the highest scores so that exactly ``round(s·|P|)`` weights are removed.
+
+    Ties are broken deterministically: among equal scores the weight that comes first (parameter order,
+    then flat index) is removed first. NaN scores count as the lowest. ``keep`` (an earlier mask) forces
+    already-pruned weights to stay pruned, and they count towards the removed total, as iterative
+    methods need; in ``layer`` scope the per-tensor ratio is taken over the whole tensor.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    names = list(scores)
+    flat = []
+    for n in names:
+        s = scores[n].detach().float().flatten().clone()
+        s[torch.isnan(s)] = -float("inf")
+        if keep is not None:
+            s[~keep[n].flatten()] = -float("inf")
+        flat.append(s)
+    sizes = [f.numel() for f in flat]
+    counts = _removal_counts(sizes, sparsity, scope)
+    if keep is not None:
+        already = [int((~keep[n]).sum()) for n in names]
+        if scope == "global" and sum(already) > counts:
+            raise ValueError(f"mask already removes {sum(already)} weights, more than the target {counts}")
+    masks: Masks = {}
+    if scope == "global":
+        allv = torch.cat([f.to("cpu") for f in flat])
+        order = torch.sort(allv, stable=True).indices
+        keep_flat = torch.ones(allv.numel(), dtype=torch.bool)
+        keep_flat[order[:counts]] = False
+        offset = 0
+        for n, size in zip(names, sizes):
+            masks[n] = keep_flat[offset:offset + size].view_as(scores[n]).to(scores[n].device)
+            offset += size
+    else:
+        for n, f, c in zip(names, flat, counts):
+            order = torch.sort(f.to("cpu"), stable=True).indices
+            m = torch.ones(f.numel(), dtype=torch.bool)
+            m[order[:c]] = False
+            masks[n] = m.view_as(scores[n]).to(scores[n].device)
+    return masks
+
+
+def dense_masks(model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_params(model, exclude).items()}
+
+
+def _params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    missing = [n for n in masks if n not in named]
+    if missing:
+        raise KeyError(f"mask names parameters the model lacks: {missing[:3]}")
+    return {n: named[n] for n in masks}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place (also used after every optimizer step to re-mask)."""
+    for n, p in _params(model, masks).items():
+        p.mul_(masks[n].to(device=p.device, dtype=p.dtype))
+
+
+def mask_grads(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the gradients of pruned weights before the optimizer step."""
+    for n, p in _params(model, masks).items():
+        if p.grad is not None:
+            p.grad.mul_(masks[n].to(device=p.grad.device, dtype=p.grad.dtype))
+
+
+@torch.no_grad()
+def assert_masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """The final check: every pruned weight is exactly zero."""
+    for n, p in _params(model, masks).items():
+        bad = int((p[~masks[n].to(p.device)] != 0).sum())
+        if bad:
+            raise AssertionError(f"{bad} pruned weights of {n} are non-zero")
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, exclude: Iterable[str] = ()) -> dict:
+    """Sparsity measured from the weights themselves, not from the mask: global and per layer."""
+    per_layer, total, zeros = {}, 0, 0
+    for n, p in prunable_params(model, exclude).items():
+        z = int((p == 0).sum())
+        per_layer[n] = z / p.numel()
+        total += p.numel()
+        zeros += z
+    return {"global": zeros / max(total, 1), "per_layer": per_layer, "prunable": total,
+            "nonzero": total - zeros}
+
+
+def masks_to_cpu(masks: Masks) -> Masks:
+    return {n: m.detach().to("cpu") for n, m in masks.items()}

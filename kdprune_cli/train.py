@@ -1,0 +1,109 @@
+"""The one training loop: any objective (CE, distillation, self-distillation), an optional fixed or
+evolving mask, optional bf16 autocast on CUDA, per-epoch logging and a progress bar.
+
+With a mask, gradients of pruned weights are zeroed before every optimizer step and the weights are
+re-masked after it, so momentum and weight decay cannot revive a pruned weight (METHODS.md §0).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .pruning.masks import apply_masks, assert_masked, mask_grads
+
+
+def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                           nesterov=bool(recipe.nesterov) and recipe.momentum > 0)
+
+
+def lr_at(recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning rate at optimizer step ``step`` (linear warm-up, then cosine / multistep / constant)."""
+    warm = int(recipe.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return recipe.lr * (step + 1) / warm
+    if recipe.schedule == "cosine":
+        t = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * recipe.lr * (1 + math.cos(math.pi * t))
+    if recipe.schedule == "multistep":
+        epoch = step // max(1, steps_per_epoch)
+        return recipe.lr * recipe.lr_decay ** sum(epoch >= m for m in recipe.milestones)
+    return recipe.lr
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, masks: Optional[dict] = None,
+          desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
+          amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
+          evaluate: Optional[Callable[[nn.Module], dict]] = None) -> dict:
+    """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``.
+
+    ``masks`` may be mutated by ``step_hook(step, total_steps)`` (gradual pruning); the current masks are
+    enforced after every step. ``evaluate(model)`` runs every ``recipe.eval_every`` epochs for the log.
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    samples, t0 = 0, getattr(objective, "teacher_samples", 0)
+    epochs = int(recipe.epochs)
+    if epochs <= 0:
+        return {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
+    steps_per_epoch = data.num_batches("train", recipe.batch_size, drop_last=True)
+    total = epochs * steps_per_epoch
+    opt = make_optimizer(model, recipe)
+    if masks is not None:
+        apply_masks(model, masks)
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        if hasattr(objective, "on_epoch_start"):
+            objective.on_epoch_start(epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
+                                      gen=gen, drop_last=True):
+            if step_hook is not None:
+                step_hook(step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(recipe, step, total, steps_per_epoch)
+            with autocast(device, amp):
+                loss, logits = objective(model, x, y, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if masks is not None:
+                mask_grads(model, masks)
+            opt.step()
+            if masks is not None:
+                apply_masks(model, masks)
+            step += 1
+            samples += x.shape[0]
+            loss_sum += loss.detach().float() * x.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += x.shape[0]
+            bar.update(1)
+        if hasattr(objective, "on_epoch_end"):
+            objective.on_epoch_end(epoch)
+        rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+               "train_loss": float(loss_sum) / max(seen, 1), "train_top1": 100.0 * float(correct) / max(seen, 1)}
+        if evaluate is not None and recipe.eval_every and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == epochs):
+            rec.update({f"test_{k}": v for k, v in evaluate(model).items()})
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_top1']:.1f}",
+                        **({"test": f"{rec['test_top1']:.1f}"} if "test_top1" in rec else {}))
+        if log is not None:
+            log(rec)
+    bar.close()
+    if masks is not None:
+        assert_masked(model, masks)
+    return {"seconds": time.perf_counter() - start, "samples": samples,
+            "teacher_samples": getattr(objective, "teacher_samples", 0) - t0}
