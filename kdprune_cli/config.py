@@ -40,6 +40,7 @@ class DataConfig:
     name: str = "cifar10"
     root: str = "./data"
     download: bool = False
+    verify_checksums: bool = True  # CIFAR: check the official md5 sums (false for re-packed subsets)
     cache_dir: str = "${store.root}/data"
     val_split: float = 0.0
     split_seed: int = 0

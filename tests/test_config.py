@@ -1,0 +1,68 @@
+"""Every config composes; validation turns bad input into one clear ConfigError."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdprune_cli.cli import config_dir
+from kdprune_cli.config import ConfigError, validate
+
+from conftest import compose_cfg
+
+CONF = Path(config_dir())
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = compose_cfg()
+    assert (cfg.data.name, cfg.teacher.name, cfg.student.name, cfg.method.name) == \
+        ("cifar10", "resnet56", "resnet20", "cakld")
+    assert cfg.sparsity == 0.9 and cfg.method.retrain.kd is True and cfg.method.gamma == "auto"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group", ["dataset", "teacher", "student", "method", "logger", "experiment"])
+def test_every_option_of_every_group_composes_and_validates(group):
+    assert options(group), group
+    for opt in options(group):
+        cfg = compose_cfg([f"{group}={opt}"])
+        validate(cfg)
+        cfg = compose_cfg(["experiment=quickstart", f"{group}={opt}"])
+        validate(cfg)
+
+
+def test_quickstart_budget_applies_only_with_the_quickstart_experiment():
+    assert compose_cfg(["experiment=quickstart"]).method.retrain.epochs < compose_cfg().method.retrain.epochs
+    assert compose_cfg(["experiment=quickstart", "method.retrain.epochs=7"]).method.retrain.epochs == 7
+
+
+def test_issue_override_spellings_compose():
+    cfg = compose_cfg(["dataset=cifar100", "teacher=resnet110", "student=resnet56", "sparsity=0.95",
+                       "method.retrain.kd=false"])
+    assert cfg.data.name == "cifar100" and cfg.teacher.name == "resnet110" and cfg.method.retrain.kd is False
+    cfg = compose_cfg(["dataset=tinyimagenet", "data.root=/data/tiny-imagenet-200", "teacher=resnet50",
+                       "student=resnet18"])
+    assert cfg.data.root == "/data/tiny-imagenet-200"
+    cfg = compose_cfg(["teacher=timm", "teacher.name=timm/resnet10t"])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sparsity=1.0", "sparsity must be in"),
+    ("sparsity=-0.1", "sparsity must be in"),
+    ("teacher.train.epochs=-1", "teacher.train.epochs must be >= 0"),
+    ("teacher.checkpoint=/no/such/teacher.pt", "does not exist"),
+    ("student.name=resnet57", "unknown student model"),
+    ("method.name=nope", "unknown method"),
+    ("prune.scope=row", "prune.scope"),
+    ("data.val_split=1.5", "val_split"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("device=tpu", "device must be"),
+])
+def test_bad_input_is_a_config_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg([override]))

@@ -1,0 +1,97 @@
+"""Loaders read tiny files in the real formats; on-device augmentation and splits behave."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdprune_cli.data import DataError, DeviceData, load_cached, read_raw
+
+from fakedata import write_cifar, write_tiny_imagenet
+
+
+@pytest.mark.parametrize("classes,name", [(10, "cifar10"), (100, "cifar100")])
+def test_cifar_python_batches(tmp_path, classes, name):
+    raw = write_cifar(tmp_path, classes=classes)
+    (xtr, ytr), (xte, yte) = read_raw(name, tmp_path, download=False, verify=False)
+    assert xtr.dtype == torch.uint8 and xtr.shape == (100, 3, 32, 32) and xte.shape == (30, 3, 32, 32)
+    first = raw["data_batch_1" if classes == 10 else "train"]
+    label_key = "labels" if classes == 10 else "fine_labels"
+    # CIFAR rows are 1024 R, 1024 G, 1024 B values: channel-first after our conversion.
+    np.testing.assert_array_equal(xtr[0].numpy().reshape(-1), first["data"][0])
+    assert ytr[:20].tolist() == first[label_key][:20]
+
+
+def test_cifar_checksums_are_checked_by_default(tmp_path):
+    write_cifar(tmp_path)
+    with pytest.raises(DataError, match="data.root"):
+        read_raw("cifar10", tmp_path, download=False, verify=True)
+
+
+def test_missing_dataset_says_how_to_fix(tmp_path):
+    with pytest.raises(DataError, match="data.download=true.*experiment=quickstart"):
+        read_raw("cifar100", tmp_path / "nowhere", download=False)
+    with pytest.raises(DataError, match="tiny-imagenet-200"):
+        read_raw("tinyimagenet", tmp_path / "nowhere", download=False)
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    base = write_tiny_imagenet(tmp_path)
+    (xtr, ytr), (xte, yte) = read_raw("tinyimagenet", base, download=False)
+    assert xtr.shape == (12, 3, 64, 64) and xte.shape == (6, 3, 64, 64)
+    assert ytr.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # class index = line of wnids.txt
+    assert yte.tolist() == [i % 3 for i in range(6)]  # from val_annotations.txt
+
+
+def test_cache_is_written_once_and_reused(tmp_path):
+    base = write_tiny_imagenet(tmp_path)
+    a = load_cached("tinyimagenet", base, False, tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 1
+    import shutil
+    shutil.rmtree(base)  # the source is gone: the cache answers
+    b = load_cached("tinyimagenet", base, False, tmp_path / "cache")
+    assert torch.equal(a["x_train"], b["x_train"])
+
+
+def _blob(n=10, c=3, s=8):
+    x = torch.randint(0, 256, (n, c, s, s), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    return {"x_train": x, "y_train": torch.arange(n) % 3, "x_test": x[:4], "y_test": torch.arange(4) % 3}
+
+
+def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
+    d = DeviceData("cifar10", _blob(s=32), torch.device("cpu"), crop_padding=4, flip=False)
+    x = d.train.x
+    g = torch.Generator().manual_seed(1)
+    out = d.augment(x, g)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(x.shape[0]):
+        found = any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
+        assert found
+    d2 = DeviceData("cifar10", _blob(s=32), torch.device("cpu"), crop_padding=0, flip=True)
+    out2 = d2.augment(x, torch.Generator().manual_seed(2))
+    for i in range(x.shape[0]):
+        assert torch.equal(out2[i], x[i]) or torch.equal(out2[i], x[i].flip(2))
+    assert not torch.equal(out2, x)  # some flipped with 10 images
+
+
+def test_batches_normalise_and_cover_the_split():
+    d = DeviceData("cifar10", _blob(n=10, s=32), torch.device("cpu"))
+    seen = []
+    for x, y, idx in d.batches("train", 4, shuffle=True, gen=torch.Generator().manual_seed(0)):
+        assert x.dtype == torch.float32
+        assert torch.allclose(x, d.normalise(d.train.x[idx]))
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(10))
+    # normalisation uses the training set's own statistics
+    all_x = torch.cat([x for x, _, _ in d.batches("train", 10)])
+    assert torch.allclose(all_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_validation_split_is_held_out_of_training():
+    d = DeviceData("cifar10", _blob(n=10, s=32), torch.device("cpu"), val_split=0.3, split_seed=0)
+    assert len(d.train) == 7 and len(d.val) == 3
+    flat = lambda s: {tuple(v.flatten().tolist()) for v in s.x}
+    assert not (flat(d.train) & flat(d.val))
+    with pytest.raises(ValueError, match="val_split"):
+        DeviceData("cifar10", _blob(s=32), torch.device("cpu")).split("val")
