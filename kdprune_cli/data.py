@@ -194,21 +194,34 @@ class DeviceData:
         return (x.float() / 255.0 - self.mean) / self.std
 
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once."""
+        """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once.
+
+        ``gen`` should live on ``x``'s device (see :meth:`device_generator`): random numbers drawn on the
+        host would be copied over every batch, which stalls the GPU queue.
+        """
         n, _, h, w = x.shape
         p = self.crop_padding
+        dev = x.device
         if p > 0:
             padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
-            rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n×h
-            cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n×w
-            idx_n = torch.arange(n, device=x.device)[:, None, None]
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(dev)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(dev)
+            rows = dy[:, None] + torch.arange(h, device=dev)[None, :]  # n×h
+            cols = dx[:, None] + torch.arange(w, device=dev)[None, :]  # n×w
+            idx_n = torch.arange(n, device=dev)[:, None, None]
             x = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         if self.flip:
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+            flip = (torch.rand(n, generator=gen, device=gen.device) < 0.5).to(dev)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
+
+    def device_generator(self, gen: torch.Generator) -> torch.Generator:
+        """A generator on the data's device, seeded from one draw of the (CPU) generator ``gen``."""
+        if gen.device == self.device:
+            return gen
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+        return g
 
     def batches(self, which: str = "train", batch_size: int = 128, *, shuffle: bool = False,
                 augment: bool = False, gen: Optional[torch.Generator] = None, drop_last: bool = False,
@@ -216,8 +229,8 @@ class DeviceData:
         """Yield ``(x_normalised, y, index)`` batches of split ``which``."""
         s = self.split(which)
         n = len(s)
-        gen = gen if gen is not None else torch.Generator().manual_seed(0)
-        order = torch.randperm(n, generator=gen).to(self.device) if shuffle else torch.arange(n, device=self.device)
+        gen = self.device_generator(gen if gen is not None else torch.Generator().manual_seed(0))
+        order = torch.randperm(n, generator=gen, device=self.device) if shuffle else torch.arange(n, device=self.device)
         stop = n - (n % batch_size) if (drop_last and n >= batch_size) else n
         for b, start in enumerate(range(0, stop, batch_size)):
             if max_batches is not None and b >= max_batches:

@@ -294,6 +294,8 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
         device = resolve_device(cfg.device)
         record["device"] = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
         torch.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         logger = RunLogger(cfg, run_dir, record["job_id"], group)
         cost: dict = {}
         t = time.perf_counter()
