@@ -46,12 +46,22 @@ def main(cfg: DictConfig) -> None:
     from .data import DataError
     from .runner import CheckpointError, run_job
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     try:
         run_job(cfg, run_dir, group=_group(cfg))
     except (ConfigError, DataError, CheckpointError) as e:
+        if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
+            print(f"kdprune: job {hc.job.num} failed: {e}", file=sys.stderr)
+            return
         print(f"kdprune: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if multirun and not cfg.fail_fast:
+            print(f"kdprune: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return
+        raise
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA
     progress: bool = True
+    fail_fast: bool = False  # multirun: stop at the first failing job
     experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
 
 

@@ -26,7 +26,7 @@ from .loggers import RunLogger
 from .models import build_model
 from .objectives import CrossEntropy, Distill
 from .pruning import get_method
-from .pruning.masks import assert_masked, check_exclude, sparsity_report
+from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
 from .store import Store, atomic_save, atomic_write_json, config_hash
 from .train import train
 
@@ -326,7 +326,8 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
             record["latency_ms"] = {"pruned": latency_ms(model, shape), "dense": latency_ms(ctx.dense_student(), shape)}
         if "gamma" in ctx.extra:
             record["gamma"] = ctx.extra["gamma"]
-        atomic_save({"state_dict": model.state_dict(), "masks": masks, "model": cfg.student.name,
+        atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "masks": masks_to_cpu(masks), "model": cfg.student.name,
                      "dataset": cfg.data.name}, run_dir / "model.pt")
         record["checkpoint"] = str(run_dir / "model.pt")
         record["status"] = "ok"

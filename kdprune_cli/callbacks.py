@@ -1,0 +1,40 @@
+"""Hydra callback: after a multirun, say which jobs failed and exit non-zero if any did."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def sweep_status(sweep_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(ok job folders, [(failed or unfinished job folder, reason)])`` under a sweep folder."""
+    ok, bad = [], []
+    for job in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
+                      key=lambda p: (len(p.name), p.name)):
+        rec = job / "results.json"
+        if not rec.is_file():
+            bad.append((job, "no results.json (killed or still running)"))
+            continue
+        r = json.loads(rec.read_text())
+        if r.get("status") == "ok":
+            ok.append(job)
+        else:
+            bad.append((job, r.get("error") or r.get("status")))
+    return ok, bad
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        ok, bad = sweep_status(sweep_dir)
+        print(f"kdprune: sweep {sweep_dir}: {len(ok)} ok, {len(bad)} failed")
+        for job, why in bad:
+            print(f"  failed: {job}: {why}", file=sys.stderr)
+        if bad:
+            sys.exit(1)
