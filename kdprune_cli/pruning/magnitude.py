@@ -1,0 +1,54 @@
+"""Magnitude pruning (METHODS.md §4): score ``|θ|``, one shot, then retrain with the mask fixed.
+
+The classic baseline (Han et al. 2015, arXiv 1506.02626; as a one-shot score, e.g. Frankle & Carbin
+2019, arXiv 1803.03635, and Blalock et al. 2020, arXiv 2003.03033): keep the largest ``|θ_j|``.
+``at_init=false`` (default) prunes the trained dense student; ``at_init=true`` prunes the fresh
+initialisation ``ctx.new_model("student")`` (the "magnitude at init" baseline of the pruning-at-
+initialisation papers), after which ``retrain`` should be the full training budget.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .base import OneShot, params_for_scoring
+from .masks import Scores
+
+
+class MaybeAtInit(OneShot):
+    """A one-shot method that prunes either the trained dense student or a fresh initialisation.
+
+    Not registered (no ``name``); subclasses set ``at_init_default``.
+    """
+
+    at_init_default = False
+
+    @property
+    def at_init(self) -> bool:
+        v = self.cfg.get("at_init", self.at_init_default)
+        return self.at_init_default if v is None else v
+
+    def validate(self) -> None:
+        if not isinstance(self.at_init, bool):
+            raise ConfigError(f"method.at_init must be true or false, got {self.at_init!r}")
+
+    def base_model(self, ctx) -> nn.Module:
+        """The fresh seeded initialisation (``at_init``) or the trained dense student."""
+        return ctx.new_model("student") if self.at_init else ctx.dense_student()
+
+
+def magnitude_scores(params) -> Scores:
+    """``{name: |θ|}`` for the given parameters."""
+    return {n: p.detach().abs() for n, p in params.items()}
+
+
+class Magnitude(MaybeAtInit):
+    """Global (or per-layer) magnitude pruning: score ``|θ_j|`` (Han et al. 2015, arXiv 1506.02626, §3)."""
+
+    name = "magnitude"
+    at_init_default = False
+
+    @torch.no_grad()
+    def score(self, ctx, model):
+        return magnitude_scores(params_for_scoring(ctx, model))

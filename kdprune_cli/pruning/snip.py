@@ -1,0 +1,93 @@
+"""SNIP: single-shot network pruning based on connection sensitivity (Lee et al., ICLR 2019, arXiv 1810.02340).
+
+At initialisation, the connection sensitivity of weight j is ``|θ_j · ∂L(θ; D)/∂θ_j|`` (the paper's
+eq. 5–6, written for a mask c=1 as ``|∂L(c⊙θ)/∂c_j|``; the normalisation by the sum does not change the
+ranking). ``D`` is ``batches`` training mini-batches of ``batch_size`` (the paper: one mini-batch);
+with several batches we use the gradient of the mean loss over them (a larger ``D``), not a sum of
+per-batch saliencies — our choice. The network is scored as it is built (``ctx.new_model("student")``),
+the top ``(1−s)·|P|`` are kept, and the sparse network is trained from that initialisation with CE for
+``retrain`` (the method's full training budget).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .base import OneShot, params_for_scoring
+
+
+def scoring_copy(model: nn.Module, bn_mode: str) -> nn.Module:
+    """A copy of ``model`` to score on, BatchNorm in ``train`` (batch statistics) or ``eval`` mode.
+
+    Scoring a copy leaves the network that will be pruned and trained untouched (BN running statistics
+    included)."""
+    m = copy.deepcopy(model)
+    m.train(bn_mode == "train")
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def check_bn_mode(cfg) -> None:
+    if cfg.get("bn_mode", "train") not in ("train", "eval"):
+        raise ConfigError(f"method.bn_mode must be train or eval, got {cfg.get('bn_mode')!r}")
+
+
+class PruneAtInit(OneShot):
+    """A one-shot method that scores the fresh seeded initialisation (not registered: no ``name``)."""
+
+    def base_model(self, ctx) -> nn.Module:
+        return ctx.new_model("student")
+
+
+def snip_scores(model: nn.Module, params: dict, batches, loss_fn) -> tuple[dict, int]:
+    """``|θ ⊙ ḡ|`` with ``ḡ`` the gradient of the mean of ``loss_fn(model(x), y)`` over ``batches``.
+
+    ``params`` maps names to parameters of ``model``. Returns (scores, samples used).
+    """
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    n_batches, samples = 0, 0
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x.to(next(iter(params.values())).dtype)), y)
+        loss.backward()
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.grad is not None:
+                    grads[n] += p.grad
+        n_batches += 1
+        samples += x.shape[0]
+    if n_batches == 0:
+        raise ValueError("SNIP got no batches to score on")
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return {n: (p * grads[n] / n_batches).abs() for n, p in params.items()}, samples
+
+
+class SNIP(PruneAtInit):
+    """SNIP (Lee et al. 2019, arXiv 1810.02340, eq. 6): keep the largest ``|θ ⊙ ∂L/∂θ|`` at init."""
+
+    name = "snip"
+
+    def validate(self) -> None:
+        c = self.cfg
+        if c.get("batches", 1) is not None and int(c.get("batches", 1)) <= 0:
+            raise ConfigError(f"method.batches must be > 0 or null (one pass), got {c.batches}")
+        if int(c.get("batch_size", 128)) <= 0:
+            raise ConfigError(f"method.batch_size must be > 0, got {c.batch_size}")
+        check_bn_mode(c)
+
+    def score(self, ctx, model):
+        c = self.cfg
+        scorer = scoring_copy(model, c.get("bn_mode", "train"))
+        params = params_for_scoring(ctx, scorer)
+        nb = c.get("batches", 1)
+        batches = ((x, y) for x, y, _ in ctx.data.batches(
+            "train", int(c.get("batch_size", 128)), shuffle=True, gen=ctx.generator("snip"),
+            max_batches=None if nb is None else int(nb)))
+        scores, samples = snip_scores(scorer, params, batches, nn.functional.cross_entropy)
+        ctx.current_stage.samples += samples
+        return scores

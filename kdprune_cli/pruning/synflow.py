@@ -1,0 +1,106 @@
+"""SynFlow: iterative synaptic flow pruning, data-free (Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020,
+arXiv 2006.05467).
+
+Synaptic saliency with the data-free objective ``R = 1ᵀ (∏_l |W^[l]|) 1`` (the paper's eq. 2/Algorithm 1):
+every parameter (and buffer) of the network is replaced by its absolute value, BatchNorm is put in eval
+mode, an all-ones input of the dataset's shape (``1×C×H×W``) is passed forward and ``R`` is the sum of the
+outputs; the score is ``|θ ⊙ ∂R/∂θ|``. Pruning is iterative: after round ``k = 1..rounds`` the density is
+``(1−s)^(k/rounds)`` (the exponential schedule), the scores are recomputed on the masked network every
+round, and already-pruned weights stay pruned (``masks.select(..., keep=previous)``).
+
+Implementation: the absolute values are taken on a float64 copy of the network (float32 where the device
+has no float64, e.g. MPS), so the network that is pruned keeps its signs and dtype untouched — equivalent
+to linearising in place and restoring the signs afterwards. No training data is read.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .base import params_for_scoring
+from .masks import Masks, Scores, apply_masks, select
+from .snip import PruneAtInit
+
+
+def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
+    """A copy of ``model`` with every floating parameter and buffer replaced by its absolute value,
+    BatchNorm (and everything else) in eval mode, in float64 where the device supports it."""
+    m = copy.deepcopy(model)
+    device = next(m.parameters()).device
+    if double and device.type != "mps":
+        m = m.double()
+    m.eval()
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def synflow_scores(model: nn.Module, params: dict, input_shape) -> Scores:
+    """One round of ``|θ ⊙ ∂R/∂θ|`` on an already linearised network (``params`` are its weights)."""
+    p0 = next(iter(params.values()))
+    ones = torch.ones((1, *input_shape), dtype=p0.dtype, device=p0.device)
+    model.zero_grad(set_to_none=True)
+    r = model(ones).sum()
+    r.backward()
+    with torch.no_grad():
+        out = {n: (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def schedule(sparsity: float, rounds: int) -> list[float]:
+    """Sparsity after each round: ``1 − (1−s)^(k/rounds)``, the last exactly ``s``."""
+    return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds)] + [sparsity]
+
+
+class SynFlow(PruneAtInit):
+    """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
+
+    name = "synflow"
+
+    def validate(self) -> None:
+        if int(self.cfg.get("rounds", 100)) < 1:
+            raise ConfigError(f"method.rounds must be >= 1, got {self.cfg.rounds}")
+        if not isinstance(self.cfg.get("double", True), bool):
+            raise ConfigError(f"method.double must be true or false, got {self.cfg.double!r}")
+
+    def prune(self, ctx, model: nn.Module) -> Masks:
+        """The iterative schedule; returns the final masks (``model`` itself is not changed)."""
+        rounds = int(self.cfg.get("rounds", 100))
+        lin = linearised_copy(model, bool(self.cfg.get("double", True)))
+        params = params_for_scoring(ctx, lin)
+        shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
+        masks: Masks | None = None
+        st = ctx.current_stage
+        for k, s_k in enumerate(schedule(ctx.sparsity, rounds), start=1):
+            t = time.perf_counter()
+            scores = synflow_scores(lin, params, shape)
+            masks = select(scores, s_k, ctx.scope, keep=masks)
+            apply_masks(lin, masks)
+            st.samples += 1
+            ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
+        return masks
+
+    def score(self, ctx, model):
+        """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
+        lin = linearised_copy(model, bool(self.cfg.get("double", True)))
+        ctx.current_stage.samples += 1
+        return synflow_scores(lin, params_for_scoring(ctx, lin),
+                              (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
+
+    def run(self, ctx):
+        model = self.base_model(ctx)
+        with ctx.stage("score"):
+            masks = self.prune(ctx, model)
+        apply_masks(model, masks)
+        ctx.record_metrics("pruned", model)
+        ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
+        return model, masks
