@@ -1,0 +1,559 @@
+"""``kdprune-report``: collect ``results.json`` records into paper-style tables, CSV, LaTeX and plots.
+
+    kdprune-report PATH... [--out DIR] [--metric top1] [--layers RUN_DIR ...]
+
+Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
+Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd); each
+(dataset, teacher, student) gets one table: rows are methods, columns the target sparsities, cells the
+mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
+the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
+``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png`` and,
+for each ``--layers`` run, ``layers_<job>.png``.
+
+Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``).
+Exit status: 0 all ok, 1 some job failed or is missing (the report is still written), 2 bad input
+(a PATH does not exist, or no ``results.json`` was found at all).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+RESULTS = "results.json"
+MINUS = "\u2212"
+METRICS = ("top1", "top5", "nll", "ece")
+
+SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
+                "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
+                "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
+                "really cost, not only what the run itself recomputed. Seconds per run are the run's own "
+                "wall-clock (`cost.total_seconds`), in which cached stages cost ~0.")
+
+
+class InputError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2."""
+
+
+# --- finding and reading records --------------------------------------------------------------------------
+@dataclass
+class Problem:
+    path: str
+    what: str  # "failed", "missing (no results.json)", ...
+    error: str = ""
+    record: Optional[dict] = None
+
+
+@dataclass
+class Found:
+    results: list = field(default_factory=list)  # Paths of results.json
+    missing: list = field(default_factory=list)  # job folders without results.json
+
+
+def _is_numbered_job(d: Path, siblings_hint: bool) -> bool:
+    return d.name.isdigit() and ((d.parent / "multirun.yaml").is_file() or siblings_hint)
+
+
+def find_results(paths: Iterable[Path]) -> Found:
+    """All ``results.json`` under ``paths`` and the job folders that lack one (deduplicated, sorted)."""
+    found = Found()
+    results: dict = {}
+    candidates: dict = {}
+    for p in paths:
+        if p.is_file():
+            results.setdefault(p.resolve(), p)
+            continue
+        for root, dirs, files in os.walk(p):
+            d = Path(root)
+            has_hydra = ".hydra" in dirs
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            if RESULTS in files:
+                results.setdefault((d / RESULTS).resolve(), d / RESULTS)
+            elif has_hydra or d.name.isdigit():
+                candidates.setdefault(d.resolve(), (d, has_hydra))
+    # A numbered folder is a job folder when it sits in a sweep: multirun.yaml beside it, or a numbered
+    # sibling that is a job (has results.json or .hydra/).
+    job_parents = {r.parent.parent for r in results if r.parent.name.isdigit()}
+    job_parents |= {k.parent for k, (_, h) in candidates.items() if h and k.name.isdigit()}
+    ancestors = {a for r in results for a in r.parents}
+    for key, (d, has_hydra) in candidates.items():
+        if key in ancestors:  # results.json further down: a container, not a job
+            continue
+        if has_hydra or _is_numbered_job(key, key.parent in job_parents):
+            found.missing.append(d)
+    found.results = [results[k] for k in sorted(results, key=str)]
+    found.missing.sort(key=str)
+    return found
+
+
+def load(path: Path):
+    """``(record, None)`` or ``(None, error line)``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"unreadable {RESULTS} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(rec, dict):
+        return None, f"unreadable {RESULTS} (not a JSON object)"
+    return rec, None
+
+
+def dedupe(loaded: list) -> tuple:
+    """Keep the newest record per ``job_id`` (a re-run of the same job); return (kept, superseded)."""
+    newest: dict = {}
+    for i, (path, rec) in enumerate(loaded):
+        jid = rec.get("job_id")
+        if isinstance(jid, str) and jid:
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            if jid not in newest or mtime >= newest[jid][0]:
+                newest[jid] = (mtime, i)
+    keep = {i for _, i in newest.values()}
+    kept, superseded = [], []
+    for i, (path, rec) in enumerate(loaded):
+        jid = rec.get("job_id")
+        if isinstance(jid, str) and jid and i not in keep:
+            superseded.append((path, loaded[newest[jid][1]][0]))
+        else:
+            kept.append((path, rec))
+    return kept, superseded
+
+
+# --- numbers ------------------------------------------------------------------------------------------------
+def _num(x) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def metric_of(rec: dict, key: str, metric: str) -> Optional[float]:
+    m = (rec.get("metrics") or {}).get(key) or {}
+    return _num(m.get(metric)) if isinstance(m, dict) else None
+
+
+def run_samples(rec: dict) -> int:
+    """Samples the result really cost: all stages (network + teacher), cached stages by their artifact cost."""
+    total = 0
+    stages = ((rec.get("cost") or {}).get("stages") or {})
+    for st in stages.values():
+        if not isinstance(st, dict):
+            continue
+        total += int(st.get("samples") or 0) + int(st.get("teacher_samples") or 0)
+        art = st.get("artifact")
+        if st.get("cached") and isinstance(art, dict):
+            total += int(art.get("samples") or 0) + int(art.get("teacher_samples") or 0)
+    return total
+
+
+def run_seconds(rec: dict) -> Optional[float]:
+    return _num((rec.get("cost") or {}).get("total_seconds"))
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float
+    n: int
+    min: float
+    max: float
+
+
+def stat(values: list) -> Optional[Stat]:
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Stat(statistics.fmean(values), std, len(values), min(values), max(values))
+
+
+def _mean(values: list) -> Optional[float]:
+    return statistics.fmean(values) if values else None
+
+
+# --- grouping -----------------------------------------------------------------------------------------------
+KD_ORDER = {None: 0, True: 1, False: 2}
+
+
+def label(method: str, kd) -> str:
+    return method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+
+
+@dataclass
+class Row:
+    method: str
+    kd: Optional[bool]
+    cells: dict = field(default_factory=dict)  # sparsity -> list of records
+    runs: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return label(self.method, self.kd)
+
+
+@dataclass
+class Table:
+    dataset: str
+    teacher: str
+    student: str
+    rows: dict = field(default_factory=dict)  # (method, kd) -> Row
+    runs: list = field(default_factory=list)
+
+    @property
+    def sparsities(self) -> list:
+        return sorted({s for r in self.rows.values() for s in r.cells})
+
+    def sorted_rows(self) -> list:
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3)))]
+
+    def dense(self, key: str, metric: str) -> Optional[Stat]:
+        return stat([v for v in (metric_of(r, key, metric) for r in self.runs) if v is not None])
+
+
+def _kd(x):
+    return x if isinstance(x, bool) else None
+
+
+def group(records: list, metric: str) -> list:
+    tables: dict = {}
+    for rec in records:
+        tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
+        t = tables.setdefault(tkey, Table(*tkey))
+        t.runs.append(rec)
+        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")))
+        row = t.rows.setdefault(rkey, Row(*rkey))
+        row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
+        row.runs.append(rec)
+    return [tables[k] for k in sorted(tables)]
+
+
+def cell_stat(recs: list, metric: str) -> Optional[Stat]:
+    return stat([metric_of(r, "final", metric) for r in recs])
+
+
+def cost(recs: list) -> tuple:
+    secs = [s for s in (run_seconds(r) for r in recs) if s is not None]
+    return _mean(secs), _mean([float(run_samples(r)) for r in recs])
+
+
+# --- formatting ---------------------------------------------------------------------------------------------
+def digits(metric: str) -> int:
+    return 2 if metric in ("top1", "top5") else 4
+
+
+def fmt_stat(s: Optional[Stat], nd: int, pm: str = "±") -> str:
+    if s is None:
+        return "—"
+    return f"{s.mean:.{nd}f} {pm} {s.std:.{nd}f} (n={s.n})"
+
+
+def fmt_sp(s: float) -> str:
+    return f"{s:g}"
+
+
+def fmt_secs(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def fmt_samples(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def metric_desc(metric: str) -> str:
+    return {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll": "NLL (nats)",
+            "ece": "ECE (15 bins)"}.get(metric, metric)
+
+
+def title(t: Table) -> str:
+    return f"{t.dataset} · {t.teacher} → {t.student}"
+
+
+def markdown(tables: list, metric: str, problems: list, superseded: list, layer_notes: list,
+             counts: dict) -> str:
+    nd = digits(metric)
+    out = ["# kdprune report", ""]
+    out.append(f"Metric: `metrics.final.{metric}`, {metric_desc(metric)} on the test split; cells are "
+               "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1).")
+    out.append("")
+    out.append(f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
+               f"{counts['missing']} job folders missing a record"
+               + (f", {len(superseded)} superseded by a newer run of the same job" if superseded else "") + ".")
+    for t in tables:
+        sps = t.sparsities
+        out += ["", f"## {title(t)}", ""]
+        out.append(f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
+                   f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}.")
+        out.append("")
+        out.append("| method | " + " | ".join(f"sparsity {fmt_sp(s)}" for s in sps)
+                   + " | seconds / run | samples / run¹ |")
+        out.append("|---|" + "---:|" * (len(sps) + 2))
+        for row in t.sorted_rows():
+            secs, samples = cost(row.runs)
+            cells = [fmt_stat(cell_stat(row.cells[s], metric), nd) if s in row.cells else "—" for s in sps]
+            out.append(f"| {row.label} | " + " | ".join(cells) + f" | {fmt_secs(secs)} | {fmt_samples(samples)} |")
+    if tables:
+        out += ["", "¹ " + SAMPLES_NOTE]
+    if problems:
+        out += ["", "## Failed jobs", ""]
+        out += [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") + _where(p.record)
+                for p in problems]
+    if layer_notes:
+        out += ["", "## Per-layer plots not drawn", ""]
+        out += [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") for p in layer_notes]
+    if superseded:
+        out += ["", "## Superseded records (same job_id, newer record used)", ""]
+        out += [f"- `{old}` → `{new}`" for old, new in superseded]
+    return "\n".join(out) + "\n"
+
+
+def _where(rec: Optional[dict]) -> str:
+    if not rec:
+        return ""
+    bits = [f"{k}={rec.get(k)}" for k in ("method", "sparsity_target", "seed", "dataset") if rec.get(k) is not None]
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(TEX_ESC.get(c, c) for c in str(s))
+
+
+def tex_label(row: Row) -> str:
+    m = tex_escape(row.method)
+    return m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+
+
+def latex(tables: list, metric: str) -> str:
+    nd = digits(metric)
+    pm = r"$\pm$"
+    out = ["% kdprune-report: one booktabs tabular per (dataset, teacher, student); needs \\usepackage{booktabs}",
+           ""]
+    for t in tables:
+        sps = t.sparsities
+        ncol = len(sps)
+        cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
+               f"{tex_escape(metric_desc(metric))}, mean {pm} sample std over seeds (n runs). Samples per run "
+               "include the recorded cost of cached stages (teacher, dense student, ...); seconds are the "
+               "run's own wall-clock.")
+        out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{cap}}}",
+                r"\begin{tabular}{l" + "c" * ncol + "rr}", r"\toprule",
+                "Method & " + " & ".join(f"$s={fmt_sp(s)}$" for s in sps) + r" & Seconds & Samples \\",
+                r"\midrule"]
+        for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
+            out.append(f"{name} & \\multicolumn{{{ncol}}}{{c}}{{{fmt_stat(t.dense(key, metric), nd, pm)}}}"
+                       r" & & \\")
+        out.append(r"\midrule")
+        for row in t.sorted_rows():
+            secs, samples = cost(row.runs)
+            cells = [fmt_stat(cell_stat(row.cells[s], metric), nd, pm) if s in row.cells else "--" for s in sps]
+            sam = "--" if samples is None else f"{samples:,.0f}".replace(",", "{,}")
+            out.append(f"{tex_label(row)} & " + " & ".join(cells)
+                       + f" & {fmt_secs(secs).replace('—', '--')} & {sam} \\\\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out) + "\n"
+
+
+CSV_COLUMNS = ["dataset", "teacher", "student", "method", "retrain_kd", "sparsity", "mean", "std", "n",
+               "seconds_mean", "samples_mean"]
+
+
+def write_csv(tables: list, metric: str, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for t in tables:
+            for row in t.sorted_rows():
+                for s in sorted(row.cells):
+                    st = cell_stat(row.cells[s], metric)
+                    secs, samples = cost(row.cells[s])
+                    kd = "" if row.kd is None else str(row.kd).lower()
+                    w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), repr(st.mean),
+                                repr(st.std), st.n, "" if secs is None else repr(secs),
+                                "" if samples is None else repr(samples)])
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+
+
+def plot_table(t: Table, metric: str, out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for row in t.sorted_rows():
+        xs = sorted(row.cells)
+        sts = [cell_stat(row.cells[s], metric) for s in xs]
+        means = [s.mean for s in sts]
+        lo = [m - s.min for m, s in zip(means, sts)]
+        hi = [s.max - m for m, s in zip(means, sts)]
+        bars = ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, label=row.label)
+        if len(xs) > 1 and any(s.n > 1 for s in sts):
+            ax.fill_between(xs, [s.min for s in sts], [s.max for s in sts], color=bars.lines[0].get_color(),
+                            alpha=0.15, linewidth=0)
+    for key, name, style in (("teacher", "teacher (dense)", ":"), ("dense_student", "student (dense)", "--")):
+        d = t.dense(key, metric)
+        if d is not None:
+            ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
+    ax.set_xlabel("target sparsity")
+    ax.set_ylabel(f"final {metric_desc(metric)}")
+    ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} (mean, min–max over seeds)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"accuracy_vs_sparsity_{safe(t.dataset)}_{safe(t.teacher)}_{safe(t.student)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layers(rec: dict, name: str, out: Path) -> Path:
+    plt = _plt()
+    layers = rec["sparsity_per_layer"]
+    names, vals = list(layers), [float(v) for v in layers.values()]
+    fig, ax = plt.subplots(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2)))
+    y = list(range(len(names)))
+    ax.barh(y, vals, color="tab:blue")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("sparsity (fraction of zero weights)")
+    sub = []
+    tgt = _num(rec.get("sparsity_target"))
+    if tgt is not None:
+        ax.axvline(tgt, color="red", linestyle="--", linewidth=1)
+        sub.append(f"target {tgt:g} (red dashed)")
+    act = _num(rec.get("sparsity_actual"))
+    if act is not None:
+        sub.append(f"global {act:.4f}")
+    ax.set_title(f"{rec.get('method')} · {rec.get('dataset')} · {rec.get('student')} · seed {rec.get('seed')}"
+                 + (f"\n{', '.join(sub)}" if sub else ""), fontsize=10)
+    fig.tight_layout()
+    path = out / f"layers_{safe(name)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="kdprune-report",
+        description="Tables (Markdown, CSV, LaTeX) and plots from kdprune results.json records.")
+    p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
+                   help="run or sweep folders (searched recursively) or results.json files")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the first PATH if it is a folder, else its parent)")
+    p.add_argument("--metric", default="top1", choices=METRICS, help="metrics.final.<metric> (default top1)")
+    p.add_argument("--layers", nargs="+", action="extend", type=Path, default=[], metavar="RUN_DIR",
+                   help="run folders (or results.json) to draw a per-layer sparsity bar chart for")
+    return p.parse_args(argv)
+
+
+def _layers(paths: list, out: Path, written: list) -> list:
+    notes = []
+    for p in paths:
+        rfile = p if p.is_file() else p / RESULTS
+        if not rfile.is_file():
+            notes.append(Problem(str(p), f"missing (no {RESULTS})"))
+            continue
+        rec, err = load(rfile)
+        if rec is None:
+            notes.append(Problem(str(rfile), "unreadable", err))
+            continue
+        per = rec.get("sparsity_per_layer")
+        if not isinstance(per, dict) or not per or any(_num(v) is None for v in per.values()):
+            notes.append(Problem(str(rfile), "no sparsity_per_layer", f"status {rec.get('status')}"))
+            continue
+        name = rec.get("job_id") or (rfile.parent.name if rfile.parent.name else "run")
+        written.append(plot_layers(rec, str(name), out))
+    return notes
+
+
+def run(args) -> int:
+    for p in [*args.paths, *args.layers]:
+        if not p.exists():
+            raise InputError(f"path does not exist: {p}")
+    found = find_results(args.paths)
+    if not found.results:
+        extra = f" ({len(found.missing)} job folders without one)" if found.missing else ""
+        raise InputError(f"no {RESULTS} found under {', '.join(map(str, args.paths))}{extra}")
+    out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
+    out.mkdir(parents=True, exist_ok=True)
+
+    problems, loaded = [], []
+    for path in found.results:
+        rec, err = load(path)
+        if rec is None:
+            problems.append(Problem(str(path), "failed", err))
+        else:
+            loaded.append((path, rec))
+    loaded, superseded = dedupe(loaded)
+    ok = []
+    for path, rec in loaded:
+        status = rec.get("status")
+        if status != "ok":
+            problems.append(Problem(str(path), str(status), str(rec.get("error") or ""), rec))
+        elif metric_of(rec, "final", args.metric) is None or _num(rec.get("sparsity_target")) is None:
+            problems.append(Problem(str(path), "incomplete",
+                                    f"no metrics.final.{args.metric} or sparsity_target", rec))
+        else:
+            ok.append(rec)
+    n_failed = len(problems)
+    problems += [Problem(str(d), f"missing (no {RESULTS})") for d in found.missing]
+
+    tables = group(ok, args.metric)
+    written: list = []
+    layer_notes = _layers(args.layers, out, written)
+    for t in tables:
+        written.append(plot_table(t, args.metric, out))
+    counts = {"files": len(found.results), "ok": len(ok), "failed": n_failed, "missing": len(found.missing)}
+    md = markdown(tables, args.metric, problems, superseded, layer_notes, counts)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    write_csv(tables, args.metric, out / "report.csv")
+    (out / "report.tex").write_text(latex(tables, args.metric), encoding="utf-8")
+    written = [out / "report.md", out / "report.csv", out / "report.tex", *written]
+
+    print(md, end="")
+    print("\nwritten:")
+    for w in written:
+        print(f"  {w}")
+    if problems or layer_notes:
+        print(f"kdprune-report: {n_failed} failed, {len(found.missing)} missing"
+              + (f", {len(layer_notes)} per-layer plots not drawn" if layer_notes else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"kdprune-report: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
