@@ -101,6 +101,7 @@ class RunConfig:
     amp: bool = False  # bf16 autocast on CUDA
     progress: bool = True
     fail_fast: bool = False  # multirun: stop at the first failing job
+    resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
     experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
 
 

@@ -7,6 +7,7 @@ atomically at the end, ``status: failed`` with the error when anything raises.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import sys
 import time
@@ -54,11 +55,22 @@ class Context:
     metrics: dict = field(default_factory=dict)
     metrics_val: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    job_id: Optional[str] = None  # set by run_job: training checkpoints go to <store>/jobs/<job_id>/
 
     def __post_init__(self):
         self.store = Store(self.cfg.store.root)
         self.current_stage: StageCost = StageCost()
         self._models: dict = {}
+        self._calls: dict = {}  # stage -> number of train() calls so far (iterative methods train repeatedly)
+        self._artifact_ckpt: Optional[Path] = None
+
+    def _checkpoint(self, stage: str) -> Optional[Path]:
+        n = self._calls[stage] = self._calls.get(stage, 0) + 1
+        if self._artifact_ckpt is not None:
+            return self._artifact_ckpt
+        if self.job_id is None or not self.cfg.store.enabled:
+            return None
+        return job_dir(self.cfg, self.job_id) / f"{stage}.{n}.pt"
 
     # --- plain facts -------------------------------------------------------------------------------
     @property
@@ -115,7 +127,7 @@ class Context:
         with (self.stage(stage) if record else contextlib.nullcontext()) as st:
             stats = train(model, self.data, r, objective, gen=self.generator(stage), masks=masks, desc=stage,
                           log=self.log, progress=self.cfg.progress, amp=self.cfg.amp, step_hook=step_hook,
-                          evaluate=ev)
+                          evaluate=ev, checkpoint=self._checkpoint(stage))
             if record:
                 st.samples += stats["samples"]
                 st.teacher_samples += stats["teacher_samples"]
@@ -167,7 +179,12 @@ class Context:
         with self.stage(stage) as st:
             def create():
                 model = init()
-                stats = fit(model)
+                # a killed job resumes this artifact's training from its own folder, whichever job asks next
+                self._artifact_ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt"
+                try:
+                    stats = fit(model)
+                finally:
+                    self._artifact_ckpt = None
                 return {"model": model.state_dict()}, {"cost": stats, "metrics": self._eval_all(model)}
 
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled)
@@ -210,6 +227,11 @@ class Context:
     def dense_student(self) -> nn.Module:
         """A fresh copy of the trained dense student (methods may change it)."""
         return self._dense("student")
+
+
+def job_dir(cfg: DictConfig, job_id: str) -> Path:
+    """Where a job keeps its training checkpoints and, once finished, a copy of its record."""
+    return Path(cfg.store.root) / "jobs" / job_id
 
 
 def load_checkpoint(path: str, model: nn.Module, what: str) -> None:
@@ -289,6 +311,12 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
         method = get_method(cfg.method.name)(cfg.method)
         method.validate()
         record["job_id"] = job_id(cfg)
+        done = job_dir(cfg, record["job_id"]) / "results.json"
+        if cfg.resume and cfg.store.enabled and done.is_file():
+            previous = json.loads(done.read_text())
+            if previous.get("status") == "ok":  # a finished job is not run again
+                record = {**previous, "resumed_from": str(done)}
+                return record
         record["retrain_kd"] = method.retrain_kd
         record["versions"] = versions()
         device = resolve_device(cfg.device)
@@ -301,7 +329,8 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
         t = time.perf_counter()
         data = load_data(cfg.data, device)
         cost["data"] = StageCost(seconds=time.perf_counter() - t)
-        ctx = Context(cfg, data, device, log=logger.log, cost=cost)
+        ctx = Context(cfg, data, device, log=logger.log, cost=cost,
+                      job_id=record["job_id"] if cfg.resume else None)
         check_exclude(ctx.new_model("student"), ctx.exclude)
 
         ctx.teacher()
@@ -342,9 +371,15 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
                 record["metrics_val"] = ctx.metrics_val
             record["cost"]["stages"] = {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None}
                                         for k, v in ctx.cost.items()}
-        record["cost"]["total_seconds"] = time.perf_counter() - t_start
-        record["config"] = OmegaConf.to_container(cfg, resolve=False)
+        if "resumed_from" not in record:
+            record["cost"]["total_seconds"] = time.perf_counter() - t_start
+            record["config"] = OmegaConf.to_container(cfg, resolve=False)
         atomic_write_json(record, run_dir / "results.json")
+        if record["status"] == "ok" and "resumed_from" not in record and cfg.store.enabled and cfg.resume:
+            jd = job_dir(cfg, record["job_id"])
+            atomic_write_json(record, jd / "results.json")
+            for ck in jd.glob("*.pt"):  # the record is kept; the training checkpoints are no longer needed
+                ck.unlink()
         if logger is not None:
             logger.finish(record)
         if summary and record["status"] == "ok":
@@ -366,5 +401,8 @@ def print_summary(record: dict, run_dir: Path) -> None:
     stages = ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v.get('cached') else ''}"
                        for k, v in record["cost"]["stages"].items())
     lines.append(f"  time {record['cost']['total_seconds']:.1f}s: {stages}")
+    if record.get("resumed_from"):
+        lines.append(f"  finished earlier with the same config ({record['resumed_from']}); not run again "
+                     f"(resume=false runs it anew)")
     lines.append(f"  record: {run_dir / 'results.json'}")
     print("\n".join(lines))

@@ -86,6 +86,7 @@ class Store:
             meta = {**meta, "stage": stage, "key": key, "spec": spec}
             atomic_save(state, art)
             atomic_write_json(meta, meta_path)
+            (d / "partial.pt").unlink(missing_ok=True)  # training checkpoint of an interrupted attempt
             return state, meta, False
 
     @staticmethod

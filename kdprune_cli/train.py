@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .pruning.masks import apply_masks, assert_masked, mask_grads
+from .store import atomic_save
 
 
 def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
@@ -47,11 +49,14 @@ def autocast(device: torch.device, amp: bool):
 def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, masks: Optional[dict] = None,
           desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
-          evaluate: Optional[Callable[[nn.Module], dict]] = None) -> dict:
+          evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None) -> dict:
     """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``.
 
     ``masks`` may be mutated by ``step_hook(step, total_steps)`` (gradual pruning); the current masks are
     enforced after every step. ``evaluate(model)`` runs every ``recipe.eval_every`` epochs for the log.
+    With ``checkpoint``, the model, optimizer, masks, generator, objective state and counters are saved
+    atomically after every epoch, and a call that finds the file continues after its last epoch (a
+    finished one returns at once), so a killed job resumes with the same numbers.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -64,9 +69,12 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     opt = make_optimizer(model, recipe)
     if masks is not None:
         apply_masks(model, masks)
-    step = 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
-    for epoch in range(epochs):
+    step, first_epoch, done_before = 0, 0, {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        first_epoch, step, done_before = _resume(checkpoint, model, opt, gen, masks, objective)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, mininterval=1.0,
+               dynamic_ncols=True)
+    for epoch in range(first_epoch, epochs):
         model.train()
         if hasattr(objective, "on_epoch_start"):
             objective.on_epoch_start(epoch)
@@ -102,8 +110,30 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                         **({"test": f"{rec['test_top1']:.1f}"} if "test_top1" in rec else {}))
         if log is not None:
             log(rec)
+        if checkpoint is not None:
+            so_far = {"seconds": done_before["seconds"] + time.perf_counter() - start,
+                      "samples": done_before["samples"] + samples,
+                      "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
+            atomic_save({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                         "gen": gen.get_state(), "masks": masks if masks is not None else {},
+                         "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
+                         "cost": so_far}, checkpoint)
     bar.close()
     if masks is not None:
         assert_masked(model, masks)
-    return {"seconds": time.perf_counter() - start, "samples": samples,
-            "teacher_samples": getattr(objective, "teacher_samples", 0) - t0}
+    return {"seconds": done_before["seconds"] + time.perf_counter() - start,
+            "samples": done_before["samples"] + samples,
+            "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
+
+
+def _resume(path, model, opt, gen, masks, objective):
+    st = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    gen.set_state(st["gen"].cpu())
+    if masks is not None:
+        for n, m in st["masks"].items():
+            masks[n] = m.to(masks[n].device)
+    if hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(st["objective"])
+    return st["epoch"], st["step"], st["cost"]

@@ -1,0 +1,52 @@
+"""A job killed mid-retraining continues from its last epoch and ends with the numbers of an uninterrupted run;
+a finished job is not run again."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdprune_cli import runner
+from kdprune_cli.runner import run_job
+
+ARGS = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_the_uninterrupted_numbers(tiny_cfg, tmp_path, monkeypatch):
+    ref = run_job(tiny_cfg(*ARGS, f"store.root={tmp_path}/storeA"), tmp_path / "a", summary=False)
+
+    real_log = runner.RunLogger.log
+
+    def dying_log(self, rec):
+        real_log(self, rec)
+        if rec.get("stage") == "retrain" and rec["epoch"] == 2:
+            raise Killed("simulated kill after retraining epoch 2")
+
+    cfg = tiny_cfg(*ARGS, f"store.root={tmp_path}/storeB")
+    monkeypatch.setattr(runner.RunLogger, "log", dying_log)
+    with pytest.raises(Killed):
+        run_job(cfg, tmp_path / "b1", summary=False)
+    assert json.loads((tmp_path / "b1" / "results.json").read_text())["status"] == "failed"
+    ckpts = list((tmp_path / "storeB" / "jobs").glob("*/retrain.1.pt"))
+    assert len(ckpts) == 1  # epoch-1 checkpoint of the retraining stage
+
+    monkeypatch.setattr(runner.RunLogger, "log", real_log)
+    resumed = run_job(cfg, tmp_path / "b2", summary=False)
+    assert resumed["status"] == "ok"
+    lines = [json.loads(x) for x in (tmp_path / "b2" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["stage"] == "retrain"] == [2, 3]  # epoch 1 was not redone
+    assert resumed["cost"]["stages"]["teacher"]["cached"] is True
+    assert resumed["metrics"] == ref["metrics"]  # bit-identical on CPU
+    assert resumed["sparsity_actual"] == ref["sparsity_actual"]
+    assert resumed["cost"]["stages"]["retrain"]["samples"] == ref["cost"]["stages"]["retrain"]["samples"]
+    assert not list((tmp_path / "storeB" / "jobs").glob("*/*.pt"))  # checkpoints cleared once finished
+
+    again = run_job(cfg, tmp_path / "b3", summary=False)
+    assert again["resumed_from"] and again["metrics"] == ref["metrics"]
+    assert not (tmp_path / "b3" / "metrics.jsonl").exists()  # nothing was trained
+    fresh = run_job(tiny_cfg(*ARGS, f"store.root={tmp_path}/storeB", "resume=false"), tmp_path / "b4", summary=False)
+    assert "resumed_from" not in fresh and fresh["metrics"] == ref["metrics"]
