@@ -1,0 +1,209 @@
+"""EPSD and EPG: early pruning with a ProsPr-form saliency, then sparse training (METHODS.md §3).
+
+Both methods share :func:`prospr_scores`, the saliency of ProsPr (Alizadeh et al., ICLR 2022,
+arXiv 2202.08132, Eq. 3–5) taken at (near) initialisation:
+
+1. attach masks ``m = 1`` multiplying every prunable weight;
+2. take ``i = inner_steps`` differentiable SGD steps on a loss ``L``, keeping the graph:
+   ``θ_{t+1} = θ_t − lr·∇_θ L(θ_t ⊙ m; B_t)`` (``create_graph=True``; every trainable parameter is
+   updated — biases and BN affine too —, the masks only multiply the prunable weights);
+3. ``S = |∂L(θ_i ⊙ m; B_i)/∂m|`` at ``m = 1``; global (or per-layer, ``prune.scope``) top-k through
+   :func:`~kdprune_cli.pruning.masks.select`.
+
+Batches (our choice): one fresh training batch per inner step plus one more for the final loss, i.e.
+``inner_steps + 1`` distinct batches of ``score_batch_size`` drawn from one seeded shuffle of the
+training set (cycling over passes if the set is smaller). BN runs in train mode (batch statistics, the
+only sensible choice at initialisation) on copies of the running buffers, so scoring leaves the model
+exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ ∂L/∂θ|`` (since ∂L/∂m = θ ⊙ ∂L/∂θ
+at m = 1).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Dict, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import sd
+from ..config import ConfigError, recipe
+from .base import OneShot
+from .masks import Scores, apply_masks, prunable_params, select
+
+
+def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inner_steps: int, inner_lr: float,
+                  names: Sequence[str]) -> tuple[Scores, int]:
+    """ProsPr meta-gradient saliency ``|∂L(θ_i ⊙ m)/∂m|`` at ``m = 1`` for the parameters ``names``.
+
+    ``objective(f, x, y, idx) -> (loss, logits)`` is any training objective; ``f`` is the masked functional
+    network (``f(inputs)`` → logits). ``batches`` yields ``(x, y, idx)``; ``inner_steps + 1`` are consumed.
+    Returns the scores and the number of samples pushed forward and backward. The model is not changed.
+    """
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    named = dict(model.named_parameters())
+    names = list(names)
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    masks = {n: torch.ones_like(named[n], requires_grad=True) for n in names}
+    theta = {n: p.detach().clone().requires_grad_(n in trainable) for n, p in named.items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BN running stats: copies
+    was_training = model.training
+    model.train()
+    it: Iterator = iter(batches)
+    samples = 0
+
+    def masked_forward(params: Dict[str, torch.Tensor]):
+        eff = {n: (params[n] * masks[n] if n in masks else params[n]) for n in params}
+        return lambda inp: functional_call(model, {**eff, **buffers}, (inp,))
+
+    try:
+        for _ in range(inner_steps):
+            x, y, idx = next(it)
+            loss, _ = objective(masked_forward(theta), x, y, idx)
+            grads = torch.autograd.grad(loss, [theta[n] for n in trainable], create_graph=True, allow_unused=True)
+            theta = dict(theta)
+            for n, g in zip(trainable, grads):
+                if g is not None:
+                    theta[n] = theta[n] - inner_lr * g
+            samples += x.shape[0]
+        x, y, idx = next(it)
+        loss, _ = objective(masked_forward(theta), x, y, idx)
+        samples += x.shape[0]
+        gm = torch.autograd.grad(loss, [masks[n] for n in names], allow_unused=True)
+    finally:
+        model.train(was_training)
+    scores = {n: (g.detach().abs() if g is not None else torch.zeros_like(masks[n]).detach())
+              for n, g in zip(names, gm)}
+    return scores, samples
+
+
+def cycle_batches(data, batch_size: int, augment: bool, gen: torch.Generator) -> Iterator:
+    """Endless shuffled training batches (full batches only), one seeded stream across passes."""
+    for _ in itertools.count():
+        yield from data.batches("train", batch_size, shuffle=True, augment=augment, gen=gen, drop_last=True)
+
+
+class EPSD(OneShot):
+    """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084).
+
+    Step 1 (prune at initialisation): a fresh student ``ctx.new_model("student")`` is scored with the
+    ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: ``inner_steps`` (3)
+    differentiable SGD steps (lr ``inner_lr`` = 0.1) on ``L_SD``, then ``S = |∂L_SD(θ_i ⊙ m)/∂m|`` at m = 1
+    (:func:`prospr_scores`); the top ``(1−s)·|P|`` scores are kept (``prune.scope``, exact count).
+    Step 2: the sparse network is trained with the same SD loss and the mask fixed (``retrain``).
+
+    ``method.sd``: ``cs_kd`` (default; arXiv 2003.13964), ``ps_kd`` (arXiv 2006.12000) or ``dlb``
+    (arXiv 2203.16172), see :mod:`kdprune_cli.sd`. What the SD loss means for the saliency at
+    initialisation (our choice; the scoring uses a fresh objective that runs statefully along the
+    ``inner_steps + 1`` scoring batches):
+
+    - CS-KD: fully defined (partners drawn from the data; the detached partner prediction uses the
+      current inner-step weights θ_t ⊙ m);
+    - PS-KD: no previous-epoch predictions exist, so the scoring is the first epoch, i.e. plain CE —
+      EPSD with PS-KD prunes exactly like EPG and differs only in training;
+    - DLB: the first scoring step has no last batch (CE); every later step, and the final loss, uses the
+      previous scoring batch's predictions (from the previous inner-step weights, detached) as soft
+      targets. With ``inner_steps = 0`` this is CE.
+
+    No pretrained teacher is used.
+    """
+
+    name = "epsd"
+
+    @property
+    def sd_name(self) -> str:
+        return str(self.cfg.get("sd", "cs_kd"))
+
+    def validate(self) -> None:
+        c = self.cfg
+        if self.sd_name not in sd.SD_NAMES:
+            raise ConfigError(f"method.sd must be one of {', '.join(sd.SD_NAMES)}, got {self.sd_name!r}")
+        self._validate_common()
+        cs, ps, dl = c.get("cs_kd") or {}, c.get("ps_kd") or {}, c.get("dlb") or {}
+        if cs.get("temperature", 4.0) <= 0 or dl.get("temperature", 3.0) <= 0:
+            raise ConfigError("method.cs_kd.temperature and method.dlb.temperature must be > 0")
+        if cs.get("lam", 1.0) < 0 or dl.get("alpha", 1.0) < 0:
+            raise ConfigError("method.cs_kd.lam and method.dlb.alpha must be >= 0")
+        if not 0.0 <= ps.get("alpha_T", 0.8) <= 1.0:
+            raise ConfigError(f"method.ps_kd.alpha_T must be in [0, 1], got {ps.get('alpha_T')}")
+
+    def _validate_common(self) -> None:
+        c = self.cfg
+        if not isinstance(c.get("inner_steps", 3), int) or c.get("inner_steps", 3) < 0:
+            raise ConfigError(f"method.inner_steps must be an integer >= 0, got {c.get('inner_steps')!r}")
+        if c.get("inner_lr", 0.1) < 0:
+            raise ConfigError(f"method.inner_lr must be >= 0, got {c.get('inner_lr')}")
+        if int(c.get("score_batch_size", 128)) <= 0:
+            raise ConfigError(f"method.score_batch_size must be > 0, got {c.get('score_batch_size')}")
+
+    # --- objectives -----------------------------------------------------------------------------------
+    def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
+        """A fresh SD objective; ``purpose`` names its seeded generator (``score`` or ``retrain``)."""
+        return sd.make_sd(self.sd_name, ctx.data, self.cfg, epochs=epochs, augment=augment,
+                          gen=ctx.generator(f"{self.name}/{purpose}/sd"))
+
+    def score_objective(self, ctx):
+        return self.make_objective(ctx, "score", epochs=1, augment=bool(self.cfg.get("score_augment", True)))
+
+    def retrain_objective(self, ctx):
+        r = recipe(self.cfg.retrain, "method.retrain")
+        return self.make_objective(ctx, "retrain", epochs=int(r.epochs), augment=bool(r.augment))
+
+    # --- the method -----------------------------------------------------------------------------------
+    def base_model(self, ctx) -> nn.Module:
+        """A freshly initialised student: EPSD prunes at initialisation."""
+        return ctx.new_model("student")
+
+    def score(self, ctx, model: nn.Module) -> Scores:
+        objective = self.score_objective(ctx)
+        names = list(prunable_params(model, ctx.exclude))
+        batches = cycle_batches(ctx.data, int(self.cfg.get("score_batch_size", 128)),
+                                bool(self.cfg.get("score_augment", True)), ctx.generator("score"))
+        scores, samples = prospr_scores(model, objective, batches, int(self.cfg.get("inner_steps", 3)),
+                                        float(self.cfg.get("inner_lr", 0.1)), names)
+        st = ctx.current_stage
+        st.samples += samples + getattr(objective, "extra_samples", 0)
+        st.teacher_samples += getattr(objective, "teacher_samples", 0)
+        return scores
+
+    def run(self, ctx):
+        model = self.base_model(ctx)
+        with ctx.stage("score") as st:
+            scores = self.score(ctx, model)
+        masks = select(scores, ctx.sparsity, ctx.scope)
+        apply_masks(model, masks)
+        ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": st.seconds,
+                 "inner_steps": int(self.cfg.get("inner_steps", 3)), "sd": self.sd_name})
+        ctx.record_metrics("pruned", model)
+        objective = self.retrain_objective(ctx)
+        ctx.train(model, self.cfg.retrain, objective, stage="retrain", masks=masks)
+        extra = getattr(objective, "extra_samples", 0)
+        if extra:  # DLB re-forwards the last batch with gradient; the trainer counts only its own batch
+            ctx.cost["retrain"].samples += extra
+        return model, masks
+
+
+class EPG(EPSD):
+    """EPG — early pruning by gradient saliency (our reading; named as a baseline by arXiv 2511.16653).
+
+    The paper's reference for EPG could not be read; we implement it as early pruning by gradient
+    saliency: the same ProsPr-form saliency as EPSD (arXiv 2202.08132; ``inner_steps`` differentiable SGD
+    steps at initialisation, then ``|∂L(θ_i ⊙ m)/∂m|`` at m = 1) with plain CE, followed by ordinary CE
+    training of the sparse network with the mask fixed — i.e. EPSD (arXiv 2402.00084) without
+    self-distillation. This is our reading of the acronym, not a published recipe.
+    """
+
+    name = "epg"
+
+    @property
+    def sd_name(self) -> str:
+        return "ce"
+
+    def validate(self) -> None:
+        if self.cfg.get("sd") not in (None, "ce"):
+            raise ConfigError("method epg trains with plain CE; method.sd is not an option (use method=epsd)")
+        self._validate_common()
+
+    def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
+        return ctx.objective(kd=False)
