@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -42,7 +43,8 @@ register()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
     from .data import DataError
     from .runner import CheckpointError, run_job
 
@@ -50,17 +52,18 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     try:
-        run_job(cfg, run_dir, group=_group(cfg))
+        record = run_job(cfg, run_dir, group=_group(cfg))
+        return record["metrics"]["final"]["top1"]
     except (ConfigError, DataError, CheckpointError) as e:
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
             print(f"kdprune: job {hc.job.num} failed: {e}", file=sys.stderr)
-            return
+            return None
         print(f"kdprune: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         if multirun and not cfg.fail_fast:
             print(f"kdprune: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return
+            return None
         raise
 
 

@@ -32,6 +32,7 @@ class RunLogger:
         self.rows: list[dict] = []
         self.csv = cfg.logger.name == "csv"
         self.wandb_run = None
+        self.wandb_info = None
         self.step = 0
         if cfg.logger.name == "wandb":
             import wandb
@@ -42,6 +43,7 @@ class RunLogger:
                 id=job_id, resume="allow", mode=lc.mode, dir=str(self.run_dir), tags=list(lc.tags),
                 name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
                 config=OmegaConf.to_container(cfg, resolve=True))
+            self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": job_id, "mode": lc.mode}
 
     def log(self, rec: dict) -> None:
         with open(self.jsonl, "a") as f:

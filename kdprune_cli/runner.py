@@ -325,6 +325,8 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         logger = RunLogger(cfg, run_dir, record["job_id"], group)
+        if logger.wandb_info:
+            record["wandb"] = logger.wandb_info
         cost: dict = {}
         t = time.perf_counter()
         data = load_data(cfg.data, device)
