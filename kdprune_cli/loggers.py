@@ -33,7 +33,6 @@ class RunLogger:
         self.csv = cfg.logger.name == "csv"
         self.wandb_run = None
         self.wandb_info = None
-        self.step = 0
         if cfg.logger.name == "wandb":
             import wandb
 
@@ -57,8 +56,8 @@ class RunLogger:
                 w.writerows(self.rows)
         if self.wandb_run is not None:
             stage = rec.get("stage", "run")
-            self.wandb_run.log({f"{stage}/{k}": v for k, v in rec.items() if k != "stage"}, step=self.step)
-            self.step += 1
+            # no explicit step: a resumed run (same id, resume="allow") continues after its last step
+            self.wandb_run.log({f"{stage}/{k}": v for k, v in rec.items() if k != "stage"})
 
     def finish(self, record: dict) -> None:
         if self.wandb_run is None:
