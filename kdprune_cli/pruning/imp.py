@@ -1,0 +1,143 @@
+"""Iterative magnitude pruning with rewinding — the lottery-ticket procedure (Frankle & Carbin, ICLR 2019,
+arXiv 1803.03635, "Strategy 1: iterative pruning with resetting"; METHODS.md §4).
+
+Also holds the small helpers the iterative methods share (COLT and GMP import them): removal targets per
+scope group, exact-count selection through :func:`masks.select`, and rewinding.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, recipe
+from .base import Method
+from .masks import Masks, Scores, _removal_counts, apply_masks, dense_masks, prunable_params, select
+
+Groups = List[Tuple[List[str], int]]
+
+
+# --- shared helpers for the iterative methods ------------------------------------------------------
+def group_targets(sizes: Mapping[str, int], sparsity: float, scope: str) -> Groups:
+    """``[(names, removed count)]``: one group of every tensor with ``round(s·N)`` (``global``), or one
+    group per tensor with the same largest-remainder counts that one-shot ``select`` uses (``layer``)."""
+    names = list(sizes)
+    counts = _removal_counts([int(sizes[n]) for n in names], sparsity, scope)
+    if scope == "global":
+        return [(names, int(counts))]
+    return [([n], int(c)) for n, c in zip(names, counts)]
+
+
+def removed(masks: Mapping[str, torch.Tensor], names=None) -> int:
+    """How many weights ``masks`` removes (among ``names``; default all)."""
+    return sum(int((~masks[n]).sum()) for n in (masks if names is None else names))
+
+
+def select_count(scores: Mapping[str, torch.Tensor], names: List[str], count: int, keep: Masks) -> Masks:
+    """Masks for ``names`` that remove exactly ``count`` weights, one magnitude threshold over the group,
+    weights removed by ``keep`` staying removed (through :func:`masks.select`)."""
+    total = sum(scores[n].numel() for n in names)
+    if count >= total:
+        return {n: torch.zeros_like(keep[n]) for n in names}
+    out = select({n: scores[n] for n in names}, count / total, "global", keep={n: keep[n] for n in names})
+    got = removed(out, names)
+    if got != count:  # cannot happen unless the float round trip count/total·total failed
+        raise AssertionError(f"selection removed {got} weights, expected {count}")
+    return out
+
+
+@torch.no_grad()
+def magnitudes(params: Mapping[str, torch.Tensor]) -> Scores:
+    return {n: p.detach().abs() for n, p in params.items()}
+
+
+def clone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def rewind(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Reset every parameter and buffer to ``state``, then zero the pruned weights: θ ← θ_rewind ⊙ M."""
+    model.load_state_dict(state)
+    apply_masks(model, masks)
+
+
+def next_count(prev: int, target: int, size: int, rate: float) -> int:
+    """Drop ``rate`` of the survivors (at least one weight), never past ``target``."""
+    if prev >= target:
+        return prev
+    return min(target, prev + max(1, int(round(rate * (size - prev)))))
+
+
+# --- IMP -------------------------------------------------------------------------------------------
+class IMP(Method):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019, arXiv 1803.03635, Strategy 1).
+
+    θ₀ = a fresh student init. Each round: train (``round`` recipe) with the current mask, remove ``rate``
+    of the surviving weights by |θ| (global threshold, or per tensor with ``prune.scope=layer``), rewind
+    the survivors to θ₀ (``rewind_epoch=0``) or to the weights after epoch k of the first round
+    (``rewind_epoch=k``, late rewinding as in Frankle et al. 2019, arXiv 1903.01611). Rounds repeat until
+    exactly ``round(s·|P|)`` weights are removed (the last round is clipped). The rewound sparse net is
+    then trained with the mask fixed (``retrain``). Every round's training and pruning cost goes into
+    the ``imp`` stage; each round is logged as ``{"stage": "imp", "round", "sparsity", "seconds"}``.
+    """
+
+    name = "imp"
+
+    def validate(self) -> None:
+        c = self.cfg
+        if not 0.0 < float(c.rate) < 1.0:
+            raise ConfigError(f"method.rate must be in (0, 1), got {c.rate}")
+        k = c.rewind_epoch
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"method.rewind_epoch must be an integer >= 0, got {k!r}")
+        r = recipe(c.round, "method.round")
+        if k > r.epochs:
+            raise ConfigError(f"method.rewind_epoch={k} is past the end of a round ({r.epochs} epochs)")
+        recipe(c.retrain, "method.retrain")
+
+    def run(self, ctx):
+        c = self.cfg
+        rate, k_rewind = float(c.rate), int(c.rewind_epoch)
+        model = ctx.new_model("student", name="init")
+        theta0 = clone_state(model)
+        params = prunable_params(model, ctx.exclude)
+        total = sum(p.numel() for p in params.values())
+        groups = group_targets({n: p.numel() for n, p in params.items()}, ctx.sparsity, ctx.scope)
+        masks = dense_masks(model, ctx.exclude)
+        rewind_state = theta0 if k_rewind == 0 else None
+        self.rewind_state = rewind_state
+        r = 0
+        while any(removed(masks, names) < k for names, k in groups):
+            r += 1
+            t = time.perf_counter()
+            hook = None
+            if rewind_state is None:
+                spe = ctx.data.num_batches("train", recipe(c.round, "method.round").batch_size, drop_last=True)
+                snap_step = k_rewind * spe
+
+                def hook(step, total_steps, model=model, snap_step=snap_step):
+                    if step == snap_step:
+                        self.rewind_state = clone_state(model)
+
+            ctx.train(model, c.round, ctx.objective(kd=False), stage="imp", masks=masks, step_hook=hook)
+            if rewind_state is None:
+                if self.rewind_state is None:  # k = the round's last epoch: the weights after training
+                    self.rewind_state = clone_state(model)
+                rewind_state = self.rewind_state
+            with ctx.stage("imp"):
+                scores = magnitudes(prunable_params(model, ctx.exclude))
+                new: Masks = {}
+                for names, k in groups:
+                    size = sum(masks[n].numel() for n in names)
+                    new.update(select_count(scores, names, next_count(removed(masks, names), k, size, rate), masks))
+                masks = new
+                rewind(model, rewind_state, masks)
+            ctx.log({"stage": "imp", "round": r, "sparsity": removed(masks) / total,
+                     "seconds": time.perf_counter() - t})
+        self.rounds = r
+        ctx.record_metrics("pruned", model)
+        ctx.train(model, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
+        return model, masks
