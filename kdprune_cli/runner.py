@@ -64,8 +64,7 @@ class Context:
         self._calls: dict = {}  # stage -> number of train() calls so far (iterative methods train repeatedly)
         self._artifact_ckpt: Optional[Path] = None
 
-    def _checkpoint(self, stage: str) -> Optional[Path]:
-        n = self._calls[stage] = self._calls.get(stage, 0) + 1
+    def _checkpoint(self, stage: str, n: int) -> Optional[Path]:
         if self._artifact_ckpt is not None:
             return self._artifact_ckpt
         if self.job_id is None or not self.cfg.store.enabled:
@@ -123,11 +122,12 @@ class Context:
               step_hook=None, record: bool = True) -> dict:
         """Train with the one loop; with ``record`` the cost is added to ``stage``."""
         r = recipe(recipe_node, stage)
+        n = self._calls[stage] = self._calls.get(stage, 0) + 1  # the n-th training of this stage (rounds)
         ev = (lambda m: evaluate(m, self.data, "test", self.cfg.eval.batch_size, self.cfg.eval.ece_bins))
         with (self.stage(stage) if record else contextlib.nullcontext()) as st:
-            stats = train(model, self.data, r, objective, gen=self.generator(stage), masks=masks, desc=stage,
-                          log=self.log, progress=self.cfg.progress, amp=self.cfg.amp, step_hook=step_hook,
-                          evaluate=ev, checkpoint=self._checkpoint(stage))
+            stats = train(model, self.data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
+                          masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
+                          step_hook=step_hook, evaluate=ev, checkpoint=self._checkpoint(stage, n))
             if record:
                 st.samples += stats["samples"]
                 st.teacher_samples += stats["teacher_samples"]

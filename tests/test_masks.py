@@ -126,3 +126,11 @@ def test_assert_masked_catches_a_revived_weight(tiny_net):
         tiny_net.conv.weight[~masks["conv.weight"]] = 1.0
     with pytest.raises(AssertionError, match="non-zero"):
         assert_masked(tiny_net, masks)
+
+
+def test_layer_scope_with_keep_never_revives_a_pruned_weight():
+    scores = {"a": torch.arange(10.0), "b": torch.arange(10.0)}
+    keep = {"a": torch.tensor([True] * 4 + [False] * 6), "b": torch.ones(10, dtype=torch.bool)}  # a lost 6 > 5
+    m = select(scores, 0.5, scope="layer", keep=keep)
+    assert not m["a"][4:].any()
+    assert int((~m["b"]).sum()) == 5

@@ -91,6 +91,8 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
             order = torch.sort(f.to("cpu"), stable=True).indices
             m = torch.ones(f.numel(), dtype=torch.bool)
             m[order[:c]] = False
+            if keep is not None:  # a tensor that already lost more than its share stays pruned
+                m &= keep[n].flatten().to(m.device)
             masks[n] = m.view_as(scores[n]).to(scores[n].device)
     return masks
 
