@@ -37,7 +37,7 @@ class CAKLD(OneShot):
     def gamma(self, ctx) -> float:
         """γ: fixed, or the teacher's mean max-probability over ``gamma_batches`` training batches."""
         if self.cfg.gamma != "auto":
-            return float(self.cfg.gamma)
+            ctx.extra["gamma"] = float(self.cfg.gamma)
         if "gamma" not in ctx.extra:
             teacher = ctx.teacher()
             batches = ((x, y) for x, y, _ in ctx.data.batches(

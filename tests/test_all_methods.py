@@ -1,0 +1,30 @@
+"""Issue 3's acceptance: a quickstart multirun over every method completes, each at the exact target
+sparsity and well above chance (10% on digits). Epochs are cut further than the quickstart's to fit CI."""
+from __future__ import annotations
+
+import json
+
+from kdprune_cli.pruning import method_names
+
+from test_pipeline import kdprune
+
+
+def test_quickstart_multirun_over_every_method(tmp_path):
+    methods = method_names()
+    assert {"cakld", "epg", "epsd", "colt", "snip", "grasp", "synflow", "magnitude", "random", "imp",
+            "gmp"} <= set(methods)
+    choices = sorted(p.stem for p in __import__("pathlib").Path(__import__("kdprune_cli.cli").cli.config_dir())
+                     .joinpath("method").glob("*.yaml"))
+    r = kdprune(["-m", "experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=2",
+                 "student.train.epochs=2", "method.retrain.epochs=3", f"method={','.join(choices)}",
+                 "sparsity=0.9"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "multi").glob("*/results.json")]
+    assert len(recs) == len(choices)
+    assert {x["method"] for x in recs} == set(methods)
+    for x in recs:
+        assert x["status"] == "ok", x
+        assert abs(x["sparsity_actual"] - 0.9) < 1e-4, x["method"]
+        assert x["params"]["nonzero"] == x["params"]["prunable"] - round(0.9 * x["params"]["prunable"])
+        assert x["metrics"]["final"]["top1"] > 50.0, (x["method"], x["metrics"]["final"])
+        assert x["cost"]["total_seconds"] > 0 and x["cost"]["stages"]
