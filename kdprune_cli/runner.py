@@ -119,13 +119,17 @@ class Context:
         return Distill(self.teacher(), alpha=alpha, gamma=gamma, temperature=temperature, logit_norm=logit_norm)
 
     def train(self, model: nn.Module, recipe_node, objective, stage: str, masks: Optional[dict] = None,
-              step_hook=None, record: bool = True) -> dict:
-        """Train with the one loop; with ``record`` the cost is added to ``stage``."""
+              step_hook=None, record: bool = True, data: Optional[DeviceData] = None) -> dict:
+        """Train with the one loop; with ``record`` the cost is added to ``stage``.
+
+        ``data`` trains (and evaluates for the log) on other splits than ``ctx.data``, e.g. COLT's class
+        partitions."""
+        data = data if data is not None else self.data
         r = recipe(recipe_node, stage)
         n = self._calls[stage] = self._calls.get(stage, 0) + 1  # the n-th training of this stage (rounds)
-        ev = (lambda m: evaluate(m, self.data, "test", self.cfg.eval.batch_size, self.cfg.eval.ece_bins))
+        ev = (lambda m: evaluate(m, data, "test", self.cfg.eval.batch_size, self.cfg.eval.ece_bins))
         with (self.stage(stage) if record else contextlib.nullcontext()) as st:
-            stats = train(model, self.data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
+            stats = train(model, data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
                           step_hook=step_hook, evaluate=ev, checkpoint=self._checkpoint(stage, n))
             if record:

@@ -29,11 +29,12 @@ def spy(ctx):
     calls, pruned, logs = [], {}, []
     train, record = ctx.train, ctx.record_metrics
 
-    def train_spy(model, node, objective, stage, masks=None, step_hook=None, record=True):
+    def train_spy(model, node, objective, stage, masks=None, step_hook=None, record=True, data=None):
+        d = data if data is not None else ctx.data
         calls.append({"stage": stage, "state": clone_state(model), "model": model,
                       "masks": None if masks is None else {n: m.clone() for n, m in masks.items()},
-                      "num_classes": ctx.data.num_classes, "labels": ctx.data.train.y.clone()})
-        return train(model, node, objective, stage, masks=masks, step_hook=step_hook, record=record)
+                      "num_classes": d.num_classes, "labels": d.train.y.clone()})
+        return train(model, node, objective, stage, masks=masks, step_hook=step_hook, record=record, data=data)
 
     def record_spy(key, model, cached=None):
         if key == "pruned":

@@ -146,12 +146,8 @@ class COLT(Method):
         return m
 
     def train_on(self, ctx, model, data) -> None:
-        full = ctx.data
-        ctx.data = data  # the trainer and its evaluator read ctx.data: the partition's splits
-        try:
-            ctx.train(model, self.cfg.round, ctx.objective(kd=False), stage="colt", masks=self._masks)
-        finally:
-            ctx.data = full
+        """One round's training of a partition model on its partition's splits."""
+        ctx.train(model, self.cfg.round, ctx.objective(kd=False), stage="colt", masks=self._masks, data=data)
 
     def run(self, ctx):
         c = self.cfg
