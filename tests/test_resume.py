@@ -50,3 +50,46 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tiny_cfg, tmp_path, m
     assert not (tmp_path / "b3" / "metrics.jsonl").exists()  # nothing was trained
     fresh = run_job(tiny_cfg(*ARGS, f"store.root={tmp_path}/storeB", "resume=false"), tmp_path / "b4", summary=False)
     assert "resumed_from" not in fresh and fresh["metrics"] == ref["metrics"]
+
+
+def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):
+    """A real SIGKILL of the CLI process during retraining; rerunning the same command finishes the job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=1",
+            "student.train.epochs=1", "method.finetune.epochs=1", "method.retrain.epochs=4",
+            "method.score_batches=2", "method.gamma_batches=2"]
+
+    def cmd(run):
+        return [sys.executable, "-m", "kdprune_cli.cli", *args, f"hydra.run.dir={run}"]
+
+    env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd(tmp_path / "killed"), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if list((tmp_path / "store" / "jobs").glob("*/retrain.1.pt")):  # an epoch of retraining is saved
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the job ended before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()  # killed: no record at all
+    assert list((tmp_path / "store" / "jobs").glob("*/retrain.1.pt"))
+
+    r = subprocess.run(cmd(tmp_path / "again"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["stage"] == "retrain"]
+    assert epochs and epochs[0] >= 2 and epochs[-1] == 4  # continued, did not start over
+
+    env_ref = {**env, "KDPRUNE_STORE": str(tmp_path / "store_ref")}
+    r = subprocess.run(cmd(tmp_path / "ref"), env=env_ref, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert again["metrics"] == ref["metrics"] and again["sparsity_actual"] == ref["sparsity_actual"]
