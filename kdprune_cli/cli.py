@@ -26,9 +26,6 @@ def config_dir() -> str:
     raise RuntimeError("kdprune: config folder not found (conf/config.yaml); reinstall the package")
 
 
-EXPECTED = (ConfigError, FileNotFoundError)
-
-
 def _group(cfg: DictConfig) -> str:
     if cfg.logger.group:
         return cfg.logger.group

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +183,8 @@ class Context:
             def create():
                 model = init()
                 # a killed job resumes this artifact's training from its own folder, whichever job asks next
-                self._artifact_ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt"
+                if self.cfg.store.enabled:
+                    self._artifact_ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt"
                 try:
                     stats = fit(model)
                 finally:
@@ -282,10 +282,10 @@ def versions() -> dict:
 def job_id(cfg: DictConfig) -> str:
     """Deterministic job identity: the hash of the resolved config minus what does not change results."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("logger", "progress", "store", "experiment"):
+    for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast"):
         c.pop(k, None)
-    c["data"].pop("root", None)
-    c["data"].pop("cache_dir", None)
+    for k in ("root", "cache_dir", "download", "verify_checksums"):
+        c["data"].pop(k, None)
     return config_hash(c)
 
 
