@@ -21,7 +21,13 @@ def standardise(z: torch.Tensor) -> torch.Tensor:
     return (z - mean) / (std + EPS_STD)
 
 
+def upcast(z: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) to float32; float32/float64 stay as they are."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _log_probs(z: torch.Tensor, temperature: float, logit_norm: bool) -> torch.Tensor:
+    z = upcast(z)
     if logit_norm:
         z = standardise(z)
     return F.log_softmax(z / temperature, dim=-1)
@@ -35,8 +41,8 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
             logit_norm: bool = False) -> torch.Tensor:
     """Hinton et al. 2015 (arXiv 1503.02531): ``T²·KL(softmax(z_T/T) ‖ softmax(z_S/T))``, batch mean."""
-    log_ps = _log_probs(student_logits.float(), temperature, logit_norm)
-    log_pt = _log_probs(teacher_logits.float(), temperature, logit_norm)
+    log_ps = _log_probs(student_logits, temperature, logit_norm)
+    log_pt = _log_probs(teacher_logits, temperature, logit_norm)
     return temperature ** 2 * kl(log_pt, log_ps)
 
 
@@ -49,8 +55,8 @@ def cakld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    log_ps = _log_probs(student_logits.float(), temperature, logit_norm)
-    log_pt = _log_probs(teacher_logits.float(), temperature, logit_norm)
+    log_ps = _log_probs(student_logits, temperature, logit_norm)
+    log_pt = _log_probs(teacher_logits, temperature, logit_norm)
     loss = (1.0 - gamma) * kl(log_pt, log_ps)
     if gamma > 0:
         loss = loss + gamma * kl(log_ps, log_pt)
@@ -61,7 +67,7 @@ def total_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targe
                alpha: float, gamma: float, temperature: float, logit_norm: bool) -> torch.Tensor:
     """METHODS.md §1: ``L_total = α·L_CA-KLD + (1−α)·CE(z_S, y)`` (CE on raw logits)."""
     distill = cakld_loss(student_logits, teacher_logits, gamma, temperature, logit_norm)
-    return alpha * distill + (1.0 - alpha) * F.cross_entropy(student_logits.float(), targets)
+    return alpha * distill + (1.0 - alpha) * F.cross_entropy(upcast(student_logits), targets)
 
 
 @torch.no_grad()

@@ -30,18 +30,6 @@ from . import losses
 SD_NAMES = ("cs_kd", "ps_kd", "dlb")
 
 
-def _f(z: torch.Tensor) -> torch.Tensor:
-    """Up-cast half-precision logits (autocast) to float32; keep float32/float64 as they are."""
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-
-
-def soft_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T²·KL(softmax(t/T) ‖ softmax(z/T))``, batch mean; ``target_logits`` must already be detached."""
-    log_pt = F.log_softmax(_f(target_logits) / temperature, dim=-1)
-    log_ps = F.log_softmax(_f(logits) / temperature, dim=-1)
-    return temperature ** 2 * losses.kl(log_pt, log_ps)
-
-
 class _FromData:
     """Shared helper: fetch training samples by index, augment (seeded) and normalise them on device."""
 
@@ -116,7 +104,7 @@ class CSKD(_FromData):
         self.teacher_samples += xp.shape[0]
         self.last_partner = (pidx, xp)
         logits = model(x)
-        loss = F.cross_entropy(_f(logits), y) + self.lam * soft_kl(zp, logits, self.temperature)
+        loss = F.cross_entropy(losses.upcast(logits), y) + self.lam * losses.kd_loss(logits, zp, self.temperature)
         return loss, logits
 
 
@@ -164,7 +152,7 @@ class PSKD:
 
     def __call__(self, model, x, y, idx):
         logits = model(x)
-        z = _f(logits)
+        z = losses.upcast(logits)
         t = self.targets(y, idx).to(z.dtype)
         loss = -(t * F.log_softmax(z, dim=-1)).sum(dim=-1).mean()
         with torch.no_grad():
@@ -206,15 +194,16 @@ class DLB(_FromData):
     def __call__(self, model, x, y, idx):
         logits = model(x)
         if self.last is None:
-            loss = F.cross_entropy(_f(logits), y)
+            loss = F.cross_entropy(losses.upcast(logits), y)
         else:
             pidx, py, plogits = self.last
             xp = self.fetch(pidx, x)
             self.last_prev_x = xp
             zp = model(xp)
             self.extra_samples += xp.shape[0]
-            ce = F.cross_entropy(torch.cat([_f(zp), _f(logits)]), torch.cat([py.to(y.device), y]))
-            loss = ce + self.alpha * soft_kl(plogits, zp, self.temperature)
+            ce = F.cross_entropy(torch.cat([losses.upcast(zp), losses.upcast(logits)]),
+                                 torch.cat([py.to(y.device), y]))
+            loss = ce + self.alpha * losses.kd_loss(zp, plogits, self.temperature)
         self.last = (idx.detach(), y.detach(), logits.detach())
         return loss, logits
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import ConfigError, recipe
 from .base import Method
-from .masks import Masks, Scores, _removal_counts, apply_masks, dense_masks, prunable_params, select
+from .magnitude import magnitude_scores as magnitudes
+from .masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
 
 Groups = List[Tuple[List[str], int]]
 
@@ -46,11 +47,6 @@ def select_count(scores: Mapping[str, torch.Tensor], names: List[str], count: in
     if got != count:  # cannot happen unless the float round trip count/total·total failed
         raise AssertionError(f"selection removed {got} weights, expected {count}")
     return out
-
-
-@torch.no_grad()
-def magnitudes(params: Mapping[str, torch.Tensor]) -> Scores:
-    return {n: p.detach().abs() for n, p in params.items()}
 
 
 def clone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
