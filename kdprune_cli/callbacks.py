@@ -1,4 +1,5 @@
-"""Hydra callback: after a multirun, say which jobs failed and exit non-zero if any did."""
+"""Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not);
+after a multirun, say which jobs failed and exit non-zero if any did."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,29 @@ def sweep_status(sweep_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return ok, bad
 
 
+def check_output_folder(folder: str) -> None:
+    """Create ``folder`` and write a probe file; an unwritable, full or impossible folder ends the program
+    with one line and exit status 2 before Hydra or any job writes there."""
+    from .cli import storage_error
+    from .store import atomic_write_json
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / ".kdprune-write-check"
+        atomic_write_json({}, probe)
+        probe.unlink()
+    except OSError as e:
+        print(f"kdprune: error: {storage_error(e) or e}", file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepSummary(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -39,28 +40,41 @@ def _group(cfg: DictConfig) -> str:
 register()
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                  errno.EEXIST, errno.EISDIR}
+
+
+def storage_error(e: BaseException) -> Optional[str]:
+    """One line for a folder or disk that cannot take our files (full, read-only, not a folder), else None."""
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write{where}: {e.strerror or os.strerror(e.errno)}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
     from .data import DataError
-    from .runner import CheckpointError, run_job
+    from .runner import CheckpointError, Interrupted, run_job
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     try:
-        record = run_job(cfg, run_dir, group=_group(cfg))
+        record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task))
         return record["metrics"]["final"]["top1"]
-    except (ConfigError, DataError, CheckpointError) as e:
-        if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
-            print(f"kdprune: job {hc.job.num} failed: {e}", file=sys.stderr)
-            return None
-        print(f"kdprune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
+        print(f"kdprune: {e}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except Exception as e:
-        if multirun and not cfg.fail_fast:
-            print(f"kdprune: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        line = str(e) if isinstance(e, (ConfigError, DataError, CheckpointError)) else storage_error(e)
+        if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
+            print(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", file=sys.stderr)
             return None
+        if line is not None:
+            print(f"kdprune: error: {line}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

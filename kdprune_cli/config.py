@@ -7,6 +7,7 @@ against :class:`TrainRecipe` here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -164,5 +165,44 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_method_node(cfg.method, "method")
+
+
+RECIPE_KEYS = set(TrainRecipe.__dataclass_fields__)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_method_node(node, where: str) -> None:
+    """Range checks every method option by its name, so that bad values fail before any training.
+
+    A sub-node with training-recipe keys is a recipe (checked whole by :func:`recipe`); ``*batch_size`` must
+    be a positive integer, ``*batches`` / ``*_per_class`` / ``rounds`` / ``chunk_size`` a positive integer
+    (``*batches`` and ``chunk_size`` may be null), ``*epochs`` / ``*_epoch`` / ``*steps`` an integer >= 0, ``*lr`` / ``*rate`` / ``alpha`` numbers >= 0 and
+    ``*temperature`` a number > 0. Method-specific rules live in each method's ``validate()``.
+    """
+    for key, v in (node or {}).items():
+        name, k = f"{where}.{key}", str(key)
+        if isinstance(v, DictConfig):
+            if RECIPE_KEYS & set(v.keys()):
+                recipe(v, name)
+            else:
+                check_method_node(v, name)
+            continue
+        nullable = k.endswith("batches") or k == "chunk_size"
+        if k.endswith("batch_size") or k.endswith("_per_class") or k == "rounds" or nullable:
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (nullable and v is None):
+                raise ConfigError(f"{name} must be an integer > 0{' or null' if nullable else ''}, got {v!r}")
+        elif k.endswith("epochs") or k.endswith("steps") or k.endswith("_epoch"):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        elif k.endswith("lr") or k.endswith("rate") or k in ("alpha", "lam", "weight_decay", "momentum"):
+            if not (_number(v) and v >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        elif k.endswith("temperature"):
+            if not (_number(v) and v > 0):
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,14 +23,14 @@ from torch import nn
 
 from . import __version__
 from .config import ConfigError, recipe, validate
-from .data import DeviceData, load_data
+from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
 from .evaluate import count_flops, evaluate, latency_ms
 from .loggers import RunLogger
 from .models import build_model
 from .objectives import CrossEntropy, Distill
 from .pruning import get_method
 from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
-from .store import Store, atomic_save, atomic_write_json, config_hash
+from .store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
 from .train import train
 
 
@@ -42,6 +45,7 @@ class StageCost:
     teacher_samples: int = 0  # samples pushed forward through a teacher
     cached: bool = False
     artifact: Optional[dict] = None  # for a cached artifact: what it cost when it was made
+    lock_wait_seconds: float = 0.0  # waited for another job making the same artifact (not in ``seconds``)
 
 
 @dataclass
@@ -158,17 +162,17 @@ class Context:
         return OmegaConf.to_container(recipe(node, where), resolve=True)
 
     def data_spec(self) -> dict:
+        """What determines the data: the content fingerprint of the cached tensors, split and augmentation."""
         d = self.cfg.data
-        return {"name": d.name, "val_split": d.val_split, "split_seed": d.split_seed,
-                "crop_padding": d.crop_padding, "flip": d.flip}
+        return {"name": d.name, "fingerprint": self.data.fingerprint, "val_split": d.val_split,
+                "split_seed": d.split_seed, "crop_padding": d.crop_padding, "flip": d.flip}
 
     def spec(self, role: str) -> dict:
-        """What determines the dense ``role`` model: data, architecture, recipe and seed, or a checkpoint."""
+        """What determines the dense ``role`` model: data, architecture, recipe and seed, or the checkpoint's
+        bytes (a new file at the same path is a new model)."""
         m = self.cfg[role]
         if m.checkpoint is not None:
-            p = Path(m.checkpoint).expanduser().resolve()
-            st = p.stat()
-            return {"checkpoint": str(p), "size": st.st_size, "mtime": st.st_mtime, "name": m.name}
+            return {"checkpoint_sha256": checkpoint_digest(self.cfg, m.checkpoint), "name": m.name}
         return {"data": self.data_spec(), "name": m.name, "seed": m.seed,
                 "recipe": self.recipe_spec(m.train, f"{role}.train")}
 
@@ -182,16 +186,23 @@ class Context:
         with self.stage(stage) as st:
             def create():
                 model = init()
-                # a killed job resumes this artifact's training from its own folder, whichever job asks next
+                # a killed job resumes this artifact's training from its own folder, whichever job asks next;
+                # resume=false never reads what an earlier attempt left there
                 if self.cfg.store.enabled:
                     self._artifact_ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt"
+                    if not self.cfg.resume:
+                        self._artifact_ckpt.unlink(missing_ok=True)
                 try:
                     stats = fit(model)
                 finally:
                     self._artifact_ckpt = None
                 return {"model": model.state_dict()}, {"cost": stats, "metrics": self._eval_all(model)}
 
-            state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled)
+            state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
+                                                           check=lambda st_: init().load_state_dict(st_["model"]))
+            if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
+                st.seconds -= self.store.waited
+                st.lock_wait_seconds += self.store.waited
             st.cached = cached
             if cached:
                 st.artifact = meta.get("cost")
@@ -238,13 +249,28 @@ def job_dir(cfg: DictConfig, job_id: str) -> Path:
     return Path(cfg.store.root) / "jobs" / job_id
 
 
+def checkpoint_digest(cfg: DictConfig, path: str) -> str:
+    """The sha256 of a checkpoint file's bytes (hashed once per path, size and mtime; cached in the store)."""
+    cache = Path(cfg.store.root) / "digests" if cfg.store.enabled else None
+    return file_digest(Path(path).expanduser(), cache_dir=cache)
+
+
+def _read_error(e: Exception) -> str:
+    """What is wrong with a file torch could not load, in our words (never torch's advice to unpickle it)."""
+    text = str(e)
+    if "weights_only" in text or "Unsupported global" in text or isinstance(e, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors, which kdprune refuses to unpickle"
+    if isinstance(e, (IsADirectoryError, PermissionError, FileNotFoundError)):
+        return e.strerror or type(e).__name__
+    return "it is truncated, damaged or not a PyTorch checkpoint"
+
+
 def load_checkpoint(path: str, model: nn.Module, what: str) -> None:
     """Load a state dict (or ``{"state_dict"|"model": ...}``) with ``weights_only=True``; clear errors."""
     try:
         obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"checkpoint {path} could not be read: {_read_error(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
         obj = obj.get("state_dict", obj.get("model"))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -267,6 +293,8 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but there are {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -279,14 +307,26 @@ def versions() -> dict:
             "torchvision": torchvision.__version__, "timm": timm.__version__, "hydra": hydra.__version__}
 
 
-def job_id(cfg: DictConfig) -> str:
-    """Deterministic job identity: the hash of the resolved config minus what does not change results."""
+def content_ids(cfg: DictConfig) -> dict:
+    """The content behind the paths of a config: the dataset's fingerprint and each checkpoint's sha256."""
+    ids = {"data": dataset_fingerprint(cfg.data)}
+    for role in ("teacher", "student"):
+        if cfg[role].checkpoint is not None:
+            ids[f"{role}_checkpoint"] = checkpoint_digest(cfg, cfg[role].checkpoint)
+    return ids
+
+
+def job_id(cfg: DictConfig, ids: dict) -> str:
+    """Deterministic job identity: the resolved config minus what does not change results, with the
+    dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast"):
         c.pop(k, None)
     for k in ("root", "cache_dir", "download", "verify_checksums"):
         c["data"].pop(k, None)
-    return config_hash(c)
+    for role in ("teacher", "student"):
+        c[role].pop("checkpoint", None)
+    return config_hash({"config": c, "content": ids})
 
 
 def base_record(cfg: DictConfig) -> dict:
@@ -302,95 +342,206 @@ def base_record(cfg: DictConfig) -> dict:
     }
 
 
-def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool = True) -> dict:
-    """Run one job and write ``results.json`` into ``run_dir`` (also on failure). Returns the record."""
+class Interrupted(BaseException):
+    """SIGTERM / SIGUSR1 (a scheduler's warning before a kill or a preemption) during a job."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """Turn SIGTERM and SIGUSR1 into :class:`Interrupted` (once: a second signal while the job winds down
+    is ignored), so the job writes a ``failed`` record and keeps its last checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGTERM, signal.SIGUSR1)
+
+    def handler(signum, frame):
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def check_overrides(overrides) -> None:
+    """Options the command line must not set: ``method.name`` is chosen by selecting ``method=<name>``."""
+    for o in overrides or ():
+        key = str(o).split("=", 1)[0].lstrip("+~")
+        if key == "method.name":
+            raise ConfigError(f"{o}: choose the method with method=<name> (method.name comes from the "
+                              f"selected method config, whose settings belong to that method)")
+
+
+def check_exclude_names(cfg: DictConfig) -> None:
+    classes, channels, size = DATASETS[cfg.data.name]
+    try:
+        check_exclude(build_model(cfg.student.name, classes, channels, size), cfg.prune.exclude)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file into it, so an unwritable or full folder fails before training."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".kdprune-write-check"
+    atomic_write_json({}, probe)
+    probe.unlink()
+
+
+def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:
+    """The stored record of a finished job with this identity, if any (a damaged one is discarded)."""
+    done = job_dir(cfg, jid) / "results.json"
+    if not (cfg.resume and cfg.store.enabled and done.is_file()):
+        return None
+    try:
+        previous = json.loads(done.read_text())
+        if not isinstance(previous, dict) or "status" not in previous:
+            raise ValueError("not a record")
+    except (ValueError, OSError) as e:
+        warn(f"{done} is damaged ({type(e).__name__}); discarded, the job runs again")
+        done.unlink(missing_ok=True)
+        return None
+    return {**previous, "resumed_from": str(done)} if previous["status"] == "ok" else None
+
+
+def _error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+
+
+def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool = True,
+            overrides=()) -> dict:
+    """Run one job and write ``results.json`` into ``run_dir`` (also on failure). Returns the record.
+
+    The run folder's record is written last, after the store copy, the checkpoint clean-up and the logger
+    have finished, so ``status: ok`` on disk means everything succeeded. Bad input (``overrides`` are the
+    command-line overrides) raises :class:`ConfigError` before any data is read or any training runs.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     record = base_record(cfg)
     logger = None
     ctx = None
-    try:
-        validate(cfg)
-        method = get_method(cfg.method.name)(cfg.method)
-        method.validate()
-        record["job_id"] = job_id(cfg)
-        done = job_dir(cfg, record["job_id"]) / "results.json"
-        if cfg.resume and cfg.store.enabled and done.is_file():
-            previous = json.loads(done.read_text())
-            if previous.get("status") == "ok":  # a finished job is not run again
-                record = {**previous, "resumed_from": str(done)}
-                return record
-        record["retrain_kd"] = method.retrain_kd
-        record["versions"] = versions()
-        device = resolve_device(cfg.device)
-        record["device"] = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
-        torch.manual_seed(cfg.seed)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        logger = RunLogger(cfg, run_dir, record["job_id"], group)
-        if logger.wandb_info:
-            record["wandb"] = logger.wandb_info
-        cost: dict = {}
-        t = time.perf_counter()
-        data = load_data(cfg.data, device)
-        cost["data"] = StageCost(seconds=time.perf_counter() - t)
-        ctx = Context(cfg, data, device, log=logger.log, cost=cost,
-                      job_id=record["job_id"] if cfg.resume else None)
-        check_exclude(ctx.new_model("student"), ctx.exclude)
-
-        ctx.teacher()
-        ctx.dense_student()
-        for role in ("teacher", "student"):
-            key = "teacher" if role == "teacher" else "dense_student"
-            ctx.record_metrics(key, None, cached=ctx.extra["artifact_metrics"][role])
-
-        model, masks = method.run(ctx)
-        assert_masked(model, masks)
-        ctx.record_metrics("final", model)
-        sp = sparsity_report(model, ctx.exclude)
-        shape = (data.channels, data.image_size, data.image_size)
-        record.update({
-            "sparsity_actual": sp["global"],
-            "sparsity_per_layer": sp["per_layer"],
-            "params": {"prunable": sp["prunable"], "nonzero": sp["nonzero"],
-                       "total": sum(p.numel() for p in model.parameters())},
-            "flops": count_flops(model, shape, ctx.exclude),
-        })
-        if cfg.eval.latency:
-            record["latency_ms"] = {"pruned": latency_ms(model, shape), "dense": latency_ms(ctx.dense_student(), shape)}
-        if "gamma" in ctx.extra:
-            record["gamma"] = ctx.extra["gamma"]
-        atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                     "masks": masks_to_cpu(masks), "model": cfg.student.name,
-                     "dataset": cfg.data.name}, run_dir / "model.pt")
-        record["checkpoint"] = str(run_dir / "model.pt")
-        record["status"] = "ok"
-    except BaseException as e:  # also KeyboardInterrupt: the record says the job did not finish
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
-        raise
-    finally:
-        if ctx is not None:
-            record["metrics"] = ctx.metrics
-            if ctx.metrics_val:
-                record["metrics_val"] = ctx.metrics_val
-            record["cost"]["stages"] = {k: {kk: vv for kk, vv in asdict(v).items() if vv is not None}
-                                        for k, v in ctx.cost.items()}
-        if "resumed_from" not in record:
-            record["cost"]["total_seconds"] = time.perf_counter() - t_start
-            record["config"] = OmegaConf.to_container(cfg, resolve=False)
+    with signals_interrupt():
+        try:
+            check_overrides(overrides)
+            validate(cfg)
+            method = get_method(cfg.method.name)(cfg.method)
+            try:
+                method.validate()
+            except (TypeError, ValueError) as e:  # a value of the wrong type met a comparison
+                raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
+            device = resolve_device(cfg.device)
+            check_exclude_names(cfg)
+            check_writable(run_dir)
+            if cfg.store.enabled:
+                check_writable(Path(cfg.store.root))
+                clean_orphans(cfg.store.root)
+            record["job_id"] = job_id(cfg, content_ids(cfg))
+            previous = _finished_record(cfg, record["job_id"])
+            if previous is not None:  # a finished job is not run again
+                record = previous
+            else:
+                logger = _start(cfg, run_dir, group, device, record)
+                ctx = _context(cfg, device, logger, record)
+                _run(ctx, method, record, run_dir)
+                _complete(record, cfg, ctx, t_start)
+                if cfg.store.enabled and cfg.resume:
+                    jd = job_dir(cfg, record["job_id"])
+                    atomic_write_json(record, jd / "results.json")
+                    for ck in jd.glob("*.pt"):  # the record is kept; the training checkpoints are not needed
+                        ck.unlink()
+                logger.finish(record)
+                logger = None
+        except BaseException as e:  # also KeyboardInterrupt and signals: the record says the job did not finish
+            record["status"] = "failed"
+            record["error"] = _error_line(e)
+            _complete(record, cfg, ctx, t_start)
+            if logger is not None:
+                with contextlib.suppress(Exception):
+                    logger.finish(record)
+            with contextlib.suppress(OSError):  # an unwritable run folder cannot take the record either
+                atomic_write_json(record, run_dir / "results.json")
+            raise
         atomic_write_json(record, run_dir / "results.json")
-        if record["status"] == "ok" and "resumed_from" not in record and cfg.store.enabled and cfg.resume:
-            jd = job_dir(cfg, record["job_id"])
-            atomic_write_json(record, jd / "results.json")
-            for ck in jd.glob("*.pt"):  # the record is kept; the training checkpoints are no longer needed
-                ck.unlink()
-        if logger is not None:
-            logger.finish(record)
-        if summary and record["status"] == "ok":
-            print_summary(record, run_dir)
+    if summary:
+        print_summary(record, run_dir)
     return record
+
+
+def _start(cfg: DictConfig, run_dir: Path, group: str, device: torch.device, record: dict) -> RunLogger:
+    record["versions"] = versions()
+    record["device"] = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    logger = RunLogger(cfg, run_dir, record["job_id"], group)
+    if logger.wandb_info:
+        record["wandb"] = logger.wandb_info
+    return logger
+
+
+def _context(cfg: DictConfig, device: torch.device, logger: RunLogger, record: dict) -> "Context":
+    t = time.perf_counter()
+    data = load_data(cfg.data, device)
+    cost = {"data": StageCost(seconds=time.perf_counter() - t)}
+    return Context(cfg, data, device, log=logger.log, cost=cost, job_id=record["job_id"] if cfg.resume else None)
+
+
+def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
+    """Teacher → dense student → the method → evaluate; fills ``record`` (status ``ok`` at the end)."""
+    cfg, data = ctx.cfg, ctx.data
+    record["retrain_kd"] = method.retrain_kd
+    ctx.teacher()
+    ctx.dense_student()
+    for role in ("teacher", "student"):
+        key = "teacher" if role == "teacher" else "dense_student"
+        ctx.record_metrics(key, None, cached=ctx.extra["artifact_metrics"][role])
+
+    model, masks = method.run(ctx)
+    assert_masked(model, masks)
+    ctx.record_metrics("final", model)
+    sp = sparsity_report(model, ctx.exclude)
+    shape = (data.channels, data.image_size, data.image_size)
+    record.update({
+        "sparsity_actual": sp["global"],
+        "sparsity_per_layer": sp["per_layer"],
+        "params": {"prunable": sp["prunable"], "nonzero": sp["nonzero"],
+                   "total": sum(p.numel() for p in model.parameters())},
+        "flops": count_flops(model, shape, ctx.exclude),
+    })
+    if cfg.eval.latency:
+        record["latency_ms"] = {"pruned": latency_ms(model, shape), "dense": latency_ms(ctx.dense_student(), shape)}
+    if "gamma" in ctx.extra:
+        record["gamma"] = ctx.extra["gamma"]
+    atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                 "masks": masks_to_cpu(masks), "model": cfg.student.name,
+                 "dataset": cfg.data.name}, run_dir / "model.pt")
+    record["checkpoint"] = str(run_dir / "model.pt")
+    record["status"] = "ok"
+
+
+def _complete(record: dict, cfg: DictConfig, ctx: Optional["Context"], t_start: float) -> None:
+    """Metrics, per-stage cost, total time and the config into ``record`` (not for a copied record)."""
+    if "resumed_from" in record:
+        return
+    if ctx is not None:
+        record["metrics"] = ctx.metrics
+        if ctx.metrics_val:
+            record["metrics_val"] = ctx.metrics_val
+        record["cost"]["stages"] = {k: {kk: vv for kk, vv in asdict(v).items()
+                                        if vv is not None and not (kk == "lock_wait_seconds" and vv == 0)}
+                                    for k, v in ctx.cost.items()}
+    record["cost"]["total_seconds"] = time.perf_counter() - t_start
+    record["config"] = OmegaConf.to_container(cfg, resolve=False)
 
 
 def print_summary(record: dict, run_dir: Path) -> None:

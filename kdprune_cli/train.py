@@ -71,7 +71,11 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
         apply_masks(model, masks)
     step, first_epoch, done_before = 0, 0, {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
     if checkpoint is not None and Path(checkpoint).is_file():
-        first_epoch, step, done_before = _resume(checkpoint, model, opt, gen, masks, objective)
+        resumed = _resume(checkpoint, model, opt, gen, masks, objective)
+        if resumed is None:  # damaged: the stage starts over, from the model and optimizer it was given
+            opt = make_optimizer(model, recipe)
+        else:
+            first_epoch, step, done_before = resumed
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, mininterval=1.0,
                dynamic_ncols=True)
     for epoch in range(first_epoch, epochs):
@@ -127,13 +131,34 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
 
 
 def _resume(path, model, opt, gen, masks, objective):
-    st = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-    model.load_state_dict(st["model"])
-    opt.load_state_dict(st["opt"])
-    gen.set_state(st["gen"].cpu())
-    if masks is not None:
-        for n, m in st["masks"].items():
-            masks[n] = m.to(masks[n].device)
-    if hasattr(objective, "load_state_dict"):
-        objective.load_state_dict(st["objective"])
-    return st["epoch"], st["step"], st["cost"]
+    """Continue from a training checkpoint; ``None`` (one warning line, the file removed, nothing changed)
+    when it cannot be read or does not fit this model, optimizer, masks or objective."""
+    from .store import warn
+
+    device = next(model.parameters()).device
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+             "masks": dict(masks) if masks is not None else None}
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        if masks is not None:
+            if set(st["masks"]) != set(masks):
+                raise KeyError("masks of other parameters")
+            for n, m in st["masks"].items():
+                masks[n] = m.to(masks[n].device)
+        if hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(st["objective"])
+        gen.set_state(st["gen"].cpu())
+        return int(st["epoch"]), int(st["step"]), dict(st["cost"])
+    except Exception as e:
+        model.load_state_dict(saved["model"])
+        if saved["objective"] is not None:
+            objective.load_state_dict(saved["objective"])
+        if masks is not None:
+            masks.update(saved["masks"])
+        warn(f"training checkpoint {path} is damaged or does not fit ({type(e).__name__}); "
+             f"discarded, the stage starts from its beginning")
+        Path(path).unlink(missing_ok=True)
+        return None
