@@ -1,14 +1,18 @@
 """Datasets as uint8 tensors on the training device, augmented there in batch.
 
-Each dataset is read once through its real loader (torchvision's CIFAR classes, the tiny-imagenet-200
-folder layout, scikit-learn's digits), turned into ``uint8`` tensors ``N×C×H×W`` and cached on disk. At
+Each dataset is read once (CIFAR python batches with a restricted unpickler that builds nothing but
+dicts, lists and numpy arrays, checked against torchvision's md5 sums unless ``data.verify_checksums=false``;
+the tiny-imagenet-200 folder layout; scikit-learn's digits), turned into ``uint8`` tensors ``N×C×H×W`` and
+cached on disk with a content fingerprint beside it; the cache is rebuilt when its source files change. At
 run time the tensors sit on the training device; a batch is cropped (zero padding), flipped and
 normalised there, with no per-image Python work (the airbench idea).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import atomic_save, file_lock
+from .store import acquire, atomic_save, atomic_write_json, file_lock, warn
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -39,28 +43,155 @@ def _hint(name: str, root: Path) -> str:
             f"with data.download=true, or try the offline demo with experiment=quickstart")
 
 
-def _read_cifar(name: str, root: Path, download: bool, verify: bool = True):
+# --- CIFAR: our reader, never an unrestricted unpickler -------------------------------------------------------
+def _numpy_global(candidates):
+    import importlib
+
+    for module, name in candidates:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it, limited to latin-1 text."""
+    if not isinstance(obj, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError("only latin-1 text may be encoded")
+    return obj.encode("latin-1")
+
+
+def _allowed_globals() -> dict:
+    reconstruct = _numpy_global([("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")])
+    frombuffer = _numpy_global([("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer")])
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickled by numpy 1.x and 2.x
+        if reconstruct is not None:
+            allowed[(mod, "_reconstruct")] = reconstruct
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        if frombuffer is not None:
+            allowed[(mod, "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, strings, numbers, bytes and numpy arrays: no other global is looked up."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="latin1")  # the CIFAR files are Python 2 pickles, as torchvision reads them
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise DataError(f"{self.path} is not a CIFAR batch (refused pickle global {module}.{name})")
+        return obj
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.path} is not a CIFAR batch (refused pickle persistent id)")
+
+
+def read_cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, list]:
+    """``(data N×3072 uint8, labels)`` of one CIFAR python batch, read with a restricted unpickler."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, path).load()
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path} could not be read ({e.strerror or e})") from None
+    except Exception as e:  # truncated or not a pickle at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a CIFAR batch (unreadable pickle: {type(e).__name__}: {first})") from None
+    bad = f"{path} is not a CIFAR batch"
+    if not isinstance(obj, dict):
+        raise DataError(f"{bad} (a pickled {type(obj).__name__}, not a dict)")
+    obj = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    data = obj.get("data")
+    if isinstance(data, str):  # a Python 2 str read as latin-1
+        data = data.encode("latin-1")
+    if isinstance(data, (bytes, bytearray)):
+        if len(data) % 3072:
+            raise DataError(f"{bad} (data holds {len(data)} bytes, not N×3072)")
+        data = np.frombuffer(bytes(data), dtype=np.uint8).reshape(-1, 3072)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise DataError(f"{bad} (data is a {what}, not a uint8 array N×3072)")
+    labels = obj["labels"] if "labels" in obj else obj.get("fine_labels")
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
+        raise DataError(f"{bad} (labels / fine_labels is not a list of integers)")
+    if len(labels) != data.shape[0]:
+        raise DataError(f"{bad} ({data.shape[0]} images but {len(labels)} labels)")
+    if labels and not (0 <= min(labels) and max(labels) < classes):
+        raise DataError(f"{bad} (labels outside 0..{classes - 1})")
+    return data, list(labels)
+
+
+def _cifar_class(name: str):
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
-    if not verify:  # same loader, files checked for presence only (subsets, re-packed copies)
-        cls = type(cls.__name__, (cls,), {
-            "train_list": [[f, None] for f, _ in cls.train_list],
-            "test_list": [[f, None] for f, _ in cls.test_list],
-            "meta": {**cls.meta, "md5": None}})
-    try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(_hint(name, root)) from e
-    except Exception as e:  # network failures, unreadable batches
-        raise DataError(f"{name} under {root} could not be read or downloaded: {e}") from e
+    return CIFAR10 if name == "cifar10" else CIFAR100
 
-    def conv(ds):
-        return (torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor(ds.targets, dtype=torch.long))
 
-    return conv(train), conv(test)
+def _cifar_files(name: str, root: Path) -> list:
+    """``[(path, md5), ...]``: the train batches, then the test batches (torchvision's lists)."""
+    cls = _cifar_class(name)
+    return [(root / cls.base_folder / f, md5) for f, md5 in [*cls.train_list, *cls.test_list]]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cifar_problem(name: str, root: Path, verify: bool) -> Optional[DataError]:
+    for path, md5 in _cifar_files(name, root):
+        if not path.is_file():
+            return DataError(_hint(name, root))
+    if verify:
+        for path, md5 in _cifar_files(name, root):
+            got = _md5(path)
+            if got != md5:
+                return DataError(
+                    f"{name} file {path} is corrupt or modified (md5 mismatch: {got}, expected {md5}): restore "
+                    f"the official file (remove it and set data.download=true), or set "
+                    f"data.verify_checksums=false for a re-packed copy")
+    return None
+
+
+def _read_cifar(name: str, root: Path, download: bool, verify: bool = True):
+    problem = _cifar_problem(name, root, verify)
+    if problem is not None and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        cls = _cifar_class(name)
+        try:
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as e:  # network failures, a corrupt archive
+            raise DataError(f"{name} download from {cls.url} into {root} failed: {e}") from e
+        problem = _cifar_problem(name, root, verify)
+    if problem is not None:
+        raise problem
+    classes = DATASETS[name][0]
+    files = _cifar_files(name, root)
+    n_train = len(_cifar_class(name).train_list)
+
+    def conv(paths):
+        parts = [read_cifar_batch(p, classes) for p in paths]
+        x = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+        y = [v for _, labels in parts for v in labels]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(y, dtype=torch.long)
+
+    return conv([p for p, _ in files[:n_train]]), conv([p for p, _ in files[n_train:]])
 
 
 def _read_tiny(root: Path, download: bool):
@@ -130,23 +261,166 @@ def read_raw(name: str, root: Path, download: bool, verify: bool = True):
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+# --- the uint8 cache and its content fingerprint ---------------------------------------------------------------
+CACHE_VERSION = 2  # bump when a reader changes what it returns
+
+
+def _source_files(name: str, root: Path) -> Optional[list]:
+    """The files the reader of ``name`` uses, or None when the source is not (all) there."""
+    if name in ("cifar10", "cifar100"):
+        files = [p for p, _ in _cifar_files(name, root)]
+        return files if all(p.is_file() for p in files) else None
+    if name == "tinyimagenet":
+        if not (root / "train").is_dir() or not (root / "val" / "val_annotations.txt").is_file():
+            return None
+        files = [root / "wnids.txt"] if (root / "wnids.txt").is_file() else []
+        for sub in ("train", "val"):
+            for d, _, names in os.walk(root / sub):
+                files += [Path(d) / n for n in names]
+        return files
+    return None
+
+
+def source_signature(name: str, root: str | os.PathLike) -> Optional[dict]:
+    """What the cache of ``name`` was built from: count, bytes and a hash of the sorted (relative path, size,
+    mtime_ns) of its source files (the scikit-learn version for digits); None when the source is absent."""
+    if name == "digits":
+        import sklearn
+
+        return {"sklearn": sklearn.__version__}
+    root = Path(root).expanduser().resolve()
+    files = _source_files(name, root)
+    if files is None:
+        return None
+    h = hashlib.sha256()
+    total = 0
+    for rel, p in sorted((p.relative_to(root).as_posix(), p) for p in files):
+        st = p.stat()
+        total += st.st_size
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": h.hexdigest()}
+
+
+TENSORS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def fingerprint(name: str, blob: dict) -> str:
+    """sha256 of the dataset's content: name, then dtype, shape and bytes of each tensor."""
+    h = hashlib.sha256(f"kdprune-data\0{name}\n".encode())
+    for k in TENSORS:
+        t = blob[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{str(t.dtype)}\0{tuple(t.shape)}\n".encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def _cache_path(name: str, root: Path, cache_dir) -> Path:
+    key = hashlib.sha1(f"{name}|{root if name != 'digits' else ''}".encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"{name}-{key}.pt"
+
+
+def _stat(path: Path) -> Optional[list]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_sidecar(path: Path) -> Optional[dict]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(meta, dict) and meta.get("version") == CACHE_VERSION and isinstance(meta.get("fingerprint"), str))
+    return meta if ok else None
+
+
+def _load_blob(path: Path) -> tuple[Optional[dict], str]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return None, f"{type(e).__name__}: {first}"
+    if not isinstance(blob, dict) or not all(isinstance(blob.get(k), torch.Tensor) for k in TENSORS):
+        return None, "not a dict of the four tensors"
+    return blob, ""
+
+
+def _write_cache(name: str, root: Path, path: Path, side: Path, blob: dict, source: Optional[dict]) -> dict:
+    blob = {k: blob[k] for k in TENSORS}
+    blob["fingerprint"] = fingerprint(name, blob)
+    atomic_save(blob, path)
+    atomic_write_json({"version": CACHE_VERSION, "name": name, "root": str(root), "fingerprint": blob["fingerprint"],
+                       "source": source, "cache": _stat(path)}, side)
+    return blob
+
+
+def ensure_cache(name: str, root: str | os.PathLike, download: bool, cache_dir: str | os.PathLike,
+                 verify: bool = True, load: bool = True) -> tuple[str, Optional[dict], float]:
+    """Make the uint8 cache of a dataset current; return ``(fingerprint, blob or None, seconds waited)``.
+
+    The cache ``<cache_dir>/<name>-<key>.pt`` (key: name and resolved root) has a sidecar ``.json`` with
+    the content fingerprint (computed once, when the cache is built) and the signature of the source files
+    it was built from. It is rebuilt when the source files changed (size, mtime or set of files), when
+    it is damaged, or when it has no valid sidecar and the source is there; when the source is gone, the
+    cache answers. ``load=False`` returns the fingerprint from the sidecar without reading the tensors
+    when the cache is current (the blob is then None).
+    """
+    root = Path(root).expanduser().resolve()
+    path = _cache_path(name, root, cache_dir)
+    side = path.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = file_lock(path)
+    waited = acquire(lock)
+    try:
+        source = source_signature(name, root)
+        meta = _read_sidecar(side)
+        current = meta is not None and _stat(path) is not None and meta.get("cache") == _stat(path)
+        if meta is not None and not current and source is not None:
+            warn(f"data cache {path} changed or vanished since it was built; rebuilding it from the source")
+        if current and source is not None and meta.get("source") != source:
+            warn(f"the {name} files under {root} differ from those the data cache {path} was built from "
+                 f"(size, mtime or files); rebuilding it")
+            current = False
+        if current and not load:
+            return meta["fingerprint"], None, waited
+        if path.exists() and (current or source is None):
+            blob, err = _load_blob(path)
+            if blob is not None and current and blob.get("fingerprint") == meta["fingerprint"]:
+                return meta["fingerprint"], blob, waited
+            if blob is not None and not current:  # no (valid) sidecar and no source to rebuild from
+                blob = _write_cache(name, root, path, side, blob, None)
+                return blob["fingerprint"], blob, waited
+            warn(f"data cache {path} " + (f"cannot be read ({err})" if blob is None else "does not match its "
+                 "sidecar") + "; rebuilding it from the source")
+        (xtr, ytr), (xte, yte) = read_raw(name, root, download, verify)
+        if source is None:  # just downloaded
+            source = source_signature(name, root)
+        blob = _write_cache(name, root, path, side, {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte},
+                            source)
+        return blob["fingerprint"], blob, waited
+    finally:
+        lock.release()
+
+
 def load_cached(name: str, root: str | os.PathLike, download: bool, cache_dir: str | os.PathLike,
                 verify: bool = True) -> dict:
-    """Read a dataset once and keep it as a ``.pt`` of uint8 tensors (keyed by name and resolved root)."""
-    root = Path(root).expanduser().resolve()
-    key = hashlib.sha1(f"{name}|{root if name != 'digits' else ''}".encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"{name}-{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
-        if path.exists():
-            try:
-                return torch.load(path, weights_only=True)
-            except Exception:
-                path.unlink()  # a damaged cache is rebuilt from the source files
-        (xtr, ytr), (xte, yte) = read_raw(name, root, download, verify)
-        blob = {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
-        atomic_save(blob, path)
-        return blob
+    """Read a dataset once and keep it as a ``.pt`` of uint8 tensors (keyed by name and resolved root).
+
+    The returned dict holds ``x_train, y_train, x_test, y_test`` and the content ``fingerprint``.
+    """
+    return ensure_cache(name, root, download, cache_dir, verify, load=True)[1]
+
+
+def dataset_fingerprint(cfg_data) -> str:
+    """The content fingerprint of the dataset the ``data`` config node names (builds the cache if needed).
+
+    Cheap when the cache is current: the sidecar is read, not the tensors. Two roots with the same bytes
+    have the same fingerprint; any change of the images or labels changes it.
+    """
+    return ensure_cache(cfg_data.name, cfg_data.root, bool(cfg_data.download), cfg_data.cache_dir,
+                        bool(getattr(cfg_data, "verify_checksums", True)), load=False)[0]
 
 
 @dataclass
@@ -166,6 +440,8 @@ class DeviceData:
         if name not in DATASETS:
             raise DataError(f"unknown dataset {name!r}")
         self.name = name
+        self.fingerprint: Optional[str] = blob.get("fingerprint")  # content identity (see load_cached)
+        self.waited = 0.0  # seconds load_data waited for another job building the same cache
         self.num_classes, self.channels, self.image_size = DATASETS[name]
         self.device = device
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
@@ -248,6 +524,8 @@ class DeviceData:
 
 def load_data(cfg, device: torch.device) -> DeviceData:
     """Build :class:`DeviceData` from the ``data`` config node."""
-    blob = load_cached(cfg.name, cfg.root, cfg.download, cfg.cache_dir, cfg.verify_checksums)
-    return DeviceData(cfg.name, blob, device, crop_padding=cfg.crop_padding, flip=cfg.flip,
+    fp, blob, waited = ensure_cache(cfg.name, cfg.root, cfg.download, cfg.cache_dir, cfg.verify_checksums)
+    data = DeviceData(cfg.name, blob, device, crop_padding=cfg.crop_padding, flip=cfg.flip,
                       val_split=cfg.val_split, split_seed=cfg.split_seed)
+    data.fingerprint, data.waited = fp, waited
+    return data

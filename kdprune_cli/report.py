@@ -10,9 +10,11 @@ the cost per run. Written to ``--out`` (default: the first PATH if it is a folde
 ``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png`` and,
 for each ``--layers`` run, ``layers_<job>.png``.
 
-Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``).
-Exit status: 0 all ok, 1 some job failed or is missing (the report is still written), 2 bad input
-(a PATH does not exist, or no ``results.json`` was found at all).
+Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``); reruns of
+one job count once (the newest record): records are matched by ``job_id``, or, when a job failed before
+its id was computed, by its config. Exit status: 0 all ok, 1 some job failed or is missing (the report is
+still written), 2 bad input (a PATH does not exist, no ``results.json`` was found at all, ``--out`` is a
+file, or the report cannot be written there), reported in one line on stderr.
 """
 from __future__ import annotations
 
@@ -106,24 +108,71 @@ def load(path: Path):
     return rec, None
 
 
+# Config keys that do not change what a job computes (as ``runner.job_id`` drops them).
+VOLATILE_KEYS = ("logger", "progress", "store", "experiment", "resume", "fail_fast")
+VOLATILE_DATA_KEYS = ("cache_dir", "download", "verify_checksums")
+
+
+def config_key(rec: dict) -> Optional[str]:
+    """A hash of the record's ``config`` without the keys that do not change the job; None without one."""
+    import hashlib
+
+    c = rec.get("config")
+    if not isinstance(c, dict) or not c:
+        return None
+    c = {k: v for k, v in c.items() if k not in VOLATILE_KEYS}
+    if isinstance(c.get("data"), dict):
+        c["data"] = {k: v for k, v in c["data"].items() if k not in VOLATILE_DATA_KEYS}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _overrides_key(path: Path) -> Optional[str]:
+    """The Hydra overrides of the job that wrote ``path`` (``.hydra/overrides.yaml`` beside it), if any."""
+    try:
+        text = (path.parent / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.strip() or None
+
+
+def job_identity(path: Path, rec: dict, jobs_by_config: Optional[dict] = None) -> Optional[str]:
+    """What makes two records runs of the same job: the ``job_id``; for a record without one (it failed
+    before the id was computed), the job with the same config, else the config itself, else the sweep
+    job's Hydra overrides. None: the record stands alone."""
+    jid = rec.get("job_id")
+    if isinstance(jid, str) and jid:
+        return f"job:{jid}"
+    ck = config_key(rec)
+    if ck is not None:
+        jids = (jobs_by_config or {}).get(ck, set())
+        return f"job:{next(iter(jids))}" if len(jids) == 1 else f"config:{ck}"
+    ov = _overrides_key(path)
+    return f"overrides:{ov}" if ov is not None else None
+
+
 def dedupe(loaded: list) -> tuple:
-    """Keep the newest record per ``job_id`` (a re-run of the same job); return (kept, superseded)."""
+    """Keep the newest record per job (see :func:`job_identity`); return (kept, superseded)."""
+    jobs_by_config: dict = {}
+    for _, rec in loaded:
+        jid, ck = rec.get("job_id"), config_key(rec)
+        if isinstance(jid, str) and jid and ck is not None:
+            jobs_by_config.setdefault(ck, set()).add(jid)
+    ids = [job_identity(path, rec, jobs_by_config) for path, rec in loaded]
     newest: dict = {}
-    for i, (path, rec) in enumerate(loaded):
-        jid = rec.get("job_id")
-        if isinstance(jid, str) and jid:
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                mtime = 0.0
-            if jid not in newest or mtime >= newest[jid][0]:
-                newest[jid] = (mtime, i)
+    for i, ((path, rec), ident) in enumerate(zip(loaded, ids)):
+        if ident is None:
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if ident not in newest or mtime >= newest[ident][0]:
+            newest[ident] = (mtime, i)
     keep = {i for _, i in newest.values()}
     kept, superseded = [], []
-    for i, (path, rec) in enumerate(loaded):
-        jid = rec.get("job_id")
-        if isinstance(jid, str) and jid and i not in keep:
-            superseded.append((path, loaded[newest[jid][1]][0]))
+    for i, ((path, rec), ident) in enumerate(zip(loaded, ids)):
+        if ident is not None and i not in keep:
+            superseded.append((path, loaded[newest[ident][1]][0]))
         else:
             kept.append((path, rec))
     return kept, superseded
@@ -310,7 +359,7 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
         out += ["", "## Per-layer plots not drawn", ""]
         out += [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") for p in layer_notes]
     if superseded:
-        out += ["", "## Superseded records (same job_id, newer record used)", ""]
+        out += ["", "## Superseded records (same job, newer record used)", ""]
         out += [f"- `{old}` → `{new}`" for old, new in superseded]
     return "\n".join(out) + "\n"
 
@@ -491,16 +540,26 @@ def _layers(paths: list, out: Path, written: list) -> list:
     return notes
 
 
+def _os_error(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
+
+
 def run(args) -> int:
     for p in [*args.paths, *args.layers]:
         if not p.exists():
             raise InputError(f"path does not exist: {p}")
+    out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
     found = find_results(args.paths)
     if not found.results:
         extra = f" ({len(found.missing)} job folders without one)" if found.missing else ""
         raise InputError(f"no {RESULTS} found under {', '.join(map(str, args.paths))}{extra}")
-    out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the --out folder {out}: {_os_error(e)}") from None
 
     problems, loaded = [], []
     for path in found.results:
@@ -525,14 +584,17 @@ def run(args) -> int:
 
     tables = group(ok, args.metric)
     written: list = []
-    layer_notes = _layers(args.layers, out, written)
-    for t in tables:
-        written.append(plot_table(t, args.metric, out))
     counts = {"files": len(found.results), "ok": len(ok), "failed": n_failed, "missing": len(found.missing)}
-    md = markdown(tables, args.metric, problems, superseded, layer_notes, counts)
-    (out / "report.md").write_text(md, encoding="utf-8")
-    write_csv(tables, args.metric, out / "report.csv")
-    (out / "report.tex").write_text(latex(tables, args.metric), encoding="utf-8")
+    try:
+        layer_notes = _layers(args.layers, out, written)
+        for t in tables:
+            written.append(plot_table(t, args.metric, out))
+        md = markdown(tables, args.metric, problems, superseded, layer_notes, counts)
+        (out / "report.md").write_text(md, encoding="utf-8")
+        write_csv(tables, args.metric, out / "report.csv")
+        (out / "report.tex").write_text(latex(tables, args.metric), encoding="utf-8")
+    except OSError as e:  # read-only, full, or not ours
+        raise InputError(f"cannot write the report into {out}: {_os_error(e)}") from None
     written = [out / "report.md", out / "report.csv", out / "report.tex", *written]
 
     print(md, end="")
