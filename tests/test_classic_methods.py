@@ -272,6 +272,66 @@ def test_synflow_iterative_avoids_layer_collapse(make_ctx):
     assert min_n > min_1
 
 
+def float64_synflow_masks(net, shape, sparsity, rounds):
+    """SynFlow's loop with the ranking written out: one float64 argsort per round, pruned weights first."""
+    lin = linearised_copy(net)
+    params = prunable_params(lin)
+    keep = torch.ones(sum(p.numel() for p in params.values()), dtype=torch.bool)
+    for s_k in schedule(sparsity, rounds):
+        flat = torch.cat([v.flatten() for v in synflow_scores(lin, params, shape).values()])
+        assert flat.dtype == torch.float64 and torch.isfinite(flat).all()
+        flat[~keep] = -float("inf")
+        keep[torch.argsort(flat, stable=True)[:round(s_k * flat.numel())]] = False
+        with torch.no_grad():
+            for p, m in zip(params.values(), torch.split(keep, [p.numel() for p in params.values()])):
+                p.mul_(m.view_as(p))
+    return dict(zip(params, (m.view_as(p) for p, m in
+                             zip(params.values(), torch.split(keep, [p.numel() for p in params.values()])))))
+
+
+@pytest.mark.parametrize("arch,size,rounds", [("resnet56", 32, 20), ("resnet110", 32, 2), ("resnet34", 64, 2)])
+def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
+    """ResNet-56/110 at 32×32 (scores up to ~1e68 / ~1e137) and ResNet-34 at 64×64 overflow float32: ranking
+    in float32 kept nothing of conv1 and everything of the last block, cutting the input off. The masks must
+    equal a float64 ranking, keep the input connected to the output and keep weights in every layer — except
+    1×1 projection shortcuts, which SynFlow itself empties at these depths (their flow is orders of magnitude
+    below the parallel 3×3 branch's; the residual branch still connects, so this is not a layer collapse)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from kdprune_cli.models import build_model
+    from kdprune_cli.pruning.masks import apply_masks
+    from kdprune_cli.pruning.synflow import SynFlow
+
+    torch.manual_seed(0)
+    net = build_model(arch, 10, 3, size)
+    ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), sparsity=0.9, scope="global",
+                          exclude=[], current_stage=SimpleNamespace(samples=0), log=lambda rec: None)
+    masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net)
+    want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)
+    assert list(masks) == list(want)
+    for n, m in masks.items():
+        assert torch.equal(m, want[n]), n
+        projection = m.shape[2:] == (1, 1) and ("shortcut" in n or "downsample" in n)
+        assert m.any() or projection, f"{n} lost every weight"
+    assert float(masks["conv1.weight"].float().mean()) > 0.9  # the input layer stays (a float32 ranking: 0%)
+    lin = linearised_copy(net)
+    apply_masks(lin, masks)
+    assert float(lin(torch.ones(1, 3, size, size, dtype=torch.float64)).sum()) > 0  # input still reaches output
+
+
+def test_synflow_in_float32_overflows_loudly():
+    """Without float64 the deep network's scores are +inf: an error naming a layer, not a silent reorder."""
+    from kdprune_cli.models import build_model
+
+    torch.manual_seed(0)
+    lin = linearised_copy(build_model("resnet56", 10, 3, 32), double=False)
+    scores = synflow_scores(lin, prunable_params(lin), (3, 32, 32))
+    with pytest.raises(ValueError, match=r"conv1\.weight.*non-finite"):
+        select(scores, 0.9)
+
+
 def test_invalid_options_raise(make_ctx):
     bad = [("snip", "method.batches=0"), ("snip", "method.bn_mode=foo"), ("grasp", "method.temperature=0"),
            ("grasp", "method.samples_per_class=0"), ("synflow", "method.rounds=0"),
