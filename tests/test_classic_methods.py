@@ -6,6 +6,8 @@ the gradient, SynFlow's independence of the data and its iterative schedule avoi
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +145,33 @@ def test_snip_scores_match_hand_computation(make_ctx):
         torch.testing.assert_close(scores[n], expected, rtol=1e-4, atol=1e-7)
     assert set(scores) == {"conv.weight", "fc.weight"}
     assert ctx.current_stage.samples == 48
+
+
+def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
+    """snip-public (is_train=False) and Synaptic-Flow's prune_loop (model.eval()) score with BN running
+    statistics; batch statistics are the option. On ResNet-56 the two modes give different scores."""
+    from kdprune_cli.models import build_model
+
+    def snip_by_hand(net, x, y, train_mode):
+        net = copy.deepcopy(net).train(train_mode)
+        params = prunable_params(net)
+        g = torch.autograd.grad(F.cross_entropy(net(x), y), list(params.values()))
+        return {n: (p.detach() * gi).abs() for (n, p), gi in zip(params.items(), g)}
+
+    torch.manual_seed(0)
+    net = build_model("resnet56", 10, 1, 8)
+    before = copy.deepcopy(net.state_dict())
+    got = {}
+    for mode in ("default", "train"):
+        ctx = make_ctx("method=snip", "method.batch_size=8", *([] if mode == "default" else ["method.bn_mode=train"]))
+        got[mode] = method_of(ctx).score(ctx, net)
+    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.generator("snip"), max_batches=1)))
+    want = {"default": snip_by_hand(net, x, y, False), "train": snip_by_hand(net, x, y, True)}
+    for mode in got:
+        for n in want[mode]:
+            torch.testing.assert_close(got[mode][n], want[mode][n], rtol=1e-4, atol=1e-9 * float(want[mode][n].max()))
+    assert not torch.allclose(want["default"]["conv1.weight"], want["train"]["conv1.weight"], rtol=1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # BN statistics untouched
 
 
 # --- GraSP -----------------------------------------------------------------------------------------

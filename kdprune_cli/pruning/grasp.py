@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import params_for_scoring
-from .snip import PruneAtInit, check_bn_mode, scoring_copy
+from .snip import PruneAtInit, bn_mode, scoring_copy
 
 
 def balanced_batch(data, samples_per_class: int, gen: torch.Generator, which: str = "train"):
@@ -90,12 +90,12 @@ class GraSP(PruneAtInit):
             raise ConfigError(f"method.samples_per_class must be > 0, got {c.samples_per_class}")
         if c.get("chunk_size") is not None and int(c.chunk_size) <= 0:
             raise ConfigError(f"method.chunk_size must be > 0 or null (whole batch), got {c.chunk_size}")
-        check_bn_mode(c)
+        bn_mode(c, "train")
 
     def score(self, ctx, model):
         c = self.cfg
         x, y = balanced_batch(ctx.data, int(c.get("samples_per_class", 10)), ctx.generator("grasp"))
-        scorer = scoring_copy(model, c.get("bn_mode", "train"))
+        scorer = scoring_copy(model, bn_mode(c, "train"))
         params = params_for_scoring(ctx, scorer)
         _, hg = hessian_gradient_product(scorer, params, x, y, float(c.get("temperature", 200.0)),
                                          c.get("chunk_size"))
