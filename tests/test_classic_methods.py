@@ -218,7 +218,8 @@ def test_grasp_hg_matches_finite_difference(temperature):
 
 
 def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
-    ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50")
+    """The ``shuffled`` option: one shuffled class-balanced batch, the mean loss over it."""
+    ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50", "method.batching=shuffled")
     x, y = balanced_batch(ctx.data, 4, ctx.generator("grasp"))
     assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 4))
     torch.manual_seed(3)
@@ -233,6 +234,43 @@ def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     for n, p in params.items():  # higher = keep: +θ⊙Hg (GraSP removes the largest −θ⊙Hg)
         assert float((scores[n] - p.detach() * fd[n]).abs().max()) <= 1e-5 * scale, n
     assert ctx.current_stage.samples == 2 * 40
+
+
+def test_grasp_default_is_the_references_two_class_sorted_halves(make_ctx):
+    """alecwangcq/GraSP: the class-balanced batch is concatenated class after class and split in two halves;
+    each half is one forward (BN in train mode: its own batch statistics), ``g = ∇L₁ + ∇L₂`` and
+    ``Hg = Σ_h ∇(gᵀ∇L_h)``. Re-derived here on ResNet-56 (float64); one shuffled batch (the former
+    default) scores differently, beyond the constant factor that the ranking ignores."""
+    from kdprune_cli.models import build_model
+
+    spc, T = 3, 200.0
+    ctx = make_ctx("method=grasp", f"method.samples_per_class={spc}")
+    torch.manual_seed(0)
+    net = build_model("resnet56", 10, 1, 8).double()
+    got = method_of(ctx).score(ctx, net)
+    assert ctx.current_stage.samples == 2 * 10 * spc
+    # the same draws as the method's; sorted by class, the halves are classes 0–4 and 5–9
+    x, y = balanced_batch(ctx.data, spc, ctx.generator("grasp"))
+    order = torch.argsort(y, stable=True)
+    x, y = x[order].double(), y[order]
+    half = len(y) // 2
+    assert set(y[:half].tolist()) == set(range(5)) and set(y[half:].tolist()) == set(range(5, 10))
+    ref = copy.deepcopy(net).train()
+    weights = list(prunable_params(ref).values())
+    halves = [(x[:half], y[:half]), (x[half:], y[half:])]
+    g = [sum(gs) for gs in zip(*(torch.autograd.grad(F.cross_entropy(ref(xh) / T, yh), weights) for xh, yh in halves))]
+    hg = [torch.zeros_like(w) for w in weights]
+    for xh, yh in halves:
+        gf = torch.autograd.grad(F.cross_entropy(ref(xh) / T, yh), weights, create_graph=True)
+        for a, b in zip(hg, torch.autograd.grad(sum((gi * fi).sum() for gi, fi in zip(g, gf)), weights)):
+            a += b
+    want = torch.cat([(w.detach() * h).flatten() for w, h in zip(weights, hg)])
+    ours = torch.cat([v.flatten() for v in got.values()])
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    ctx2 = make_ctx("method=grasp", f"method.samples_per_class={spc}", "method.batching=shuffled")
+    shuffled = torch.cat([v.flatten() for v in method_of(ctx2).score(ctx2, net).values()])
+    scale = float(want @ shuffled) / float(shuffled @ shuffled)  # best constant factor
+    assert float((scale * shuffled - want).abs().max()) > 0.1 * float(want.abs().max())
 
 
 # --- SynFlow ---------------------------------------------------------------------------------------
@@ -363,7 +401,8 @@ def test_synflow_in_float32_overflows_loudly():
 
 def test_invalid_options_raise(make_ctx):
     bad = [("snip", "method.batches=0"), ("snip", "method.bn_mode=foo"), ("grasp", "method.temperature=0"),
-           ("grasp", "method.samples_per_class=0"), ("synflow", "method.rounds=0"),
+           ("grasp", "method.samples_per_class=0"), ("grasp", "method.batching=sorted"),
+           ("grasp", "method.chunk_size=8"), ("synflow", "method.rounds=0"),
            ("magnitude", "method.at_init=maybe")]
     for name, override in bad:
         ctx = make_ctx(f"method={name}", override)
