@@ -1,4 +1,4 @@
-"""Classic pruning scores (METHODS.md §4): random, magnitude, SNIP, GraSP, SynFlow.
+"""Classic pruning scores (docs/methods.md §4): random, magnitude, SNIP, GraSP, SynFlow.
 
 Each test checks a property that fails if the algorithm is wrong: exact removed counts in both scopes,
 hand-computed SNIP and magnitude scores, GraSP's Hessian–gradient product against a finite difference of
@@ -358,7 +358,7 @@ def float64_synflow_masks(net, shape, sparsity, rounds):
 
 @pytest.mark.parametrize("arch,size,rounds", [("resnet56", 32, 20), ("resnet110", 32, 2), ("resnet34", 64, 2)])
 def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
-    """ResNet-56/110 at 32×32 (scores up to ~1e68 / ~1e137) and ResNet-34 at 64×64 overflow float32: ranking
+    """ResNet-56/110 at 32×32 (scores up to ~4e67 / ~2e136) and ResNet-34 at 64×64 overflow float32: ranking
     in float32 kept nothing of conv1 and everything of the last block, cutting the input off. The masks must
     equal a float64 ranking, keep the input connected to the output and keep weights in every layer — except
     1×1 projection shortcuts, which SynFlow itself empties at these depths (their flow is orders of magnitude

@@ -36,7 +36,8 @@ def test_standardise_uses_the_unbiased_std_by_default():
     """logit-standardization-KD divides by ``logit.std(dim=-1)``: torch's default, unbiased (N−1) std."""
     z = t(ZS)
     got = losses.standardise(z)
-    torch.testing.assert_close(got, (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7), rtol=1e-12, atol=0)
+    want = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     np.testing.assert_allclose(got.numpy(), std_np(ZS), rtol=1e-12)
     # Literal hand values: row [1, 2, 0.5] has mean 7/6, squared deviations summing to 7/6, so the unbiased
     # std is sqrt(7/12) and the population std sqrt(7/18).
@@ -51,7 +52,7 @@ def test_std_choice_changes_the_standardised_kd_loss_by_the_expected_amount():
     shrink by that factor: at T=2, about 11% lower loss with 10 classes, about 1% with 100."""
     g = torch.Generator().manual_seed(0)
     for c, lo, hi in ((10, 0.07, 0.16), (100, 0.005, 0.02)):
-        zs, zt = torch.randn(64, c, generator=g, dtype=torch.float64) * 3, torch.randn(64, c, generator=g, dtype=torch.float64) * 3
+        zs, zt = (torch.randn(64, c, generator=g, dtype=torch.float64) * 3 for _ in range(2))
         unb = float(losses.cakld_loss(zs, zt, 0.0, 2.0))
         pop = float(losses.cakld_loss(zs, zt, 0.0, 2.0, unbiased=False))
         ps, pt = softmax(std_np(zs.numpy(), 0) / 2), softmax(std_np(zt.numpy(), 0) / 2)

@@ -50,16 +50,17 @@ def test_non_finite_scores_are_an_error_naming_the_layer(bad):
 
 def test_scores_are_ranked_in_their_own_precision():
     # float32 would turn these into +inf (and the stable sort would prune in parameter order) ...
-    big = {"a": torch.tensor([1e300, 1e301], dtype=torch.float64), "b": torch.tensor([1e302, 1e299], dtype=torch.float64)}
+    f64 = torch.float64
+    big = {"a": torch.tensor([1e300, 1e301], dtype=f64), "b": torch.tensor([1e302, 1e299], dtype=f64)}
     m = select(big, 0.5)
     assert m["a"].tolist() == [False, True] and m["b"].tolist() == [True, False]
     # ... or make these equal (1 + 1e-12 rounds to 1 in float32)
-    close = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=torch.float64), "b": torch.tensor([1.0 + 3e-12], dtype=torch.float64)}
+    close = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=f64), "b": torch.tensor([1.0 + 3e-12], dtype=f64)}
     m = select(close, 1 / 3)
     assert m["a"].tolist() == [True, False] and m["b"].tolist() == [True]
     assert select(close, 1 / 3, scope="layer")["a"].tolist() == [True, False]
     # mixed dtypes are promoted to the widest, never narrowed
-    mixed = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=torch.float64), "b": torch.tensor([1.0])}
+    mixed = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=f64), "b": torch.tensor([1.0])}
     m = select(mixed, 1 / 3)
     assert m["a"].tolist() == [True, True] and m["b"].tolist() == [False]
 

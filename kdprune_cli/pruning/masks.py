@@ -57,7 +57,7 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
     """Keep the highest scores so that exactly ``round(s·|P|)`` weights are removed.
 
     Scores are ranked in their own precision: every tensor is promoted to the widest floating dtype among
-    them (at least float32), never narrowed, so float64 scores (SynFlow's, up to ~1e137 on ResNet-110)
+    them (at least float32), never narrowed, so float64 scores (SynFlow's, up to ~2e136 on ResNet-110)
     keep their order. A score that is NaN or ±inf in that dtype would make the ranking lose order
     information, so it is an error naming the parameter (docs/methods.md §0); already-pruned weights
     (``keep``) are not checked, their scores do not matter. Ties are broken deterministically: among
