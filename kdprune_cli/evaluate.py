@@ -1,4 +1,4 @@
-"""Evaluation (METHODS.md §6): top-1, top-5, NLL, ECE (torchmetrics), FLOPs, latency."""
+"""Evaluation (docs/methods.md §6): top-1, top-5, NLL, ECE (torchmetrics), FLOPs, latency."""
 from __future__ import annotations
 
 import time

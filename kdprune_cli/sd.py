@@ -1,4 +1,4 @@
-"""Self-distillation (SD) objectives for EPSD (METHODS.md §3): CS-KD, PS-KD and DLB.
+"""Self-distillation (SD) objectives for EPSD (docs/methods.md §3): CS-KD, PS-KD and DLB.
 
 Each class implements the objective interface of :mod:`kdprune_cli.objectives`: it is called as
 ``objective(model, x, y, idx) -> (loss, logits)`` where ``x`` is the trainer's (augmented, normalised)

@@ -2,7 +2,7 @@
 evolving mask, optional bf16 autocast on CUDA, per-epoch logging and a progress bar.
 
 With a mask, gradients of pruned weights are zeroed before every optimizer step and the weights are
-re-masked after it, so momentum and weight decay cannot revive a pruned weight (METHODS.md §0).
+re-masked after it, so momentum and weight decay cannot revive a pruned weight (docs/methods.md §0).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""Classic pruning scores (METHODS.md §4): random, magnitude, SNIP, GraSP, SynFlow.
+"""Classic pruning scores (docs/methods.md §4): random, magnitude, SNIP, GraSP, SynFlow.
 
 Each test checks a property that fails if the algorithm is wrong: exact removed counts in both scopes,
 hand-computed SNIP and magnitude scores, GraSP's Hessian–gradient product against a finite difference of
 the gradient, SynFlow's independence of the data and its iterative schedule avoiding layer collapse.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -145,6 +147,33 @@ def test_snip_scores_match_hand_computation(make_ctx):
     assert ctx.current_stage.samples == 48
 
 
+def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
+    """snip-public (is_train=False) and Synaptic-Flow's prune_loop (model.eval()) score with BN running
+    statistics; batch statistics are the option. On ResNet-56 the two modes give different scores."""
+    from kdprune_cli.models import build_model
+
+    def snip_by_hand(net, x, y, train_mode):
+        net = copy.deepcopy(net).train(train_mode)
+        params = prunable_params(net)
+        g = torch.autograd.grad(F.cross_entropy(net(x), y), list(params.values()))
+        return {n: (p.detach() * gi).abs() for (n, p), gi in zip(params.items(), g)}
+
+    torch.manual_seed(0)
+    net = build_model("resnet56", 10, 1, 8)
+    before = copy.deepcopy(net.state_dict())
+    got = {}
+    for mode in ("default", "train"):
+        ctx = make_ctx("method=snip", "method.batch_size=8", *([] if mode == "default" else ["method.bn_mode=train"]))
+        got[mode] = method_of(ctx).score(ctx, net)
+    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.generator("snip"), max_batches=1)))
+    want = {"default": snip_by_hand(net, x, y, False), "train": snip_by_hand(net, x, y, True)}
+    for mode in got:
+        for n in want[mode]:
+            torch.testing.assert_close(got[mode][n], want[mode][n], rtol=1e-4, atol=1e-9 * float(want[mode][n].max()))
+    assert not torch.allclose(want["default"]["conv1.weight"], want["train"]["conv1.weight"], rtol=1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # BN statistics untouched
+
+
 # --- GraSP -----------------------------------------------------------------------------------------
 
 def fd_hessian_vector(net, params, x, y, v, temperature, eps):
@@ -189,7 +218,8 @@ def test_grasp_hg_matches_finite_difference(temperature):
 
 
 def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
-    ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50")
+    """The ``shuffled`` option: one shuffled class-balanced batch, the mean loss over it."""
+    ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50", "method.batching=shuffled")
     x, y = balanced_batch(ctx.data, 4, ctx.generator("grasp"))
     assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 4))
     torch.manual_seed(3)
@@ -204,6 +234,43 @@ def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     for n, p in params.items():  # higher = keep: +θ⊙Hg (GraSP removes the largest −θ⊙Hg)
         assert float((scores[n] - p.detach() * fd[n]).abs().max()) <= 1e-5 * scale, n
     assert ctx.current_stage.samples == 2 * 40
+
+
+def test_grasp_default_is_the_references_two_class_sorted_halves(make_ctx):
+    """alecwangcq/GraSP: the class-balanced batch is concatenated class after class and split in two halves;
+    each half is one forward (BN in train mode: its own batch statistics), ``g = ∇L₁ + ∇L₂`` and
+    ``Hg = Σ_h ∇(gᵀ∇L_h)``. Re-derived here on ResNet-56 (float64); one shuffled batch (the former
+    default) scores differently, beyond the constant factor that the ranking ignores."""
+    from kdprune_cli.models import build_model
+
+    spc, T = 3, 200.0
+    ctx = make_ctx("method=grasp", f"method.samples_per_class={spc}")
+    torch.manual_seed(0)
+    net = build_model("resnet56", 10, 1, 8).double()
+    got = method_of(ctx).score(ctx, net)
+    assert ctx.current_stage.samples == 2 * 10 * spc
+    # the same draws as the method's; sorted by class, the halves are classes 0–4 and 5–9
+    x, y = balanced_batch(ctx.data, spc, ctx.generator("grasp"))
+    order = torch.argsort(y, stable=True)
+    x, y = x[order].double(), y[order]
+    half = len(y) // 2
+    assert set(y[:half].tolist()) == set(range(5)) and set(y[half:].tolist()) == set(range(5, 10))
+    ref = copy.deepcopy(net).train()
+    weights = list(prunable_params(ref).values())
+    halves = [(x[:half], y[:half]), (x[half:], y[half:])]
+    g = [sum(gs) for gs in zip(*(torch.autograd.grad(F.cross_entropy(ref(xh) / T, yh), weights) for xh, yh in halves))]
+    hg = [torch.zeros_like(w) for w in weights]
+    for xh, yh in halves:
+        gf = torch.autograd.grad(F.cross_entropy(ref(xh) / T, yh), weights, create_graph=True)
+        for a, b in zip(hg, torch.autograd.grad(sum((gi * fi).sum() for gi, fi in zip(g, gf)), weights)):
+            a += b
+    want = torch.cat([(w.detach() * h).flatten() for w, h in zip(weights, hg)])
+    ours = torch.cat([v.flatten() for v in got.values()])
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    ctx2 = make_ctx("method=grasp", f"method.samples_per_class={spc}", "method.batching=shuffled")
+    shuffled = torch.cat([v.flatten() for v in method_of(ctx2).score(ctx2, net).values()])
+    scale = float(want @ shuffled) / float(shuffled @ shuffled)  # best constant factor
+    assert float((scale * shuffled - want).abs().max()) > 0.1 * float(want.abs().max())
 
 
 # --- SynFlow ---------------------------------------------------------------------------------------
@@ -272,9 +339,71 @@ def test_synflow_iterative_avoids_layer_collapse(make_ctx):
     assert min_n > min_1
 
 
+def float64_synflow_masks(net, shape, sparsity, rounds):
+    """SynFlow's loop with the ranking written out: one float64 argsort per round, pruned weights first."""
+    lin = linearised_copy(net)
+    params = prunable_params(lin)
+    keep = torch.ones(sum(p.numel() for p in params.values()), dtype=torch.bool)
+    for s_k in schedule(sparsity, rounds):
+        flat = torch.cat([v.flatten() for v in synflow_scores(lin, params, shape).values()])
+        assert flat.dtype == torch.float64 and torch.isfinite(flat).all()
+        flat[~keep] = -float("inf")
+        keep[torch.argsort(flat, stable=True)[:round(s_k * flat.numel())]] = False
+        with torch.no_grad():
+            for p, m in zip(params.values(), torch.split(keep, [p.numel() for p in params.values()])):
+                p.mul_(m.view_as(p))
+    return dict(zip(params, (m.view_as(p) for p, m in
+                             zip(params.values(), torch.split(keep, [p.numel() for p in params.values()])))))
+
+
+@pytest.mark.parametrize("arch,size,rounds", [("resnet56", 32, 20), ("resnet110", 32, 2), ("resnet34", 64, 2)])
+def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
+    """ResNet-56/110 at 32×32 (scores up to ~4e67 / ~2e136) and ResNet-34 at 64×64 overflow float32: ranking
+    in float32 kept nothing of conv1 and everything of the last block, cutting the input off. The masks must
+    equal a float64 ranking, keep the input connected to the output and keep weights in every layer — except
+    1×1 projection shortcuts, which SynFlow itself empties at these depths (their flow is orders of magnitude
+    below the parallel 3×3 branch's; the residual branch still connects, so this is not a layer collapse)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from kdprune_cli.models import build_model
+    from kdprune_cli.pruning.masks import apply_masks
+    from kdprune_cli.pruning.synflow import SynFlow
+
+    torch.manual_seed(0)
+    net = build_model(arch, 10, 3, size)
+    ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), sparsity=0.9, scope="global",
+                          exclude=[], current_stage=SimpleNamespace(samples=0), log=lambda rec: None)
+    masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net)
+    want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)
+    assert list(masks) == list(want)
+    for n, m in masks.items():
+        assert torch.equal(m, want[n]), n
+        projection = m.shape[2:] == (1, 1) and ("shortcut" in n or "downsample" in n)
+        assert m.any() or projection, f"{n} lost every weight"
+    assert float(masks["conv1.weight"].float().mean()) > 0.9  # the input layer stays (a float32 ranking: 0%)
+    lin = linearised_copy(net)
+    apply_masks(lin, masks)
+    with torch.no_grad():  # the input still reaches the output
+        assert float(lin(torch.ones(1, 3, size, size, dtype=torch.float64)).sum()) > 0
+
+
+def test_synflow_in_float32_overflows_loudly():
+    """Without float64 the deep network's scores are +inf: an error naming a layer, not a silent reorder."""
+    from kdprune_cli.models import build_model
+
+    torch.manual_seed(0)
+    lin = linearised_copy(build_model("resnet56", 10, 3, 32), double=False)
+    scores = synflow_scores(lin, prunable_params(lin), (3, 32, 32))
+    with pytest.raises(ValueError, match=r"conv1\.weight.*non-finite"):
+        select(scores, 0.9)
+
+
 def test_invalid_options_raise(make_ctx):
     bad = [("snip", "method.batches=0"), ("snip", "method.bn_mode=foo"), ("grasp", "method.temperature=0"),
-           ("grasp", "method.samples_per_class=0"), ("synflow", "method.rounds=0"),
+           ("grasp", "method.samples_per_class=0"), ("grasp", "method.batching=sorted"),
+           ("grasp", "method.chunk_size=8"), ("synflow", "method.rounds=0"),
            ("magnitude", "method.at_init=maybe")]
     for name, override in bad:
         ctx = make_ctx(f"method={name}", override)

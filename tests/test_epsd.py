@@ -1,4 +1,4 @@
-"""EPSD / EPG (METHODS.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/sd.py)."""
+"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/sd.py)."""
 from __future__ import annotations
 
 import copy
@@ -45,14 +45,12 @@ def manual_forward(p, x):
 
 
 def unrolled_loss(theta0, m, batches, lr):
-    """L(θ₁ ⊙ m; B₁) with θ₁ = θ₀ − lr·∇_θ L(θ ⊙ m; B₀)|θ₀, written out explicitly (no create_graph)."""
-    th = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+    """L(θ₁; B₁) with θ₁ = θ₀′ − lr·∇L(θ₀′; B₀) and θ₀′ = θ₀ ⊙ m (mil-ad/prospr), written out explicitly."""
+    th = {k: (v * m[k] if k in m else v).clone().requires_grad_(True) for k, v in theta0.items()}
     (x0, y0, _), (x1, y1, _) = batches
-    eff = {k: th[k] * m[k] if k in m else th[k] for k in th}
-    g0 = torch.autograd.grad(F.cross_entropy(manual_forward(eff, x0), y0), list(th.values()))
-    th1 = {k: (theta0[k] - lr * g).detach() for k, g in zip(th, g0)}
-    eff1 = {k: th1[k] * m[k] if k in m else th1[k] for k in th1}
-    return F.cross_entropy(manual_forward(eff1, x1), y1).item()
+    g0 = torch.autograd.grad(F.cross_entropy(manual_forward(th, x0), y0), list(th.values()))
+    th1 = {k: (th[k] - lr * g).detach() for k, g in zip(th, g0)}
+    return F.cross_entropy(manual_forward(th1, x1), y1).item()
 
 
 def test_one_inner_step_matches_finite_differences():
@@ -77,6 +75,95 @@ def test_one_inner_step_matches_finite_differences():
     # the inner step matters: the score is not the one-step-free SNIP score on the second batch
     snip, _ = prospr_scores(net, ce64, iter(batches[1:]), inner_steps=0, inner_lr=lr, names=names)
     assert not torch.allclose(snip["conv.weight"], scores["conv.weight"])
+
+
+def half_mse(f, x, t, idx):
+    """``L(W) = ½·mean_i ‖W x_i − t_i‖²``: quadratic, so the ProsPr score has a closed form."""
+    out = f(x)
+    return 0.5 * ((out - t) ** 2).sum(1).mean(), out
+
+
+def linear_problem(n_batches, n=5, d_in=4, d_out=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Linear(d_in, d_out, bias=False).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(d_out, d_in, generator=g, dtype=torch.float64))
+    batches = [(torch.randn(n, d_in, generator=g, dtype=torch.float64),
+                torch.randn(n, d_out, generator=g, dtype=torch.float64), torch.arange(n)) for _ in range(n_batches)]
+    return net, batches
+
+
+def closed_form_grad(w, x, t):
+    """∇L(W) = (W Xᵀ − Tᵀ) X / n for rows x_i of X; the Hessian acts as V ↦ V·A with A = XᵀX/n."""
+    return (x @ w.T - t).T @ x / x.shape[0]
+
+
+def test_prospr_one_step_closed_form_with_fresh_batches():
+    """mil-ad/prospr: W₀′ = W₀ ⊙ m, W₁ = W₀′ − lr·∇L_{B₀}(W₀′); S = |∂L_{B₁}(W₁)/∂m| at m = 1
+    = |W₀ ⊙ (G₁ − lr·G₁·A₀)| with G₁ = ∇L_{B₁}(W₁), A₀ = X₀ᵀX₀/n. Masking again at every step (kdprune's
+    former form) adds −2·lr·(G₀ ⊙ G₁) inside the absolute value."""
+    net, batches = linear_problem(2)
+    lr = 0.3
+    scores, samples = prospr_scores(net, half_mse, iter(batches), 1, lr, ["weight"])
+    assert samples == 10
+    w0 = net.weight.detach()
+    (x0, t0, _), (x1, t1, _) = batches
+    g0 = closed_form_grad(w0, x0, t0)
+    w1 = w0 - lr * g0
+    g1 = closed_form_grad(w1, x1, t1)
+    want = w0 * (g1 - lr * g1 @ (x0.T @ x0 / 5))
+    torch.testing.assert_close(scores["weight"], want.abs(), rtol=1e-12, atol=1e-14)
+    former = want - 2 * lr * g0 * g1
+    assert float((former.abs() - want.abs()).abs().max()) > 1e-3
+
+
+def test_prospr_two_steps_closed_form_with_the_same_batch():
+    """``inner_batches: same`` (the ProsPr command line's default): every step and the final loss use B₀, so
+    S = |W₀ ⊙ (G₂·(I − lr·A)²)| with G₂ = ∇L(W₂); three passes over the one batch."""
+    net, batches = linear_problem(3)
+    lr = 0.2
+    scores, samples = prospr_scores(net, half_mse, iter(batches), 2, lr, ["weight"], fresh_batches=False)
+    assert samples == 15
+    w0 = net.weight.detach()
+    x, t, _ = batches[0]
+    w2 = w0
+    for _ in range(2):
+        w2 = w2 - lr * closed_form_grad(w2, x, t)
+    step = torch.eye(4, dtype=torch.float64) - lr * x.T @ x / 5
+    want = w0 * (closed_form_grad(w2, x, t) @ step @ step)
+    torch.testing.assert_close(scores["weight"], want.abs(), rtol=1e-12, atol=1e-14)
+    fresh, _ = prospr_scores(net, half_mse, iter(batches), 2, lr, ["weight"])
+    assert not torch.allclose(fresh["weight"], scores["weight"])
+
+
+def test_prospr_on_resnet56_matches_the_unrolled_reference():
+    """One inner step of CE on ResNet-56 (float64, BN in train mode, every parameter updated): with
+    θ₁ = θ₀ − lr·g₀ the reference's score is |θ₀ ⊙ (g₁ − lr·H₀g₁)| on the prunable weights, H₀ the Hessian
+    of L_{B₀} over all parameters at θ₀ (double backprop, no masks involved)."""
+    from torch.func import functional_call
+
+    from kdprune_cli.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet56", 10, 1, 8).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g),
+                torch.arange(4)) for _ in range(2)]
+    lr = 0.1
+    names = list(prunable_params(net))
+    scores, _ = prospr_scores(net, ce64, iter(batches), 1, lr, names)
+
+    ref = copy.deepcopy(net).train()
+    theta0 = dict(ref.named_parameters())
+    (x0, y0, _), (x1, y1, _) = batches
+    g0 = torch.autograd.grad(F.cross_entropy(ref(x0), y0), list(theta0.values()), create_graph=True)
+    theta1 = {k: (p - lr * gi).detach().requires_grad_(True) for (k, p), gi in zip(theta0.items(), g0)}
+    g1 = torch.autograd.grad(F.cross_entropy(functional_call(ref, theta1, (x1,)), y1), list(theta1.values()))
+    hg1 = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g0, g1)), list(theta0.values()))
+    want = {k: (p.detach() * (a - lr * h)).abs() for (k, p), a, h in zip(theta0.items(), g1, hg1) if k in names}
+    scale = max(float(v.max()) for v in want.values())
+    for k in names:
+        torch.testing.assert_close(scores[k], want[k], rtol=1e-7, atol=1e-10 * scale)
 
 
 def test_zero_inner_steps_is_snip():
@@ -248,4 +335,32 @@ def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
     assert any(not torch.allclose(scores["epg"][n], scores["cs_kd"][n]) for n in scores["epg"])
     ctx = make_ctx("method=epsd", "method.sd=kd")
     with pytest.raises(ConfigError):
+        get_method("epsd")(ctx.cfg.method).validate()
+
+
+def test_inner_batches_option_reaches_the_saliency(make_ctx):
+    """``inner_batches: same`` scores every inner step and the final loss on the first scoring batch."""
+    import itertools
+
+    from kdprune_cli.config import ConfigError
+    from kdprune_cli.objectives import CrossEntropy
+    from kdprune_cli.pruning.epsd import cycle_batches
+
+    ctx = make_ctx("method=epg", "method.score_batch_size=16", "method.inner_steps=2", "method.inner_batches=same")
+    m = get_method("epg")(ctx.cfg.method)
+    m.validate()
+    model = m.base_model(ctx)
+    with ctx.stage("score"):
+        got = m.score(ctx, model)
+    assert ctx.cost["score"].samples == 3 * 16
+    first = next(cycle_batches(ctx.data, 16, True, ctx.generator("score")))
+    names = list(prunable_params(model))
+    want, _ = prospr_scores(model, CrossEntropy(), itertools.repeat(first), 2, 0.1, names)
+    fresh, _ = prospr_scores(model, CrossEntropy(), cycle_batches(ctx.data, 16, True, ctx.generator("score")), 2, 0.1,
+                             names)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n])
+    assert any(not torch.allclose(got[n], fresh[n]) for n in names)
+    ctx = make_ctx("method=epsd", "method.inner_batches=new")
+    with pytest.raises(ConfigError, match="inner_batches"):
         get_method("epsd")(ctx.cfg.method).validate()

@@ -1,4 +1,4 @@
-"""COLT (METHODS §3), IMP and GMP (§4): exact targets, intersections, rewinding, the cubic schedule.
+"""COLT (docs/methods.md §3), IMP and GMP (§4): exact targets, intersections, rewinding, the cubic schedule.
 
 Every run uses a few hundred digits training samples and 1–2 epochs, so each takes a few optimizer steps.
 """

@@ -37,9 +37,32 @@ def test_ties_are_broken_deterministically_by_position():
     assert select(scores, 0.5)["a"].tolist() == [True, False, False, True]
 
 
-def test_nan_scores_are_pruned_first():
-    m = select({"a": torch.tensor([0.1, float("nan"), 0.2, 0.3])}, 0.25)
-    assert m["a"].tolist() == [True, False, True, True]
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_are_an_error_naming_the_layer(bad):
+    scores = {"a": torch.tensor([0.1, 0.2]), "layer3.conv2.weight": torch.tensor([0.1, bad, 0.2, 0.3])}
+    with pytest.raises(ValueError, match="layer3.conv2.weight"):
+        select(scores, 0.25)
+    # an already-pruned weight's score decides nothing and is not checked
+    keep = {"a": torch.ones(2, dtype=torch.bool), "layer3.conv2.weight": torch.tensor([True, False, True, True])}
+    m = select(scores, 0.5, keep=keep)
+    assert m["a"].tolist() == [False, True] and m["layer3.conv2.weight"].tolist() == [False, False, True, True]
+
+
+def test_scores_are_ranked_in_their_own_precision():
+    # float32 would turn these into +inf (and the stable sort would prune in parameter order) ...
+    f64 = torch.float64
+    big = {"a": torch.tensor([1e300, 1e301], dtype=f64), "b": torch.tensor([1e302, 1e299], dtype=f64)}
+    m = select(big, 0.5)
+    assert m["a"].tolist() == [False, True] and m["b"].tolist() == [True, False]
+    # ... or make these equal (1 + 1e-12 rounds to 1 in float32)
+    close = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=f64), "b": torch.tensor([1.0 + 3e-12], dtype=f64)}
+    m = select(close, 1 / 3)
+    assert m["a"].tolist() == [True, False] and m["b"].tolist() == [True]
+    assert select(close, 1 / 3, scope="layer")["a"].tolist() == [True, False]
+    # mixed dtypes are promoted to the widest, never narrowed
+    mixed = {"a": torch.tensor([1.0 + 2e-12, 1.0 + 1e-12], dtype=f64), "b": torch.tensor([1.0])}
+    m = select(mixed, 1 / 3)
+    assert m["a"].tolist() == [True, True] and m["b"].tolist() == [False]
 
 
 def test_layer_scope_same_ratio_per_tensor_and_exact_total():

@@ -1,4 +1,4 @@
-"""CA-KLD teacher-guided one-shot pruning (arXiv 2511.16653; METHODS.md §2).
+"""CA-KLD teacher-guided one-shot pruning (arXiv 2511.16653; docs/methods.md §2).
 
 1–2. dense teacher and dense student (cached artifacts of the runner);
 3.   teacher-guided fine-tuning of the dense student with ``L_total = α·L_CA-KLD + (1−α)·CE`` (§1);
@@ -13,6 +13,7 @@ import torch
 
 from .. import losses
 from ..config import ConfigError
+from ..objectives import LOGIT_STDS, Distill
 from .base import OneShot, params_for_scoring
 
 
@@ -31,6 +32,8 @@ class CAKLD(OneShot):
             raise ConfigError(f"method.temperature must be > 0, got {c.temperature}")
         if c.gamma != "auto" and not (isinstance(c.gamma, (int, float)) and 0.0 <= c.gamma <= 1.0):
             raise ConfigError(f"method.gamma must be 'auto' or a number in [0, 1], got {c.gamma!r}")
+        if self.logit_std not in LOGIT_STDS:
+            raise ConfigError(f"method.logit_std must be one of {', '.join(LOGIT_STDS)}, got {self.logit_std!r}")
         if c.score_batches is not None and c.score_batches <= 0:
             raise ConfigError(f"method.score_batches must be > 0 or null (one pass), got {c.score_batches}")
 
@@ -48,14 +51,21 @@ class CAKLD(OneShot):
                 st.teacher_samples += min(len(ctx.data.train), self.cfg.gamma_batches * self.cfg.finetune.batch_size)
         return ctx.extra["gamma"]
 
+    @property
+    def logit_std(self) -> str:
+        """The std of the logit standardisation: ``unbiased`` (the reference code's) or ``population``."""
+        return str(self.cfg.get("logit_std", "unbiased"))
+
     def distill_objective(self, ctx):
-        return ctx.distill(alpha=self.cfg.alpha, gamma=self.gamma(ctx), temperature=self.cfg.temperature,
-                           logit_norm=self.cfg.logit_norm)
+        gamma = self.gamma(ctx)
+        return Distill(ctx.teacher(), alpha=self.cfg.alpha, gamma=gamma, temperature=self.cfg.temperature,
+                       logit_norm=self.cfg.logit_norm, logit_std=self.logit_std)
 
     def base_model(self, ctx):
         """Step 3: the dense student fine-tuned with L_total (a cached artifact)."""
         spec = {"student": ctx.spec("student"), "teacher": ctx.spec("teacher"), "gamma": self.gamma(ctx),
                 "alpha": self.cfg.alpha, "temperature": self.cfg.temperature, "logit_norm": self.cfg.logit_norm,
+                "logit_std": self.logit_std,
                 "recipe": ctx.recipe_spec(self.cfg.finetune, "method.finetune"), "seed": ctx.seed}
         return ctx.cached_model("finetune", spec, ctx.dense_student,
                                 lambda m: ctx.train(m, self.cfg.finetune, self.distill_objective(ctx),

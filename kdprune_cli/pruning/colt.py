@@ -1,4 +1,4 @@
-"""COLT — Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770; METHODS.md §3).
+"""COLT — Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770; docs/methods.md §3).
 
 The classes are split into ``partitions`` contiguous disjoint sets, each relabelled ``0..k−1``. One model
 per partition (its own ``k``-class head) starts from the same random init θ₀ (identical convolutions).
@@ -112,7 +112,7 @@ class COLT(Method):
     ``rate`` of its remaining conv weights by |θ| (global threshold over the convs, or per tensor with
     ``prune.scope=layer``); ``M ← ∧_i M_i``; every model rewinds to θ₀_i ⊙ M. Only Conv2d weights are pruned;
     the linear layers stay dense, so the conv removals alone must reach ``round(s·|P|)`` (|P| includes the
-    classifier, METHODS §0), and the last round is clipped to land exactly on it. Final: θ₀ ⊙ M with θ₀'s
+    classifier, docs/methods.md §0), and the last round is clipped to land exactly on it. Final: θ₀ ⊙ M with θ₀'s
     own (untrained) full-class head, trained on the whole dataset with the mask fixed (``retrain``).
     Every round's training and pruning cost goes into the ``colt`` stage; each round is logged as
     ``{"stage": "colt", "round", "sparsity", "conv_sparsity", "seconds"}``.

@@ -1,26 +1,28 @@
-"""EPSD and EPG: early pruning with a ProsPr-form saliency, then sparse training (METHODS.md §3).
+"""EPSD and EPG: early pruning with a ProsPr-form saliency, then sparse training (docs/methods.md §3).
 
 Both methods share :func:`prospr_scores`, the saliency of ProsPr (Alizadeh et al., ICLR 2022,
-arXiv 2202.08132, Eq. 3–5) taken at (near) initialisation:
+arXiv 2202.08132, Eq. 3–5) taken at (near) initialisation, as its reference code (mil-ad/prospr,
+``prospr.py``) computes it:
 
-1. attach masks ``m = 1`` multiplying every prunable weight;
-2. take ``i = inner_steps`` differentiable SGD steps on a loss ``L``, keeping the graph:
-   ``θ_{t+1} = θ_t − lr·∇_θ L(θ_t ⊙ m; B_t)`` (``create_graph=True``; every trainable parameter is
-   updated — biases and BN affine too —, the masks only multiply the prunable weights);
-3. ``S = |∂L(θ_i ⊙ m; B_i)/∂m|`` at ``m = 1``; global (or per-layer, ``prune.scope``) top-k through
+1. masks ``m = 1`` multiply the initial prunable weights once: ``θ₀′ = θ₀ ⊙ m``;
+2. ``i = inner_steps`` differentiable SGD steps on a loss ``L`` update the weights directly, keeping the
+   graph: ``θ_{k+1} = θ_k − lr·∇_θ L(θ_k; B_k)`` (``create_graph=True``; every trainable parameter is
+   updated — biases and BN affine too; the masks are not applied again);
+3. ``S = |∂L(θ_i; B_i)/∂m|`` at ``m = 1``; global (or per-layer, ``prune.scope``) top-k through
    :func:`~kdprune_cli.pruning.masks.select`.
 
-Batches (our choice): one fresh training batch per inner step plus one more for the final loss, i.e.
-``inner_steps + 1`` distinct batches of ``score_batch_size`` drawn from one seeded shuffle of the
-training set (cycling over passes if the set is smaller). BN runs in train mode (batch statistics, the
-only sensible choice at initialisation) on copies of the running buffers, so scoring leaves the model
-exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ ∂L/∂θ|`` (since ∂L/∂m = θ ⊙ ∂L/∂θ
-at m = 1).
+Batches (``inner_batches``): ``fresh`` (default, ProsPr's library default ``new_data_in_inner=True``) draws
+a new training batch for every inner step and one more for the final loss, ``inner_steps + 1`` batches of
+``score_batch_size`` from one seeded shuffle of the training set (cycling over passes if it is smaller);
+``same`` uses one batch for every step and the final loss (the ProsPr command line's default). BN runs in
+train mode (batch statistics, as the reference) on copies of the running buffers, so scoring leaves the
+model exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ ∂L/∂θ|`` (since
+∂L/∂m = θ ⊙ ∂L/∂θ at m = 1).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,14 +33,17 @@ from ..config import ConfigError, recipe
 from .base import OneShot
 from .masks import Scores, apply_masks, prunable_params, select
 
+INNER_BATCHES = ("fresh", "same")
+
 
 def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inner_steps: int, inner_lr: float,
-                  names: Sequence[str]) -> tuple[Scores, int]:
-    """ProsPr meta-gradient saliency ``|∂L(θ_i ⊙ m)/∂m|`` at ``m = 1`` for the parameters ``names``.
+                  names: Sequence[str], fresh_batches: bool = True) -> tuple[Scores, int]:
+    """ProsPr meta-gradient saliency ``|∂L(θ_i)/∂m|`` at ``m = 1``, ``θ₀′ = θ₀ ⊙ m``, for the parameters ``names``.
 
-    ``objective(f, x, y, idx) -> (loss, logits)`` is any training objective; ``f`` is the masked functional
-    network (``f(inputs)`` → logits). ``batches`` yields ``(x, y, idx)``; ``inner_steps + 1`` are consumed.
-    Returns the scores and the number of samples pushed forward and backward. The model is not changed.
+    ``objective(f, x, y, idx) -> (loss, logits)`` is any training objective; ``f`` is the functional
+    network (``f(inputs)`` → logits). ``batches`` yields ``(x, y, idx)``; ``inner_steps + 1`` are consumed
+    with ``fresh_batches``, one without. Returns the scores and the number of samples pushed forward and
+    backward. The model is not changed.
     """
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -46,35 +51,35 @@ def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inne
     names = list(names)
     trainable = [n for n, p in named.items() if p.requires_grad]
     masks = {n: torch.ones_like(named[n], requires_grad=True) for n in names}
-    theta = {n: p.detach().clone().requires_grad_(n in trainable) for n, p in named.items()}
+    theta = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in named.items()}
+    theta = {n: t * masks[n] if n in masks else t for n, t in theta.items()}  # θ₀′ = θ₀ ⊙ m, once
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # BN running stats: copies
     was_training = model.training
     model.train()
     it: Iterator = iter(batches)
     samples = 0
 
-    def masked_forward(params: Dict[str, torch.Tensor]):
-        eff = {n: (params[n] * masks[n] if n in masks else params[n]) for n in params}
-        return lambda inp: functional_call(model, {**eff, **buffers}, (inp,))
+    def loss_at(params, batch):
+        x, y, idx = batch
+        loss, _ = objective(lambda inp: functional_call(model, {**params, **buffers}, (inp,)), x, y, idx)
+        return loss, x.shape[0]
 
     try:
+        batch = next(it)
         for _ in range(inner_steps):
-            x, y, idx = next(it)
-            loss, _ = objective(masked_forward(theta), x, y, idx)
-            grads = torch.autograd.grad(loss, [theta[n] for n in trainable], create_graph=True, allow_unused=True)
-            theta = dict(theta)
-            for n, g in zip(trainable, grads):
-                if g is not None:
-                    theta[n] = theta[n] - inner_lr * g
-            samples += x.shape[0]
-        x, y, idx = next(it)
-        loss, _ = objective(masked_forward(theta), x, y, idx)
-        samples += x.shape[0]
-        gm = torch.autograd.grad(loss, [masks[n] for n in names], allow_unused=True)
+            loss, n = loss_at(theta, batch)
+            grads = torch.autograd.grad(loss, [theta[k] for k in trainable], create_graph=True, allow_unused=True)
+            theta = {**theta, **{k: theta[k] - inner_lr * g for k, g in zip(trainable, grads) if g is not None}}
+            samples += n
+            if fresh_batches:
+                batch = next(it)
+        loss, n = loss_at(theta, batch)
+        samples += n
+        gm = torch.autograd.grad(loss, [masks[k] for k in names], allow_unused=True)
     finally:
         model.train(was_training)
-    scores = {n: (g.detach().abs() if g is not None else torch.zeros_like(masks[n]).detach())
-              for n, g in zip(names, gm)}
+    scores = {k: (g.detach().abs() if g is not None else torch.zeros_like(masks[k]).detach())
+              for k, g in zip(names, gm)}
     return scores, samples
 
 
@@ -88,23 +93,25 @@ class EPSD(OneShot):
     """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084).
 
     Step 1 (prune at initialisation): a fresh student ``ctx.new_model("student")`` is scored with the
-    ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: ``inner_steps`` (3)
-    differentiable SGD steps (lr ``inner_lr`` = 0.1) on ``L_SD``, then ``S = |∂L_SD(θ_i ⊙ m)/∂m|`` at m = 1
-    (:func:`prospr_scores`); the top ``(1−s)·|P|`` scores are kept (``prune.scope``, exact count).
+    ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: masks multiply the initial
+    weights once (``θ₀ ⊙ m``), ``inner_steps`` (3) differentiable SGD steps (lr ``inner_lr`` = 0.1) on
+    ``L_SD`` update the weights, then ``S = |∂L_SD(θ_i)/∂m|`` at m = 1 (:func:`prospr_scores`,
+    ``inner_batches``); the top ``(1−s)·|P|`` scores are kept (``prune.scope``, exact count).
     Step 2: the sparse network is trained with the same SD loss and the mask fixed (``retrain``).
 
     ``method.sd``: ``cs_kd`` (default; arXiv 2003.13964), ``ps_kd`` (arXiv 2006.12000) or ``dlb``
     (arXiv 2203.16172), see :mod:`kdprune_cli.sd`. What the SD loss means for the saliency at
     initialisation (our choice; the scoring uses a fresh objective that runs statefully along the
-    ``inner_steps + 1`` scoring batches):
+    ``inner_steps + 1`` scoring passes):
 
     - CS-KD: fully defined (partners drawn from the data; the detached partner prediction uses the
-      current inner-step weights θ_t ⊙ m);
+      current inner-step weights θ_t);
     - PS-KD: no previous-epoch predictions exist, so the scoring is the first epoch, i.e. plain CE —
       EPSD with PS-KD prunes exactly like EPG and differs only in training;
-    - DLB: the first scoring step has no last batch (CE); every later step, and the final loss, uses the
-      previous scoring batch's predictions (from the previous inner-step weights, detached) as soft
-      targets. With ``inner_steps = 0`` this is CE.
+    - DLB: the first scoring pass has no last batch (CE); every later pass, and the final loss, uses the
+      previous pass's batch and predictions (from the previous inner-step weights, detached) as soft
+      targets (with ``inner_batches: same`` that batch is the one scoring batch). With ``inner_steps = 0``
+      this is CE.
 
     No pretrained teacher is used.
     """
@@ -136,6 +143,9 @@ class EPSD(OneShot):
             raise ConfigError(f"method.inner_lr must be >= 0, got {c.get('inner_lr')}")
         if int(c.get("score_batch_size", 128)) <= 0:
             raise ConfigError(f"method.score_batch_size must be > 0, got {c.get('score_batch_size')}")
+        if c.get("inner_batches", "fresh") not in INNER_BATCHES:
+            raise ConfigError(f"method.inner_batches must be one of {', '.join(INNER_BATCHES)}, "
+                              f"got {c.get('inner_batches')!r}")
 
     # --- objectives -----------------------------------------------------------------------------------
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
@@ -161,7 +171,8 @@ class EPSD(OneShot):
         batches = cycle_batches(ctx.data, int(self.cfg.get("score_batch_size", 128)),
                                 bool(self.cfg.get("score_augment", True)), ctx.generator("score"))
         scores, samples = prospr_scores(model, objective, batches, int(self.cfg.get("inner_steps", 3)),
-                                        float(self.cfg.get("inner_lr", 0.1)), names)
+                                        float(self.cfg.get("inner_lr", 0.1)), names,
+                                        fresh_batches=self.cfg.get("inner_batches", "fresh") == "fresh")
         st = ctx.current_stage
         st.samples += samples + getattr(objective, "extra_samples", 0)
         st.teacher_samples += getattr(objective, "teacher_samples", 0)
@@ -188,8 +199,9 @@ class EPG(EPSD):
     """EPG — early pruning by gradient saliency (our reading; named as a baseline by arXiv 2511.16653).
 
     The paper's reference for EPG could not be read; we implement it as early pruning by gradient
-    saliency: the same ProsPr-form saliency as EPSD (arXiv 2202.08132; ``inner_steps`` differentiable SGD
-    steps at initialisation, then ``|∂L(θ_i ⊙ m)/∂m|`` at m = 1) with plain CE, followed by ordinary CE
+    saliency: the same ProsPr-form saliency as EPSD (arXiv 2202.08132; ``θ₀ ⊙ m``, ``inner_steps``
+    differentiable SGD steps at initialisation, then ``|∂L(θ_i)/∂m|`` at m = 1) with plain CE — ProsPr's
+    own loss, so EPG's scoring is ProsPr's (docs/methods.md §3) — followed by ordinary CE
     training of the sparse network with the mask fixed — i.e. EPSD (arXiv 2402.00084) without
     self-distillation. This is our reading of the acronym, not a published recipe.
     """

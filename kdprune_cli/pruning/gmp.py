@@ -1,5 +1,5 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune", arXiv 1710.01878, Eq. 1;
-METHODS.md §4).
+docs/methods.md §4).
 
 While training, every Δt steps from t₀ to t₀ + nΔt, the smallest-magnitude weights are removed so that the
 sparsity follows ``s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³``; the last pruning step lands exactly on

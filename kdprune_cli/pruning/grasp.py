@@ -9,10 +9,15 @@ keep" convention, the score is ``θ ⊙ (H g)`` (signed) and the largest are kep
 - the logits are divided by ``temperature`` (``T = 200``) in both passes;
 - the batch is class-balanced: ``samples_per_class`` (10) training images of every class.
 
-The batch is processed in chunks of ``chunk_size`` (``L`` is still the mean over the whole batch: each
-chunk's loss is weighted by its share), so that large datasets fit in memory; with ``bn_mode=train``
-(default, as the reference code, which scores the network in training mode) BatchNorm uses each chunk's
-statistics. The sparse network is then trained from that initialisation with CE for ``retrain``.
+Batching (``batching``, docs/methods.md §4). ``halves`` (default, as the reference alecwangcq/GraSP): the
+batch is sorted by class and split in two halves (classes ``0..C/2−1`` and the rest when the classes are
+balanced and C is even); each half is one forward, so with BN in train mode each half has its own batch
+statistics, and the loss is the sum of the two halves' mean losses, ``L = L₁ + L₂``, for both ``g`` and
+``H g``. ``shuffled`` (our former default): one shuffled batch whose loss is the mean over all of it,
+processed in chunks of ``chunk_size`` (each chunk's loss weighted by its share; a memory knob, though with
+BN in train mode each chunk has its own statistics). BatchNorm scores in train mode by default
+(``bn_mode``), as the reference, which scores a copy of the freshly built network. The sparse network is
+then trained from that initialisation with CE for ``retrain``.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import params_for_scoring
-from .snip import PruneAtInit, check_bn_mode, scoring_copy
+from .snip import PruneAtInit, bn_mode, scoring_copy
 
 
-def balanced_batch(data, samples_per_class: int, gen: torch.Generator, which: str = "train"):
+def balanced_batch(data, samples_per_class: int, gen: torch.Generator, which: str = "train",
+                   by_class: bool = False):
     """``samples_per_class`` random images of every class (all of a class's images if it has fewer),
-    normalised, in a random order (so that chunks mix the classes): ``(x, y)``."""
+    normalised: ``(x, y)``. ``by_class``: class after class (the reference's order); otherwise shuffled.
+    The random draws of the samples are the same either way."""
     split = data.split(which)
     y_cpu = split.y.to("cpu")
     picks = []
@@ -37,24 +44,31 @@ def balanced_batch(data, samples_per_class: int, gen: torch.Generator, which: st
             continue
         picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:samples_per_class]])
     idx = torch.cat(picks)
-    idx = idx[torch.randperm(idx.numel(), generator=gen)].to(split.y.device)
+    if not by_class:
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+    idx = idx.to(split.y.device)
     return data.normalise(split.x[idx]), split.y[idx]
 
 
 def hessian_gradient_product(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor,
-                             temperature: float = 200.0, chunk_size: int | None = None):
-    """``(g, Hg)``: the gradient of ``L = CE(model(x)/T, y)`` (mean over the batch) over ``params`` and the
-    Hessian–gradient product ``H g`` by double backprop, with ``g`` detached. Dicts keyed like ``params``."""
+                             temperature: float = 200.0, chunk_size: int | None = None, halves: bool = False):
+    """``(g, Hg)``: the gradient of the loss over ``params`` and the Hessian–gradient product ``H g`` by
+    double backprop, with ``g`` detached. Dicts keyed like ``params``.
+
+    The loss is ``CE(model(x)/T, y)``, the mean over the batch, forwarded in chunks of ``chunk_size``; with
+    ``halves`` it is ``L₁ + L₂``, the sum of the mean losses of ``x[:n//2]`` and ``x[n//2:]``, each one
+    forward (the reference's batching; ``chunk_size`` is then not used)."""
     names = list(params)
     plist = [params[n] for n in names]
     n = y.shape[0]
-    chunk = n if not chunk_size else int(chunk_size)
-    dtype = plist[0].dtype
-    x = x.to(dtype)
+    step = int(chunk_size) if chunk_size else n
+    bounds = [(0, n // 2), (n // 2, n)] if halves else [(s, min(s + step, n)) for s in range(0, n, step)]
+    x = x.to(plist[0].dtype)
 
     def chunks():
-        for s in range(0, n, chunk):
-            yield x[s:s + chunk], y[s:s + chunk], min(chunk, n - s) / n
+        for a, b in bounds:
+            if b > a:
+                yield x[a:b], y[a:b], 1.0 if halves else (b - a) / n
 
     def grads(out, create_graph=False):
         gs = torch.autograd.grad(out, plist, create_graph=create_graph, allow_unused=True)
@@ -90,15 +104,22 @@ class GraSP(PruneAtInit):
             raise ConfigError(f"method.samples_per_class must be > 0, got {c.samples_per_class}")
         if c.get("chunk_size") is not None and int(c.chunk_size) <= 0:
             raise ConfigError(f"method.chunk_size must be > 0 or null (whole batch), got {c.chunk_size}")
-        check_bn_mode(c)
+        if c.get("batching", "halves") not in ("halves", "shuffled"):
+            raise ConfigError(f"method.batching must be halves or shuffled, got {c.get('batching')!r}")
+        if c.get("batching", "halves") == "halves" and c.get("chunk_size") is not None:
+            raise ConfigError("method.chunk_size splits the shuffled batch: set method.batching=shuffled "
+                              "or chunk_size=null (with halves each half is one forward)")
+        bn_mode(c, "train")
 
     def score(self, ctx, model):
         c = self.cfg
-        x, y = balanced_batch(ctx.data, int(c.get("samples_per_class", 10)), ctx.generator("grasp"))
-        scorer = scoring_copy(model, c.get("bn_mode", "train"))
+        halves = c.get("batching", "halves") == "halves"
+        x, y = balanced_batch(ctx.data, int(c.get("samples_per_class", 10)), ctx.generator("grasp"),
+                              by_class=halves)
+        scorer = scoring_copy(model, bn_mode(c, "train"))
         params = params_for_scoring(ctx, scorer)
         _, hg = hessian_gradient_product(scorer, params, x, y, float(c.get("temperature", 200.0)),
-                                         c.get("chunk_size"))
+                                         c.get("chunk_size"), halves)
         ctx.current_stage.samples += 2 * y.shape[0]  # one gradient pass, one double-backprop pass
         with torch.no_grad():
             return {n: p.detach() * hg[n] for n, p in params.items()}

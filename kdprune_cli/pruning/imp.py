@@ -1,5 +1,5 @@
 """Iterative magnitude pruning with rewinding — the lottery-ticket procedure (Frankle & Carbin, ICLR 2019,
-arXiv 1803.03635, "Strategy 1: iterative pruning with resetting"; METHODS.md §4).
+arXiv 1803.03635, "Strategy 1: iterative pruning with resetting"; docs/methods.md §4).
 
 Also holds the small helpers the iterative methods share (COLT and GMP import them): removal targets per
 scope group, exact-count selection through :func:`masks.select`, and rewinding.

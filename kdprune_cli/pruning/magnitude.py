@@ -1,4 +1,4 @@
-"""Magnitude pruning (METHODS.md §4): score ``|θ|``, one shot, then retrain with the mask fixed.
+"""Magnitude pruning (docs/methods.md §4): score ``|θ|``, one shot, then retrain with the mask fixed.
 
 The classic baseline (Han et al. 2015, arXiv 1506.02626; as a one-shot score, e.g. Frankle & Carbin
 2019, arXiv 1803.03635, and Blalock et al. 2020, arXiv 2003.03033): keep the largest ``|θ_j|``.

@@ -1,10 +1,11 @@
-"""The one mask mechanism (METHODS.md §0): prunable set, selection, application, enforcement, counting.
+"""The one mask mechanism (docs/methods.md §0): prunable set, selection, application, enforcement, counting.
 
 Masks are ``{parameter name: bool tensor}``; ``True`` = keep. Scores are ``{name: float tensor}`` with
 higher = keep. Every method produces scores or masks and goes through :func:`select`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, Mapping
 
 import torch
@@ -55,20 +56,29 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
            keep: Masks | None = None) -> Masks:
     """Keep the highest scores so that exactly ``round(s·|P|)`` weights are removed.
 
-    Ties are broken deterministically: among equal scores the weight that comes first (parameter order,
-    then flat index) is removed first. NaN scores count as the lowest. ``keep`` (an earlier mask) forces
-    already-pruned weights to stay pruned, and they count towards the removed total, as iterative
-    methods need; in ``layer`` scope the per-tensor ratio is taken over the whole tensor.
+    Scores are ranked in their own precision: every tensor is promoted to the widest floating dtype among
+    them (at least float32), never narrowed, so float64 scores (SynFlow's, up to ~2e136 on ResNet-110)
+    keep their order. A score that is NaN or ±inf in that dtype would make the ranking lose order
+    information, so it is an error naming the parameter (docs/methods.md §0); already-pruned weights
+    (``keep``) are not checked, their scores do not matter. Ties are broken deterministically: among
+    equal scores the weight that comes first (parameter order, then flat index) is removed first.
+    ``keep`` (an earlier mask) forces already-pruned weights to stay pruned, and they count towards the
+    removed total, as iterative methods need; in ``layer`` scope the per-tensor ratio is taken over the
+    whole tensor.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     names = list(scores)
+    dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names), torch.float32)
     flat = []
     for n in names:
-        s = scores[n].detach().float().flatten().clone()
-        s[torch.isnan(s)] = -float("inf")
-        if keep is not None:
-            s[~keep[n].flatten()] = -float("inf")
+        s = scores[n].detach().to(dtype).flatten().clone()
+        live = torch.ones_like(s, dtype=torch.bool) if keep is None else keep[n].flatten().to(s.device)
+        bad = int((~torch.isfinite(s) & live).sum())
+        if bad:
+            raise ValueError(f"scores of {n} have {bad} non-finite values (NaN or inf) in {dtype}: the ranking "
+                             "would lose their order (score in float64, e.g. method.double=true for synflow)")
+        s[~live] = -float("inf")
         flat.append(s)
     sizes = [f.numel() for f in flat]
     counts = _removal_counts(sizes, sparsity, scope)

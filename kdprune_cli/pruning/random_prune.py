@@ -1,4 +1,4 @@
-"""Random pruning (METHODS.md §4): the sanity baseline, i.i.d. uniform scores.
+"""Random pruning (docs/methods.md §4): the sanity baseline, i.i.d. uniform scores.
 
 Random pruning at initialisation is the reference every pruning-at-initialisation paper compares
 against (SNIP arXiv 1810.02340, GraSP arXiv 2002.07376, SynFlow arXiv 2006.05467; Frankle et al. 2021,

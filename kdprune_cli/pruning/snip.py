@@ -7,6 +7,11 @@ with several batches we use the gradient of the mean loss over them (a larger ``
 per-batch saliencies — our choice. The network is scored as it is built (``ctx.new_model("student")``),
 the top ``(1−s)·|P|`` are kept, and the sparse network is trained from that initialisation with CE for
 ``retrain`` (the method's full training budget).
+
+BatchNorm scores in eval mode (running statistics) by default, as the reference implementations do:
+snip-public feeds ``is_train: False`` while pruning and Synaptic-Flow's ``prune_loop`` calls
+``model.eval()`` unless asked otherwise; ``bn_mode: train`` (batch statistics) is the option
+(docs/methods.md §4).
 """
 from __future__ import annotations
 
@@ -31,9 +36,13 @@ def scoring_copy(model: nn.Module, bn_mode: str) -> nn.Module:
     return m
 
 
-def check_bn_mode(cfg) -> None:
-    if cfg.get("bn_mode", "train") not in ("train", "eval"):
-        raise ConfigError(f"method.bn_mode must be train or eval, got {cfg.get('bn_mode')!r}")
+def bn_mode(cfg, default: str) -> str:
+    """``method.bn_mode`` (``train``: batch statistics | ``eval``: running statistics), checked; ``default``
+    is the method's reference choice (docs/methods.md §4)."""
+    mode = cfg.get("bn_mode", default)
+    if mode not in ("train", "eval"):
+        raise ConfigError(f"method.bn_mode must be train or eval, got {mode!r}")
+    return mode
 
 
 class PruneAtInit(OneShot):
@@ -78,11 +87,11 @@ class SNIP(PruneAtInit):
             raise ConfigError(f"method.batches must be > 0 or null (one pass), got {c.batches}")
         if int(c.get("batch_size", 128)) <= 0:
             raise ConfigError(f"method.batch_size must be > 0, got {c.batch_size}")
-        check_bn_mode(c)
+        bn_mode(c, "eval")
 
     def score(self, ctx, model):
         c = self.cfg
-        scorer = scoring_copy(model, c.get("bn_mode", "train"))
+        scorer = scoring_copy(model, bn_mode(c, "eval"))
         params = params_for_scoring(ctx, scorer)
         nb = c.get("batches", 1)
         batches = ((x, y) for x, y, _ in ctx.data.batches(

@@ -11,6 +11,11 @@ round, and already-pruned weights stay pruned (``masks.select(..., keep=previous
 Implementation: the absolute values are taken on a float64 copy of the network (float32 where the device
 has no float64, e.g. MPS), so the network that is pruned keeps its signs and dtype untouched — equivalent
 to linearising in place and restoring the signs afterwards. No training data is read.
+
+Precision (docs/methods.md §4): ``R`` grows like the product of the layers' weight sums, so the scores of
+deep networks overflow float32 (largest ~4e67 on ResNet-56 and ~2e136 on ResNet-110 at 32×32, ~4e51 on
+ResNet-34 at 64×64). :func:`~kdprune_cli.pruning.masks.select` ranks them in float64, their own precision;
+a score that is still inf or NaN (e.g. ``double: false``) is an error naming the layer.
 """
 from __future__ import annotations
 
