@@ -347,12 +347,13 @@ def _load_blob(path: Path) -> tuple[Optional[dict], str]:
     return blob, ""
 
 
-def _write_cache(name: str, root: Path, path: Path, side: Path, blob: dict, source: Optional[dict]) -> dict:
+def _write_cache(name: str, root: Path, path: Path, side: Path, blob: dict, source: Optional[dict],
+                 verified: bool) -> dict:
     blob = {k: blob[k] for k in TENSORS}
     blob["fingerprint"] = fingerprint(name, blob)
     atomic_save(blob, path)
     atomic_write_json({"version": CACHE_VERSION, "name": name, "root": str(root), "fingerprint": blob["fingerprint"],
-                       "source": source, "cache": _stat(path)}, side)
+                       "source": source, "verified": verified, "cache": _stat(path)}, side)
     return blob
 
 
@@ -383,6 +384,13 @@ def ensure_cache(name: str, root: str | os.PathLike, download: bool, cache_dir: 
             warn(f"the {name} files under {root} differ from those the data cache {path} was built from "
                  f"(size, mtime or files); rebuilding it")
             current = False
+        if current and verify and source is not None and name in ("cifar10", "cifar100") and not meta.get("verified"):
+            # built from files that were not checked (data.verify_checksums=false): check them now
+            problem = _cifar_problem(name, root, True)
+            if problem is not None:
+                raise problem
+            meta["verified"] = True
+            atomic_write_json(meta, side)
         if current and not load:
             return meta["fingerprint"], None, waited
         if path.exists() and (current or source is None):
@@ -390,7 +398,7 @@ def ensure_cache(name: str, root: str | os.PathLike, download: bool, cache_dir: 
             if blob is not None and current and blob.get("fingerprint") == meta["fingerprint"]:
                 return meta["fingerprint"], blob, waited
             if blob is not None and not current:  # no (valid) sidecar and no source to rebuild from
-                blob = _write_cache(name, root, path, side, blob, None)
+                blob = _write_cache(name, root, path, side, blob, None, False)
                 return blob["fingerprint"], blob, waited
             warn(f"data cache {path} " + (f"cannot be read ({err})" if blob is None else "does not match its "
                  "sidecar") + "; rebuilding it from the source")
@@ -398,7 +406,7 @@ def ensure_cache(name: str, root: str | os.PathLike, download: bool, cache_dir: 
         if source is None:  # just downloaded
             source = source_signature(name, root)
         blob = _write_cache(name, root, path, side, {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte},
-                            source)
+                            source, verify)
         return blob["fingerprint"], blob, waited
     finally:
         lock.release()

@@ -220,7 +220,15 @@ DIGESTS_FILE = "digests.json"
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    """``$XDG_CACHE_HOME/kdprune``, else ``~/.cache/kdprune`` (a folder under the temp dir without a home)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except (RuntimeError, KeyError):
+            import tempfile
+
+            base = Path(tempfile.gettempdir()) / f"kdprune-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     return Path(base) / "kdprune"
 
 

@@ -140,6 +140,14 @@ def test_md5_mismatch_says_corrupt_and_missing_says_not_found(tmp_path, monkeypa
         read_raw("cifar10", tmp_path, download=False, verify=True)
 
 
+def test_a_cache_built_without_checksums_is_checked_when_they_are_asked_for(tmp_path):
+    write_cifar(tmp_path / "a")
+    cache = tmp_path / "cache"
+    dataset_fingerprint(_cfg(tmp_path / "a", cache))  # verify_checksums=false: a re-packed copy
+    with pytest.raises(DataError, match="corrupt or modified"):
+        load_cached("cifar10", tmp_path / "a", False, cache, verify=True)
+
+
 # --- content fingerprints and cache rebuilds -----------------------------------------------------------------
 def _cfg(root, cache, name="cifar10"):
     return SimpleNamespace(name=name, root=str(root), download=False, cache_dir=str(cache), verify_checksums=False,
