@@ -65,9 +65,11 @@ def main(cfg: DictConfig) -> Optional[float]:
         if cfg.print_config:
             from .printing import print_config
             print_config(cfg)
-        if cfg.detect_anomaly:  # the run is slower; a NaN/inf in backward names the forward op that made it
+        if cfg.detect_anomaly:
             import torch
             torch.autograd.set_detect_anomaly(True)
+            print("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)",
+                  file=sys.stderr)
         record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task))
         return record["metrics"]["final"]["top1"]
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
