@@ -62,6 +62,14 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     try:
+        if cfg.print_config:
+            from .printing import print_config
+            print_config(cfg)
+        if cfg.detect_anomaly:
+            import torch
+            torch.autograd.set_detect_anomaly(True)
+            print("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)",
+                  file=sys.stderr)
         record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task))
         return record["metrics"]["final"]["top1"]
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume

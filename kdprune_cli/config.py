@@ -74,8 +74,16 @@ class LoggerConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Machine-specific folders (conf/paths/, overridden per machine by conf/local/default.yaml)."""
+    data_dir: str = "${oc.env:KDPRUNE_DATA,./data}"  # datasets (data.root of cifar10/100, tinyimagenet)
+    store_dir: str = "${oc.env:KDPRUNE_STORE,outputs/store}"  # content-addressed artifacts (store.root)
+    output_dir: str = "outputs"  # run and multirun folders (hydra.run.dir, hydra.sweep.dir)
+
+
+@dataclass
 class StoreConfig:
-    root: str = "${oc.env:KDPRUNE_STORE,outputs/store}"
+    root: str = "${paths.store_dir}"
     enabled: bool = True
 
 
@@ -96,6 +104,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     sparsity: float = 0.9
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -104,6 +113,9 @@ class RunConfig:
     fail_fast: bool = False  # multirun: stop at the first failing job
     resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
     experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
+    print_config: bool = True  # print the resolved config as a tree at the start of a run
+    max_batches: Optional[int] = None  # at most this many batches per training epoch (null = all; debug)
+    detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly(True) for the run (slow; debug)
 
 
 def register() -> None:
@@ -165,6 +177,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
+    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
+        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_method_node(cfg.method, "method")

@@ -134,7 +134,8 @@ class Context:
         with (self.stage(stage) if record else contextlib.nullcontext()) as st:
             stats = train(model, data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
-                          step_hook=step_hook, evaluate=ev, checkpoint=self._checkpoint(stage, n))
+                          step_hook=step_hook, evaluate=ev, checkpoint=self._checkpoint(stage, n),
+                          max_batches=self.cfg.get("max_batches"))
             if record:
                 st.samples += stats["samples"]
                 st.teacher_samples += stats["teacher_samples"]
@@ -159,7 +160,10 @@ class Context:
 
     # --- artifacts ---------------------------------------------------------------------------------
     def recipe_spec(self, node, where: str) -> dict:
-        return OmegaConf.to_container(recipe(node, where), resolve=True)
+        spec = OmegaConf.to_container(recipe(node, where), resolve=True)
+        if self.cfg.get("max_batches") is not None:  # a capped training is another artifact
+            spec["max_batches"] = self.cfg.max_batches
+        return spec
 
     def data_spec(self) -> dict:
         """What determines the data: the content fingerprint of the cached tensors, split and augmentation."""
@@ -320,8 +324,11 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
     """Deterministic job identity: the resolved config minus what does not change results, with the
     dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast"):
+    for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast", "paths", "print_config",
+              "detect_anomaly"):
         c.pop(k, None)
+    if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
+        c.pop("max_batches", None)
     for k in ("root", "cache_dir", "download", "verify_checksums"):
         c["data"].pop(k, None)
     for role in ("teacher", "student"):

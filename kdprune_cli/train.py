@@ -40,6 +40,12 @@ def lr_at(recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     return recipe.lr
 
 
+def steps_per_epoch(data, batch_size: int, max_batches: Optional[int] = None) -> int:
+    """Optimizer steps in one training epoch: full batches only, at most ``max_batches``."""
+    n = data.num_batches("train", batch_size, drop_last=True)
+    return n if max_batches is None else min(n, max_batches)
+
+
 def autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -49,14 +55,16 @@ def autocast(device: torch.device, amp: bool):
 def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, masks: Optional[dict] = None,
           desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
-          evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None) -> dict:
+          evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None,
+          max_batches: Optional[int] = None) -> dict:
     """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``.
 
     ``masks`` may be mutated by ``step_hook(step, total_steps)`` (gradual pruning); the current masks are
     enforced after every step. ``evaluate(model)`` runs every ``recipe.eval_every`` epochs for the log.
     With ``checkpoint``, the model, optimizer, masks, generator, objective state and counters are saved
     atomically after every epoch, and a call that finds the file continues after its last epoch (a
-    finished one returns at once), so a killed job resumes with the same numbers.
+    finished one returns at once), so a killed job resumes with the same numbers. ``max_batches`` caps
+    the batches of every epoch (the learning-rate and pruning schedules count the capped steps).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -64,8 +72,8 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     epochs = int(recipe.epochs)
     if epochs <= 0:
         return {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
-    steps_per_epoch = data.num_batches("train", recipe.batch_size, drop_last=True)
-    total = epochs * steps_per_epoch
+    spe = steps_per_epoch(data, recipe.batch_size, max_batches)
+    total = epochs * spe
     opt = make_optimizer(model, recipe)
     if masks is not None:
         apply_masks(model, masks)
@@ -84,11 +92,11 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
             objective.on_epoch_start(epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
-                                      gen=gen, drop_last=True):
+                                      gen=gen, drop_last=True, max_batches=max_batches):
             if step_hook is not None:
                 step_hook(step, total)
             for g in opt.param_groups:
-                g["lr"] = lr_at(recipe, step, total, steps_per_epoch)
+                g["lr"] = lr_at(recipe, step, total, spe)
             with autocast(device, amp):
                 loss, logits = objective(model, x, y, idx)
             opt.zero_grad(set_to_none=True)

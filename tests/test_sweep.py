@@ -78,6 +78,6 @@ def test_optuna_sweeper_config_composes_when_installed():
     from hydra import compose, initialize_config_dir
     from kdprune_cli.cli import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/sweeper=kdprune_optuna", "experiment=quickstart"],
+        cfg = compose("config", overrides=["hparams_search=cakld_optuna", "experiment=quickstart"],
                       return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and "method.alpha" in cfg.hydra.sweeper.params

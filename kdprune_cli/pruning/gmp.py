@@ -77,8 +77,9 @@ class GMP(Method):
         if s_i > s_f:
             raise ConfigError(f"method.initial_sparsity={s_i} is above the target sparsity {s_f}")
         model = ctx.dense_student() if c.start_from == "dense" else ctx.new_model("student", name="init")
+        from ..train import steps_per_epoch  # here: train imports pruning
         r = recipe(c.train, "method.train")
-        T = int(r.epochs) * ctx.data.num_batches("train", r.batch_size, drop_last=True)
+        T = int(r.epochs) * steps_per_epoch(ctx.data, r.batch_size, ctx.cfg.get("max_batches"))
         t0, n, dt = schedule(T, float(c.start), float(c.end), int(c.frequency))
         params = prunable_params(model, ctx.exclude)
         total = sum(p.numel() for p in params.values())

@@ -95,6 +95,7 @@ class IMP(Method):
         recipe(c.retrain, "method.retrain")
 
     def run(self, ctx):
+        from ..train import steps_per_epoch  # here: train imports pruning
         c = self.cfg
         rate, k_rewind = float(c.rate), int(c.rewind_epoch)
         model = ctx.new_model("student", name="init")
@@ -111,7 +112,7 @@ class IMP(Method):
             t = time.perf_counter()
             hook = None
             if rewind_state is None:
-                spe = ctx.data.num_batches("train", recipe(c.round, "method.round").batch_size, drop_last=True)
+                spe = steps_per_epoch(ctx.data, recipe(c.round, "method.round").batch_size, ctx.cfg.get("max_batches"))
                 snap_step = k_rewind * spe
 
                 def hook(step, total_steps, model=model, snap_step=snap_step):
