@@ -208,6 +208,8 @@ def check_method_node(node, where: str) -> None:
                 check_method_node(v, name)
             continue
         nullable = k.endswith("batches") or k == "chunk_size"
+        if isinstance(v, str) and k.endswith("batches"):
+            continue  # a choice such as EPSD's inner_batches: fresh | same, checked by the method
         if k.endswith("batch_size") or k.endswith("_per_class") or k == "rounds" or nullable:
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (nullable and v is None):
                 raise ConfigError(f"{name} must be an integer > 0{' or null' if nullable else ''}, got {v!r}")

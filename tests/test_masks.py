@@ -119,7 +119,7 @@ class _Data:
     def num_batches(self, which, bs, drop_last=False):
         return 32 // bs
 
-    def batches(self, which, bs, shuffle=False, augment=False, gen=None, drop_last=False):
+    def batches(self, which, bs, shuffle=False, augment=False, gen=None, drop_last=False, max_batches=None):
         order = torch.randperm(32, generator=gen)
         for i in range(0, 32, bs):
             idx = order[i:i + bs]
