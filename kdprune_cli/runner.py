@@ -22,13 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__
-from .config import ConfigError, recipe, validate
+from . import config
+from .config import ConfigError, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
 from .evaluate import count_flops, evaluate, latency_ms
 from .loggers import RunLogger
-from .models import build_model
+from .models import build_model, is_known, model_names
 from .objectives import CrossEntropy, Distill
-from .pruning import get_method
+from .pruning import get_method, method_names
 from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
 from .store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
 from .train import train
@@ -388,7 +389,17 @@ def check_overrides(overrides) -> None:
                               f"selected method config, whose settings belong to that method)")
 
 
-def check_exclude_names(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> None:
+    """The config's own checks, then the names only the registries know: dataset, models, method, and the
+    modules ``prune.exclude`` names (on a model built for the dataset's shape); raises :class:`ConfigError`."""
+    config.validate(cfg)
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    for role in ("teacher", "student"):
+        if not is_known(cfg[role].name):
+            raise ConfigError(f"unknown {role} model {cfg[role].name!r}; choose one of {', '.join(model_names())}")
+    if cfg.method.get("name") not in method_names():
+        raise ConfigError(f"unknown method {cfg.method.get('name')!r}; choose one of {', '.join(method_names())}")
     classes, channels, size = DATASETS[cfg.data.name]
     try:
         check_exclude(build_model(cfg.student.name, classes, channels, size), cfg.prune.exclude)
@@ -447,7 +458,6 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
             except (TypeError, ValueError) as e:  # a value of the wrong type met a comparison
                 raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
             device = resolve_device(cfg.device)
-            check_exclude_names(cfg)
             check_writable(run_dir)
             if cfg.store.enabled:
                 check_writable(Path(cfg.store.root))

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from kdprune_cli.cli import config_dir
-from kdprune_cli.config import ConfigError, validate
+from kdprune_cli.config import ConfigError
+from kdprune_cli.runner import validate
 
 from conftest import compose_cfg
 

@@ -1,4 +1,4 @@
-"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/sd.py)."""
+"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/self_distillation.py)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ from conftest import TinyNet
 from kdprune_cli.pruning import get_method
 from kdprune_cli.pruning.epsd import prospr_scores
 from kdprune_cli.pruning.masks import prunable_params, sparsity_report
-from kdprune_cli.sd import CSKD, DLB, PSKD
+from kdprune_cli.self_distillation import CSKD, DLB, PSKD
 
 
 def ce64(model, x, y, idx):

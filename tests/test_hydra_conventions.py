@@ -15,7 +15,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from kdprune_cli.cli import config_dir
-from kdprune_cli.config import ConfigError, recipe, validate
+from kdprune_cli.config import ConfigError, recipe
+from kdprune_cli.runner import validate
 from kdprune_cli.runner import job_id
 from kdprune_cli.train import train
 

@@ -13,7 +13,7 @@ from typing import Callable, Dict
 from torch import nn
 
 from .cifar import cifar_resnet, wide_resnet
-from .tv import tv_mobilenet_v2, tv_resnet, tv_vgg
+from .torchvision_zoo import tv_mobilenet_v2, tv_resnet, tv_vgg
 
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .. import sd
+from .. import self_distillation as sd
 from ..config import ConfigError, recipe
 from .base import OneShot
 from .masks import Scores, apply_masks, prunable_params, select
