@@ -67,3 +67,13 @@ def test_issue_override_spellings_compose():
 def test_bad_input_is_a_config_error(override, match):
     with pytest.raises(ConfigError, match=match):
         validate(compose_cfg([override]))
+
+
+def test_the_config_layer_imports_no_layer_above_it():
+    import ast
+
+    import kdprune_cli.config as config_module
+
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    local = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert local == [], local

@@ -297,3 +297,14 @@ def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
     t.join()
     st = ctx.cost["probe"]
     assert st.lock_wait_seconds > 1.0 and st.seconds <= elapsed - st.lock_wait_seconds + 1e-6
+
+
+def test_storage_errors_are_one_line_in_the_systems_words():
+    import errno
+
+    from kdprune_cli.cli import storage_error
+
+    assert storage_error(OSError(errno.ENOSPC, "No space left on device", "/store/x.pt")) == \
+        "cannot write /store/x.pt: No space left on device"
+    assert "Read-only file system" in storage_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro"))
+    assert storage_error(RuntimeError("unexpected pos")) is None  # not a storage error: not dressed up as one
