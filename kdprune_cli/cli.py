@@ -38,6 +38,7 @@ def _group(cfg: DictConfig) -> str:
 
 
 register()
+from . import pruning  # noqa: E402,F401  each method registers its typed config (method/<name>_schema)
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,26 @@ class TrainRecipe:
     warmup_epochs: float = 0.0
     augment: bool = True
     eval_every: int = 1  # evaluate on the test split every n epochs for the log (0 = never)
+
+
+@dataclass
+class KDRecipe(TrainRecipe):
+    kd: bool = True  # retrain with the distillation loss (true) or CE only (false)
+
+
+def follow_student() -> TrainRecipe:
+    """A recipe whose every field follows ``student.train`` by interpolation: the training budget the papers
+    leave open is the dense student's (change ``student.train`` and it carries over; override a field with
+    ``method.retrain.<field>=...``)."""
+    return TrainRecipe(**{f: f"${{student.train.{f}}}" for f in TrainRecipe.__dataclass_fields__})
+
+
+@dataclass
+class MethodConfig:
+    """Typed config of a method: each method file subclasses it (field types, and defaults only where a
+    value follows another part of the config); the values live in ``conf/method/<name>.yaml``, whose
+    defaults list starts with ``<name>_schema``, so a wrong type or an unknown key fails at composition."""
+    name: str = MISSING
 
 
 @dataclass
@@ -99,7 +119,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet56"))
     student: ModelConfig = field(default_factory=ModelConfig)
-    method: Dict[str, Any] = field(default_factory=dict)
+    method: Any = None  # a method's typed config (MethodConfig subclass), selected by the method group
     prune: PruneConfig = field(default_factory=PruneConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)

@@ -210,13 +210,10 @@ class DLB(_FromData):
 
 def make_sd(name: str, data, cfg, *, epochs: int, augment: bool, gen: torch.Generator):
     """Build the SD objective ``name`` from a method node ``cfg`` with sub-nodes ``cs_kd``/``ps_kd``/``dlb``."""
-    sub = cfg.get(name) or {}
     if name == "cs_kd":
-        return CSKD(data, temperature=sub.get("temperature", 4.0), lam=sub.get("lam", 1.0), augment=augment,
-                    gen=gen)
+        return CSKD(data, temperature=cfg.cs_kd.temperature, lam=cfg.cs_kd.lam, augment=augment, gen=gen)
     if name == "ps_kd":
-        return PSKD(data, epochs=epochs, alpha_T=sub.get("alpha_T", 0.8))
+        return PSKD(data, epochs=epochs, alpha_T=cfg.ps_kd.alpha_T)
     if name == "dlb":
-        return DLB(data, temperature=sub.get("temperature", 3.0), alpha=sub.get("alpha", 1.0), augment=augment,
-                   gen=gen)
+        return DLB(data, temperature=cfg.dlb.temperature, alpha=cfg.dlb.alpha, augment=augment, gen=gen)
     raise ValueError(f"unknown self-distillation loss {name!r}; choose one of {', '.join(SD_NAMES)}")

@@ -10,6 +10,7 @@ from kdprune_cli.cli import config_dir
 from kdprune_cli.config import register
 
 register()
+import kdprune_cli.pruning  # noqa: E402,F401  the methods' typed configs (method/<name>_schema)
 
 # Everything small: digits, ResNet-20 teacher and student, 1-epoch dense training.
 TINY = [

@@ -77,3 +77,31 @@ def test_the_config_layer_imports_no_layer_above_it():
     tree = ast.parse(Path(config_module.__file__).read_text())
     local = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
     assert local == [], local
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_every_method_config_is_typed_and_refuses_a_wrong_type(method):
+    """Each method's YAML sits on its typed schema: a wrong-typed value or an unknown key fails at composition."""
+    import dataclasses
+
+    from hydra.errors import ConfigCompositionException
+
+    from kdprune_cli.pruning import get_method
+
+    name = compose_cfg([f"method={method}"]).method.name
+    fields = [f.name for f in dataclasses.fields(get_method(name).Config)
+              if f.type in ("int", "float", "bool", "Optional[int]", int, float, bool)]
+    assert fields, method
+    for key in [*fields, "retrain.epochs"]:
+        with pytest.raises(ConfigCompositionException):
+            compose_cfg([f"method={method}", f"method.{key}=abc"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([f"method={method}", "method.retrain.batch_sise=1"])
+
+
+def test_open_recipes_follow_the_student():
+    for method in ("snip", "grasp", "synflow", "random", "epsd", "epg"):
+        cfg = compose_cfg([f"method={method}", "student.train.epochs=33", "student.train.lr=0.05"])
+        assert (cfg.method.retrain.epochs, cfg.method.retrain.lr) == (33, 0.05), method
+    cfg = compose_cfg(["method=snip", "student.train.epochs=33", "method.retrain.epochs=5"])
+    assert (cfg.method.retrain.epochs, cfg.method.retrain.lr) == (5, 0.1)

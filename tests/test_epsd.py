@@ -298,7 +298,7 @@ def _run(ctx):
 @pytest.mark.parametrize("sd", ["cs_kd", "dlb"])
 def test_epsd_exact_count_and_masked_training(make_ctx, sd):
     ctx = make_ctx("method=epsd", f"method.sd={sd}", "method.score_batch_size=32", "method.retrain.epochs=1",
-                   "+method.retrain.eval_every=0", "sparsity=0.8")
+                   "++method.retrain.eval_every=0", "sparsity=0.8")
     init = ctx.new_model("student")
     _, (model, masks) = _run(ctx)
     sizes = sum(m.numel() for m in masks.values())

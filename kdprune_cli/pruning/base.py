@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Dict
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from torch import nn
 
+from ..config import MethodConfig
 from .masks import Masks, Scores, apply_masks, prunable_params, select
 
 REGISTRY: Dict[str, type["Method"]] = {}
@@ -19,11 +21,13 @@ REGISTRY: Dict[str, type["Method"]] = {}
 
 class Method:
     name: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig  # the typed config; registered as method/<name>_schema
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
             REGISTRY[cls.name] = cls
+            ConfigStore.instance().store(group="method", name=f"{cls.name}_schema", node=cls.Config)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg

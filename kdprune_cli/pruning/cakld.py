@@ -9,20 +9,38 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
 import torch
+from omegaconf import MISSING
 
 from .. import losses
-from ..config import ConfigError
+from ..config import ConfigError, KDRecipe, MethodConfig, TrainRecipe
 from ..objectives import LOGIT_STDS, Distill
 from .base import OneShot, params_for_scoring
 
 
+@dataclass
+class CAKLDConfig(MethodConfig):
+    temperature: float = MISSING
+    alpha: float = MISSING  # L_total = α·L_CA-KLD + (1−α)·CE
+    gamma: Any = MISSING  # "auto" or a number in [0, 1]
+    gamma_batches: int = MISSING
+    logit_norm: bool = MISSING
+    logit_std: str = MISSING  # unbiased | population
+    score_batches: Optional[int] = MISSING  # null: one pass
+    score_batch_size: int = MISSING
+    finetune: TrainRecipe = MISSING
+    retrain: KDRecipe = MISSING
+
 class CAKLD(OneShot):
     name = "cakld"
+    Config = CAKLDConfig
 
     @property
     def retrain_kd(self) -> bool:
-        return bool(self.cfg.retrain.get("kd", True))
+        return bool(self.cfg.retrain.kd)
 
     def validate(self) -> None:
         c = self.cfg
@@ -54,7 +72,7 @@ class CAKLD(OneShot):
     @property
     def logit_std(self) -> str:
         """The std of the logit standardisation: ``unbiased`` (the reference code's) or ``population``."""
-        return str(self.cfg.get("logit_std", "unbiased"))
+        return str(self.cfg.logit_std)
 
     def distill_objective(self, ctx):
         gamma = self.gamma(ctx)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError, recipe
+from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from ..data import Split
 from ..models import build_model
 from .base import Method
@@ -105,6 +107,13 @@ def intersect_exact(scores_list: List[dict], names: List[str], keep: Masks, need
     return ms, cur
 
 
+@dataclass
+class COLTConfig(MethodConfig):
+    partitions: int = MISSING
+    rate: float = MISSING  # fraction of each model's remaining conv weights pruned per round
+    round: TrainRecipe = MISSING
+    retrain: TrainRecipe = MISSING
+
 class COLT(Method):
     """Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770).
 
@@ -119,6 +128,7 @@ class COLT(Method):
     """
 
     name = "colt"
+    Config = COLTConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)

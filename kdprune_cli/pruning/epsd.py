@@ -22,14 +22,16 @@ model exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 from torch.func import functional_call
 
 from .. import self_distillation as sd
-from ..config import ConfigError, recipe
+from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student, recipe
 from .base import OneShot
 from .masks import Scores, apply_masks, prunable_params, select
 
@@ -89,6 +91,41 @@ def cycle_batches(data, batch_size: int, augment: bool, gen: torch.Generator) ->
         yield from data.batches("train", batch_size, shuffle=True, augment=augment, gen=gen, drop_last=True)
 
 
+@dataclass
+class EPGConfig(MethodConfig):
+    inner_steps: int = MISSING  # ProsPr inner SGD steps (0: SNIP's score)
+    inner_lr: float = MISSING
+    inner_batches: str = MISSING  # fresh | same
+    score_batch_size: int = MISSING
+    score_augment: bool = MISSING
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
+
+
+@dataclass
+class CSKDConfig:
+    temperature: float = MISSING
+    lam: float = MISSING
+
+
+@dataclass
+class PSKDConfig:
+    alpha_T: float = MISSING
+
+
+@dataclass
+class DLBConfig:
+    temperature: float = MISSING
+    alpha: float = MISSING
+
+
+@dataclass
+class EPSDConfig(EPGConfig):
+    sd: str = MISSING  # cs_kd | ps_kd | dlb
+    cs_kd: CSKDConfig = field(default_factory=CSKDConfig)
+    ps_kd: PSKDConfig = field(default_factory=PSKDConfig)
+    dlb: DLBConfig = field(default_factory=DLBConfig)
+
+
 class EPSD(OneShot):
     """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084).
 
@@ -117,35 +154,35 @@ class EPSD(OneShot):
     """
 
     name = "epsd"
+    Config = EPSDConfig
 
     @property
     def sd_name(self) -> str:
-        return str(self.cfg.get("sd", "cs_kd"))
+        return str(self.cfg.sd)
 
     def validate(self) -> None:
         c = self.cfg
         if self.sd_name not in sd.SD_NAMES:
             raise ConfigError(f"method.sd must be one of {', '.join(sd.SD_NAMES)}, got {self.sd_name!r}")
         self._validate_common()
-        cs, ps, dl = c.get("cs_kd") or {}, c.get("ps_kd") or {}, c.get("dlb") or {}
-        if cs.get("temperature", 4.0) <= 0 or dl.get("temperature", 3.0) <= 0:
+        if c.cs_kd.temperature <= 0 or c.dlb.temperature <= 0:
             raise ConfigError("method.cs_kd.temperature and method.dlb.temperature must be > 0")
-        if cs.get("lam", 1.0) < 0 or dl.get("alpha", 1.0) < 0:
+        if c.cs_kd.lam < 0 or c.dlb.alpha < 0:
             raise ConfigError("method.cs_kd.lam and method.dlb.alpha must be >= 0")
-        if not 0.0 <= ps.get("alpha_T", 0.8) <= 1.0:
-            raise ConfigError(f"method.ps_kd.alpha_T must be in [0, 1], got {ps.get('alpha_T')}")
+        if not 0.0 <= c.ps_kd.alpha_T <= 1.0:
+            raise ConfigError(f"method.ps_kd.alpha_T must be in [0, 1], got {c.ps_kd.alpha_T}")
 
     def _validate_common(self) -> None:
         c = self.cfg
-        if not isinstance(c.get("inner_steps", 3), int) or c.get("inner_steps", 3) < 0:
-            raise ConfigError(f"method.inner_steps must be an integer >= 0, got {c.get('inner_steps')!r}")
-        if c.get("inner_lr", 0.1) < 0:
-            raise ConfigError(f"method.inner_lr must be >= 0, got {c.get('inner_lr')}")
-        if int(c.get("score_batch_size", 128)) <= 0:
-            raise ConfigError(f"method.score_batch_size must be > 0, got {c.get('score_batch_size')}")
-        if c.get("inner_batches", "fresh") not in INNER_BATCHES:
+        if not isinstance(c.inner_steps, int) or c.inner_steps < 0:
+            raise ConfigError(f"method.inner_steps must be an integer >= 0, got {c.inner_steps!r}")
+        if c.inner_lr < 0:
+            raise ConfigError(f"method.inner_lr must be >= 0, got {c.inner_lr}")
+        if int(c.score_batch_size) <= 0:
+            raise ConfigError(f"method.score_batch_size must be > 0, got {c.score_batch_size}")
+        if c.inner_batches not in INNER_BATCHES:
             raise ConfigError(f"method.inner_batches must be one of {', '.join(INNER_BATCHES)}, "
-                              f"got {c.get('inner_batches')!r}")
+                              f"got {c.inner_batches!r}")
 
     # --- objectives -----------------------------------------------------------------------------------
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
@@ -154,7 +191,7 @@ class EPSD(OneShot):
                           gen=ctx.generator(f"{self.name}/{purpose}/sd"))
 
     def score_objective(self, ctx):
-        return self.make_objective(ctx, "score", epochs=1, augment=bool(self.cfg.get("score_augment", True)))
+        return self.make_objective(ctx, "score", epochs=1, augment=bool(self.cfg.score_augment))
 
     def retrain_objective(self, ctx):
         r = recipe(self.cfg.retrain, "method.retrain")
@@ -168,11 +205,11 @@ class EPSD(OneShot):
     def score(self, ctx, model: nn.Module) -> Scores:
         objective = self.score_objective(ctx)
         names = list(prunable_params(model, ctx.exclude))
-        batches = cycle_batches(ctx.data, int(self.cfg.get("score_batch_size", 128)),
-                                bool(self.cfg.get("score_augment", True)), ctx.generator("score"))
-        scores, samples = prospr_scores(model, objective, batches, int(self.cfg.get("inner_steps", 3)),
-                                        float(self.cfg.get("inner_lr", 0.1)), names,
-                                        fresh_batches=self.cfg.get("inner_batches", "fresh") == "fresh")
+        batches = cycle_batches(ctx.data, int(self.cfg.score_batch_size),
+                                bool(self.cfg.score_augment), ctx.generator("score"))
+        scores, samples = prospr_scores(model, objective, batches, int(self.cfg.inner_steps),
+                                        float(self.cfg.inner_lr), names,
+                                        fresh_batches=self.cfg.inner_batches == "fresh")
         st = ctx.current_stage
         st.samples += samples + getattr(objective, "extra_samples", 0)
         st.teacher_samples += getattr(objective, "teacher_samples", 0)
@@ -185,7 +222,7 @@ class EPSD(OneShot):
         masks = select(scores, ctx.sparsity, ctx.scope)
         apply_masks(model, masks)
         ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": st.seconds,
-                 "inner_steps": int(self.cfg.get("inner_steps", 3)), "sd": self.sd_name})
+                 "inner_steps": int(self.cfg.inner_steps), "sd": self.sd_name})
         ctx.record_metrics("pruned", model)
         objective = self.retrain_objective(ctx)
         ctx.train(model, self.cfg.retrain, objective, stage="retrain", masks=masks)
@@ -207,14 +244,13 @@ class EPG(EPSD):
     """
 
     name = "epg"
+    Config = EPGConfig
 
     @property
     def sd_name(self) -> str:
         return "ce"
 
-    def validate(self) -> None:
-        if self.cfg.get("sd") not in (None, "ce"):
-            raise ConfigError("method epg trains with plain CE; method.sd is not an option (use method=epsd)")
+    def validate(self) -> None:  # epg has no method.sd: Hydra refuses the key (use method=epsd)
         self._validate_common()
 
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):

@@ -8,8 +8,11 @@ sparsity follows ``s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³``; the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from ..config import ConfigError, recipe
+from omegaconf import MISSING
+
+from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from .base import Method
 from .imp import group_targets, magnitudes, removed, select_count
 from .masks import Masks, apply_masks, dense_masks, prunable_params
@@ -36,6 +39,16 @@ def schedule(total_steps: int, start: float, end: float, frequency: int) -> tupl
     return t0, n, frequency
 
 
+@dataclass
+class GMPConfig(MethodConfig):
+    start_from: str = MISSING  # dense | init
+    initial_sparsity: float = MISSING
+    start: float = MISSING  # t₀ as a fraction of the train steps
+    end: float = MISSING
+    frequency: int = MISSING  # Δt in optimizer steps
+    train: TrainRecipe = MISSING
+    retrain: TrainRecipe = MISSING
+
 class GMP(Method):
     """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017, arXiv 1710.01878, Eq. 1).
 
@@ -51,6 +64,7 @@ class GMP(Method):
     """
 
     name = "gmp"
+    Config = GMPConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -79,7 +93,7 @@ class GMP(Method):
         model = ctx.dense_student() if c.start_from == "dense" else ctx.new_model("student", name="init")
         from ..train import steps_per_epoch  # here: train imports pruning
         r = recipe(c.train, "method.train")
-        T = int(r.epochs) * steps_per_epoch(ctx.data, r.batch_size, ctx.cfg.get("max_batches"))
+        T = int(r.epochs) * steps_per_epoch(ctx.data, r.batch_size, ctx.cfg.max_batches)
         t0, n, dt = schedule(T, float(c.start), float(c.end), int(c.frequency))
         params = prunable_params(model, ctx.exclude)
         total = sum(p.numel() for p in params.values())

@@ -21,11 +21,15 @@ then trained from that initialisation with CE for ``retrain``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import params_for_scoring
 from .snip import PruneAtInit, bn_mode, scoring_copy
 
@@ -91,35 +95,45 @@ def hessian_gradient_product(model: nn.Module, params: dict, x: torch.Tensor, y:
     return dict(zip(names, g)), dict(zip(names, hg))
 
 
+@dataclass
+class GraSPConfig(MethodConfig):
+    temperature: float = MISSING
+    samples_per_class: int = MISSING
+    batching: str = MISSING  # halves (the reference) | shuffled
+    chunk_size: Optional[int] = MISSING
+    bn_mode: str = MISSING
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
+
 class GraSP(PruneAtInit):
     """GraSP (Wang et al. 2020, arXiv 2002.07376, eq. 8 and Algorithm 1): keep the largest ``θ ⊙ (H g)``."""
 
     name = "grasp"
+    Config = GraSPConfig
 
     def validate(self) -> None:
         c = self.cfg
-        if float(c.get("temperature", 200.0)) <= 0:
+        if float(c.temperature) <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {c.temperature}")
-        if int(c.get("samples_per_class", 10)) <= 0:
+        if int(c.samples_per_class) <= 0:
             raise ConfigError(f"method.samples_per_class must be > 0, got {c.samples_per_class}")
-        if c.get("chunk_size") is not None and int(c.chunk_size) <= 0:
+        if c.chunk_size is not None and int(c.chunk_size) <= 0:
             raise ConfigError(f"method.chunk_size must be > 0 or null (whole batch), got {c.chunk_size}")
-        if c.get("batching", "halves") not in ("halves", "shuffled"):
+        if c.batching not in ("halves", "shuffled"):
             raise ConfigError(f"method.batching must be halves or shuffled, got {c.get('batching')!r}")
-        if c.get("batching", "halves") == "halves" and c.get("chunk_size") is not None:
+        if c.batching == "halves" and c.chunk_size is not None:
             raise ConfigError("method.chunk_size splits the shuffled batch: set method.batching=shuffled "
                               "or chunk_size=null (with halves each half is one forward)")
-        bn_mode(c, "train")
+        bn_mode(c)
 
     def score(self, ctx, model):
         c = self.cfg
-        halves = c.get("batching", "halves") == "halves"
-        x, y = balanced_batch(ctx.data, int(c.get("samples_per_class", 10)), ctx.generator("grasp"),
+        halves = c.batching == "halves"
+        x, y = balanced_batch(ctx.data, int(c.samples_per_class), ctx.generator("grasp"),
                               by_class=halves)
-        scorer = scoring_copy(model, bn_mode(c, "train"))
+        scorer = scoring_copy(model, bn_mode(c))
         params = params_for_scoring(ctx, scorer)
-        _, hg = hessian_gradient_product(scorer, params, x, y, float(c.get("temperature", 200.0)),
-                                         c.get("chunk_size"), halves)
+        _, hg = hessian_gradient_product(scorer, params, x, y, float(c.temperature),
+                                         c.chunk_size, halves)
         ctx.current_stage.samples += 2 * y.shape[0]  # one gradient pass, one double-backprop pass
         with torch.no_grad():
             return {n: p.detach() * hg[n] for n, p in params.items()}

@@ -7,12 +7,14 @@ scope group, exact-count selection through :func:`masks.select`, and rewinding.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError, recipe
+from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from .base import Method
 from .magnitude import magnitude_scores as magnitudes
 from .masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
@@ -68,6 +70,13 @@ def next_count(prev: int, target: int, size: int, rate: float) -> int:
 
 
 # --- IMP -------------------------------------------------------------------------------------------
+@dataclass
+class IMPConfig(MethodConfig):
+    rate: float = MISSING  # fraction of the surviving weights removed per round
+    rewind_epoch: int = MISSING  # 0: rewind to θ₀; k: to the weights after epoch k of the first round
+    round: TrainRecipe = MISSING
+    retrain: TrainRecipe = MISSING
+
 class IMP(Method):
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019, arXiv 1803.03635, Strategy 1).
 
@@ -81,6 +90,7 @@ class IMP(Method):
     """
 
     name = "imp"
+    Config = IMPConfig
 
     def validate(self) -> None:
         c = self.cfg
@@ -112,7 +122,7 @@ class IMP(Method):
             t = time.perf_counter()
             hook = None
             if rewind_state is None:
-                spe = steps_per_epoch(ctx.data, recipe(c.round, "method.round").batch_size, ctx.cfg.get("max_batches"))
+                spe = steps_per_epoch(ctx.data, recipe(c.round, "method.round").batch_size, ctx.cfg.max_batches)
                 snap_step = k_rewind * spe
 
                 def hook(step, total_steps, model=model, snap_step=snap_step):

@@ -8,10 +8,13 @@ initialisation papers), after which ``retrain`` should be the full training budg
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError
+from ..config import MethodConfig, TrainRecipe
 from .base import OneShot, params_for_scoring
 from .masks import Scores
 
@@ -19,19 +22,12 @@ from .masks import Scores
 class MaybeAtInit(OneShot):
     """A one-shot method that prunes either the trained dense student or a fresh initialisation.
 
-    Not registered (no ``name``); subclasses set ``at_init_default``.
+    Not registered (no ``name``); ``method.at_init`` chooses.
     """
-
-    at_init_default = False
 
     @property
     def at_init(self) -> bool:
-        v = self.cfg.get("at_init", self.at_init_default)
-        return self.at_init_default if v is None else v
-
-    def validate(self) -> None:
-        if not isinstance(self.at_init, bool):
-            raise ConfigError(f"method.at_init must be true or false, got {self.at_init!r}")
+        return bool(self.cfg.at_init)
 
     def base_model(self, ctx) -> nn.Module:
         """The fresh seeded initialisation (``at_init``) or the trained dense student."""
@@ -43,11 +39,16 @@ def magnitude_scores(params) -> Scores:
     return {n: p.detach().abs() for n, p in params.items()}
 
 
+@dataclass
+class MagnitudeConfig(MethodConfig):
+    at_init: bool = MISSING
+    retrain: TrainRecipe = MISSING
+
 class Magnitude(MaybeAtInit):
     """Global (or per-layer) magnitude pruning: score ``|θ_j|`` (Han et al. 2015, arXiv 1506.02626, §3)."""
 
     name = "magnitude"
-    at_init_default = False
+    Config = MagnitudeConfig
 
     @torch.no_grad()
     def score(self, ctx, model):

@@ -9,18 +9,27 @@ probability ≈ 1−s independently of its layer.
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
 
+import torch
+from omegaconf import MISSING
+
+from ..config import MethodConfig, TrainRecipe, follow_student
 from .base import params_for_scoring
 from .magnitude import MaybeAtInit
 
+
+@dataclass
+class RandomConfig(MethodConfig):
+    at_init: bool = MISSING
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
 
 class RandomPrune(MaybeAtInit):
     """i.i.d. random scores; ``at_init`` (default true, our choice) prunes the fresh initialisation,
     ``at_init=false`` the trained dense student."""
 
     name = "random"
-    at_init_default = True
+    Config = RandomConfig
 
     @torch.no_grad()
     def score(self, ctx, model):

@@ -16,11 +16,14 @@ snip-public feeds ``is_train: False`` while pruning and Synaptic-Flow's ``prune_
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import OneShot, params_for_scoring
 
 
@@ -36,10 +39,10 @@ def scoring_copy(model: nn.Module, bn_mode: str) -> nn.Module:
     return m
 
 
-def bn_mode(cfg, default: str) -> str:
-    """``method.bn_mode`` (``train``: batch statistics | ``eval``: running statistics), checked; ``default``
-    is the method's reference choice (docs/methods.md §4)."""
-    mode = cfg.get("bn_mode", default)
+def bn_mode(cfg) -> str:
+    """``method.bn_mode`` (``train``: batch statistics | ``eval``: running statistics), checked; each method's
+    YAML holds its reference's choice (docs/methods.md §4)."""
+    mode = cfg.bn_mode
     if mode not in ("train", "eval"):
         raise ConfigError(f"method.bn_mode must be train or eval, got {mode!r}")
     return mode
@@ -76,26 +79,34 @@ def snip_scores(model: nn.Module, params: dict, batches, loss_fn) -> tuple[dict,
         return {n: (p * grads[n] / n_batches).abs() for n, p in params.items()}, samples
 
 
+@dataclass
+class SNIPConfig(MethodConfig):
+    batches: Optional[int] = MISSING  # null: one pass over the training set
+    batch_size: int = MISSING
+    bn_mode: str = MISSING  # eval (the references) | train
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
+
 class SNIP(PruneAtInit):
     """SNIP (Lee et al. 2019, arXiv 1810.02340, eq. 6): keep the largest ``|θ ⊙ ∂L/∂θ|`` at init."""
 
     name = "snip"
+    Config = SNIPConfig
 
     def validate(self) -> None:
         c = self.cfg
-        if c.get("batches", 1) is not None and int(c.get("batches", 1)) <= 0:
+        if c.batches is not None and int(c.batches) <= 0:
             raise ConfigError(f"method.batches must be > 0 or null (one pass), got {c.batches}")
-        if int(c.get("batch_size", 128)) <= 0:
+        if int(c.batch_size) <= 0:
             raise ConfigError(f"method.batch_size must be > 0, got {c.batch_size}")
-        bn_mode(c, "eval")
+        bn_mode(c)
 
     def score(self, ctx, model):
         c = self.cfg
-        scorer = scoring_copy(model, bn_mode(c, "eval"))
+        scorer = scoring_copy(model, bn_mode(c))
         params = params_for_scoring(ctx, scorer)
-        nb = c.get("batches", 1)
+        nb = c.batches
         batches = ((x, y) for x, y, _ in ctx.data.batches(
-            "train", int(c.get("batch_size", 128)), shuffle=True, gen=ctx.generator("snip"),
+            "train", int(c.batch_size), shuffle=True, gen=ctx.generator("snip"),
             max_batches=None if nb is None else int(nb)))
         scores, samples = snip_scores(scorer, params, batches, nn.functional.cross_entropy)
         ctx.current_stage.samples += samples

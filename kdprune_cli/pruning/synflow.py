@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import params_for_scoring
 from .masks import Masks, Scores, apply_masks, select
 from .snip import PruneAtInit
@@ -66,21 +68,28 @@ def schedule(sparsity: float, rounds: int) -> list[float]:
     return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds)] + [sparsity]
 
 
+@dataclass
+class SynFlowConfig(MethodConfig):
+    rounds: int = MISSING
+    double: bool = MISSING  # score in float64
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
+
 class SynFlow(PruneAtInit):
     """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
 
     name = "synflow"
+    Config = SynFlowConfig
 
     def validate(self) -> None:
-        if int(self.cfg.get("rounds", 100)) < 1:
+        if int(self.cfg.rounds) < 1:
             raise ConfigError(f"method.rounds must be >= 1, got {self.cfg.rounds}")
-        if not isinstance(self.cfg.get("double", True), bool):
+        if not isinstance(self.cfg.double, bool):
             raise ConfigError(f"method.double must be true or false, got {self.cfg.double!r}")
 
     def prune(self, ctx, model: nn.Module) -> Masks:
         """The iterative schedule; returns the final masks (``model`` itself is not changed)."""
-        rounds = int(self.cfg.get("rounds", 100))
-        lin = linearised_copy(model, bool(self.cfg.get("double", True)))
+        rounds = int(self.cfg.rounds)
+        lin = linearised_copy(model, bool(self.cfg.double))
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         masks: Masks | None = None
@@ -96,7 +105,7 @@ class SynFlow(PruneAtInit):
 
     def score(self, ctx, model):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
-        lin = linearised_copy(model, bool(self.cfg.get("double", True)))
+        lin = linearised_copy(model, bool(self.cfg.double))
         ctx.current_stage.samples += 1
         return synflow_scores(lin, params_for_scoring(ctx, lin),
                               (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
