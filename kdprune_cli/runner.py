@@ -58,7 +58,6 @@ class Context:
     cost: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     metrics_val: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
     job_id: Optional[str] = None  # set by run_job: training checkpoints go to <store>/jobs/<job_id>/
 
     def __post_init__(self):
@@ -66,11 +65,10 @@ class Context:
         self.current_stage: StageCost = StageCost()
         self._models: dict = {}
         self._calls: dict = {}  # stage -> number of train() calls so far (iterative methods train repeatedly)
-        self._artifact_ckpt: Optional[Path] = None
+        self._teacher: Optional[nn.Module] = None
+        self.artifact_metrics: dict = {}  # teacher / student: test (and val) metrics of the dense artifacts
 
     def _checkpoint(self, stage: str, n: int) -> Optional[Path]:
-        if self._artifact_ckpt is not None:
-            return self._artifact_ckpt
         if self.job_id is None or not self.cfg.store.enabled:
             return None
         return job_dir(self.cfg, self.job_id) / f"{stage}.{n}.pt"
@@ -112,8 +110,33 @@ class Context:
         try:
             yield st
         finally:
-            st.seconds += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            st.seconds += dt
+            prev.seconds -= dt  # a stage opened inside another (evaluate during gmp) is not the outer's time
             self.current_stage = prev
+
+    @contextlib.contextmanager
+    def count(self, *models: nn.Module, stage: Optional[str] = None):
+        """Count the samples pushed through ``models`` (and copies made of them meanwhile, e.g. a scoring
+        copy) into the open stage, or into ``stage`` (opened here): a forward with gradient is ``samples``, a
+        forward without (a self-teacher pass) or through the teacher is ``teacher_samples``. Methods call
+        this service instead of booking cost themselves."""
+        def hook(module, args):
+            if args and torch.is_tensor(args[0]):
+                st = self.current_stage
+                if module is self._teacher or not torch.is_grad_enabled():
+                    st.teacher_samples += args[0].shape[0]
+                else:
+                    st.samples += args[0].shape[0]
+
+        watched = [*models, *([self._teacher] if self._teacher is not None else [])]
+        handles = [m.register_forward_pre_hook(hook) for m in watched]
+        try:
+            with self.stage(stage) if stage else contextlib.nullcontext():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # --- training and evaluation -------------------------------------------------------------------
     def objective(self, kd: bool = False, **kw):
@@ -123,11 +146,13 @@ class Context:
         return Distill(self.teacher(), alpha=alpha, gamma=gamma, temperature=temperature, logit_norm=logit_norm)
 
     def train(self, model: nn.Module, recipe_node, objective, stage: str, masks: Optional[dict] = None,
-              step_hook=None, record: bool = True, data: Optional[DeviceData] = None) -> dict:
+              step_hook=None, record: bool = True, data: Optional[DeviceData] = None,
+              checkpoint: Optional[Path] = None) -> dict:
         """Train with the one loop; with ``record`` the cost is added to ``stage``.
 
         ``data`` trains (and evaluates for the log) on other splits than ``ctx.data``, e.g. COLT's class
-        partitions."""
+        partitions. ``checkpoint``: where to keep the per-epoch training checkpoint (an artifact's own
+        ``partial.pt``); by default the job's ``<store>/jobs/<job_id>/<stage>.<n>.pt``."""
         data = data if data is not None else self.data
         r = recipe(recipe_node, stage)
         n = self._calls[stage] = self._calls.get(stage, 0) + 1  # the n-th training of this stage (rounds)
@@ -135,7 +160,7 @@ class Context:
         with (self.stage(stage) if record else contextlib.nullcontext()) as st:
             stats = train(model, data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
-                          step_hook=step_hook, evaluate=ev, checkpoint=self._checkpoint(stage, n),
+                          step_hook=step_hook, evaluate=ev, checkpoint=checkpoint or self._checkpoint(stage, n),
                           max_batches=self.cfg.get("max_batches"))
             if record:
                 st.samples += stats["samples"]
@@ -182,8 +207,11 @@ class Context:
                 "recipe": self.recipe_spec(m.train, f"{role}.train")}
 
     def cached_model(self, stage: str, spec: dict, init: Callable[[], nn.Module],
-                     fit: Callable[[nn.Module], dict]) -> nn.Module:
-        """Return the model of a cached stage, making it (``fit(init())``) once if it is not stored."""
+                     fit: Callable[[nn.Module, Optional[Path]], dict]) -> nn.Module:
+        """Return the model of a cached stage, making it (``fit(init(), checkpoint)``) once if it is not stored.
+
+        ``checkpoint`` is the artifact's own training checkpoint (``partial.pt`` beside it; None without a
+        store), so a killed job's artifact resumes whichever job asks for it next."""
         if stage in self._models:
             model = init()
             model.load_state_dict(self._models[stage])
@@ -191,16 +219,10 @@ class Context:
         with self.stage(stage) as st:
             def create():
                 model = init()
-                # a killed job resumes this artifact's training from its own folder, whichever job asks next;
-                # resume=false never reads what an earlier attempt left there
-                if self.cfg.store.enabled:
-                    self._artifact_ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt"
-                    if not self.cfg.resume:
-                        self._artifact_ckpt.unlink(missing_ok=True)
-                try:
-                    stats = fit(model)
-                finally:
-                    self._artifact_ckpt = None
+                ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt" if self.cfg.store.enabled else None
+                if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
+                    ckpt.unlink(missing_ok=True)
+                stats = fit(model, ckpt)
                 return {"model": model.state_dict()}, {"cost": stats, "metrics": self._eval_all(model)}
 
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
@@ -215,7 +237,7 @@ class Context:
                 st.samples += meta["cost"]["samples"]
                 st.teacher_samples += meta["cost"]["teacher_samples"]
         self._models[stage] = state["model"]
-        self.extra.setdefault("artifact_metrics", {})[stage] = meta["metrics"]
+        self.artifact_metrics[stage] = meta["metrics"]
         model = init()
         model.load_state_dict(state["model"])
         return model
@@ -228,21 +250,21 @@ class Context:
                     model = self.new_model(role, name="dense")
                     load_checkpoint(m.checkpoint, model, f"{m.name} for {self.cfg.data.name}")
                     self._models[role] = model.state_dict()
-                self.extra.setdefault("artifact_metrics", {})[role] = self._eval_all(model)
+                self.artifact_metrics[role] = self._eval_all(model)
             model = self.new_model(role, name="dense")
             model.load_state_dict(self._models[role])
             return model
         return self.cached_model(role, self.spec(role), lambda: self.new_model(role, seed=m.seed, name="dense"),
-                                 lambda model: self.train(model, m.train, CrossEntropy(), stage=role, record=False))
+                                 lambda model, ck: self.train(model, m.train, CrossEntropy(), stage=role, record=False,
+                                                              checkpoint=ck))
 
     def teacher(self) -> nn.Module:
         """The trained dense teacher, frozen, in eval mode (trained once per spec, then loaded)."""
-        if "_teacher" not in self.extra:
-            t = self._dense("teacher").eval()
-            for p in t.parameters():
+        if self._teacher is None:
+            self._teacher = self._dense("teacher").eval()
+            for p in self._teacher.parameters():
                 p.requires_grad_(False)
-            self.extra["_teacher"] = t
-        return self.extra["_teacher"]
+        return self._teacher
 
     def dense_student(self) -> nn.Module:
         """A fresh copy of the trained dense student (methods may change it)."""
@@ -521,9 +543,10 @@ def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
     ctx.dense_student()
     for role in ("teacher", "student"):
         key = "teacher" if role == "teacher" else "dense_student"
-        ctx.record_metrics(key, None, cached=ctx.extra["artifact_metrics"][role])
+        ctx.record_metrics(key, None, cached=ctx.artifact_metrics[role])
 
-    model, masks = method.run(ctx)
+    result = method.run(ctx)
+    model, masks = result.model, result.masks
     assert_masked(model, masks)
     ctx.record_metrics("final", model)
     sp = sparsity_report(model, ctx.exclude)
@@ -537,8 +560,7 @@ def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
     })
     if cfg.eval.latency:
         record["latency_ms"] = {"pruned": latency_ms(model, shape), "dense": latency_ms(ctx.dense_student(), shape)}
-    if "gamma" in ctx.extra:
-        record["gamma"] = ctx.extra["gamma"]
+    record.update(result.facts)
     atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                  "masks": masks_to_cpu(masks), "model": cfg.student.name,
                  "dataset": cfg.data.name}, run_dir / "model.pt")

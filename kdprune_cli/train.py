@@ -69,6 +69,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     start = time.perf_counter()
     device = next(model.parameters()).device
     samples, t0 = 0, getattr(objective, "teacher_samples", 0)
+    x0 = getattr(objective, "extra_samples", 0)  # passes an objective makes itself (DLB's last batch)
     epochs = int(recipe.epochs)
     if epochs <= 0:
         return {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
@@ -124,7 +125,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
             log(rec)
         if checkpoint is not None:
             so_far = {"seconds": done_before["seconds"] + time.perf_counter() - start,
-                      "samples": done_before["samples"] + samples,
+                      "samples": done_before["samples"] + samples + getattr(objective, "extra_samples", 0) - x0,
                       "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
             atomic_save({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                          "gen": gen.get_state(), "masks": masks if masks is not None else {},
@@ -134,7 +135,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     if masks is not None:
         assert_masked(model, masks)
     return {"seconds": done_before["seconds"] + time.perf_counter() - start,
-            "samples": done_before["samples"] + samples,
+            "samples": done_before["samples"] + samples + getattr(objective, "extra_samples", 0) - x0,
             "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
 
 

@@ -363,6 +363,7 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
     equal a float64 ranking, keep the input connected to the output and keep weights in every layer — except
     1×1 projection shortcuts, which SynFlow itself empties at these depths (their flow is orders of magnitude
     below the parallel 3×3 branch's; the residual branch still connects, so this is not a layer collapse)."""
+    import contextlib
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
@@ -374,7 +375,7 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
     torch.manual_seed(0)
     net = build_model(arch, 10, 3, size)
     ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), sparsity=0.9, scope="global",
-                          exclude=[], current_stage=SimpleNamespace(samples=0), log=lambda rec: None)
+                          exclude=[], log=lambda rec: None, count=lambda *m, **k: contextlib.nullcontext())
     masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net)
     want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)
     assert list(masks) == list(want)

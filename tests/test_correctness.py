@@ -298,7 +298,7 @@ def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
     held.wait()
     t0 = time.perf_counter()
     ctx.cached_model("probe", spec, lambda: ctx.new_model("student"),
-                     lambda m: {"seconds": 0.0, "samples": 0, "teacher_samples": 0})
+                     lambda m, ck: {"seconds": 0.0, "samples": 0, "teacher_samples": 0})
     elapsed = time.perf_counter() - t0
     t.join()
     st = ctx.cost["probe"]

@@ -1,12 +1,13 @@
 """The method interface and the shared one-shot flow (score → global threshold → retrain).
 
-A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns the final pruned model
-and its masks. ``ctx`` is the runner's :class:`~kdprune_cli.runner.Context`; it gives the data, the
+A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns a :class:`Result`: the final
+pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``). ``ctx`` is the runner's :class:`~kdprune_cli.runner.Context`; it gives the data, the
 teacher and dense student (cached artifacts), seeded generators, the one trainer and the evaluator,
 and records the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict
 
 from hydra.core.config_store import ConfigStore
@@ -17,6 +18,18 @@ from ..config import MethodConfig
 from .masks import Masks, Scores, apply_masks, prunable_params, select
 
 REGISTRY: Dict[str, type["Method"]] = {}
+
+
+@dataclass
+class Result:
+    """What a method hands back to the runner (``model, masks = result`` unpacks the first two)."""
+
+    model: nn.Module
+    masks: Masks
+    facts: dict = field(default_factory=dict)  # top-level record keys, e.g. {"gamma": 0.97}
+
+    def __iter__(self):
+        return iter((self.model, self.masks))
 
 
 class Method:
@@ -40,7 +53,7 @@ class Method:
     def validate(self) -> None:
         """Check method-specific options; raise ConfigError."""
 
-    def run(self, ctx) -> tuple[nn.Module, Masks]:
+    def run(self, ctx) -> Result:
         raise NotImplementedError
 
 
@@ -57,15 +70,19 @@ class OneShot(Method):
     def retrain_objective(self, ctx):
         return ctx.objective(kd=False)
 
-    def run(self, ctx) -> tuple[nn.Module, Masks]:
+    def facts(self) -> dict:
+        """Facts of this run for the record (none by default)."""
+        return {}
+
+    def run(self, ctx) -> Result:
         model = self.base_model(ctx)
-        with ctx.stage("score"):
+        with ctx.count(stage="score"):
             scores = self.score(ctx, model)
         masks = select(scores, ctx.sparsity, ctx.scope)
         apply_masks(model, masks)
         ctx.record_metrics("pruned", model)
         ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
-        return model, masks
+        return Result(model, masks, self.facts())
 
 
 def params_for_scoring(ctx, model: nn.Module) -> Dict[str, nn.Parameter]:

@@ -36,6 +36,7 @@ class CAKLDConfig(MethodConfig):
 
 class CAKLD(OneShot):
     name = "cakld"
+    _gamma = None  # measured once per job (gamma: auto), then a fact of the result
     Config = CAKLDConfig
 
     @property
@@ -58,16 +59,18 @@ class CAKLD(OneShot):
     def gamma(self, ctx) -> float:
         """γ: fixed, or the teacher's mean max-probability over ``gamma_batches`` training batches."""
         if self.cfg.gamma != "auto":
-            ctx.extra["gamma"] = float(self.cfg.gamma)
-        if "gamma" not in ctx.extra:
+            self._gamma = float(self.cfg.gamma)
+        if self._gamma is None:
             teacher = ctx.teacher()
             batches = ((x, y) for x, y, _ in ctx.data.batches(
                 "train", self.cfg.finetune.batch_size, shuffle=True, gen=ctx.generator("gamma"),
                 max_batches=int(self.cfg.gamma_batches)))
-            with ctx.stage("gamma") as st:
-                ctx.extra["gamma"] = losses.teacher_confidence(teacher, batches)
-                st.teacher_samples += min(len(ctx.data.train), self.cfg.gamma_batches * self.cfg.finetune.batch_size)
-        return ctx.extra["gamma"]
+            with ctx.count(teacher, stage="gamma"):
+                self._gamma = losses.teacher_confidence(teacher, batches)
+        return self._gamma
+
+    def facts(self) -> dict:
+        return {"gamma": self._gamma}
 
     @property
     def logit_std(self) -> str:
@@ -86,8 +89,8 @@ class CAKLD(OneShot):
                 "logit_std": self.logit_std,
                 "recipe": ctx.recipe_spec(self.cfg.finetune, "method.finetune"), "seed": ctx.seed}
         return ctx.cached_model("finetune", spec, ctx.dense_student,
-                                lambda m: ctx.train(m, self.cfg.finetune, self.distill_objective(ctx),
-                                                    stage="finetune", record=False))
+                                lambda m, ck: ctx.train(m, self.cfg.finetune, self.distill_objective(ctx),
+                                                        stage="finetune", record=False, checkpoint=ck))
 
     def score(self, ctx, model):
         """Step 4: Σ over batches of |θ ⊙ ∇θ L_total|, BN in eval mode."""
@@ -97,17 +100,15 @@ class CAKLD(OneShot):
         model.eval()
         n_batches = self.cfg.score_batches
         bs = int(self.cfg.score_batch_size)
-        st = ctx.current_stage
-        for x, y, idx in ctx.data.batches("train", bs, shuffle=n_batches is not None,
-                                          gen=ctx.generator("score"), max_batches=n_batches):
-            model.zero_grad(set_to_none=True)
-            loss, _ = objective(model, x, y, idx)
-            loss.backward()
-            with torch.no_grad():
-                for n, p in params.items():
-                    scores[n] += (p * p.grad).abs()
-            st.samples += x.shape[0]
-            st.teacher_samples += x.shape[0]
+        with ctx.count(model):
+            for x, y, idx in ctx.data.batches("train", bs, shuffle=n_batches is not None,
+                                              gen=ctx.generator("score"), max_batches=n_batches):
+                model.zero_grad(set_to_none=True)
+                loss, _ = objective(model, x, y, idx)
+                loss.backward()
+                with torch.no_grad():
+                    for n, p in params.items():
+                        scores[n] += (p * p.grad).abs()
         model.zero_grad(set_to_none=True)
         model.train()
         return scores

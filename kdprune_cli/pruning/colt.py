@@ -21,7 +21,7 @@ from torch import nn
 from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from ..data import Split
 from ..models import build_model
-from .base import Method
+from .base import Method, Result
 from .imp import clone_state, group_targets, magnitudes, next_count, removed, rewind, select_count
 from .masks import Masks, dense_masks, prunable_modules
 
@@ -190,7 +190,7 @@ class COLT(Method):
             self._masks = M
             for model, data in zip(models, datas):
                 self.train_on(ctx, model, data)
-            with ctx.stage("colt"):
+            with ctx.count(stage="colt"):
                 named = [dict(m.named_parameters()) for m in models]
                 scores = [magnitudes({n: nm[n] for n in convs}) for nm in named]
                 per_model: List[Masks] = [{} for _ in models]
@@ -220,4 +220,4 @@ class COLT(Method):
         rewind(full, theta0, masks)
         ctx.record_metrics("pruned", full)
         ctx.train(full, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
-        return full, masks
+        return Result(full, masks)

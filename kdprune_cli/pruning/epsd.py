@@ -22,6 +22,7 @@ model exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -32,7 +33,7 @@ from torch.func import functional_call
 
 from .. import self_distillation as sd
 from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student, recipe
-from .base import OneShot
+from .base import OneShot, Result
 from .masks import Scores, apply_masks, prunable_params, select
 
 INNER_BATCHES = ("fresh", "same")
@@ -207,29 +208,25 @@ class EPSD(OneShot):
         names = list(prunable_params(model, ctx.exclude))
         batches = cycle_batches(ctx.data, int(self.cfg.score_batch_size),
                                 bool(self.cfg.score_augment), ctx.generator("score"))
-        scores, samples = prospr_scores(model, objective, batches, int(self.cfg.inner_steps),
-                                        float(self.cfg.inner_lr), names,
-                                        fresh_batches=self.cfg.inner_batches == "fresh")
-        st = ctx.current_stage
-        st.samples += samples + getattr(objective, "extra_samples", 0)
-        st.teacher_samples += getattr(objective, "teacher_samples", 0)
+        with ctx.count(model):
+            scores, _ = prospr_scores(model, objective, batches, int(self.cfg.inner_steps),
+                                      float(self.cfg.inner_lr), names,
+                                      fresh_batches=self.cfg.inner_batches == "fresh")
         return scores
 
     def run(self, ctx):
         model = self.base_model(ctx)
-        with ctx.stage("score") as st:
+        t = time.perf_counter()
+        with ctx.count(stage="score"):
             scores = self.score(ctx, model)
         masks = select(scores, ctx.sparsity, ctx.scope)
         apply_masks(model, masks)
-        ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": st.seconds,
+        ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": time.perf_counter() - t,
                  "inner_steps": int(self.cfg.inner_steps), "sd": self.sd_name})
         ctx.record_metrics("pruned", model)
         objective = self.retrain_objective(ctx)
         ctx.train(model, self.cfg.retrain, objective, stage="retrain", masks=masks)
-        extra = getattr(objective, "extra_samples", 0)
-        if extra:  # DLB re-forwards the last batch with gradient; the trainer counts only its own batch
-            ctx.cost["retrain"].samples += extra
-        return model, masks
+        return Result(model, masks)
 
 
 class EPG(EPSD):

@@ -132,8 +132,7 @@ class GraSP(PruneAtInit):
                               by_class=halves)
         scorer = scoring_copy(model, bn_mode(c))
         params = params_for_scoring(ctx, scorer)
-        _, hg = hessian_gradient_product(scorer, params, x, y, float(c.temperature),
-                                         c.chunk_size, halves)
-        ctx.current_stage.samples += 2 * y.shape[0]  # one gradient pass, one double-backprop pass
+        with ctx.count(scorer):
+            _, hg = hessian_gradient_product(scorer, params, x, y, float(c.temperature), c.chunk_size, halves)
         with torch.no_grad():
             return {n: p.detach() * hg[n] for n, p in params.items()}

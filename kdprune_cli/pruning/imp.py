@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
-from .base import Method
+from .base import Method, Result
 from .magnitude import magnitude_scores as magnitudes
 from .masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
 
@@ -134,7 +134,7 @@ class IMP(Method):
                 if self.rewind_state is None:  # k = the round's last epoch: the weights after training
                     self.rewind_state = clone_state(model)
                 rewind_state = self.rewind_state
-            with ctx.stage("imp"):
+            with ctx.count(stage="imp"):
                 scores = magnitudes(prunable_params(model, ctx.exclude))
                 new: Masks = {}
                 for names, k in groups:
@@ -147,4 +147,4 @@ class IMP(Method):
         self.rounds = r
         ctx.record_metrics("pruned", model)
         ctx.train(model, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
-        return model, masks
+        return Result(model, masks)

@@ -108,6 +108,6 @@ class SNIP(PruneAtInit):
         batches = ((x, y) for x, y, _ in ctx.data.batches(
             "train", int(c.batch_size), shuffle=True, gen=ctx.generator("snip"),
             max_batches=None if nb is None else int(nb)))
-        scores, samples = snip_scores(scorer, params, batches, nn.functional.cross_entropy)
-        ctx.current_stage.samples += samples
+        with ctx.count(scorer):
+            scores, _ = snip_scores(scorer, params, batches, nn.functional.cross_entropy)
         return scores

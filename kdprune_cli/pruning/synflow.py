@@ -28,7 +28,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
-from .base import params_for_scoring
+from .base import Result, params_for_scoring
 from .masks import Masks, Scores, apply_masks, select
 from .snip import PruneAtInit
 
@@ -93,28 +93,27 @@ class SynFlow(PruneAtInit):
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         masks: Masks | None = None
-        st = ctx.current_stage
         for k, s_k in enumerate(schedule(ctx.sparsity, rounds), start=1):
             t = time.perf_counter()
-            scores = synflow_scores(lin, params, shape)
+            with ctx.count(lin):
+                scores = synflow_scores(lin, params, shape)
             masks = select(scores, s_k, ctx.scope, keep=masks)
             apply_masks(lin, masks)
-            st.samples += 1
             ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
         return masks
 
     def score(self, ctx, model):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
         lin = linearised_copy(model, bool(self.cfg.double))
-        ctx.current_stage.samples += 1
-        return synflow_scores(lin, params_for_scoring(ctx, lin),
-                              (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
+        with ctx.count(lin):
+            return synflow_scores(lin, params_for_scoring(ctx, lin),
+                                  (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
 
     def run(self, ctx):
         model = self.base_model(ctx)
-        with ctx.stage("score"):
+        with ctx.count(stage="score"):
             masks = self.prune(ctx, model)
         apply_masks(model, masks)
         ctx.record_metrics("pruned", model)
         ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
-        return model, masks
+        return Result(model, masks)
