@@ -3,7 +3,9 @@ after a multirun, say which jobs failed and exit non-zero if any did."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ def check_output_folder(folder: str) -> None:
 
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / ".kdprune-write-check"
+        probe = Path(folder) / f".kdprune-write-check-{os.getpid()}-{threading.get_ident()}"  # one per writer
         atomic_write_json({}, probe)
         probe.unlink()
     except OSError as e:

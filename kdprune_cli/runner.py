@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import platform
 import signal
@@ -432,7 +433,7 @@ def validate(cfg: DictConfig) -> None:
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and write a file into it, so an unwritable or full folder fails before training."""
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".kdprune-write-check"
+    probe = folder / f".kdprune-write-check-{os.getpid()}-{threading.get_ident()}"  # one per writer
     atomic_write_json({}, probe)
     probe.unlink()
 
