@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_mask.py
+	$(PY) scripts/bench_ingest.py
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

@@ -1,5 +1,6 @@
-"""Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not);
-after a multirun, say which jobs failed and exit non-zero if any did."""
+"""Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not), and
+that a local Ray instance can start the jobs it is given; after a multirun, say which jobs failed and exit
+non-zero if any did."""
 from __future__ import annotations
 
 import json
@@ -46,12 +47,41 @@ def check_output_folder(folder: str) -> None:
         sys.exit(2)
 
 
+def ray_gpu_problem(launcher: DictConfig) -> str | None:
+    """Why a Ray launcher config could start no job (a local instance without the GPUs a job asks for), or None.
+
+    Ray would otherwise wait for ever for a GPU that never comes. Only a local instance is checked
+    (``ray.init.address`` null and no ``RAY_ADDRESS``): a cluster's GPUs are the cluster's business.
+    """
+    if "hydra_ray_launcher" not in str(launcher.get("_target_", "")):
+        return None
+    ray = launcher.get("ray") or {}
+    init, remote = ray.get("init") or {}, ray.get("remote") or {}
+    want = float(remote.get("num_gpus") or 0)
+    if want <= 0 or init.get("address") not in (None, "", "local") or os.environ.get("RAY_ADDRESS"):
+        return None
+    have = init.get("num_gpus")
+    if have is None:
+        import torch
+
+        have = torch.cuda.device_count()
+    if float(have) >= want:
+        return None
+    return (f"hydra.launcher.ray.remote.num_gpus={remote.get('num_gpus')} but the local Ray instance has "
+            f"{have} GPU(s), so no job could start: set hydra.launcher.ray.remote.num_gpus=0 for CPU jobs, or "
+            f"hydra.launcher.ray.init.address=auto (or ray://HOST:10001) for a cluster with GPUs")
+
+
 class SweepSummary(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_output_folder(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_output_folder(config.hydra.sweep.dir)
+        problem = ray_gpu_problem(config.hydra.launcher)
+        if problem is not None:
+            print(f"kdprune: error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -43,6 +43,48 @@ def test_tiny_imagenet_layout(tmp_path):
     assert yte.tolist() == [i % 3 for i in range(6)]  # from val_annotations.txt
 
 
+def _pil_reference(paths):
+    """What the reader gave before it decoded in parallel: PIL, one file at a time, converted to RGB."""
+    from PIL import Image
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths])
+                            ).permute(0, 3, 1, 2).contiguous()
+
+
+def test_tiny_imagenet_parallel_decode_is_pil_bit_for_bit(tmp_path, monkeypatch):
+    from PIL import Image
+    import kdprune_cli.data as data_mod
+    monkeypatch.setattr(data_mod, "_DECODE_CHUNK", 3)  # several chunks on the pool, and a ragged last one
+    base = write_tiny_imagenet(tmp_path, per_class=5, val=7)
+    rng = np.random.default_rng(1)
+    extra = base / "train" / "n01443537" / "images"
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(extra / "z_gray.JPEG", quality=90)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "CMYK").save(extra / "z_cmyk.JPEG")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(extra / "z_png.JPEG", format="PNG")
+    (xtr, ytr), (xte, yte) = read_raw("tinyimagenet", base, download=False)
+    train = [p for w in ("n01443537", "n01629819", "n01641577") for p in sorted((base / "train" / w / "images").glob("*"))]
+    val = [base / "val" / "images" / f"val_{i}.JPEG" for i in range(7)]
+    assert len(train) == 18 and ytr.tolist() == [0] * 8 + [1] * 5 + [2] * 5
+    for got, ref in ((xtr, _pil_reference(train)), (xte, _pil_reference(val))):
+        assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, ref)  # exact, no tolerance
+    gray = xtr[train.index(extra / "z_gray.JPEG")]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])  # grayscale comes out 3-channel
+
+
+@pytest.mark.parametrize("bad", ["small", "empty", "truncated"])
+def test_tiny_imagenet_bad_image_is_an_error_naming_the_file(tmp_path, bad):
+    from PIL import Image
+    base = write_tiny_imagenet(tmp_path)
+    f = base / "train" / "n01629819" / "images" / "n01629819_2.JPEG"
+    if bad == "small":
+        Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(f)
+        match = "n01629819_2.JPEG is 64×48 pixels, not 64×64"
+    else:
+        f.write_bytes(b"" if bad == "empty" else f.read_bytes()[:300])
+        match = "n01629819_2.JPEG could not be read as an image"
+    with pytest.raises(DataError, match=match):
+        read_raw("tinyimagenet", base, download=False)
+
+
 def test_cache_is_written_once_and_reused(tmp_path):
     base = write_tiny_imagenet(tmp_path)
     a = load_cached("tinyimagenet", base, False, tmp_path / "cache")
