@@ -78,11 +78,6 @@ def test_ray_asking_for_a_gpu_the_local_instance_lacks_is_one_error_line(monkeyp
     assert ray_gpu_problem(OmegaConf.create({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})) is None
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="runner.check_writable gives every job the same probe file, .kdprune-write-check, so "
-                          "jobs starting together in one store unlink each other's probe (FileNotFoundError: the "
-                          "job fails). Fix in kdprune_cli/runner.py: a probe name per process and thread; then "
-                          "drop this mark")
 def test_jobs_starting_together_check_the_store_without_tripping_on_each_other(tmp_path):
     import threading
     from kdprune_cli.runner import check_writable
