@@ -1,8 +1,9 @@
 """One job: config → data → teacher → dense student → method (score, prune, retrain) → evaluate → record.
 
 The :class:`Context` is what a method sees: data, cached teacher and dense student, seeded generators,
-the one trainer, the evaluator, and per-stage cost accounting. :func:`run_job` writes ``results.json``
-atomically at the end, ``status: failed`` with the error when anything raises.
+the one trainer (which books its own cost), the evaluator and the counting service :meth:`Context.count`;
+a method returns a :class:`~kdprune_cli.pruning.base.Result`. :func:`run_job` validates everything first,
+then writes ``results.json`` atomically, last (``status: failed`` with the error when anything raises).
 """
 from __future__ import annotations
 
@@ -22,14 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import __version__
-from . import config
+from . import __version__, config
 from .config import ConfigError, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
 from .evaluate import count_flops, evaluate, latency_ms
 from .loggers import RunLogger
 from .models import build_model, is_known, model_names
-from .objectives import CrossEntropy, Distill
+from .objectives import CrossEntropy
 from .pruning import get_method, method_names
 from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
 from .store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
@@ -140,11 +140,11 @@ class Context:
                 h.remove()
 
     # --- training and evaluation -------------------------------------------------------------------
-    def objective(self, kd: bool = False, **kw):
-        return self.distill(**kw) if kd else CrossEntropy()
-
-    def distill(self, *, alpha: float, gamma: float, temperature: float, logit_norm: bool) -> Distill:
-        return Distill(self.teacher(), alpha=alpha, gamma=gamma, temperature=temperature, logit_norm=logit_norm)
+    def objective(self, kd: bool = False):
+        """Plain CE (distilling methods build their objective with :meth:`teacher`)."""
+        if kd:
+            raise ValueError("ctx.objective gives CE only; build the distillation objective with ctx.teacher()")
+        return CrossEntropy()
 
     def train(self, model: nn.Module, recipe_node, objective, stage: str, masks: Optional[dict] = None,
               step_hook=None, record: bool = True, data: Optional[DeviceData] = None,
