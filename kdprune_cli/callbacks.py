@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,10 @@ def check_output_folder(folder: str) -> None:
     """Create ``folder`` and write a probe file; an unwritable, full or impossible folder ends the program
     with one line and exit status 2 before Hydra or any job writes there."""
     from .cli import storage_error
-    from .store import atomic_write_json
+    from .store import check_writable
 
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / f".kdprune-write-check-{os.getpid()}-{threading.get_ident()}"  # one per writer
-        atomic_write_json({}, probe)
-        probe.unlink()
+        check_writable(folder)
     except OSError as e:
         print(f"kdprune: error: {storage_error(e) or e}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import platform
 import signal
@@ -32,7 +31,8 @@ from .models import build_model, is_known, model_names
 from .objectives import CrossEntropy
 from .pruning import get_method, method_names
 from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
-from .store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
+from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash, file_digest,
+                    warn)
 from .train import train
 
 
@@ -140,10 +140,8 @@ class Context:
                 h.remove()
 
     # --- training and evaluation -------------------------------------------------------------------
-    def objective(self, kd: bool = False):
+    def objective(self):
         """Plain CE (distilling methods build their objective with :meth:`teacher`)."""
-        if kd:
-            raise ValueError("ctx.objective gives CE only; build the distillation objective with ctx.teacher()")
         return CrossEntropy()
 
     def train(self, model: nn.Module, recipe_node, objective, stage: str, masks: Optional[dict] = None,
@@ -428,14 +426,6 @@ def validate(cfg: DictConfig) -> None:
         check_exclude(build_model(cfg.student.name, classes, channels, size), cfg.prune.exclude)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a file into it, so an unwritable or full folder fails before training."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".kdprune-write-check-{os.getpid()}-{threading.get_ident()}"  # one per writer
-    atomic_write_json({}, probe)
-    probe.unlink()
 
 
 def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:

@@ -124,7 +124,7 @@ def _torch_save(obj: Any, fd: int) -> None:
     sink = _Sink(fd)
     try:
         torch.save(obj, sink)
-    except Exception as e:
+    except Exception:
         if sink.error is not None:
             raise sink.error from None
         raise
@@ -195,6 +195,16 @@ def clean_orphans(root: str | os.PathLike, max_age: float = ORPHAN_AGE) -> int:
             except OSError:
                 continue
     return removed
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` and write a probe file into it (one per writer), so an unwritable, full or impossible
+    folder raises ``OSError`` before any work is done there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".kdprune-write-check-{os.getpid()}-{threading.get_ident()}"
+    atomic_write_json({}, probe)
+    probe.unlink()
 
 
 def file_lock(path: str | os.PathLike, timeout: float = -1) -> FileLock:

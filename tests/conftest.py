@@ -29,6 +29,27 @@ def compose_cfg(overrides=()):
         return compose("config", overrides=list(overrides))
 
 
+def hold_lock(path, seconds: float):
+    """Hold ``file_lock(path)`` in a thread for ``seconds`` (another job making the artifact); returns the
+    started thread once the lock is held."""
+    import threading
+    import time
+
+    from kdprune_cli.store import file_lock
+
+    held = threading.Event()
+
+    def holder():
+        with file_lock(path):
+            held.set()
+            time.sleep(seconds)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(10)
+    return t
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """``tiny_cfg(*overrides)``: the quickstart config made tiny, with the store under ``tmp_path``."""

@@ -22,8 +22,9 @@ from kdprune_cli import runner
 from kdprune_cli.config import ConfigError
 from kdprune_cli.models import build_model
 from kdprune_cli.runner import CheckpointError, Interrupted, run_job
-from kdprune_cli.store import config_hash, file_lock
+from kdprune_cli.store import config_hash
 
+from conftest import hold_lock
 from fakedata import write_cifar
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
@@ -286,16 +287,7 @@ def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
     spec = {"what": "lock-wait test"}
     d = ctx.store.dir("probe", config_hash(spec))
     d.mkdir(parents=True)
-    held = threading.Event()
-
-    def holder():
-        with file_lock(d / "stage"):
-            held.set()
-            time.sleep(1.5)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait()
+    t = hold_lock(d / "stage", 1.5)
     t0 = time.perf_counter()
     ctx.cached_model("probe", spec, lambda: ctx.new_model("student"),
                      lambda m, ck: {"seconds": 0.0, "samples": 0, "teacher_samples": 0})

@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import hold_lock
 from kdprune_cli import store
-from kdprune_cli.store import (Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest,
-                               file_lock, warn)
+from kdprune_cli.store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
 
 
 @pytest.fixture
@@ -234,17 +233,7 @@ def test_waiting_for_another_jobs_lock_is_measured(tmp_path):
     spec = {"x": 5}
     d = s.dir("teacher", config_hash(spec))
     d.mkdir(parents=True)
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with file_lock(d / "stage"):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(10)
-    threading.Timer(0.5, release.set).start()
+    t = hold_lock(d / "stage", 0.5)
     s.get_or_create("teacher", spec, lambda: ({"w": torch.ones(1)}, {}))
     t.join()
     assert 0.3 < s.waited < 5.0

@@ -68,7 +68,7 @@ class OneShot(Method):
         raise NotImplementedError
 
     def retrain_objective(self, ctx):
-        return ctx.objective(kd=False)
+        return ctx.objective()
 
     def facts(self) -> dict:
         """Facts of this run for the record (none by default)."""

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -114,4 +114,4 @@ class CAKLD(OneShot):
         return scores
 
     def retrain_objective(self, ctx):
-        return self.distill_objective(ctx) if self.retrain_kd else ctx.objective(kd=False)
+        return self.distill_objective(ctx) if self.retrain_kd else ctx.objective()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -157,7 +157,7 @@ class COLT(Method):
 
     def train_on(self, ctx, model, data) -> None:
         """One round's training of a partition model on its partition's splits."""
-        ctx.train(model, self.cfg.round, ctx.objective(kd=False), stage="colt", masks=self._masks, data=data)
+        ctx.train(model, self.cfg.round, ctx.objective(), stage="colt", masks=self._masks, data=data)
 
     def run(self, ctx):
         c = self.cfg
@@ -219,5 +219,5 @@ class COLT(Method):
         masks.update(M)
         rewind(full, theta0, masks)
         ctx.record_metrics("pruned", full)
-        ctx.train(full, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
+        ctx.train(full, c.retrain, ctx.objective(), stage="retrain", masks=masks)
         return Result(full, masks)

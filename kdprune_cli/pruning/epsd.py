@@ -251,4 +251,4 @@ class EPG(EPSD):
         self._validate_common()
 
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
-        return ctx.objective(kd=False)
+        return ctx.objective()

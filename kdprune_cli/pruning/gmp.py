@@ -7,7 +7,7 @@ sparsity follows ``s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³``; the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omegaconf import MISSING
 
@@ -118,10 +118,10 @@ class GMP(Method):
             if j == n:
                 ctx.record_metrics("pruned", model)  # its time is "evaluate"'s, not "gmp"'s
 
-        ctx.train(model, c.train, ctx.objective(kd=False), stage="gmp", masks=masks, step_hook=hook)
+        ctx.train(model, c.train, ctx.objective(), stage="gmp", masks=masks, step_hook=hook)
         got = removed(masks)
         if got != sum(k for _, k in groups):
             raise AssertionError(f"GMP schedule ended with {got} weights removed, expected the target")
-        ctx.train(model, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
+        ctx.train(model, c.retrain, ctx.objective(), stage="retrain", masks=masks)
         return Result(model, masks)
 

@@ -7,7 +7,7 @@ scope group, exact-count selection through :func:`masks.select`, and rewinding.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
 import torch
@@ -129,7 +129,7 @@ class IMP(Method):
                     if step == snap_step:
                         self.rewind_state = clone_state(model)
 
-            ctx.train(model, c.round, ctx.objective(kd=False), stage="imp", masks=masks, step_hook=hook)
+            ctx.train(model, c.round, ctx.objective(), stage="imp", masks=masks, step_hook=hook)
             if rewind_state is None:
                 if self.rewind_state is None:  # k = the round's last epoch: the weights after training
                     self.rewind_state = clone_state(model)
@@ -146,5 +146,5 @@ class IMP(Method):
                      "seconds": time.perf_counter() - t})
         self.rounds = r
         ctx.record_metrics("pruned", model)
-        ctx.train(model, c.retrain, ctx.objective(kd=False), stage="retrain", masks=masks)
+        ctx.train(model, c.retrain, ctx.objective(), stage="retrain", masks=masks)
         return Result(model, masks)

@@ -8,7 +8,7 @@ initialisation papers), after which ``retrain`` should be the full training budg
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from omegaconf import MISSING
