@@ -81,6 +81,10 @@ class ModelConfig:
 class PruneConfig:
     scope: str = "global"  # global | layer
     exclude: List[str] = field(default_factory=list)
+    granularity: str = "weight"  # weight (masks) | channel (coupled channel groups, physically removed)
+    target: str = "params"  # channel: sparsity is the fraction of prunable weights (params) or of MACs removed
+    reduce: str = "sum"  # channel: a channel's importance is the sum | mean of its weights' scores
+    round_to: int = 1  # channel: keep a multiple of this many channels in every group (e.g. 8 or 16)
 
 
 @dataclass
@@ -111,7 +115,10 @@ class StoreConfig:
 class EvalConfig:
     batch_size: int = 1000
     ece_bins: int = 15
-    latency: bool = False
+    latency: bool = False  # time the dense student and the final model (batch 1 and latency_batch)
+    latency_batch: int = 256  # the large batch of the latency measurement
+    latency_iters: int = 100  # timed iterations per setting (after warm-up)
+    latency_compile: str = "auto"  # also time torch.compile'd models: auto (on CUDA) | true | false
 
 
 @dataclass
@@ -184,6 +191,18 @@ def validate(cfg: DictConfig) -> None:
         _check_recipe(m.train, f"{role}.train")
     if cfg.prune.scope not in ("global", "layer"):
         raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
+    choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("sum", "mean")}
+    for key, allowed in choices.items():
+        if cfg.prune[key] not in allowed:
+            raise ConfigError(f"prune.{key} must be {' or '.join(allowed)}, got {cfg.prune[key]!r}")
+    if cfg.prune.round_to < 1:
+        raise ConfigError(f"prune.round_to must be an integer >= 1, got {cfg.prune.round_to}")
+    if cfg.prune.granularity == "weight" and (cfg.prune.target != "params" or cfg.prune.round_to != 1):
+        raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
+    if cfg.eval.latency_batch <= 0 or cfg.eval.latency_iters <= 0:
+        raise ConfigError("eval.latency_batch and eval.latency_iters must be integers > 0")
+    if str(cfg.eval.latency_compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"eval.latency_compile must be auto, true or false, got {cfg.eval.latency_compile!r}")
     if cfg.logger.name not in ("none", "csv", "wandb"):
         raise ConfigError(f"logger must be none, csv or wandb, got {cfg.logger.name!r}")
     if cfg.logger.mode not in ("online", "offline", "disabled"):

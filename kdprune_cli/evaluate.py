@@ -78,20 +78,57 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: tuple, batch_size: int = 1, warmup: int = 5, repeats: int = 20,
-               device: Optional[torch.device] = None) -> float:
-    """Median wall-clock milliseconds of one forward pass (synchronised on CUDA)."""
-    dev = device or next(model.parameters()).device
-    model.eval()
-    x = torch.randn(batch_size, *input_shape, device=dev)
-    times = []
-    for i in range(warmup + repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t = time.perf_counter()
-        model(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1000)
-    return float(sorted(times)[len(times) // 2])
+def measure_latency(model: nn.Module, input_shape: tuple, *, batches=(1, 256), iters: int = 100, warmup: int = 20,
+                    compiled: bool = False) -> list[dict]:
+    """Time forward passes of ``model`` on its device: per batch size and mode (eager, and ``torch.compile``d
+    when ``compiled``; compile time is reported apart, not timed), ``warmup`` untimed passes, then ``iters``
+    timed ones (CUDA events on CUDA, ``perf_counter`` on CPU): median, 10th and 90th percentile and images/s.
+
+    On CUDA the model runs in bf16 with channels_last (the fast inference path), on CPU in fp32; a copy is
+    timed, ``model`` is left as it was."""
+    import copy
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    m = copy.deepcopy(model).eval()
+    if cuda:
+        m = m.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    rows = []
+    for mode in ("eager", "compiled") if compiled else ("eager",):
+        fn = m if mode == "eager" else torch.compile(m, mode="reduce-overhead" if cuda else None, dynamic=False)
+        for b in batches:
+            x = torch.randn(b, *input_shape, device=dev)
+            if cuda:
+                x = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+            row = {"batch": int(b), "mode": mode}
+            if mode == "compiled":
+                t = time.perf_counter()
+                fn(x)
+                _sync(dev)
+                row["compile_seconds"] = time.perf_counter() - t
+            for _ in range(warmup):
+                fn(x)
+            _sync(dev)
+            times = []
+            for _ in range(iters):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(x)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    fn(x)
+                    times.append((time.perf_counter() - t) * 1000)
+            q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+            row.update(median_ms=float(q[1]), p10_ms=float(q[0]), p90_ms=float(q[2]),
+                       images_per_s=float(b * 1000.0 / q[1]))
+            rows.append(row)
+    return rows
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

@@ -25,12 +25,15 @@ from torch import nn
 from . import __version__, config
 from .config import ConfigError, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
-from .evaluate import count_flops, evaluate, latency_ms
+from .evaluate import count_flops, evaluate, measure_latency
 from .loggers import RunLogger
 from .models import build_model, is_known, model_names
 from .objectives import CrossEntropy
 from .pruning import get_method, method_names
-from .pruning.masks import assert_masked, check_exclude, masks_to_cpu, sparsity_report
+from .modelfile import model_file
+from .pruning.base import Result
+from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
+from .pruning.structured import prune_channels
 from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash, file_digest,
                     warn)
 from .train import train
@@ -68,6 +71,7 @@ class Context:
         self._calls: dict = {}  # stage -> number of train() calls so far (iterative methods train repeatedly)
         self._teacher: Optional[nn.Module] = None
         self.artifact_metrics: dict = {}  # teacher / student: test (and val) metrics of the dense artifacts
+        self.artifact_files: dict = {}  # teacher / student: the file the dense artifact was read from
 
     def _checkpoint(self, stage: str, n: int) -> Optional[Path]:
         if self.job_id is None or not self.cfg.store.enabled:
@@ -101,6 +105,24 @@ class Context:
         torch.manual_seed(int(self.generator(f"{role}/{name}", seed).initial_seed()))
         d = self.data
         return build_model(self.cfg[role].name, d.num_classes, d.channels, d.image_size).to(self.device)
+
+    def example_input(self) -> torch.Tensor:
+        d = self.data
+        return torch.zeros(1, d.channels, d.image_size, d.image_size, device=self.device)
+
+    # --- the one selection ---------------------------------------------------------------------------
+    def prune(self, model: nn.Module, scores: Scores) -> Result:
+        """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
+        scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
+        groups physically (no masks; ``facts["structure"]`` says what was removed and how close the target is)."""
+        p = self.cfg.prune
+        if p.granularity == "weight":
+            masks = select(scores, self.sparsity, self.scope)
+            apply_masks(model, masks)
+            return Result(model, masks)
+        facts = prune_channels(model, scores, self.example_input(), self.sparsity, scope=self.scope,
+                               target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude)
+        return Result(model, {}, {"structure": facts})
 
     # --- cost accounting ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -226,6 +248,8 @@ class Context:
 
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
+            if self.cfg.store.enabled:
+                self.artifact_files[stage] = str(self.store.dir(stage, config_hash(spec)) / "artifact.pt")
             if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
                 st.seconds -= self.store.waited
                 st.lock_wait_seconds += self.store.waited
@@ -248,6 +272,7 @@ class Context:
                 with self.stage(role):
                     model = self.new_model(role, name="dense")
                     load_checkpoint(m.checkpoint, model, f"{m.name} for {self.cfg.data.name}")
+                    self.artifact_files[role] = str(Path(m.checkpoint).expanduser().resolve())
                     self._models[role] = model.state_dict()
                 self.artifact_metrics[role] = self._eval_all(model)
             model = self.new_model(role, name="dense")
@@ -351,6 +376,11 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
         c.pop(k, None)
     if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
         c.pop("max_batches", None)
+    for k, default in {"granularity": "weight", "target": "params", "reduce": "sum", "round_to": 1}.items():
+        if c["prune"].get(k) == default:  # weight granularity: ids stay those of configs before channel pruning
+            c["prune"].pop(k, None)
+    for k in ("latency_batch", "latency_iters", "latency_compile"):  # how latency is timed changes no result
+        c["eval"].pop(k, None)
     for k in ("root", "cache_dir", "download", "verify_checksums"):
         c["data"].pop(k, None)
     for role in ("teacher", "student"):
@@ -421,6 +451,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"unknown {role} model {cfg[role].name!r}; choose one of {', '.join(model_names())}")
     if cfg.method.get("name") not in method_names():
         raise ConfigError(f"unknown method {cfg.method.get('name')!r}; choose one of {', '.join(method_names())}")
+    if cfg.prune.granularity not in get_method(cfg.method.name).granularities:
+        able = [n for n in method_names() if cfg.prune.granularity in get_method(n).granularities]
+        raise ConfigError(f"method {cfg.method.name} does not prune at prune.granularity={cfg.prune.granularity} "
+                          f"(its rounds keep weight masks); methods that do: {', '.join(able)}")
     classes, channels, size = DATASETS[cfg.data.name]
     try:
         check_exclude(build_model(cfg.student.name, classes, channels, size), cfg.prune.exclude)
@@ -540,23 +574,49 @@ def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
     model, masks = result.model, result.masks
     assert_masked(model, masks)
     ctx.record_metrics("final", model)
-    sp = sparsity_report(model, ctx.exclude)
+    dense = ctx.dense_student()
+    sp = sparsity_report(model, ctx.exclude, reference=dense)
     shape = (data.channels, data.image_size, data.image_size)
+    final_flops = count_flops(model, shape, ctx.exclude)
     record.update({
+        "granularity": cfg.prune.granularity,
         "sparsity_actual": sp["global"],
         "sparsity_per_layer": sp["per_layer"],
         "params": {"prunable": sp["prunable"], "nonzero": sp["nonzero"],
-                   "total": sum(p.numel() for p in model.parameters())},
-        "flops": count_flops(model, shape, ctx.exclude),
+                   "total": sum(p.numel() for p in model.parameters()),
+                   "total_dense": sum(p.numel() for p in dense.parameters())},
+        # MACs for one input: the dense student's, the final model's with zero weights skipped, and the final
+        # model's as it runs (fewer only when channels were physically removed)
+        "flops": {"dense": count_flops(dense, shape, ctx.exclude)["dense"], "sparse": final_flops["sparse"],
+                  "executed": final_flops["dense"]},
     })
     if cfg.eval.latency:
-        record["latency_ms"] = {"pruned": latency_ms(model, shape), "dense": latency_ms(ctx.dense_student(), shape)}
+        with ctx.stage("latency"):
+            record["latency"] = latency_record(cfg, {"dense_student": dense, "final": model}, shape)
     record.update(result.facts)
-    atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                 "masks": masks_to_cpu(masks), "model": cfg.student.name,
-                 "dataset": cfg.data.name}, run_dir / "model.pt")
+    arch = {"name": cfg.student.name, "num_classes": data.num_classes, "in_channels": data.channels,
+            "image_size": data.image_size}
+    atomic_save(model_file(model, arch, OmegaConf.to_container(cfg.data, resolve=True), masks, role="final",
+                           granularity=cfg.prune.granularity, artifacts=ctx.artifact_files,
+                           teacher=cfg.teacher.name), run_dir / "model.pt")
     record["checkpoint"] = str(run_dir / "model.pt")
+    record["model_file"] = {"path": str(run_dir / "model.pt"), "bytes": (run_dir / "model.pt").stat().st_size}
     record["status"] = "ok"
+
+
+def latency_record(cfg: DictConfig, models: dict, shape: tuple) -> dict:
+    """Time each model (eager, and compiled where ``eval.latency_compile`` says) at batch 1 and
+    ``eval.latency_batch``: bf16 + channels_last on CUDA, fp32 on CPU (docs/methods.md §6)."""
+    dev = next(next(iter(models.values())).parameters()).device
+    comp = str(cfg.eval.latency_compile).lower()
+    compiled = comp == "true" or (comp == "auto" and dev.type == "cuda")
+    out = {"device": str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+           "dtype": "bfloat16" if dev.type == "cuda" else "float32", "channels_last": dev.type == "cuda",
+           "torch": torch.__version__, "iters": int(cfg.eval.latency_iters), "warmup": 20}
+    for name, m in models.items():
+        out[name] = measure_latency(m, shape, batches=(1, int(cfg.eval.latency_batch)),
+                                    iters=int(cfg.eval.latency_iters), warmup=20, compiled=compiled)
+    return out
 
 
 def _complete(record: dict, cfg: DictConfig, ctx: Optional["Context"], t_start: float) -> None:

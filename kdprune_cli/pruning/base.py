@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import MethodConfig
-from .masks import Masks, Scores, apply_masks, prunable_params, select
+from .masks import Masks, Scores, prunable_params
 
 REGISTRY: Dict[str, type["Method"]] = {}
 
@@ -35,6 +35,7 @@ class Result:
 class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig  # the typed config; registered as method/<name>_schema
+    granularities: ClassVar[tuple] = ("weight",)  # prune.granularity values the method supports
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -58,7 +59,10 @@ class Method:
 
 
 class OneShot(Method):
-    """Score once, keep the top ``(1−s)·|P|`` scores, retrain with the mask fixed."""
+    """Score once, keep the top ``(1−s)·|P|`` scores (or remove the least important channel groups:
+    ``prune.granularity=channel``), retrain with the mask fixed (or the smaller model)."""
+
+    granularities = ("weight", "channel")
 
     def base_model(self, ctx) -> nn.Module:
         """The network to score and prune (default: the trained dense student)."""
@@ -78,11 +82,10 @@ class OneShot(Method):
         model = self.base_model(ctx)
         with ctx.count(stage="score"):
             scores = self.score(ctx, model)
-        masks = select(scores, ctx.sparsity, ctx.scope)
-        apply_masks(model, masks)
-        ctx.record_metrics("pruned", model)
-        ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
-        return Result(model, masks, self.facts())
+        pruned = ctx.prune(model, scores)
+        ctx.record_metrics("pruned", pruned.model)
+        ctx.train(pruned.model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=pruned.masks)
+        return Result(pruned.model, pruned.masks, {**pruned.facts, **self.facts()})
 
 
 def params_for_scoring(ctx, model: nn.Module) -> Dict[str, nn.Parameter]:

@@ -219,14 +219,13 @@ class EPSD(OneShot):
         t = time.perf_counter()
         with ctx.count(stage="score"):
             scores = self.score(ctx, model)
-        masks = select(scores, ctx.sparsity, ctx.scope)
-        apply_masks(model, masks)
+        pruned = ctx.prune(model, scores)
         ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": time.perf_counter() - t,
                  "inner_steps": int(self.cfg.inner_steps), "sd": self.sd_name})
-        ctx.record_metrics("pruned", model)
+        ctx.record_metrics("pruned", pruned.model)
         objective = self.retrain_objective(ctx)
-        ctx.train(model, self.cfg.retrain, objective, stage="retrain", masks=masks)
-        return Result(model, masks)
+        ctx.train(pruned.model, self.cfg.retrain, objective, stage="retrain", masks=pruned.masks)
+        return pruned
 
 
 class EPG(EPSD):

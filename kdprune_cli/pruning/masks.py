@@ -148,16 +148,19 @@ def assert_masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, exclude: Iterable[str] = ()) -> dict:
-    """Sparsity measured from the weights themselves, not from the mask: global and per layer."""
-    per_layer, total, zeros = {}, 0, 0
+def sparsity_report(model: nn.Module, exclude: Iterable[str] = (), reference: nn.Module | None = None) -> dict:
+    """Sparsity measured from the weights themselves, not from the mask: global and per layer.
+
+    With ``reference`` (the dense model a physically smaller ``model`` came from), a weight counts as removed
+    when it is zero or no longer exists: the fraction is ``(reference size − non-zero) / reference size``."""
+    ref = prunable_params(reference if reference is not None else model, exclude)
+    per_layer, total, nonzero = {}, 0, 0
     for n, p in prunable_params(model, exclude).items():
-        z = int((p == 0).sum())
-        per_layer[n] = z / p.numel()
-        total += p.numel()
-        zeros += z
-    return {"global": zeros / max(total, 1), "per_layer": per_layer, "prunable": total,
-            "nonzero": total - zeros}
+        nz = int((p != 0).sum())
+        per_layer[n] = (ref[n].numel() - nz) / ref[n].numel()
+        total += ref[n].numel()
+        nonzero += nz
+    return {"global": (total - nonzero) / max(total, 1), "per_layer": per_layer, "prunable": total, "nonzero": nonzero}
 
 
 def masks_to_cpu(masks: Masks) -> Masks:

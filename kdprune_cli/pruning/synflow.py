@@ -77,6 +77,8 @@ class SynFlowConfig(MethodConfig):
 class SynFlow(PruneAtInit):
     """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
 
+    granularities = ("weight",)  # iterative rounds of weight masks
+
     name = "synflow"
     Config = SynFlowConfig
 

@@ -1,0 +1,310 @@
+"""Channel granularity (docs/methods.md §8): whole coupled channel groups, physically removed.
+
+Torch-Pruning's dependency graph (``torch_pruning.DependencyGraph``) finds the coupled channels: a
+convolution's output channels together with its BatchNorm, every consumer's input channels, and, through
+residual additions, every layer that writes into the same sum; a depthwise convolution follows its input.
+Each group's root channel ``c`` gets the importance
+
+    I(c) = reduce_{w ∈ W(c)} S(w),   reduce = sum (default) | mean
+
+over ``W(c)``, the weights of every Conv2d/Linear in the group that channel ``c`` owns (output rows of
+its producers, input columns of its consumers), where ``S`` is the method's per-weight score (``|θ|`` for
+magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Channels are then removed
+in ascending importance, one global ranking (``prune.scope=global``) or the same fraction of every group
+(``layer``), until the removed fraction of the prunable weights (``prune.target=params``, the meaning
+``sparsity`` has everywhere) or of the Conv2d/Linear multiply-accumulates (``macs``) is closest to
+``sparsity``. ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group (hardware-friendly
+widths; fewer channels go). Every group keeps at least one channel; the classifier's outputs, the input
+channels, ``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v)
+are never removed. The counts are exact (computed from the kept widths, not estimated).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+from torch import nn
+
+TARGETS = ("params", "macs")
+REDUCE = ("sum", "mean")
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class _Item:
+    """One Conv2d/Linear weight in a group: which dimension the group's channels index there."""
+    module: str
+    kind: str  # "out" (weight rows) | "in" (weight columns)
+    local: torch.Tensor  # local index of each entry
+    root: torch.Tensor  # the group's root channel each entry belongs to
+
+
+@dataclass
+class _Group:
+    root: nn.Module
+    channels: int
+    items: List[_Item] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """Which root channels of which group go, and the exact counts before and after."""
+    groups: List[_Group]
+    removed: List[torch.Tensor]  # per group: root channel indices to remove
+    facts: dict
+
+
+def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The Conv2d/Linear whose output is the model's output (the classifier)."""
+    outs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.__setitem__(id(o), m))
+             for m in model.modules() if isinstance(m, _LAYERS)]
+    try:
+        with torch.no_grad():
+            y = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if id(y) not in outs:
+        raise ValueError("channel granularity needs a model whose output comes straight from a Linear or Conv2d")
+    return outs[id(y)]
+
+
+def _never_pruned(model: nn.Module, head: nn.Module, exclude: Iterable[str]) -> list:
+    """Modules whose output channels stay: the classifier, ``prune.exclude``, and for timm ViTs the patch
+    embedding (hence the embedding width shared by every block) and q/k/v (the attention heads)."""
+    named = dict(model.named_modules())
+    keep = [head] + [named[e] for e in exclude]
+    for m in model.modules():
+        if hasattr(m, "qkv") and isinstance(m.qkv, nn.Linear):
+            keep.append(m.qkv)
+        if type(m).__name__ == "PatchEmbed" and isinstance(getattr(m, "proj", None), nn.Conv2d):
+            keep.append(m.proj)
+    return keep
+
+
+class ChannelGroups:
+    """The coupled channel groups of ``model`` (traced once with ``example``) and their exact costs."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()):
+        import torch_pruning as tp
+
+        was_training = model.training
+        model.eval()
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.head = output_layer(model, example)
+        self.tokens = self._tokens(example)  # output positions per sample of every Conv2d/Linear
+        unwrapped = [(p, p.dim() - 1) for n, p in model.named_parameters()
+                     if n.split(".")[-1] in ("cls_token", "pos_embed", "dist_token", "reg_token")]
+        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                           unwrapped_parameters=unwrapped or None)
+        model.train(was_training)
+        ignored = _never_pruned(model, self.head, exclude)
+        self.groups: List[_Group] = []
+        for g in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=_LAYERS):
+            group = _Group(root=g[0].dep.target.module, channels=len(g[0].idxs))
+            seen = set()
+            for i, (dep, idxs) in enumerate(g):
+                m = dep.target.module
+                if not isinstance(m, _LAYERS):
+                    continue
+                kind = "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
+                if kind == "in" and isinstance(m, nn.Conv2d) and m.groups > 1:
+                    kind = "out"  # depthwise: input and output channels are one, counted once as rows
+                if (m, kind) in seen:
+                    continue
+                seen.add((m, kind))
+                group.items.append(_Item(self.names[m], kind, torch.as_tensor(list(idxs), dtype=torch.long),
+                                         torch.as_tensor(list(g[i].root_idxs), dtype=torch.long)))
+            self.groups.append(group)
+        if not self.groups:
+            raise ValueError("channel granularity found no channel group to remove in this model")
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+
+    def _tokens(self, example: torch.Tensor) -> Dict[str, int]:
+        tokens, hooks = {}, []
+        for n, m in self.model.named_modules():
+            if isinstance(m, _LAYERS):
+                dim = 1 if isinstance(m, nn.Conv2d) else -1
+                hooks.append(m.register_forward_hook(
+                    lambda m, i, o, n=n, dim=dim: tokens.__setitem__(n, o.numel() // (o.shape[0] * o.shape[dim]))))
+        try:
+            with torch.no_grad():
+                self.model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        return tokens
+
+    # --- importance ---------------------------------------------------------------------------------
+    def importance(self, scores: Mapping[str, torch.Tensor], reduce: str = "sum") -> List[torch.Tensor]:
+        """Per group, per root channel: the sum (or mean) of the scores of the weights the channel owns.
+
+        Scores are accumulated in float64 (SynFlow-sized scores keep their order); weights without a
+        score (``prune.exclude``d modules) do not contribute."""
+        if reduce not in REDUCE:
+            raise ValueError(f"prune.reduce must be one of {', '.join(REDUCE)}, got {reduce!r}")
+        out = []
+        for g in self.groups:
+            total = torch.zeros(g.channels, dtype=torch.float64)
+            count = torch.zeros(g.channels, dtype=torch.float64)
+            for it in g.items:
+                s = scores.get(f"{it.module}.weight")
+                if s is None:
+                    continue
+                s = s.detach().to("cpu", torch.float64)
+                per = s.flatten(1) if it.kind == "out" else s.transpose(0, 1).flatten(1)
+                picked = per[it.local]
+                total.index_add_(0, it.root, picked.sum(1))
+                count.index_add_(0, it.root, torch.full((len(it.local),), float(picked.shape[1]), dtype=torch.float64))
+            bad = int((~torch.isfinite(total)).sum())
+            if bad:
+                raise ValueError(f"channel importance of the group rooted at {self.names[g.root]} has {bad} "
+                                 "non-finite values")
+            out.append(total if reduce == "sum" else total / count.clamp(min=1))
+        return out
+
+    # --- exact counts -------------------------------------------------------------------------------
+    def counts(self, removed: List[int] | List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
+        """Prunable weights and Conv2d/Linear MACs (per sample) after removing, from each group, its
+        ``removed[g]`` root channels (a count: the lowest-ranked ones in ``self.order``; or indices)."""
+        gone_out: Dict[str, set] = {}
+        gone_in: Dict[str, set] = {}
+        for gi, (g, r) in enumerate(zip(self.groups, removed)):
+            if not torch.is_tensor(r) and r == 0:
+                continue
+            roots = r if torch.is_tensor(r) else self.order[gi][:r]
+            sel = torch.zeros(g.channels, dtype=torch.bool)
+            sel[roots] = True
+            for it in g.items:
+                target = gone_out if it.kind == "out" else gone_in
+                target.setdefault(it.module, set()).update(it.local[sel[it.root]].tolist())
+        exclude = set(exclude)
+        params = macs = 0
+        for n, m in self.layers.items():
+            w = m.weight
+            o = w.shape[0] - len(gone_out.get(n, ()))
+            i = w.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1) - len(gone_in.get(n, ()))
+            depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
+            k = w[0, 0].numel()
+            size = o * k if depthwise else o * i * k
+            if n not in exclude:
+                params += size
+            macs += size * self.tokens[n]
+        return {"params": params, "macs": macs}
+
+    # --- selection ----------------------------------------------------------------------------------
+    def plan(self, scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global",
+             target: str = "params", reduce: str = "sum", round_to: int = 1, exclude: Iterable[str] = ()) -> Plan:
+        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``."""
+        if target not in TARGETS:
+            raise ValueError(f"prune.target must be one of {', '.join(TARGETS)}, got {target!r}")
+        imp = self.importance(scores, reduce)
+        self.order = [torch.sort(v, stable=True).indices for v in imp]  # ascending: first = least important
+        dense = self.counts([0] * len(self.groups), exclude)
+        sizes = [g.channels for g in self.groups]
+
+        def rounded(r: int, n: int) -> int:
+            kept = max(n - r, 1)
+            kept = min(n, math.ceil(kept / round_to) * round_to)
+            return n - kept
+
+        if scope == "global":
+            flat = torch.cat(imp)
+            owner = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+            ranked = owner[torch.sort(flat, stable=True).indices]  # the group of each channel, least first
+            steps = len(ranked)
+
+            def removal(k: int) -> list:
+                per = torch.bincount(ranked[:k], minlength=len(sizes)).tolist()
+                return [rounded(r, n) for r, n in zip(per, sizes)]
+        elif scope == "layer":
+            steps = max(sizes)
+
+            def removal(k: int) -> list:
+                return [rounded(int(round(k / steps * n)), n) for n in sizes]
+        else:
+            raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
+
+        def frac(k: int) -> float:
+            return 1.0 - self.counts(removal(k), exclude)[target] / dense[target]
+
+        lo, hi = 0, steps  # smallest k with frac(k) >= sparsity (frac is non-decreasing in k)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if frac(mid) >= sparsity:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo if lo == 0 or abs(frac(lo) - sparsity) <= abs(frac(lo - 1) - sparsity) else lo - 1
+        per = removal(k)
+        after = self.counts(per, exclude)
+        achieved = 1.0 - after[target] / dense[target]
+        facts = {"granularity": "channel", "target": target, "scope": scope, "reduce": reduce,
+                 "round_to": round_to, "requested": sparsity, "achieved": achieved,
+                 "off_target": achieved - sparsity,
+                 "params_removed": 1.0 - after["params"] / dense["params"],
+                 "macs_removed": 1.0 - after["macs"] / dense["macs"],
+                 "channels_removed": int(sum(per)), "channels": int(sum(sizes)), "groups": len(sizes),
+                 "widths": {self.names[g.root]: g.channels - r for g, r in zip(self.groups, per)}}
+        return Plan(self.groups, [o[:r] for o, r in zip(self.order, per)], facts)
+
+    def remove(self, plan: Plan) -> nn.Module:
+        """Physically remove the planned channels (in place) through the dependency graph."""
+        for g, roots in zip(plan.groups, plan.removed):
+            if len(roots):
+                fn = self.graph.get_pruner_of_module(g.root).prune_out_channels
+                self.graph.get_pruning_group(g.root, fn, sorted(roots.tolist())).prune()
+        return self.model
+
+
+def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], example: torch.Tensor, sparsity: float,
+                   **kw) -> dict:
+    """Plan and physically remove channels of ``model`` in place; returns the plan's facts for the record."""
+    groups = ChannelGroups(model, example, kw.get("exclude", ()))
+    plan = groups.plan(scores, sparsity, **kw)
+    groups.remove(plan)
+    return plan.facts
+
+
+# --- a model file that carries its own widths ----------------------------------------------------------
+_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),
+                nn.BatchNorm2d: ("num_features",), nn.LayerNorm: ("normalized_shape",)}
+
+
+def module_shapes(model: nn.Module) -> Dict[str, dict]:
+    """The width attributes of every layer (ints and int lists only: safe to load with weights_only)."""
+    out = {}
+    for n, m in model.named_modules():
+        for cls, attrs in _SHAPE_ATTRS.items():
+            if isinstance(m, cls):
+                out[n] = {a: (list(getattr(m, a)) if isinstance(getattr(m, a), tuple) else int(getattr(m, a)))
+                          for a in attrs}
+        if hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            out.setdefault(n, {}).update(num_heads=int(m.num_heads), head_dim=int(m.head_dim))
+    return out
+
+
+def reshape_to(model: nn.Module, shapes: Mapping[str, dict], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Give a freshly built ``model`` the saved widths: set the attributes and re-create every parameter
+    and buffer whose saved tensor has another shape (its values come from ``load_state_dict`` next)."""
+    named = dict(model.named_modules())
+    unknown = [n for n in shapes if n not in named]
+    if unknown:
+        raise KeyError(f"the model has no module {unknown[0]}")
+    for n, attrs in shapes.items():
+        m = named[n]
+        for a, v in attrs.items():
+            setattr(m, a, tuple(v) if isinstance(v, list) else v)
+    for n, m in named.items():
+        prefix = f"{n}." if n else ""
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                saved = state.get(prefix + k)
+                if t is not None and saved is not None and saved.shape != t.shape:
+                    new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+                    store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return model

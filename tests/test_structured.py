@@ -1,0 +1,197 @@
+"""Channel granularity (docs/methods.md §8): coupled groups, exact counts, physical removal, the model file,
+kdprune-eval and the ONNX export."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdprune_cli.config import ConfigError
+from kdprune_cli.evaluate import count_flops
+from kdprune_cli.modelfile import ModelFileError, load_pruned
+from kdprune_cli.models import build_model
+from kdprune_cli.models.cifar import BasicBlock
+from kdprune_cli.pruning.masks import prunable_params
+from kdprune_cli.pruning.structured import ChannelGroups
+from kdprune_cli.runner import run_job
+
+warnings.filterwarnings("ignore", message="Unwrapped parameters")
+
+
+def magnitude(model):
+    return {n: p.detach().abs() for n, p in prunable_params(model).items()}
+
+
+def prunable_size(model):
+    return sum(p.numel() for p in prunable_params(model).values())
+
+
+def one_channel_bound(groups: ChannelGroups, target: str) -> float:
+    """The largest fraction one channel can move the count (removing it from the dense model)."""
+    dense = groups.counts([0] * len(groups.groups))[target]
+    worst = 0
+    for g in range(len(groups.groups)):
+        one = [torch.tensor([0]) if i == g else torch.tensor([], dtype=torch.long) for i in range(len(groups.groups))]
+        worst = max(worst, dense - groups.counts(one)[target])
+    return worst / dense
+
+
+CASES = [("resnet56", 32, "params", 0.5), ("resnet56", 32, "macs", 0.3), ("mobilenetv2", 32, "macs", 0.5),
+         ("timm/vit_tiny_patch16_224", 224, "params", 0.4)]
+
+
+@pytest.mark.parametrize("name,size,target,sparsity", CASES)
+def test_physical_model_counts_are_exact_and_on_target(name, size, target, sparsity):
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3, size)
+    dense_params, dense_macs = prunable_size(model), count_flops(model, (3, size, size))["dense"]
+    x = torch.randn(2, 3, size, size)
+    groups = ChannelGroups(model, x[:1])
+    bound = one_channel_bound(groups, target)
+    plan = groups.plan(magnitude(model), sparsity, target=target)
+    groups.remove(plan)
+    model.eval()
+    assert model(x).shape == (2, 10)  # runs; the classifier keeps its 10 outputs
+    params, macs = prunable_size(model), count_flops(model, (3, size, size))["dense"]
+    f = plan.facts
+    assert f["params_removed"] == pytest.approx(1 - params / dense_params, abs=1e-12)
+    assert f["macs_removed"] == pytest.approx(1 - macs / dense_macs, abs=1e-12)
+    if not name.startswith("timm/"):  # the independent counter: torch's own (FLOPs = 2·MACs for conv/linear)
+        with FlopCounterMode(display=False) as fc:
+            model(x[:1])
+        assert fc.get_total_flops() == 2 * macs
+    assert abs(f["achieved"] - sparsity) <= bound  # within one channel of the target
+    assert f["achieved"] == pytest.approx(sparsity, abs=0.02)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 3  # input channels are never removed
+
+
+def test_residual_channels_are_removed_together_and_the_sum_still_adds():
+    torch.manual_seed(0)
+    model = build_model("resnet56", 10, 3, 32)
+    scores = magnitude(model)
+    scores = {n: s * (0.01 if "layer2" in n else 1.0) for n, s in scores.items()}  # make stage 2 the cheap one
+    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
+    groups.remove(groups.plan(scores, 0.3, reduce="mean"))
+    widths = set()
+    for blk in model.layer2:
+        assert isinstance(blk, BasicBlock)
+        assert blk.bn1.num_features == blk.conv1.out_channels == blk.conv2.in_channels
+        widths.add(blk.conv2.out_channels)  # every block writes into the same residual sum
+        widths.add(blk.bn2.num_features)
+    widths.add(model.layer2[0].shortcut[0].out_channels)
+    widths.add(model.layer3[0].conv1.in_channels)
+    assert len(widths) == 1 and widths.pop() < 32  # the stage's shared channels went, all together
+    model.eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_channel_importance_is_the_sum_over_the_group_weights():
+    """Inner channel c of a basic block owns conv1's row c and conv2's column c: its importance is the
+    sum of their scores (BN has no score), and the mean divides by their count."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32)
+    scores = magnitude(model)
+    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
+    gi = next(i for i, g in enumerate(groups.groups) if g.root is model.layer1[1].conv1)
+    w1, w2 = model.layer1[1].conv1.weight.abs(), model.layer1[1].conv2.weight.abs()
+    expect = w1.flatten(1).sum(1) + w2.transpose(0, 1).flatten(1).sum(1)
+    imp = groups.importance(scores, "sum")[gi]
+    torch.testing.assert_close(imp.float(), expect, rtol=1e-5, atol=1e-6)
+    mean = groups.importance(scores, "mean")[gi]
+    torch.testing.assert_close(mean.float(), expect / (w1[0].numel() + w2[:, 0].numel()), rtol=1e-5, atol=1e-7)
+    # the least important channels go first: zero one channel's scores, it is the one removed
+    scores["layer1.1.conv1.weight"][5] = 0
+    scores["layer1.1.conv2.weight"][:, 5] = 0
+    plan = groups.plan(scores, 0.001)
+    assert plan.removed[gi].tolist() == [5] and sum(len(r) for r in plan.removed) == 1
+
+
+def test_round_to_and_layer_scope():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 3, 32)
+    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
+    plan = groups.plan(magnitude(model), 0.5, target="macs", round_to=16, scope="layer")
+    sizes = {groups.names[g.root]: g.channels for g in groups.groups}
+    for root, width in plan.facts["widths"].items():
+        assert width % 16 == 0 and 0 < width <= sizes[root]
+        assert width / sizes[root] == pytest.approx(plan.facts["widths"]["conv1"] / sizes["conv1"], abs=0.2)
+    groups.remove(plan)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % 16 == 0
+
+
+def run(tiny_cfg, tmp_path, *overrides, name="r"):
+    cfg = tiny_cfg("method=magnitude", "method.retrain.epochs=1", "prune.granularity=channel", *overrides)
+    return run_job(cfg, tmp_path / name, summary=False), tmp_path / name
+
+
+def test_run_retrains_the_smaller_model_and_the_file_reloads(tiny_cfg, tmp_path):
+    rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.5", "prune.target=macs")
+    assert rec["status"] == "ok" and rec["granularity"] == "channel"
+    s = rec["structure"]
+    assert s["achieved"] == pytest.approx(0.5, abs=0.03) and s["macs_removed"] == s["achieved"]
+    assert rec["flops"]["executed"] == pytest.approx(rec["flops"]["dense"] * (1 - s["macs_removed"]), rel=1e-9)
+    assert rec["sparsity_actual"] == pytest.approx(s["params_removed"], abs=1e-12)
+    assert rec["params"]["total"] < rec["params"]["total_dense"]
+    model = load_pruned(run_dir)  # no config needed: the widths come from the file
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for root, w in s["widths"].items():
+        assert widths[root] == w  # retraining kept the smaller shape
+    assert rec["model_file"]["bytes"] == (run_dir / "model.pt").stat().st_size
+    # kdprune-eval in a fresh process gives the record's final metrics exactly
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["metrics"] == rec["metrics"]["final"] and got["record_matches"] is True
+    assert got["macs"] == rec["flops"]["executed"]
+
+
+def test_weight_granularity_file_reloads_masked(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("method=magnitude", "method.retrain.epochs=1", "sparsity=0.7")
+    rec = run_job(cfg, tmp_path / "w", summary=False)
+    assert rec["granularity"] == "weight" and rec["flops"]["executed"] == rec["flops"]["dense"]
+    model = load_pruned(tmp_path / "w")
+    zeros = sum(int((p == 0).sum()) for p in prunable_params(model).values())
+    assert zeros / prunable_size(model) == pytest.approx(rec["sparsity_actual"], abs=1e-12)
+
+
+def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
+    pytest.importorskip("onnxruntime")
+    rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.4", "prune.round_to=4")
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--onnx",
+                          str(tmp_path / "m.onnx"), "--latency", "--latency-batch", "4", "--iters", "3"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "matches the model's" in out.stdout and (tmp_path / "m.onnx").is_file()
+    assert "batch    4 eager" in out.stdout
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((run_dir / "model.pt").read_bytes()[:2000])
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(bad)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "damaged" in out.stderr
+    with pytest.raises(ModelFileError, match="does not fit"):  # weights of another architecture
+        obj = torch.load(run_dir / "model.pt", weights_only=True)
+        obj["arch"]["name"] = "resnet32"
+        torch.save(obj, tmp_path / "other.pt")
+        load_pruned(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["method=gmp", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
+    (["prune.target=macs"], "apply to prune.granularity=channel only"),
+    (["prune.granularity=filter"], "prune.granularity must be weight or channel"),
+    (["prune.granularity=channel", "prune.round_to=0"], "prune.round_to must be"),
+])
+def test_bad_structured_options_fail_before_work(tiny_cfg, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        run_job(tiny_cfg(*overrides), tmp_path / "r", summary=False)
+    assert not (tmp_path / "store" / "teacher").exists()
