@@ -3,7 +3,7 @@
     kdprune-report PATH... [--out DIR] [--metric top1] [--layers RUN_DIR ...]
 
 Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
-Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd); each
+Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity); each
 (dataset, teacher, student) gets one table: rows are methods, columns the target sparsities, cells the
 mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
 the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
@@ -233,20 +233,32 @@ def _mean(values: list) -> Optional[float]:
 KD_ORDER = {None: 0, True: 1, False: 2}
 
 
-def label(method: str, kd) -> str:
-    return method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+WEIGHT = "weight"
+
+
+def label(method: str, kd, granularity: str = WEIGHT) -> str:
+    name = method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+    return name if granularity == WEIGHT else f"{name} ({granularity})"
+
+
+def granularity(rec: dict) -> str:
+    """``prune.granularity`` of the record: ``weight`` (masked, also every record older than the field) or
+    ``channel`` (a physically smaller model)."""
+    g = rec.get("granularity")
+    return g if isinstance(g, str) and g else WEIGHT
 
 
 @dataclass
 class Row:
     method: str
     kd: Optional[bool]
+    granularity: str = WEIGHT
     cells: dict = field(default_factory=dict)  # sparsity -> list of records
     runs: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return label(self.method, self.kd)
+        return label(self.method, self.kd, self.granularity)
 
 
 @dataclass
@@ -262,7 +274,8 @@ class Table:
         return sorted({s for r in self.rows.values() for s in r.cells})
 
     def sorted_rows(self) -> list:
-        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3)))]
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3), k[2] != WEIGHT,
+                                                                        k[2]))]
 
     def dense(self, key: str, metric: str) -> Optional[Stat]:
         return stat([v for v in (metric_of(r, key, metric) for r in self.runs) if v is not None])
@@ -278,7 +291,7 @@ def group(records: list, metric: str) -> list:
         tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
         t = tables.setdefault(tkey, Table(*tkey))
         t.runs.append(rec)
-        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")))
+        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")), granularity(rec))
         row = t.rows.setdefault(rkey, Row(*rkey))
         row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
         row.runs.append(rec)
@@ -381,7 +394,8 @@ def tex_escape(s: str) -> str:
 
 def tex_label(row: Row) -> str:
     m = tex_escape(row.method)
-    return m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+    m = m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+    return m if row.granularity == WEIGHT else f"{m} ({tex_escape(row.granularity)})"
 
 
 def latex(tables: list, metric: str) -> str:
@@ -419,9 +433,12 @@ CSV_COLUMNS = ["dataset", "teacher", "student", "method", "retrain_kd", "sparsit
 
 
 def write_csv(tables: list, metric: str, path: Path) -> None:
+    """One row per (table, row, sparsity). A ``granularity`` column is appended when some row is not
+    weight-granularity (records without the field are ``weight``; their CSV is as before the field)."""
+    gran = any(row.granularity != WEIGHT for t in tables for row in t.rows.values())
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(CSV_COLUMNS + (["granularity"] if gran else []))
         for t in tables:
             for row in t.sorted_rows():
                 for s in sorted(row.cells):
@@ -430,7 +447,7 @@ def write_csv(tables: list, metric: str, path: Path) -> None:
                     kd = "" if row.kd is None else str(row.kd).lower()
                     w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), repr(st.mean),
                                 repr(st.std), st.n, "" if secs is None else repr(secs),
-                                "" if samples is None else repr(samples)])
+                                "" if samples is None else repr(samples)] + ([row.granularity] if gran else []))
 
 
 # --- plots --------------------------------------------------------------------------------------------------
