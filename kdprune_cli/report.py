@@ -1,14 +1,21 @@
 """``kdprune-report``: collect ``results.json`` records into paper-style tables, CSV, LaTeX and plots.
 
-    kdprune-report PATH... [--out DIR] [--metric top1] [--layers RUN_DIR ...]
+    kdprune-report PATH... [--out DIR] [--metric top1] [--cost none|macs|latency|all]
+                   [--latency-batch 1] [--latency-mode eager] [--layers RUN_DIR ...]
 
 Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
-Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd); each
+Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity); each
 (dataset, teacher, student) gets one table: rows are methods, columns the target sparsities, cells the
 mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
 the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
-``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png`` and,
-for each ``--layers`` run, ``layers_<job>.png``.
+``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png``,
+``accuracy_vs_latency_<dataset>_<teacher>_<student>.png`` where some run recorded its latency or executed
+MACs, and, for each ``--layers`` run, ``layers_<job>.png``.
+
+``--cost macs|latency|all`` adds cost-of-inference columns beside each sparsity: the final model's executed
+MACs as a fraction of the dense student's (``flops.executed / flops.dense``) and its speed-up over the dense
+student (dense median ms / final median ms of one run) for the latency setting ``--latency-batch`` (1) and
+``--latency-mode`` (eager); means over seeds, ``—`` where no run recorded them.
 
 Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``); reruns of
 one job count once (the newest record): records are matched by ``job_id``, or, when a job failed before
@@ -233,20 +240,32 @@ def _mean(values: list) -> Optional[float]:
 KD_ORDER = {None: 0, True: 1, False: 2}
 
 
-def label(method: str, kd) -> str:
-    return method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+WEIGHT = "weight"
+
+
+def label(method: str, kd, granularity: str = WEIGHT) -> str:
+    name = method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+    return name if granularity == WEIGHT else f"{name} ({granularity})"
+
+
+def granularity(rec: dict) -> str:
+    """``prune.granularity`` of the record: ``weight`` (masked, also every record older than the field) or
+    ``channel`` (a physically smaller model)."""
+    g = rec.get("granularity")
+    return g if isinstance(g, str) and g else WEIGHT
 
 
 @dataclass
 class Row:
     method: str
     kd: Optional[bool]
+    granularity: str = WEIGHT
     cells: dict = field(default_factory=dict)  # sparsity -> list of records
     runs: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return label(self.method, self.kd)
+        return label(self.method, self.kd, self.granularity)
 
 
 @dataclass
@@ -262,7 +281,8 @@ class Table:
         return sorted({s for r in self.rows.values() for s in r.cells})
 
     def sorted_rows(self) -> list:
-        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3)))]
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3), k[2] != WEIGHT,
+                                                                        k[2]))]
 
     def dense(self, key: str, metric: str) -> Optional[Stat]:
         return stat([v for v in (metric_of(r, key, metric) for r in self.runs) if v is not None])
@@ -278,7 +298,7 @@ def group(records: list, metric: str) -> list:
         tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
         t = tables.setdefault(tkey, Table(*tkey))
         t.runs.append(rec)
-        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")))
+        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")), granularity(rec))
         row = t.rows.setdefault(rkey, Row(*rkey))
         row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
         row.runs.append(rec)
@@ -292,6 +312,90 @@ def cell_stat(recs: list, metric: str) -> Optional[Stat]:
 def cost(recs: list) -> tuple:
     secs = [s for s in (run_seconds(r) for r in recs) if s is not None]
     return _mean(secs), _mean([float(run_samples(r)) for r in recs])
+
+
+# --- cost of inference: executed MACs and latency (``--cost``) ----------------------------------------------
+COSTS = ("none", "macs", "latency", "all")
+LEGACY_LATENCY = {"final": "pruned", "dense_student": "dense"}  # old ``latency_ms`` keys
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Which latency measurement counts: batch size and mode (``eager``, ``compiled``)."""
+    batch: int = 1
+    mode: str = "eager"
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, {self.mode}"
+
+
+def cost_columns(which: str) -> tuple:
+    return {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}[which]
+
+
+def macs(rec: dict, key: str) -> Optional[float]:
+    """``flops.<key>``: ``dense``, ``sparse`` or ``executed`` (MACs for one input); None when not recorded."""
+    f = rec.get("flops")
+    return _num(f.get(key)) if isinstance(f, dict) else None
+
+
+def macs_ratio(rec: dict) -> Optional[float]:
+    """Executed MACs of the final model as a fraction of the dense student's."""
+    ex, dense = macs(rec, "executed"), macs(rec, "dense")
+    return ex / dense if ex is not None and dense else None
+
+
+def latency_entries(rec: dict, which: str) -> list:
+    """The latency measurements of ``final`` or ``dense_student``; an old record's ``latency_ms`` reads as
+    one batch-1 eager measurement."""
+    lat = rec.get("latency")
+    if isinstance(lat, dict):
+        entries = lat.get(which)
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    old = rec.get("latency_ms")
+    if isinstance(old, dict) and _num(old.get(LEGACY_LATENCY[which])) is not None:
+        return [{"batch": 1, "mode": "eager", "median_ms": old[LEGACY_LATENCY[which]]}]
+    return []
+
+
+def latency_of(rec: dict, which: str, setting: Setting) -> Optional[float]:
+    """Median milliseconds of ``which`` for the setting; None when it was not measured."""
+    for e in latency_entries(rec, which):
+        if _num(e.get("batch")) == setting.batch and e.get("mode") == setting.mode:
+            ms = _num(e.get("median_ms"))
+            if ms is not None and ms > 0:
+                return ms
+    return None
+
+
+def speedup(rec: dict, setting: Setting) -> Optional[float]:
+    """Dense student median ms / final model median ms, both measured by the same run."""
+    final, dense = latency_of(rec, "final", setting), latency_of(rec, "dense_student", setting)
+    return dense / final if final is not None and dense is not None else None
+
+
+def latency_where(recs: list) -> str:
+    """Where the latencies of ``recs`` were measured: device and dtype, as recorded."""
+    seen = []
+    for r in recs:
+        lat = r.get("latency")
+        if isinstance(lat, dict):
+            bits = [str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
+            if lat.get("channels_last"):
+                bits.append("channels_last")
+            where = " ".join(bits)
+        elif isinstance(r.get("latency_ms"), dict):
+            where = f"{r.get('device', '?')} (legacy latency_ms)"
+        else:
+            continue
+        if where not in seen:
+            seen.append(where)
+    return "; ".join(seen)
+
+
+def cost_stat(recs: list, col: str, setting: Setting) -> Optional[Stat]:
+    vals = [macs_ratio(r) if col == "macs" else speedup(r, setting) for r in recs]
+    return stat([v for v in vals if v is not None])
 
 
 # --- formatting ---------------------------------------------------------------------------------------------
@@ -317,6 +421,29 @@ def fmt_samples(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:,.0f}"
 
 
+def fmt_times(s: Optional[Stat], runs: int) -> str:
+    """``0.48×``: the mean over seeds; ``(n=k)`` when fewer runs than the cell's have the number."""
+    if s is None:
+        return "—"
+    return f"{s.mean:.2f}×" + (f" (n={s.n})" if s.n < runs else "")
+
+
+COST_HEAD = {"macs": "MACs", "speedup": "speed-up"}
+
+
+def cost_note(cols: tuple, setting: Setting) -> str:
+    bits = []
+    if "macs" in cols:
+        bits.append("MACs = executed MACs of the final model for one input as it actually runs "
+                    "(`flops.executed`) / the dense student's (`flops.dense`): below 1× only for a physically "
+                    "smaller model, a masked (weight-granularity) model runs all of its MACs")
+    if "speedup" in cols:
+        bits.append(f"speed-up = dense student median ms / final model median ms, both measured by the same run "
+                    f"({setting}; `latency`, or an old record's `latency_ms` as batch 1, eager)")
+    return ("Cost of inference: " + "; ".join(bits) + ". Both are means over the runs that recorded them "
+            "(n shown when fewer than the cell's runs); — where no run did.")
+
+
 def metric_desc(metric: str) -> str:
     return {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll": "NLL (nats)",
             "ece": "ECE (15 bins)"}.get(metric, metric)
@@ -327,8 +454,9 @@ def title(t: Table) -> str:
 
 
 def markdown(tables: list, metric: str, problems: list, superseded: list, layer_notes: list,
-             counts: dict) -> str:
+             counts: dict, costs: str = "none", setting: Setting = Setting()) -> str:
     nd = digits(metric)
+    cols = cost_columns(costs)
     out = ["# kdprune report", ""]
     out.append(f"Metric: `metrics.final.{metric}`, {metric_desc(metric)} on the test split; cells are "
                "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1).")
@@ -336,18 +464,27 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     out.append(f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
                f"{counts['missing']} job folders missing a record"
                + (f", {len(superseded)} superseded by a newer run of the same job" if superseded else "") + ".")
+    if cols:
+        out += ["", cost_note(cols, setting)]
     for t in tables:
         sps = t.sparsities
         out += ["", f"## {title(t)}", ""]
         out.append(f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
                    f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}.")
+        if cols:
+            out.append("")
+            out.append(dense_cost_line(t, cols, setting))
         out.append("")
-        out.append("| method | " + " | ".join(f"sparsity {fmt_sp(s)}" for s in sps)
-                   + " | seconds / run | samples / run¹ |")
-        out.append("|---|" + "---:|" * (len(sps) + 2))
+        out.append("| method | " + " | ".join(f"sparsity {fmt_sp(s)}" + "".join(
+            f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in cols) for s in sps) + " | seconds / run | samples / run¹ |")
+        out.append("|---|" + "---:|" * (len(sps) * (1 + len(cols)) + 2))
         for row in t.sorted_rows():
             secs, samples = cost(row.runs)
-            cells = [fmt_stat(cell_stat(row.cells[s], metric), nd) if s in row.cells else "—" for s in sps]
+            cells = []
+            for s in sps:
+                recs = row.cells.get(s)
+                cells.append(fmt_stat(cell_stat(recs, metric), nd) if recs else "—")
+                cells += [fmt_times(cost_stat(recs, c, setting), len(recs)) if recs else "—" for c in cols]
             out.append(f"| {row.label} | " + " | ".join(cells) + f" | {fmt_secs(secs)} | {fmt_samples(samples)} |")
     if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
@@ -362,6 +499,24 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
         out += ["", "## Superseded records (same job, newer record used)", ""]
         out += [f"- `{old}` → `{new}`" for old, new in superseded]
     return "\n".join(out) + "\n"
+
+
+def _fmt_macs(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x / 1e6:,.2f} M"
+
+
+def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> str:
+    """The dense student's cost: MACs and, for the latency setting, median ms (means over the runs)."""
+    bits = []
+    if "macs" in cols:
+        bits.append(f"{_fmt_macs(_mean([v for v in (macs(r, 'dense') for r in t.runs) if v is not None]))} "
+                    "MACs per input")
+    if "speedup" in cols:
+        ms = [v for v in (latency_of(r, "dense_student", setting) for r in t.runs) if v is not None]
+        where = latency_where(t.runs)
+        bits.append("—" if not ms else f"{_mean(ms):.3f} ms median ({setting}, n={len(ms)}"
+                    + (f"; {where}" if where else "") + ")")
+    return "Dense student cost: " + ", ".join(bits) + "."
 
 
 def _where(rec: Optional[dict]) -> str:
@@ -381,24 +536,34 @@ def tex_escape(s: str) -> str:
 
 def tex_label(row: Row) -> str:
     m = tex_escape(row.method)
-    return m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+    m = m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+    return m if row.granularity == WEIGHT else f"{m} ({tex_escape(row.granularity)})"
 
 
-def latex(tables: list, metric: str) -> str:
+def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Setting()) -> str:
     nd = digits(metric)
+    cols = cost_columns(costs)
     pm = r"$\pm$"
     out = ["% kdprune-report: one booktabs tabular per (dataset, teacher, student); needs \\usepackage{booktabs}",
            ""]
     for t in tables:
         sps = t.sparsities
-        ncol = len(sps)
+        ncol = len(sps) * (1 + len(cols))
         cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
                f"{tex_escape(metric_desc(metric))}, mean {pm} sample std over seeds (n runs). Samples per run "
                "include the recorded cost of cached stages (teacher, dense student, ...); seconds are the "
                "run's own wall-clock.")
+        if "macs" in cols:
+            cap += " MACs: executed MACs of the final model as a fraction of the dense student's."
+        if "speedup" in cols:
+            cap += (f" Speed-up: dense student / final model median latency ({tex_escape(str(setting))}), "
+                    "measured by the same run.")
+        cap += " Cost columns are means over seeds." if cols else ""
+        head = {"macs": "MACs", "speedup": "Speed-up"}
         out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{cap}}}",
-                r"\begin{tabular}{l" + "c" * ncol + "rr}", r"\toprule",
-                "Method & " + " & ".join(f"$s={fmt_sp(s)}$" for s in sps) + r" & Seconds & Samples \\",
+                r"\begin{tabular}{l" + ("c" + "r" * len(cols)) * len(sps) + "rr}", r"\toprule",
+                "Method & " + " & ".join(f"$s={fmt_sp(s)}$" + "".join(f" & {head[c]}" for c in cols) for s in sps)
+                + r" & Seconds & Samples \\",
                 r"\midrule"]
         for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
             out.append(f"{name} & \\multicolumn{{{ncol}}}{{c}}{{{fmt_stat(t.dense(key, metric), nd, pm)}}}"
@@ -406,7 +571,12 @@ def latex(tables: list, metric: str) -> str:
         out.append(r"\midrule")
         for row in t.sorted_rows():
             secs, samples = cost(row.runs)
-            cells = [fmt_stat(cell_stat(row.cells[s], metric), nd, pm) if s in row.cells else "--" for s in sps]
+            cells = []
+            for s in sps:
+                recs = row.cells.get(s)
+                cells.append(fmt_stat(cell_stat(recs, metric), nd, pm) if recs else "--")
+                cells += [fmt_times(cost_stat(recs, c, setting), len(recs)).replace("×", r"$\times$")
+                          .replace("—", "--") if recs else "--" for c in cols]
             sam = "--" if samples is None else f"{samples:,.0f}".replace(",", "{,}")
             out.append(f"{tex_label(row)} & " + " & ".join(cells)
                        + f" & {fmt_secs(secs).replace('—', '--')} & {sam} \\\\")
@@ -418,10 +588,34 @@ CSV_COLUMNS = ["dataset", "teacher", "student", "method", "retrain_kd", "sparsit
                "seconds_mean", "samples_mean"]
 
 
-def write_csv(tables: list, metric: str, path: Path) -> None:
+CSV_COST_COLUMNS = {
+    "macs": ["macs_executed_mean", "macs_ratio_mean", "macs_ratio_n"],
+    "speedup": ["latency_batch", "latency_mode", "latency_ms_mean", "speedup_mean", "speedup_std", "speedup_n"],
+}
+
+
+def _r(x) -> str:
+    return "" if x is None else repr(x)
+
+
+def csv_cost_cells(recs: list, col: str, setting: Setting) -> list:
+    st = cost_stat(recs, col, setting)
+    if col == "macs":
+        ex = _mean([v for v in (macs(r, "executed") for r in recs) if v is not None])
+        return [_r(ex), _r(st and st.mean), st.n if st else 0]
+    ms = _mean([v for v in (latency_of(r, "final", setting) for r in recs) if v is not None])
+    return [setting.batch, setting.mode, _r(ms), _r(st and st.mean), _r(st and st.std), st.n if st else 0]
+
+
+def write_csv(tables: list, metric: str, path: Path, costs: str = "none", setting: Setting = Setting()) -> None:
+    """One row per (table, row, sparsity). A ``granularity`` column is appended when some row is not
+    weight-granularity or ``--cost`` is given, then the cost columns (records without the new fields and no
+    ``--cost``: the CSV is as before them)."""
+    cols = cost_columns(costs)
+    gran = bool(cols) or any(row.granularity != WEIGHT for t in tables for row in t.rows.values())
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + [c for k in cols for c in CSV_COST_COLUMNS[k]])
         for t in tables:
             for row in t.sorted_rows():
                 for s in sorted(row.cells):
@@ -430,7 +624,8 @@ def write_csv(tables: list, metric: str, path: Path) -> None:
                     kd = "" if row.kd is None else str(row.kd).lower()
                     w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), repr(st.mean),
                                 repr(st.std), st.n, "" if secs is None else repr(secs),
-                                "" if samples is None else repr(samples)])
+                                "" if samples is None else repr(samples)] + ([row.granularity] if gran else [])
+                               + [c for k in cols for c in csv_cost_cells(row.cells[s], k, setting)])
 
 
 # --- plots --------------------------------------------------------------------------------------------------
@@ -476,6 +671,71 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
     return path
 
 
+def cost_axis(t: Table, setting: Setting):
+    """What the cost plot puts on x: ``(kind, final x of a record, dense student x of a record, label)``
+    with kind ``latency`` (median ms of the setting) when some run measured it, else ``macs`` (executed
+    MACs, millions) when some run recorded them, else None (no plot)."""
+    if any(latency_of(r, "final", setting) is not None for r in t.runs):
+        where = latency_where(t.runs)
+        return ("latency", lambda r: latency_of(r, "final", setting),
+                lambda r: latency_of(r, "dense_student", setting),
+                f"latency, median ms ({setting}" + (f"; {where}" if where else "") + ")")
+    if any(macs(r, "executed") is not None for r in t.runs):
+        mm = lambda key: lambda r: None if macs(r, key) is None else macs(r, key) / 1e6  # noqa: E731
+        why = "no latency measured" if not any(latency_entries(r, "final") for r in t.runs) \
+            else f"no latency measured at {setting}"
+        return "macs", mm("executed"), mm("dense"), f"executed MACs per input, millions ({why})"
+    return None
+
+
+def _xy(recs: list, fx, metric: str, key: str):
+    """Mean and std of x and of the metric over the records that have both; None if none has."""
+    pairs = [(x, y) for x, y in ((fx(r), metric_of(r, key, metric)) for r in recs) if x is not None and y is not None]
+    if not pairs:
+        return None
+    return stat([x for x, _ in pairs]), stat([y for _, y in pairs])
+
+
+def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) -> Optional[Path]:
+    """Accuracy vs latency (or executed MACs where no latency was measured): one series per row, a point per
+    sparsity (mean ± std over seeds in x and y), the dense student as a reference point, the teacher as a
+    line. None (nothing written) when no run of the table recorded either."""
+    axis = cost_axis(t, setting)
+    if axis is None:
+        return None
+    kind, fx, fdense, xlabel = axis
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for row in t.sorted_rows():
+        pts = [(s, _xy(row.cells[s], fx, metric, "final")) for s in sorted(row.cells)]
+        pts = [(s, xy) for s, xy in pts if xy is not None]
+        if not pts:
+            continue
+        xs, ys = [xy[0] for _, xy in pts], [xy[1] for _, xy in pts]
+        bars = ax.errorbar([x.mean for x in xs], [y.mean for y in ys], xerr=[x.std for x in xs],
+                           yerr=[y.std for y in ys], marker="o", capsize=3, label=row.label)
+        for (s, _), x, y in zip(pts, xs, ys):
+            ax.annotate(fmt_sp(s), (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=bars.lines[0].get_color())
+    dense = _xy(t.runs, fdense, metric, "dense_student")
+    if dense is not None:
+        ax.errorbar([dense[0].mean], [dense[1].mean], xerr=[dense[0].std], yerr=[dense[1].std], marker="*",
+                    markersize=12, color="black", linestyle="none", capsize=3, label="student (dense)")
+    d = t.dense("teacher", metric)
+    if d is not None:
+        ax.axhline(d.mean, color="gray", linestyle=":", linewidth=1, label="teacher (dense)")
+    ax.set_xlabel(f"final model {xlabel}" if kind == "latency" else xlabel, fontsize=8)
+    ax.set_ylabel(f"final {metric_desc(metric)}")
+    ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} (mean ± std over seeds; labels: sparsity)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"accuracy_vs_latency_{safe(t.dataset)}_{safe(t.teacher)}_{safe(t.student)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_layers(rec: dict, name: str, out: Path) -> Path:
     plt = _plt()
     layers = rec["sparsity_per_layer"]
@@ -506,6 +766,16 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
 
 
 # --- main ---------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return n
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="kdprune-report",
@@ -515,6 +785,13 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: the first PATH if it is a folder, else its parent)")
     p.add_argument("--metric", default="top1", choices=METRICS, help="metrics.final.<metric> (default top1)")
+    p.add_argument("--cost", default="none", choices=COSTS,
+                   help="cost-of-inference columns beside each sparsity: macs (executed MACs / dense), latency "
+                        "(speed-up of the final model over the dense student), all (both); default none")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N",
+                   help="batch size of the latency measurement used for speed-ups and the plot (default 1)")
+    p.add_argument("--latency-mode", default="eager", metavar="MODE",
+                   help="mode of the latency measurement: eager (default) or compiled")
     p.add_argument("--layers", nargs="+", action="extend", type=Path, default=[], metavar="RUN_DIR",
                    help="run folders (or results.json) to draw a per-layer sparsity bar chart for")
     return p.parse_args(argv)
@@ -583,16 +860,20 @@ def run(args) -> int:
     problems += [Problem(str(d), f"missing (no {RESULTS})") for d in found.missing]
 
     tables = group(ok, args.metric)
+    setting = Setting(args.latency_batch, args.latency_mode)
     written: list = []
     counts = {"files": len(found.results), "ok": len(ok), "failed": n_failed, "missing": len(found.missing)}
     try:
         layer_notes = _layers(args.layers, out, written)
         for t in tables:
             written.append(plot_table(t, args.metric, out))
-        md = markdown(tables, args.metric, problems, superseded, layer_notes, counts)
+            cost_png = plot_cost(t, args.metric, out, setting)
+            if cost_png is not None:
+                written.append(cost_png)
+        md = markdown(tables, args.metric, problems, superseded, layer_notes, counts, args.cost, setting)
         (out / "report.md").write_text(md, encoding="utf-8")
-        write_csv(tables, args.metric, out / "report.csv")
-        (out / "report.tex").write_text(latex(tables, args.metric), encoding="utf-8")
+        write_csv(tables, args.metric, out / "report.csv", args.cost, setting)
+        (out / "report.tex").write_text(latex(tables, args.metric, args.cost, setting), encoding="utf-8")
     except OSError as e:  # read-only, full, or not ours
         raise InputError(f"cannot write the report into {out}: {_os_error(e)}") from None
     written = [out / "report.md", out / "report.csv", out / "report.tex", *written]
