@@ -17,7 +17,6 @@ import io
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch

@@ -33,8 +33,8 @@ from torch.func import functional_call
 
 from .. import self_distillation as sd
 from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student, recipe
-from .base import OneShot, Result
-from .masks import Scores, apply_masks, prunable_params, select
+from .base import OneShot
+from .masks import Scores, prunable_params
 
 INNER_BATCHES = ("fresh", "same")
 
