@@ -1,4 +1,4 @@
-"""Channel granularity (docs/methods.md §8): coupled groups, exact counts, physical removal, the model file,
+"""Channel granularity (docs/methods.md §7): coupled groups, exact counts, physical removal, the model file,
 kdprune-eval and the ONNX export."""
 from __future__ import annotations
 

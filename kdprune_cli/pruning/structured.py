@@ -1,4 +1,4 @@
-"""Channel granularity (docs/methods.md §8): whole coupled channel groups, physically removed.
+"""Channel granularity (docs/methods.md §7): whole coupled channel groups, physically removed.
 
 Torch-Pruning's dependency graph (``torch_pruning.DependencyGraph``) finds the coupled channels: a
 convolution's output channels together with its BatchNorm, every consumer's input channels, and, through
