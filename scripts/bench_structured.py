@@ -125,8 +125,8 @@ def main(argv=None) -> None:
                     if key in base:
                         rows[label] = base[key]
                         continue
-                    res = measure_latency(m.to(dev), (3, 32, 32), batches=batches, iters=a.iters, warmup=20,
-                                          compiled=compiled)
+                    res = measure_latency(copy.deepcopy(m).to(dev), (3, 32, 32), batches=batches, iters=a.iters,
+                                          warmup=20, compiled=compiled)
                     rows[label] = {(r["batch"], r["mode"]): r["median_ms"] for r in res}
                     if key is not None:
                         base[key] = rows[label]

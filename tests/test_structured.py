@@ -195,3 +195,20 @@ def test_bad_structured_options_fail_before_work(tiny_cfg, tmp_path, overrides, 
     with pytest.raises(ConfigError, match=match):
         run_job(tiny_cfg(*overrides), tmp_path / "r", summary=False)
     assert not (tmp_path / "store" / "teacher").exists()
+
+
+@pytest.mark.parametrize("ds", ["cifar10", "cifar100", "tinyimagenet"])
+def test_structured_presets_compose_and_validate(ds):
+    from hydra import compose, initialize_config_dir
+
+    from kdprune_cli.cli import config_dir
+    from kdprune_cli.runner import validate
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params.method == "cakld,cakld_ce,magnitude,snip,random" and params.sparsity == "0.3,0.5,0.7"
+    assert cfg.prune.granularity == "channel" and cfg.prune.target == "macs"
+    for method in params.method.split(","):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            validate(compose("config", overrides=[f"experiment=structured_{ds}", f"method={method}"]))

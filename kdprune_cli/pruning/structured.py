@@ -93,6 +93,7 @@ class ChannelGroups:
 
         was_training = model.training
         model.eval()
+        example = example.to(next(model.parameters()).device)
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
         self.head = output_layer(model, example)
