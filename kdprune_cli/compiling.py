@@ -108,8 +108,8 @@ class Session:
 
     @contextlib.contextmanager
     def active(self):
-        """channels_last and the compiled teacher for the duration; the model's memory format after it is
-        the one it had (pruning code may ``view`` weights)."""
+        """channels_last and the compiled teacher for the duration; after it the weights are contiguous
+        again (pruning code may ``view`` them) and the objective has its teacher module back."""
         fmt = torch.channels_last if self.channels_last else None
         nets = [self.model] + ([self.teacher] if self.teacher is not None else [])
         if fmt is not None:
