@@ -136,6 +136,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA
+    compile: Any = "auto"  # auto | true | false: torch.compile the training forward (auto: on CUDA)
     progress: bool = True
     fail_fast: bool = False  # multirun: stop at the first failing job
     resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
@@ -211,6 +212,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
     if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
         raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
+    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_method_node(cfg.method, "method")

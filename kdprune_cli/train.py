@@ -1,5 +1,6 @@
 """The one training loop: any objective (CE, distillation, self-distillation), an optional fixed or
-evolving mask, optional bf16 autocast on CUDA, per-epoch logging and a progress bar.
+evolving mask, optional bf16 autocast on CUDA, an optional compiled forward (kdprune_cli/compiling.py),
+per-epoch logging and a progress bar.
 
 With a mask, gradients of pruned weights are zeroed before every optimizer step and the weights are
 re-masked after it, so momentum and weight decay cannot revive a pruned weight (docs/methods.md §0).
@@ -16,8 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compiling
 from .pruning.masks import apply_masks, assert_masked, mask_grads
 from .store import atomic_save
+
+
+NO_COMPILE = {"compile_seconds": 0.0, "recompiles": 0, "graph_breaks": 0, "fallbacks": 0}
 
 
 def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
@@ -56,8 +61,9 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
           desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
           evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None,
-          max_batches: Optional[int] = None) -> dict:
-    """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``.
+          max_batches: Optional[int] = None, compile="false") -> dict:
+    """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``
+    and the compile counts ``{compile_seconds, recompiles, graph_breaks, fallbacks}`` (zero when eager).
 
     ``masks`` may be mutated by ``step_hook(step, total_steps)`` (gradual pruning); the current masks are
     enforced after every step. ``evaluate(model)`` runs every ``recipe.eval_every`` epochs for the log.
@@ -65,14 +71,21 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     atomically after every epoch, and a call that finds the file continues after its last epoch (a
     finished one returns at once), so a killed job resumes with the same numbers. ``max_batches`` caps
     the batches of every epoch (the learning-rate and pruning schedules count the capped steps).
+
+    ``compile`` (auto | true | false; auto: on CUDA) runs the objective's forwards of the model and of its
+    teacher compiled (CUDA graphs and channels_last on CUDA). Masks, the optimizer and checkpoints work on
+    ``model`` itself, never on a compiled wrapper. ``compile_seconds`` is the time of the steps in which
+    something compiled; ``fallbacks`` the forwards that ran no compiled graph.
     """
     start = time.perf_counter()
+    model = getattr(model, "_orig_mod", model)  # given a torch.compile'd model: train the module behind it
     device = next(model.parameters()).device
     samples, t0 = 0, getattr(objective, "teacher_samples", 0)
     x0 = getattr(objective, "extra_samples", 0)  # passes an objective makes itself (DLB's last batch)
     epochs = int(recipe.epochs)
     if epochs <= 0:
-        return {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
+        return {"seconds": 0.0, "samples": 0, "teacher_samples": 0, **NO_COMPILE}
+    session = compiling.Session(model, objective, device) if compiling.wanted(compile, device) else None
     spe = steps_per_epoch(data, recipe.batch_size, max_batches)
     total = epochs * spe
     opt = make_optimizer(model, recipe)
@@ -85,58 +98,70 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
             opt = make_optimizer(model, recipe)
         else:
             first_epoch, step, done_before = resumed
+
+    def cost() -> dict:  # this stage so far, the part before a resume included
+        now = {"seconds": time.perf_counter() - start,
+               "samples": samples + getattr(objective, "extra_samples", 0) - x0,
+               "teacher_samples": getattr(objective, "teacher_samples", 0) - t0,
+               **(session.stats() if session is not None else NO_COMPILE)}
+        return {k: done_before.get(k, 0) + v for k, v in now.items()}
+
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, mininterval=1.0,
                dynamic_ncols=True)
-    for epoch in range(first_epoch, epochs):
-        model.train()
-        if hasattr(objective, "on_epoch_start"):
-            objective.on_epoch_start(epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
-                                      gen=gen, drop_last=True, max_batches=max_batches):
-            if step_hook is not None:
-                step_hook(step, total)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(recipe, step, total, spe)
-            with autocast(device, amp):
-                loss, logits = objective(model, x, y, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if masks is not None:
-                mask_grads(model, masks)
-            opt.step()
-            if masks is not None:
-                apply_masks(model, masks)
-            step += 1
-            samples += x.shape[0]
-            loss_sum += loss.detach().float() * x.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += x.shape[0]
-            bar.update(1)
-        if hasattr(objective, "on_epoch_end"):
-            objective.on_epoch_end(epoch)
-        rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-               "train_loss": float(loss_sum) / max(seen, 1), "train_top1": 100.0 * float(correct) / max(seen, 1)}
-        if evaluate is not None and recipe.eval_every and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == epochs):
-            rec.update({f"test_{k}": v for k, v in evaluate(model).items()})
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_top1']:.1f}",
-                        **({"test": f"{rec['test_top1']:.1f}"} if "test_top1" in rec else {}))
-        if log is not None:
-            log(rec)
-        if checkpoint is not None:
-            so_far = {"seconds": done_before["seconds"] + time.perf_counter() - start,
-                      "samples": done_before["samples"] + samples + getattr(objective, "extra_samples", 0) - x0,
-                      "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
-            atomic_save({"epoch": epoch + 1, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "gen": gen.get_state(), "masks": masks if masks is not None else {},
-                         "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
-                         "cost": so_far}, checkpoint)
+    with session.active() if session is not None else contextlib.nullcontext(model) as net:
+        for epoch in range(first_epoch, epochs):
+            model.train()
+            if hasattr(objective, "on_epoch_start"):
+                objective.on_epoch_start(epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
+                                          gen=gen, drop_last=True, max_batches=max_batches):
+                mark = session.mark() if session is not None else None
+                if step_hook is not None:
+                    step_hook(step, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(recipe, step, total, spe)
+                with autocast(device, amp):
+                    loss, logits = objective(net, x, y, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if masks is not None:
+                    mask_grads(model, masks)
+                opt.step()
+                if masks is not None:
+                    apply_masks(model, masks)
+                step += 1
+                samples += x.shape[0]
+                loss_sum += loss.detach().float() * x.shape[0]
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += x.shape[0]
+                if session is not None:
+                    session.book(mark)
+                bar.update(1)
+            if hasattr(objective, "on_epoch_end"):
+                objective.on_epoch_end(epoch)
+            rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                   "train_loss": float(loss_sum) / max(seen, 1),
+                   "train_top1": 100.0 * float(correct) / max(seen, 1)}
+            if session is not None:
+                rec["compile_seconds"] = session.compile_seconds
+            if evaluate is not None and recipe.eval_every and ((epoch + 1) % recipe.eval_every == 0
+                                                               or epoch + 1 == epochs):
+                rec.update({f"test_{k}": v for k, v in evaluate(model).items()})
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_top1']:.1f}",
+                            **({"test": f"{rec['test_top1']:.1f}"} if "test_top1" in rec else {}))
+            if log is not None:
+                log(rec)
+            if checkpoint is not None:
+                atomic_save({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "gen": gen.get_state(),
+                             "masks": masks if masks is not None else {},
+                             "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
+                             "cost": cost()}, checkpoint)
     bar.close()
     if masks is not None:
         assert_masked(model, masks)
-    return {"seconds": done_before["seconds"] + time.perf_counter() - start,
-            "samples": done_before["samples"] + samples + getattr(objective, "extra_samples", 0) - x0,
-            "teacher_samples": done_before["teacher_samples"] + getattr(objective, "teacher_samples", 0) - t0}
+    return cost()
 
 
 def _resume(path, model, opt, gen, masks, objective):

@@ -112,7 +112,9 @@ def dense_masks(model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
 
 
 def _params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[str, nn.Parameter]:
-    named = dict(model.named_parameters())
+    """The parameters the masks name; a ``torch.compile``'d model is resolved to the module behind it,
+    whose parameters are the same objects without the wrapper's ``_orig_mod.`` prefix."""
+    named = dict(getattr(model, "_orig_mod", model).named_parameters())
     missing = [n for n in masks if n not in named]
     if missing:
         raise KeyError(f"mask names parameters the model lacks: {missing[:3]}")
