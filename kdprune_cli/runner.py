@@ -51,6 +51,9 @@ class StageCost:
     cached: bool = False
     artifact: Optional[dict] = None  # for a cached artifact: what it cost when it was made
     lock_wait_seconds: float = 0.0  # waited for another job making the same artifact (not in ``seconds``)
+    compile_seconds: float = 0.0  # part of ``seconds``: training steps in which torch.compile compiled
+    recompiles: int = 0  # dynamo recompilations during the stage's training
+    fallbacks: int = 0  # compiled forwards that ran eagerly (past dynamo's limits); 0 normally
 
 
 @dataclass
@@ -182,10 +185,13 @@ class Context:
             stats = train(model, data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
                           step_hook=step_hook, evaluate=ev, checkpoint=checkpoint or self._checkpoint(stage, n),
-                          max_batches=self.cfg.get("max_batches"))
+                          max_batches=self.cfg.get("max_batches"), compile=self.cfg.get("compile", "auto"))
             if record:
                 st.samples += stats["samples"]
                 st.teacher_samples += stats["teacher_samples"]
+                st.compile_seconds += stats.get("compile_seconds", 0.0)
+                st.recompiles += stats.get("recompiles", 0)
+                st.fallbacks += stats.get("fallbacks", 0)
         return stats
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict:
@@ -372,7 +378,7 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
     dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast", "paths", "print_config",
-              "detect_anomaly"):
+              "detect_anomaly", "compile"):
         c.pop(k, None)
     if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
         c.pop("max_batches", None)
@@ -627,8 +633,9 @@ def _complete(record: dict, cfg: DictConfig, ctx: Optional["Context"], t_start: 
         record["metrics"] = ctx.metrics
         if ctx.metrics_val:
             record["metrics_val"] = ctx.metrics_val
+        optional = ("lock_wait_seconds", "compile_seconds", "recompiles", "fallbacks")  # shown when not 0
         record["cost"]["stages"] = {k: {kk: vv for kk, vv in asdict(v).items()
-                                        if vv is not None and not (kk == "lock_wait_seconds" and vv == 0)}
+                                        if vv is not None and not (kk in optional and vv == 0)}
                                     for k, v in ctx.cost.items()}
     record["cost"]["total_seconds"] = time.perf_counter() - t_start
     record["config"] = OmegaConf.to_container(cfg, resolve=False)

@@ -101,9 +101,10 @@ def test_local_config_is_optional_git_ignored_and_overrides_paths(tmp_path, monk
 def test_bookkeeping_keys_leave_the_job_identity_alone_max_batches_does_not():
     base = job_id(compose_cfg(), {})
     for o in ("print_config=false", "detect_anomaly=true", "paths.data_dir=/x", "paths.output_dir=/y",
-              "max_batches=null"):
+              "max_batches=null", "compile=false", "prune.granularity=weight", "eval.latency_iters=5"):
         assert job_id(compose_cfg([o]), {}) == base, o
     assert job_id(compose_cfg(["max_batches=2"]), {}) != base
+    assert job_id(compose_cfg(["prune.granularity=channel"]), {}) != base
 
 
 def test_max_batches_must_be_positive():
