@@ -128,6 +128,8 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 if masks is not None:
                     mask_grads(model, masks)
                 opt.step()
+                if hasattr(objective, "step"):  # an objective with parameters of its own (NutePrune's gates, λ)
+                    objective.step()
                 if masks is not None:
                     apply_masks(model, masks)
                 step += 1

@@ -197,6 +197,29 @@ class ChannelGroups:
             macs += size * self.tokens[n]
         return {"params": params, "macs": macs}
 
+    def expected(self, probs: List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
+        """Expected prunable weights and MACs when root channel ``c`` of group ``g`` is kept with probability
+        ``probs[g][c]`` (groups independent): per layer ``E[out]·E[in]·k``; differentiable in ``probs``."""
+        e_out: Dict[str, torch.Tensor] = {}
+        e_in: Dict[str, torch.Tensor] = {}
+        for g, p in zip(self.groups, probs):
+            for it in g.items:
+                (e_out if it.kind == "out" else e_in)[it.module] = p[it.root.to(p.device)].sum()
+        exclude = set(exclude)
+        params = macs = 0.0
+        for n, m in self.layers.items():
+            w = m.weight
+            o = e_out.get(n, w.shape[0])
+            k = w[0, 0].numel()
+            if isinstance(m, nn.Conv2d) and m.groups > 1:
+                size = o * k
+            else:
+                size = o * e_in.get(n, w.shape[1]) * k
+            if n not in exclude:
+                params = params + size
+            macs = macs + size * self.tokens[n]
+        return {"params": params, "macs": macs}
+
     # --- selection ----------------------------------------------------------------------------------
     def plan(self, scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global",
              target: str = "params", reduce: str = "sum", round_to: int = 1, exclude: Iterable[str] = ()) -> Plan:
