@@ -38,7 +38,6 @@ networks (no BN right after each conv); both are refused with one line.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import List, Optional
