@@ -194,6 +194,12 @@ class Context:
                 st.fallbacks += stats.get("fallbacks", 0)
         return stats
 
+    def skip_trainings(self, stage: str, n: int = 1) -> None:
+        """Count ``n`` trainings of ``stage`` that a stored artifact stands in for (a shared round of an
+        iterative method), so the next training of ``stage`` draws the generator stream and uses the
+        checkpoint it would have had if they had run."""
+        self._calls[stage] = self._calls.get(stage, 0) + int(n)
+
     def evaluate(self, model: nn.Module, split: str = "test") -> dict:
         return evaluate(model, self.data, split, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
 

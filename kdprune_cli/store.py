@@ -334,7 +334,10 @@ class Store:
 
         ``spec`` is the config subset that determines the artifact; its hash is the key. ``check(state)``
         raises when a stored artifact does not fit (e.g. another architecture); such an artifact, or one
-        that cannot be read, is reported in one warning line, discarded and made anew.
+        that cannot be read, is reported in one warning line, discarded and made anew. ``create()`` may
+        return ``(None, meta)`` when what it made turned out not to be this artifact (e.g. an iterative
+        method's round that had to be clipped to the job's own target): nothing is stored and
+        ``(None, meta, False)`` is returned.
         """
         self.waited = 0.0
         key = config_hash(spec)
@@ -360,6 +363,8 @@ class Store:
                 for f in (art, meta_path, d / "partial.pt"):  # partial.pt: an attempt at the same artifact
                     f.unlink(missing_ok=True)
             state, meta = create()
+            if state is None:  # not this artifact after all: nothing to store
+                return None, meta, False
             meta = {**meta, "stage": stage, "key": key, "spec": spec}
             atomic_save(state, art)
             atomic_write_json(meta, meta_path)

@@ -19,6 +19,7 @@ from .. import losses
 from ..config import ConfigError, KDRecipe, MethodConfig, TrainRecipe
 from ..objectives import LOGIT_STDS, Distill
 from .base import OneShot, params_for_scoring
+from .scoring import accumulate_saliency_, scoring_autocast
 
 
 @dataclass
@@ -96,22 +97,21 @@ class CAKLD(OneShot):
         """Step 4: Σ over batches of |θ ⊙ ∇θ L_total|, BN in eval mode."""
         objective = self.distill_objective(ctx)
         params = params_for_scoring(ctx, model)
-        scores = {n: torch.zeros_like(p) for n, p in params.items()}
+        names, plist = list(params), list(params.values())
+        acc = [torch.zeros_like(p) for p in plist]  # float32 accumulators, also under bf16 autocast
         model.eval()
         n_batches = self.cfg.score_batches
         bs = int(self.cfg.score_batch_size)
         with ctx.count(model):
             for x, y, idx in ctx.data.batches("train", bs, shuffle=n_batches is not None,
                                               gen=ctx.generator("score"), max_batches=n_batches):
-                model.zero_grad(set_to_none=True)
-                loss, _ = objective(model, x, y, idx)
-                loss.backward()
-                with torch.no_grad():
-                    for n, p in params.items():
-                        scores[n] += (p * p.grad).abs()
+                with scoring_autocast(ctx):
+                    loss, _ = objective(model, x, y, idx)
+                grads = torch.autograd.grad(loss, plist, allow_unused=True)
+                accumulate_saliency_(acc, plist, grads)  # Σ_b |θ ⊙ ∇L_b|, fused over the tensors
         model.zero_grad(set_to_none=True)
         model.train()
-        return scores
+        return dict(zip(names, acc))
 
     def retrain_objective(self, ctx):
         return self.distill_objective(ctx) if self.retrain_kd else ctx.objective()

@@ -24,6 +24,7 @@ from ..models import build_model
 from .base import Method, Result
 from .imp import clone_state, group_targets, magnitudes, next_count, removed, rewind, select_count
 from .masks import Masks, dense_masks, prunable_modules
+from .rounds import full_step, round_spec, shared_round
 
 
 def partition_classes(num_classes: int, partitions: int) -> List[range]:
@@ -183,13 +184,25 @@ class COLT(Method):
         datas = [partition_data(ctx.data, p) for p in parts]
         self.parts, self.thetas = parts, thetas
         M: Masks = {n: torch.ones_like(P[n], dtype=torch.bool) for n in convs}
-        r = 0
-        while any(removed(M, names) < g for names, g in groups):
-            r += 1
-            t = time.perf_counter()
+        spec = round_spec(ctx, "colt", c.round, "method.round", rate=rate, partitions=int(c.partitions),
+                          head=head)
+
+        def check(state):  # a stored round must fit this model
+            if set(state["mask"]) != set(convs) or any(tuple(v.shape) != tuple(M[n].shape)
+                                                         for n, v in state["mask"].items()):
+                raise ValueError("masks of other parameters")
+
+        def full_for_me(state) -> bool:  # a stored round is this job's round when it lands on no target
+            return all(removed(state["mask"], names) <= g for names, g in groups)
+
+        def train_and_prune():
+            """One round in this job: train every partition model, select, intersect, rewind. Returns the
+            state to store, or None when the intersection had to be clipped to this job's target."""
+            nonlocal M
             self._masks = M
             for model, data in zip(models, datas):
                 self.train_on(ctx, model, data)
+            clipped = False
             with ctx.count(stage="colt"):
                 named = [dict(m.named_parameters()) for m in models]
                 scores = [magnitudes({n: nm[n] for n in convs}) for nm in named]
@@ -199,10 +212,12 @@ class COLT(Method):
                     prev = removed(M, names)
                     size = sum(M[n].numel() for n in names)
                     target = next_count(prev, g, size, rate)
+                    clipped |= target != prev + max(1, int(round(rate * (size - prev)))) or prev >= g
                     ms = [select_count(s, names, target, M) for s in scores]
                     inter = intersect(ms, names)
                     if removed(inter, names) > g:  # clip: land exactly on the target
                         ms, inter = intersect_exact(scores, names, M, g)
+                        clipped = True
                     for pm, m in zip(per_model, ms):
                         pm.update(m)
                     new.update(inter)
@@ -212,8 +227,27 @@ class COLT(Method):
                 M = new
                 for model, th in zip(models, thetas):
                     rewind(model, th, M)
+            return None if clipped else {"mask": {n: m.cpu() for n, m in M.items()}}
+
+        r = 0
+        while any(removed(M, names) < g for names, g in groups):
+            r += 1
+            t = time.perf_counter()
+            shareable = all(full_step(removed(M, names), g, sum(M[n].numel() for n in names), rate) is not None
+                       for names, g in groups)
+            cached = False
+            if shareable:  # unclipped so far: the same round for every target whose intersection it does not pass
+                state, cached = shared_round(ctx, "colt", spec, r, train_and_prune, trainings=len(models),
+                                             check=check, usable=full_for_me)
+                if cached:
+                    M = {n: m.to(P[n].device) for n, m in state["mask"].items()}
+                    for model, th in zip(models, thetas):
+                        rewind(model, th, M)
+            else:
+                train_and_prune()
             ctx.log({"stage": "colt", "round": r, "sparsity": removed(M) / total,
-                     "conv_sparsity": removed(M) / max(n_conv, 1), "seconds": time.perf_counter() - t})
+                     "conv_sparsity": removed(M) / max(n_conv, 1), "seconds": time.perf_counter() - t,
+                     **({"cached": True} if cached else {})})
         self.rounds = r
         masks = dense_masks(full, ctx.exclude)
         masks.update(M)

@@ -21,6 +21,7 @@ model exactly as it was. With ``inner_steps = 0`` the score is SNIP's ``|θ ⊙ 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -35,18 +36,21 @@ from .. import self_distillation as sd
 from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student, recipe
 from .base import OneShot
 from .masks import Scores, prunable_params
+from .scoring import scoring_autocast
 
 INNER_BATCHES = ("fresh", "same")
 
 
 def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inner_steps: int, inner_lr: float,
-                  names: Sequence[str], fresh_batches: bool = True) -> tuple[Scores, int]:
+                  names: Sequence[str], fresh_batches: bool = True,
+                  autocast: Callable = contextlib.nullcontext) -> tuple[Scores, int]:
     """ProsPr meta-gradient saliency ``|∂L(θ_i)/∂m|`` at ``m = 1``, ``θ₀′ = θ₀ ⊙ m``, for the parameters ``names``.
 
     ``objective(f, x, y, idx) -> (loss, logits)`` is any training objective; ``f`` is the functional
     network (``f(inputs)`` → logits). ``batches`` yields ``(x, y, idx)``; ``inner_steps + 1`` are consumed
     with ``fresh_batches``, one without. Returns the scores and the number of samples pushed forward and
-    backward. The model is not changed.
+    backward. The model is not changed. ``autocast()`` wraps each forward (bf16 on CUDA with ``amp``); the
+    weights θ_k, the masks and the meta-gradient stay float32.
     """
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -64,7 +68,8 @@ def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inne
 
     def loss_at(params, batch):
         x, y, idx = batch
-        loss, _ = objective(lambda inp: functional_call(model, {**params, **buffers}, (inp,)), x, y, idx)
+        with autocast():
+            loss, _ = objective(lambda inp: functional_call(model, {**params, **buffers}, (inp,)), x, y, idx)
         return loss, x.shape[0]
 
     try:
@@ -211,7 +216,8 @@ class EPSD(OneShot):
         with ctx.count(model):
             scores, _ = prospr_scores(model, objective, batches, int(self.cfg.inner_steps),
                                       float(self.cfg.inner_lr), names,
-                                      fresh_batches=self.cfg.inner_batches == "fresh")
+                                      fresh_batches=self.cfg.inner_batches == "fresh",
+                                      autocast=lambda: scoring_autocast(ctx))
         return scores
 
     def run(self, ctx):

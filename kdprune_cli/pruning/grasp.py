@@ -18,6 +18,9 @@ processed in chunks of ``chunk_size`` (each chunk's loss weighted by its share; 
 BN in train mode each chunk has its own statistics). BatchNorm scores in train mode by default
 (``bn_mode``), as the reference, which scores a copy of the freshly built network. The sparse network is
 then trained from that initialisation with CE for ``retrain``.
+
+Precision: float32 always, also with ``amp=true`` (no bf16 autocast, unlike the first-order saliencies): ``H g``
+is a second-order quantity of a loss whose logits are divided by ``T = 200`` (docs/methods.md §0).
 """
 from __future__ import annotations
 
@@ -81,8 +84,7 @@ def hessian_gradient_product(model: nn.Module, params: dict, x: torch.Tensor, y:
     g = [torch.zeros_like(p) for p in plist]
     for xc, yc, w in chunks():
         loss = F.cross_entropy(model(xc) / temperature, yc) * w
-        for a, b in zip(g, grads(loss)):
-            a += b.detach()
+        torch._foreach_add_(g, grads(loss))  # fused over the tensors (no graph: create_graph=False)
     hg = [torch.zeros_like(p) for p in plist]
     for xc, yc, w in chunks():
         loss = F.cross_entropy(model(xc) / temperature, yc) * w
@@ -90,8 +92,7 @@ def hessian_gradient_product(model: nn.Module, params: dict, x: torch.Tensor, y:
         z = sum((a * b).sum() for a, b in zip(gl, g) if a.requires_grad)
         if not isinstance(z, torch.Tensor):  # no gradient depends on the weights (a linear model)
             continue
-        for a, b in zip(hg, grads(z)):
-            a += b.detach()
+        torch._foreach_add_(hg, grads(z))
     return dict(zip(names, g)), dict(zip(names, hg))
 
 

@@ -18,6 +18,7 @@ from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from .base import Method, Result
 from .magnitude import magnitude_scores as magnitudes
 from .masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
+from .rounds import full_step, round_spec, shared_round
 
 Groups = List[Tuple[List[str], int]]
 
@@ -104,6 +105,12 @@ class IMP(Method):
             raise ConfigError(f"method.rewind_epoch={k} is past the end of a round ({r.epochs} epochs)")
         recipe(c.retrain, "method.retrain")
 
+    def round_spec(self, ctx) -> dict:
+        """What determines a round of this job besides its index (not the target; :mod:`.rounds`)."""
+        c = self.cfg
+        return round_spec(ctx, "imp", c.round, "method.round", rate=float(c.rate),
+                          rewind_epoch=int(c.rewind_epoch))
+
     def run(self, ctx):
         from ..train import steps_per_epoch  # here: train imports pruning
         c = self.cfg
@@ -116,10 +123,19 @@ class IMP(Method):
         masks = dense_masks(model, ctx.exclude)
         rewind_state = theta0 if k_rewind == 0 else None
         self.rewind_state = rewind_state
-        r = 0
-        while any(removed(masks, names) < k for names, k in groups):
-            r += 1
-            t = time.perf_counter()
+        spec = self.round_spec(ctx)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+        def check(state):  # a stored round must fit this model
+            ms, rw = state["masks"], state.get("rewind", {})
+            if set(ms) != set(masks) or any(tuple(ms[n].shape) != tuple(masks[n].shape) for n in ms):
+                raise ValueError("masks of other parameters")
+            if (k_rewind > 0) != bool(rw) or any(shapes.get(k) != tuple(v.shape) for k, v in rw.items()):
+                raise ValueError("a rewind state of another model")
+
+        def train_and_prune():
+            """One round in this job: train with the mask, select by magnitude, rewind (θ ← θ_rewind ⊙ M)."""
+            nonlocal masks, rewind_state
             hook = None
             if rewind_state is None:
                 spe = steps_per_epoch(ctx.data, recipe(c.round, "method.round").batch_size, ctx.cfg.max_batches)
@@ -142,8 +158,28 @@ class IMP(Method):
                     new.update(select_count(scores, names, next_count(removed(masks, names), k, size, rate), masks))
                 masks = new
                 rewind(model, rewind_state, masks)
+            return {"masks": {n: m.cpu() for n, m in masks.items()},
+                    "rewind": {k: v.cpu() for k, v in rewind_state.items()} if k_rewind > 0 else {}}
+
+        r = 0
+        while any(removed(masks, names) < k for names, k in groups):
+            r += 1
+            t = time.perf_counter()
+            shareable = all(full_step(removed(masks, names), k, sum(masks[n].numel() for n in names), rate) is not None
+                       for names, k in groups)
+            cached = False
+            if shareable:  # the same round for every target this far: a shared artifact
+                state, cached = shared_round(ctx, "imp", spec, r, train_and_prune, trainings=1, check=check)
+                if cached:
+                    masks = {n: m.to(ctx.device) for n, m in state["masks"].items()}
+                    if k_rewind > 0:
+                        rewind_state = {k: v.to(ctx.device) for k, v in state["rewind"].items()}
+                        self.rewind_state = rewind_state
+                    rewind(model, rewind_state, masks)
+            else:  # clipped to this job's target
+                train_and_prune()
             ctx.log({"stage": "imp", "round": r, "sparsity": removed(masks) / total,
-                     "seconds": time.perf_counter() - t})
+                     "seconds": time.perf_counter() - t, **({"cached": True} if cached else {})})
         self.rounds = r
         ctx.record_metrics("pruned", model)
         ctx.train(model, c.retrain, ctx.objective(), stage="retrain", masks=masks)

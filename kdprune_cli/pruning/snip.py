@@ -15,6 +15,7 @@ snip-public feeds ``is_train: False`` while pruning and Synaptic-Flow's ``prune_
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import OneShot, params_for_scoring
+from .scoring import accumulate_, scoring_autocast
 
 
 def scoring_copy(model: nn.Module, bn_mode: str) -> nn.Module:
@@ -55,28 +57,29 @@ class PruneAtInit(OneShot):
         return ctx.new_model("student")
 
 
-def snip_scores(model: nn.Module, params: dict, batches, loss_fn) -> tuple[dict, int]:
+def snip_scores(model: nn.Module, params: dict, batches, loss_fn, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """``|θ ⊙ ḡ|`` with ``ḡ`` the gradient of the mean of ``loss_fn(model(x), y)`` over ``batches``.
 
-    ``params`` maps names to parameters of ``model``. Returns (scores, samples used).
+    ``params`` maps names to parameters of ``model``. ``autocast()`` wraps each forward (bf16 on CUDA with
+    ``amp``; the gradients and their float32 sum are not narrowed). Returns (scores, samples used).
     """
-    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    names, plist = list(params), list(params.values())
+    acc = [torch.zeros_like(p) for p in plist]
     n_batches, samples = 0, 0
     for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x.to(next(iter(params.values())).dtype)), y)
-        loss.backward()
-        with torch.no_grad():
-            for n, p in params.items():
-                if p.grad is not None:
-                    grads[n] += p.grad
+        with autocast():
+            loss = loss_fn(model(x.to(plist[0].dtype)), y)
+        accumulate_(acc, torch.autograd.grad(loss, plist, allow_unused=True), plist)  # fused Σ_b ∇L_b
         n_batches += 1
         samples += x.shape[0]
     if n_batches == 0:
         raise ValueError("SNIP got no batches to score on")
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        return {n: (p * grads[n] / n_batches).abs() for n, p in params.items()}, samples
+        out = torch._foreach_mul(plist, acc)
+        torch._foreach_div_(out, n_batches)
+        torch._foreach_abs_(out)
+    return dict(zip(names, out)), samples
 
 
 @dataclass
@@ -109,5 +112,6 @@ class SNIP(PruneAtInit):
             "train", int(c.batch_size), shuffle=True, gen=ctx.generator("snip"),
             max_batches=None if nb is None else int(nb)))
         with ctx.count(scorer):
-            scores, _ = snip_scores(scorer, params, batches, nn.functional.cross_entropy)
+            scores, _ = snip_scores(scorer, params, batches, nn.functional.cross_entropy,
+                                    autocast=lambda: scoring_autocast(ctx))
         return scores
