@@ -324,14 +324,18 @@ def _via(service: str, attr: str) -> property:
                     lambda ctx, value: setattr(getattr(ctx, service), attr, value))
 
 
-# Compatibility for tests (and user code) written against the one-object context: ``ctx.cost["score"]`` reads
+# Compatibility for tests and user code written against the one-object context: ``ctx.cost["score"]`` reads
 # ``ctx.costs.stages["score"]``, ``ctx.train = spy`` replaces ``ctx.trainer.train``. Methods call the services.
-for _old, _new in {"cost": "costs.stages", "current_stage": "costs.current", "stage": "costs.stage",
-                   "generator": "seeds.generator", "new_model": "seeds.new_model", "train": "trainer.train",
-                   "objective": "trainer.objective", "record_metrics": "evaluator.record_metrics",
-                   "metrics": "evaluator.metrics", "store": "artifacts.store", "cached_model": "artifacts.cached_model",
-                   "dense_student": "artifacts.dense_student", "recipe_spec": "artifacts.recipe_spec",
-                   "sparsity": "pruner.sparsity"}.items():
+ALIASES = {"cost": "costs.stages", "current_stage": "costs.current", "stage": "costs.stage", "count": "costs.count",
+           "seed": "seeds.seed", "generator": "seeds.generator", "new_model": "seeds.new_model",
+           "train": "trainer.train", "objective": "trainer.objective", "evaluate": "evaluator.evaluate",
+           "record_metrics": "evaluator.record_metrics", "metrics": "evaluator.metrics",
+           "metrics_val": "evaluator.metrics_val", "store": "artifacts.store", "teacher": "artifacts.teacher",
+           "dense_student": "artifacts.dense_student", "cached_model": "artifacts.cached_model",
+           "spec": "artifacts.spec", "recipe_spec": "artifacts.recipe_spec", "data_spec": "artifacts.data_spec",
+           "artifact_metrics": "artifacts.metrics", "artifact_files": "artifacts.files", "prune": "pruner.prune",
+           "sparsity": "pruner.sparsity", "scope": "pruner.scope", "exclude": "pruner.exclude"}
+for _old, _new in ALIASES.items():
     setattr(Context, _old, _via(*_new.split(".")))
 
 
