@@ -1,9 +1,9 @@
 """One job: config → data → teacher → dense student → method (score, prune, retrain) → evaluate → record.
 
-The :class:`Context` is what a method sees: data, cached teacher and dense student, seeded generators,
-the one trainer (which books its own cost), the evaluator and the counting service :meth:`Context.count`;
-a method returns a :class:`~kdprune_cli.pruning.base.Result`. :func:`run_job` validates everything first,
-then writes ``results.json`` atomically, last (``status: failed`` with the error when anything raises).
+A method sees a :class:`Context`: ``cfg``, ``data``, ``device``, ``log`` and small services, one job each (costs,
+seeds, trainer, evaluator, artifacts, pruner), and returns a :class:`~kdprune_cli.pruning.base.Result`.
+:func:`run_job` validates everything first, then writes ``results.json`` atomically, last (``status: failed``
+with the error when anything raises).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import platform
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,50 +56,58 @@ class StageCost:
     fallbacks: int = 0  # compiled forwards that ran eagerly (past dynamo's limits); 0 normally
 
 
-@dataclass
-class Context:
-    cfg: DictConfig
-    data: DeviceData
-    device: torch.device
-    log: Callable[[dict], None] = lambda rec: None
-    cost: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    metrics_val: dict = field(default_factory=dict)
-    job_id: Optional[str] = None  # set by run_job: training checkpoints go to <store>/jobs/<job_id>/
+class Costs:
+    """Cost accounting: a :class:`StageCost` per stage, the open one ``current``; methods only call :meth:`count`."""
 
-    def __post_init__(self):
-        self.store = Store(self.cfg.store.root)
-        self.current_stage: StageCost = StageCost()
-        self._models: dict = {}
-        self._calls: dict = {}  # stage -> number of train() calls so far (iterative methods train repeatedly)
-        self._teacher: Optional[nn.Module] = None
-        self.artifact_metrics: dict = {}  # teacher / student: test (and val) metrics of the dense artifacts
-        self.artifact_files: dict = {}  # teacher / student: the file the dense artifact was read from
+    def __init__(self, stages: Optional[dict] = None):
+        self.stages, self.current = stages if stages is not None else {}, StageCost()
+        self.teacher: Optional[nn.Module] = None  # forwards through it are ``teacher_samples`` (set by the artifacts)
 
-    def _checkpoint(self, stage: str, n: int) -> Optional[Path]:
-        if self.job_id is None or not self.cfg.store.enabled:
-            return None
-        return job_dir(self.cfg, self.job_id) / f"{stage}.{n}.pt"
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        st = self.stages.setdefault(name, StageCost())
+        prev, self.current = self.current, st
+        t = time.perf_counter()
+        try:
+            yield st
+        finally:
+            dt = time.perf_counter() - t
+            st.seconds += dt
+            prev.seconds -= dt  # a stage opened inside another (evaluate during gmp) is not the outer's time
+            self.current = prev
 
-    # --- plain facts -------------------------------------------------------------------------------
-    @property
-    def sparsity(self) -> float:
-        return float(self.cfg.sparsity)
+    @contextlib.contextmanager
+    def count(self, *models: nn.Module, stage: Optional[str] = None):
+        """Count the samples pushed through ``models`` (and copies made of them meanwhile, e.g. a scoring
+        copy) into the open stage, or into ``stage`` (opened here): a forward with gradient is ``samples``, a
+        forward without (a self-teacher pass) or through the teacher is ``teacher_samples``."""
+        def hook(module, args):
+            if args and torch.is_tensor(args[0]):
+                if module is self.teacher or not torch.is_grad_enabled():
+                    self.current.teacher_samples += args[0].shape[0]
+                else:
+                    self.current.samples += args[0].shape[0]
 
-    @property
-    def scope(self) -> str:
-        return self.cfg.prune.scope
+        watched = [*models, *([self.teacher] if self.teacher is not None else [])]
+        handles = [m.register_forward_pre_hook(hook) for m in watched]
+        try:
+            with self.stage(stage) if stage else contextlib.nullcontext():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
-    @property
-    def exclude(self) -> list:
-        return list(self.cfg.prune.exclude)
 
-    @property
-    def seed(self) -> int:
-        return int(self.cfg.seed)
+class Seeds:
+    """Seeded randomness: every stage draws its own reproducible stream from (seed, name)."""
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+
+    seed = property(lambda self: int(self.cfg.seed))
 
     def generator(self, name: str, seed: Optional[int] = None) -> torch.Generator:
-        """A CPU generator seeded from (seed, name): every stage draws its own reproducible stream."""
+        """A CPU generator seeded from (seed, name)."""
         s = int(config_hash([self.seed if seed is None else seed, name]), 16) % (2 ** 62)
         return torch.Generator().manual_seed(s)
 
@@ -109,64 +117,18 @@ class Context:
         d = self.data
         return build_model(self.cfg[role].name, d.num_classes, d.channels, d.image_size).to(self.device)
 
-    def example_input(self) -> torch.Tensor:
-        d = self.data
-        return torch.zeros(1, d.channels, d.image_size, d.image_size, device=self.device)
 
-    # --- the one selection ---------------------------------------------------------------------------
-    def prune(self, model: nn.Module, scores: Scores) -> Result:
-        """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
-        scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
-        groups physically (no masks; ``facts["structure"]`` says what was removed and how close the target is)."""
-        p = self.cfg.prune
-        if p.granularity == "weight":
-            masks = select(scores, self.sparsity, self.scope)
-            apply_masks(model, masks)
-            return Result(model, masks)
-        facts = prune_channels(model, scores, self.example_input(), self.sparsity, scope=self.scope,
-                               target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude)
-        return Result(model, {}, {"structure": facts})
+class Trainer:
+    """The one trainer: trains with the one loop and books the cost to its stage; the job's training checkpoints
+    go to ``checkpoints`` (None: kept nowhere), ``calls`` counts the trainings per stage (rounds)."""
 
-    # --- cost accounting ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        st = self.cost.setdefault(name, StageCost())
-        prev, self.current_stage = self.current_stage, st
-        t = time.perf_counter()
-        try:
-            yield st
-        finally:
-            dt = time.perf_counter() - t
-            st.seconds += dt
-            prev.seconds -= dt  # a stage opened inside another (evaluate during gmp) is not the outer's time
-            self.current_stage = prev
+    def __init__(self, cfg: DictConfig, data: DeviceData, costs: Costs, seeds: Seeds, log: Callable[[dict], None],
+                 checkpoints: Optional[Path] = None):
+        self.cfg, self.data, self.costs, self.seeds = cfg, data, costs, seeds
+        self.log, self.checkpoints, self.calls = log, checkpoints, {}
 
-    @contextlib.contextmanager
-    def count(self, *models: nn.Module, stage: Optional[str] = None):
-        """Count the samples pushed through ``models`` (and copies made of them meanwhile, e.g. a scoring
-        copy) into the open stage, or into ``stage`` (opened here): a forward with gradient is ``samples``, a
-        forward without (a self-teacher pass) or through the teacher is ``teacher_samples``. Methods call
-        this service instead of booking cost themselves."""
-        def hook(module, args):
-            if args and torch.is_tensor(args[0]):
-                st = self.current_stage
-                if module is self._teacher or not torch.is_grad_enabled():
-                    st.teacher_samples += args[0].shape[0]
-                else:
-                    st.samples += args[0].shape[0]
-
-        watched = [*models, *([self._teacher] if self._teacher is not None else [])]
-        handles = [m.register_forward_pre_hook(hook) for m in watched]
-        try:
-            with self.stage(stage) if stage else contextlib.nullcontext():
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    # --- training and evaluation -------------------------------------------------------------------
     def objective(self):
-        """Plain CE (distilling methods build their objective with :meth:`teacher`)."""
+        """Plain CE (distilling methods build their objective with the artifacts' teacher)."""
         return CrossEntropy()
 
     def train(self, model: nn.Module, recipe_node, objective, stage: str, masks: Optional[dict] = None,
@@ -174,50 +136,64 @@ class Context:
               checkpoint: Optional[Path] = None) -> dict:
         """Train with the one loop; with ``record`` the cost is added to ``stage``.
 
-        ``data`` trains (and evaluates for the log) on other splits than ``ctx.data``, e.g. COLT's class
+        ``data`` trains (and evaluates for the log) on other splits than the job's, e.g. COLT's class
         partitions. ``checkpoint``: where to keep the per-epoch training checkpoint (an artifact's own
-        ``partial.pt``); by default the job's ``<store>/jobs/<job_id>/<stage>.<n>.pt``."""
+        ``partial.pt``); by default ``<checkpoints>/<stage>.<n>.pt``."""
         data = data if data is not None else self.data
         r = recipe(recipe_node, stage)
-        n = self._calls[stage] = self._calls.get(stage, 0) + 1  # the n-th training of this stage (rounds)
+        n = self.calls[stage] = self.calls.get(stage, 0) + 1  # the n-th training of this stage (rounds)
         ev = (lambda m: evaluate(m, data, "test", self.cfg.eval.batch_size, self.cfg.eval.ece_bins))
-        with (self.stage(stage) if record else contextlib.nullcontext()) as st:
-            stats = train(model, data, r, objective, gen=self.generator(stage if n == 1 else f"{stage}.{n}"),
+        checkpoint = checkpoint or (self.checkpoints / f"{stage}.{n}.pt" if self.checkpoints else None)
+        with (self.costs.stage(stage) if record else contextlib.nullcontext()) as st:
+            stats = train(model, data, r, objective, gen=self.seeds.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
-                          step_hook=step_hook, evaluate=ev, checkpoint=checkpoint or self._checkpoint(stage, n),
+                          step_hook=step_hook, evaluate=ev, checkpoint=checkpoint,
                           max_batches=self.cfg.get("max_batches"), compile=self.cfg.get("compile", "auto"))
             if record:
-                st.samples += stats["samples"]
-                st.teacher_samples += stats["teacher_samples"]
-                st.compile_seconds += stats.get("compile_seconds", 0.0)
-                st.recompiles += stats.get("recompiles", 0)
-                st.fallbacks += stats.get("fallbacks", 0)
+                for k in ("samples", "teacher_samples", "compile_seconds", "recompiles", "fallbacks"):
+                    setattr(st, k, getattr(st, k) + stats.get(k, 0))
         return stats
 
     def skip_trainings(self, stage: str, n: int = 1) -> None:
         """Count ``n`` trainings of ``stage`` that a stored artifact stands in for (a shared round of an
         iterative method), so the next training of ``stage`` draws the generator stream and uses the
         checkpoint it would have had if they had run."""
-        self._calls[stage] = self._calls.get(stage, 0) + int(n)
+        self.calls[stage] = self.calls.get(stage, 0) + int(n)
+
+
+class Evaluator:
+    """Evaluation: a model's metrics, and the record's ``metrics`` (test) and ``metrics_val`` (held out)."""
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, costs: Costs):
+        self.cfg, self.data, self.costs, self.metrics, self.metrics_val = cfg, data, costs, {}, {}
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict:
         return evaluate(model, self.data, split, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
 
+    def all(self, model: nn.Module) -> dict:
+        """Test and, if held out, validation metrics."""
+        splits = ("test",) if self.data.val is None else ("test", "val")
+        return {s: self.evaluate(model, s) for s in splits}
+
     def record_metrics(self, key: str, model: nn.Module, cached: Optional[dict] = None) -> None:
         """Put test (and validation, if held out) metrics of ``model`` into the record under ``key``."""
-        with self.stage("evaluate"):
-            m = cached or self._eval_all(model)
+        with self.costs.stage("evaluate"):
+            m = cached or self.all(model)
         self.metrics[key] = m["test"]
         if "val" in m:
             self.metrics_val[key] = m["val"]
 
-    def _eval_all(self, model: nn.Module) -> dict:
-        out = {"test": self.evaluate(model, "test")}
-        if self.data.val is not None:
-            out["val"] = self.evaluate(model, "val")
-        return out
 
-    # --- artifacts ---------------------------------------------------------------------------------
+class Artifacts:
+    """The cached models: the dense teacher and student, and any cached stage (trained once per spec, then read);
+    ``metrics`` and ``files``: each dense artifact's test (and val) metrics and the file it was read from."""
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, costs: Costs, seeds: Seeds, trainer: Trainer,
+                 evaluator: Evaluator):
+        self.cfg, self.data, self.costs, self.seeds, self.trainer = cfg, data, costs, seeds, trainer
+        self.evaluator, self.store = evaluator, Store(cfg.store.root)
+        self.models, self.metrics, self.files = {}, {}, {}  # stage -> state dict, made or read once per job
+
     def recipe_spec(self, node, where: str) -> dict:
         spec = OmegaConf.to_container(recipe(node, where), resolve=True)
         if self.cfg.get("max_batches") is not None:  # a capped training is another artifact
@@ -245,23 +221,23 @@ class Context:
 
         ``checkpoint`` is the artifact's own training checkpoint (``partial.pt`` beside it; None without a
         store), so a killed job's artifact resumes whichever job asks for it next."""
-        if stage in self._models:
+        if stage in self.models:
             model = init()
-            model.load_state_dict(self._models[stage])
+            model.load_state_dict(self.models[stage])
             return model
-        with self.stage(stage) as st:
+        with self.costs.stage(stage) as st:
             def create():
                 model = init()
                 ckpt = self.store.dir(stage, config_hash(spec)) / "partial.pt" if self.cfg.store.enabled else None
                 if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
                     ckpt.unlink(missing_ok=True)
                 stats = fit(model, ckpt)
-                return {"model": model.state_dict()}, {"cost": stats, "metrics": self._eval_all(model)}
+                return {"model": model.state_dict()}, {"cost": stats, "metrics": self.evaluator.all(model)}
 
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
             if self.cfg.store.enabled:
-                self.artifact_files[stage] = str(self.store.dir(stage, config_hash(spec)) / "artifact.pt")
+                self.files[stage] = str(self.store.dir(stage, config_hash(spec)) / "artifact.pt")
             if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
                 st.seconds -= self.store.waited
                 st.lock_wait_seconds += self.store.waited
@@ -271,8 +247,8 @@ class Context:
             else:
                 st.samples += meta["cost"]["samples"]
                 st.teacher_samples += meta["cost"]["teacher_samples"]
-        self._models[stage] = state["model"]
-        self.artifact_metrics[stage] = meta["metrics"]
+        self.models[stage] = state["model"]
+        self.metrics[stage] = meta["metrics"]
         model = init()
         model.load_state_dict(state["model"])
         return model
@@ -280,31 +256,97 @@ class Context:
     def _dense(self, role: str) -> nn.Module:
         m = self.cfg[role]
         if m.checkpoint is not None:
-            if role not in self._models:
-                with self.stage(role):
-                    model = self.new_model(role, name="dense")
+            if role not in self.models:
+                with self.costs.stage(role):
+                    model = self.seeds.new_model(role, name="dense")
                     load_checkpoint(m.checkpoint, model, f"{m.name} for {self.cfg.data.name}")
-                    self.artifact_files[role] = str(Path(m.checkpoint).expanduser().resolve())
-                    self._models[role] = model.state_dict()
-                self.artifact_metrics[role] = self._eval_all(model)
-            model = self.new_model(role, name="dense")
-            model.load_state_dict(self._models[role])
+                    self.files[role] = str(Path(m.checkpoint).expanduser().resolve())
+                    self.models[role] = model.state_dict()
+                self.metrics[role] = self.evaluator.all(model)
+            model = self.seeds.new_model(role, name="dense")
+            model.load_state_dict(self.models[role])
             return model
-        return self.cached_model(role, self.spec(role), lambda: self.new_model(role, seed=m.seed, name="dense"),
-                                 lambda model, ck: self.train(model, m.train, CrossEntropy(), stage=role, record=False,
-                                                              checkpoint=ck))
+        return self.cached_model(role, self.spec(role), lambda: self.seeds.new_model(role, seed=m.seed, name="dense"),
+                                 lambda model, ck: self.trainer.train(model, m.train, CrossEntropy(), stage=role,
+                                                                      record=False, checkpoint=ck))
 
     def teacher(self) -> nn.Module:
         """The trained dense teacher, frozen, in eval mode (trained once per spec, then loaded)."""
-        if self._teacher is None:
-            self._teacher = self._dense("teacher").eval()
-            for p in self._teacher.parameters():
+        if self.costs.teacher is None:  # the costs book forwards through it as ``teacher_samples``
+            self.costs.teacher = self._dense("teacher").eval()
+            for p in self.costs.teacher.parameters():
                 p.requires_grad_(False)
-        return self._teacher
+        return self.costs.teacher
 
     def dense_student(self) -> nn.Module:
         """A fresh copy of the trained dense student (methods may change it)."""
         return self._dense("student")
+
+
+class Pruner:
+    """The one selection: ``prune()`` to ``sparsity`` by ``prune.scope``, ``prune.exclude``, ``prune.granularity``."""
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+
+    sparsity = property(lambda self: float(self.cfg.sparsity))
+    scope = property(lambda self: self.cfg.prune.scope)
+    exclude = property(lambda self: list(self.cfg.prune.exclude))
+
+    def example_input(self) -> torch.Tensor:
+        """One all-zero input of the dataset's shape on the device (to trace a model's channel groups)."""
+        d = self.data
+        return torch.zeros(1, d.channels, d.image_size, d.image_size, device=self.device)
+
+    def prune(self, model: nn.Module, scores: Scores) -> Result:
+        """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
+        scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
+        groups physically (no masks; ``facts["structure"]`` says what was removed and how close the target is)."""
+        p = self.cfg.prune
+        if p.granularity == "weight":
+            masks = select(scores, self.sparsity, self.scope)
+            apply_masks(model, masks)
+            return Result(model, masks)
+        facts = prune_channels(model, scores, self.example_input(), self.sparsity, scope=self.scope,
+                               target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude)
+        return Result(model, {}, {"structure": facts})
+
+
+class Context:
+    """What a method sees: the config, the data, the device, ``log`` (a line into the run's log) and the services;
+    ``checkpoints``: where the trainer keeps the job's training checkpoints (None: nowhere)."""
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, device: torch.device,
+                 log: Callable[[dict], None] = lambda rec: None, costs: Optional[Costs] = None,
+                 checkpoints: Optional[Path] = None):
+        self.cfg, self.data, self.device, self.log = cfg, data, device, log
+        self.costs = costs or Costs()
+        self.seeds = Seeds(cfg, data, device)
+        self.trainer = Trainer(cfg, data, self.costs, self.seeds, lambda rec: self.log(rec), checkpoints)
+        self.evaluator = Evaluator(cfg, data, self.costs)
+        self.artifacts = Artifacts(cfg, data, self.costs, self.seeds, self.trainer, self.evaluator)
+        self.pruner = Pruner(cfg, data, device)
+
+
+def _via(service: str, attr: str) -> property:
+    """``ctx.<name>`` reads ``ctx.<service>.<attr>``; setting it (a test's spy on ``ctx.train``) sets the service's."""
+    return property(lambda ctx: getattr(getattr(ctx, service), attr),
+                    lambda ctx, value: setattr(getattr(ctx, service), attr, value))
+
+
+# Compatibility for tests and user code written against the one-object context: ``ctx.cost["score"]`` reads
+# ``ctx.costs.stages["score"]``, ``ctx.train = spy`` replaces ``ctx.trainer.train``. Methods call the services.
+ALIASES = {"cost": "costs.stages", "current_stage": "costs.current", "stage": "costs.stage", "count": "costs.count",
+           "seed": "seeds.seed", "generator": "seeds.generator", "new_model": "seeds.new_model",
+           "train": "trainer.train", "objective": "trainer.objective", "evaluate": "evaluator.evaluate",
+           "record_metrics": "evaluator.record_metrics", "metrics": "evaluator.metrics",
+           "metrics_val": "evaluator.metrics_val", "store": "artifacts.store", "teacher": "artifacts.teacher",
+           "dense_student": "artifacts.dense_student", "cached_model": "artifacts.cached_model",
+           "spec": "artifacts.spec", "recipe_spec": "artifacts.recipe_spec", "data_spec": "artifacts.data_spec",
+           "artifact_metrics": "artifacts.metrics", "artifact_files": "artifacts.files", "prune": "pruner.prune",
+           "sparsity": "pruner.sparsity", "scope": "pruner.scope", "exclude": "pruner.exclude"}
+for _old, _new in ALIASES.items():
+    setattr(Context, _old, _via(*_new.split(".")))
 
 
 def job_dir(cfg: DictConfig, job_id: str) -> Path:
@@ -565,31 +607,32 @@ def _start(cfg: DictConfig, run_dir: Path, group: str, device: torch.device, rec
     return logger
 
 
-def _context(cfg: DictConfig, device: torch.device, logger: RunLogger, record: dict) -> "Context":
+def _context(cfg: DictConfig, device: torch.device, logger: RunLogger, record: dict) -> Context:
     t = time.perf_counter()
     data = load_data(cfg.data, device)
-    cost = {"data": StageCost(seconds=time.perf_counter() - t)}
-    return Context(cfg, data, device, log=logger.log, cost=cost, job_id=record["job_id"] if cfg.resume else None)
+    costs = Costs({"data": StageCost(seconds=time.perf_counter() - t)})
+    ckpts = job_dir(cfg, record["job_id"]) if cfg.resume and cfg.store.enabled else None  # training checkpoints
+    return Context(cfg, data, device, log=logger.log, costs=costs, checkpoints=ckpts)
 
 
-def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
+def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
     """Teacher → dense student → the method → evaluate; fills ``record`` (status ``ok`` at the end)."""
     cfg, data = ctx.cfg, ctx.data
     record["retrain_kd"] = method.retrain_kd
-    ctx.teacher()
-    ctx.dense_student()
+    art, ev, exclude = ctx.artifacts, ctx.evaluator, ctx.pruner.exclude
+    art.teacher()
+    art.dense_student()
     for role in ("teacher", "student"):
-        key = "teacher" if role == "teacher" else "dense_student"
-        ctx.record_metrics(key, None, cached=ctx.artifact_metrics[role])
+        ev.record_metrics("teacher" if role == "teacher" else "dense_student", None, cached=art.metrics[role])
 
     result = method.run(ctx)
     model, masks = result.model, result.masks
     assert_masked(model, masks)
-    ctx.record_metrics("final", model)
-    dense = ctx.dense_student()
-    sp = sparsity_report(model, ctx.exclude, reference=dense)
+    ev.record_metrics("final", model)
+    dense = art.dense_student()
+    sp = sparsity_report(model, exclude, reference=dense)
     shape = (data.channels, data.image_size, data.image_size)
-    final_flops = count_flops(model, shape, ctx.exclude)
+    final_flops = count_flops(model, shape, exclude)
     record.update({
         "granularity": "channel" if "structure" in result.facts else cfg.prune.granularity,
         "sparsity_actual": sp["global"],
@@ -599,17 +642,17 @@ def _run(ctx: "Context", method, record: dict, run_dir: Path) -> None:
                    "total_dense": sum(p.numel() for p in dense.parameters())},
         # MACs for one input: the dense student's, the final model's with zero weights skipped, and the final
         # model's as it runs (fewer only when channels were physically removed)
-        "flops": {"dense": count_flops(dense, shape, ctx.exclude)["dense"], "sparse": final_flops["sparse"],
+        "flops": {"dense": count_flops(dense, shape, exclude)["dense"], "sparse": final_flops["sparse"],
                   "executed": final_flops["dense"]},
     })
     if cfg.eval.latency:
-        with ctx.stage("latency"):
+        with ctx.costs.stage("latency"):
             record["latency"] = latency_record(cfg, {"dense_student": dense, "final": model}, shape)
     record.update(result.facts)
     arch = {"name": cfg.student.name, "num_classes": data.num_classes, "in_channels": data.channels,
             "image_size": data.image_size}
     atomic_save(model_file(model, arch, OmegaConf.to_container(cfg.data, resolve=True), masks, role="final",
-                           granularity=cfg.prune.granularity, artifacts=ctx.artifact_files,
+                           granularity=cfg.prune.granularity, artifacts=art.files,
                            teacher=cfg.teacher.name), run_dir / "model.pt")
     record["checkpoint"] = str(run_dir / "model.pt")
     record["model_file"] = {"path": str(run_dir / "model.pt"), "bytes": (run_dir / "model.pt").stat().st_size}
@@ -631,18 +674,18 @@ def latency_record(cfg: DictConfig, models: dict, shape: tuple) -> dict:
     return out
 
 
-def _complete(record: dict, cfg: DictConfig, ctx: Optional["Context"], t_start: float) -> None:
+def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: float) -> None:
     """Metrics, per-stage cost, total time and the config into ``record`` (not for a copied record)."""
     if "resumed_from" in record:
         return
     if ctx is not None:
-        record["metrics"] = ctx.metrics
-        if ctx.metrics_val:
-            record["metrics_val"] = ctx.metrics_val
+        record["metrics"] = ctx.evaluator.metrics
+        if ctx.evaluator.metrics_val:
+            record["metrics_val"] = ctx.evaluator.metrics_val
         optional = ("lock_wait_seconds", "compile_seconds", "recompiles", "fallbacks")  # shown when not 0
         record["cost"]["stages"] = {k: {kk: vv for kk, vv in asdict(v).items()
                                         if vv is not None and not (kk in optional and vv == 0)}
-                                    for k, v in ctx.cost.items()}
+                                    for k, v in ctx.costs.stages.items()}
     record["cost"]["total_seconds"] = time.perf_counter() - t_start
     record["config"] = OmegaConf.to_container(cfg, resolve=False)
 

@@ -80,7 +80,8 @@ def test_cakld_method_threads_logit_std_from_its_config(tiny_cfg):
     for std, ddof in (("unbiased", 1), ("population", 0)):
         m = get_method("cakld")(tiny_cfg("method=cakld", "method.gamma=0.3", f"method.logit_std={std}").method)
         m.validate()
-        loss, _ = m.distill_objective(SimpleNamespace(extra={}, teacher=lambda: teacher))(student, x, y, None)
+        ctx = SimpleNamespace(extra={}, artifacts=SimpleNamespace(teacher=lambda: teacher))
+        loss, _ = m.distill_objective(ctx)(student, x, y, None)
         ps, pt = softmax(std_np(zs, ddof) / 2), softmax(std_np(zt, ddof) / 2)
         ce = float(np.mean(-np.log(softmax(zs)[np.arange(5), y.numpy()])))
         want = 0.9 * 4 * (0.3 * kl(ps, pt) + 0.7 * kl(pt, ps)) + 0.1 * ce

@@ -1,9 +1,9 @@
 """The method interface and the shared one-shot flow (score → global threshold → retrain).
 
 A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns a :class:`Result`: the final
-pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``). ``ctx`` is the runner's :class:`~kdprune_cli.runner.Context`; it gives the data, the
-teacher and dense student (cached artifacts), seeded generators, the one trainer and the evaluator,
-and records the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
+pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``). ``ctx`` is the runner's
+:class:`~kdprune_cli.runner.Context`: ``ctx.data`` and services (``costs``, ``seeds``, ``trainer``, ``evaluator``,
+``artifacts``, ``pruner``) that book the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
 """
 from __future__ import annotations
 
@@ -66,13 +66,13 @@ class OneShot(Method):
 
     def base_model(self, ctx) -> nn.Module:
         """The network to score and prune (default: the trained dense student)."""
-        return ctx.dense_student()
+        return ctx.artifacts.dense_student()
 
     def score(self, ctx, model: nn.Module) -> Scores:
         raise NotImplementedError
 
     def retrain_objective(self, ctx):
-        return ctx.objective()
+        return ctx.trainer.objective()
 
     def facts(self) -> dict:
         """Facts of this run for the record (none by default)."""
@@ -80,13 +80,13 @@ class OneShot(Method):
 
     def run(self, ctx) -> Result:
         model = self.base_model(ctx)
-        with ctx.count(stage="score"):
+        with ctx.costs.count(stage="score"):
             scores = self.score(ctx, model)
-        pruned = ctx.prune(model, scores)
-        ctx.record_metrics("pruned", pruned.model)
-        ctx.train(pruned.model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=pruned.masks)
+        pruned = ctx.pruner.prune(model, scores)
+        ctx.evaluator.record_metrics("pruned", pruned.model)
+        ctx.trainer.train(pruned.model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=pruned.masks)
         return Result(pruned.model, pruned.masks, {**pruned.facts, **self.facts()})
 
 
 def params_for_scoring(ctx, model: nn.Module) -> Dict[str, nn.Parameter]:
-    return prunable_params(model, ctx.exclude)
+    return prunable_params(model, ctx.pruner.exclude)

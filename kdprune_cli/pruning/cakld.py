@@ -62,11 +62,11 @@ class CAKLD(OneShot):
         if self.cfg.gamma != "auto":
             self._gamma = float(self.cfg.gamma)
         if self._gamma is None:
-            teacher = ctx.teacher()
+            teacher = ctx.artifacts.teacher()
             batches = ((x, y) for x, y, _ in ctx.data.batches(
-                "train", self.cfg.finetune.batch_size, shuffle=True, gen=ctx.generator("gamma"),
+                "train", self.cfg.finetune.batch_size, shuffle=True, gen=ctx.seeds.generator("gamma"),
                 max_batches=int(self.cfg.gamma_batches)))
-            with ctx.count(teacher, stage="gamma"):
+            with ctx.costs.count(teacher, stage="gamma"):
                 self._gamma = losses.teacher_confidence(teacher, batches)
         return self._gamma
 
@@ -80,18 +80,19 @@ class CAKLD(OneShot):
 
     def distill_objective(self, ctx):
         gamma = self.gamma(ctx)
-        return Distill(ctx.teacher(), alpha=self.cfg.alpha, gamma=gamma, temperature=self.cfg.temperature,
+        return Distill(ctx.artifacts.teacher(), alpha=self.cfg.alpha, gamma=gamma, temperature=self.cfg.temperature,
                        logit_norm=self.cfg.logit_norm, logit_std=self.logit_std)
 
     def base_model(self, ctx):
         """Step 3: the dense student fine-tuned with L_total (a cached artifact)."""
-        spec = {"student": ctx.spec("student"), "teacher": ctx.spec("teacher"), "gamma": self.gamma(ctx),
+        art = ctx.artifacts
+        spec = {"student": art.spec("student"), "teacher": art.spec("teacher"), "gamma": self.gamma(ctx),
                 "alpha": self.cfg.alpha, "temperature": self.cfg.temperature, "logit_norm": self.cfg.logit_norm,
                 "logit_std": self.logit_std,
-                "recipe": ctx.recipe_spec(self.cfg.finetune, "method.finetune"), "seed": ctx.seed}
-        return ctx.cached_model("finetune", spec, ctx.dense_student,
-                                lambda m, ck: ctx.train(m, self.cfg.finetune, self.distill_objective(ctx),
-                                                        stage="finetune", record=False, checkpoint=ck))
+                "recipe": art.recipe_spec(self.cfg.finetune, "method.finetune"), "seed": ctx.seeds.seed}
+        return art.cached_model("finetune", spec, art.dense_student,
+                                lambda m, ck: ctx.trainer.train(m, self.cfg.finetune, self.distill_objective(ctx),
+                                                                stage="finetune", record=False, checkpoint=ck))
 
     def score(self, ctx, model):
         """Step 4: Σ over batches of |θ ⊙ ∇θ L_total|, BN in eval mode."""
@@ -102,9 +103,9 @@ class CAKLD(OneShot):
         model.eval()
         n_batches = self.cfg.score_batches
         bs = int(self.cfg.score_batch_size)
-        with ctx.count(model):
+        with ctx.costs.count(model):
             for x, y, idx in ctx.data.batches("train", bs, shuffle=n_batches is not None,
-                                              gen=ctx.generator("score"), max_batches=n_batches):
+                                              gen=ctx.seeds.generator("score"), max_batches=n_batches):
                 with scoring_autocast(ctx):
                     loss, _ = objective(model, x, y, idx)
                 grads = torch.autograd.grad(loss, plist, allow_unused=True)
@@ -114,4 +115,4 @@ class CAKLD(OneShot):
         return dict(zip(names, acc))
 
     def retrain_objective(self, ctx):
-        return self.distill_objective(ctx) if self.retrain_kd else ctx.objective()
+        return self.distill_objective(ctx) if self.retrain_kd else ctx.trainer.objective()

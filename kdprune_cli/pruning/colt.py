@@ -148,7 +148,7 @@ class COLT(Method):
     def partition_model(self, ctx, theta0: dict, head: str, classes: int, i: int) -> nn.Module:
         """θ₀ everywhere except the classifier, which is partition ``i``'s own ``classes``-way head."""
         d = ctx.data
-        torch.manual_seed(int(ctx.generator(f"colt/head{i}").initial_seed()))
+        torch.manual_seed(int(ctx.seeds.generator(f"colt/head{i}").initial_seed()))
         m = build_model(ctx.cfg.student.name, classes, d.channels, d.image_size).to(ctx.device)
         shared = {k: v for k, v in theta0.items() if not k.startswith(head + ".")}
         missing, unexpected = m.load_state_dict(shared, strict=False)
@@ -158,25 +158,25 @@ class COLT(Method):
 
     def train_on(self, ctx, model, data) -> None:
         """One round's training of a partition model on its partition's splits."""
-        ctx.train(model, self.cfg.round, ctx.objective(), stage="colt", masks=self._masks, data=data)
+        ctx.trainer.train(model, self.cfg.round, ctx.trainer.objective(), stage="colt", masks=self._masks, data=data)
 
     def run(self, ctx):
         c = self.cfg
         rate = float(c.rate)
-        full = ctx.new_model("student", name="init")
+        full = ctx.seeds.new_model("student", name="init")
         theta0 = clone_state(full)
         head = classifier_name(full, ctx.data.num_classes)
         parts = partition_classes(ctx.data.num_classes, int(c.partitions))
-        mods = prunable_modules(full, ctx.exclude)
+        mods = prunable_modules(full, ctx.pruner.exclude)
         P = {f"{n}.weight": m.weight for n, m in mods.items()}
         convs = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if isinstance(m, nn.Conv2d)}
         total, n_conv = sum(p.numel() for p in P.values()), sum(convs.values())
-        k = int(round(ctx.sparsity * total))
+        k = int(round(ctx.pruner.sparsity * total))
         if k and k >= n_conv:
-            raise ConfigError(f"COLT prunes only Conv2d weights, but sparsity {ctx.sparsity} must remove {k} of "
+            raise ConfigError(f"COLT prunes only Conv2d weights, but sparsity {ctx.pruner.sparsity} must remove {k} of "
                               f"|P|={total} weights and the prunable convolutions hold only {n_conv}; lower the "
                               f"sparsity or put the linear layers in prune.exclude")
-        groups = group_targets(convs, k / n_conv if n_conv else 0.0, ctx.scope)
+        groups = group_targets(convs, k / n_conv if n_conv else 0.0, ctx.pruner.scope)
         assert sum(g for _, g in groups) == k
 
         models = [self.partition_model(ctx, theta0, head, len(p), i) for i, p in enumerate(parts)]
@@ -203,7 +203,7 @@ class COLT(Method):
             for model, data in zip(models, datas):
                 self.train_on(ctx, model, data)
             clipped = False
-            with ctx.count(stage="colt"):
+            with ctx.costs.count(stage="colt"):
                 named = [dict(m.named_parameters()) for m in models]
                 scores = [magnitudes({n: nm[n] for n in convs}) for nm in named]
                 per_model: List[Masks] = [{} for _ in models]
@@ -249,9 +249,9 @@ class COLT(Method):
                      "conv_sparsity": removed(M) / max(n_conv, 1), "seconds": time.perf_counter() - t,
                      **({"cached": True} if cached else {})})
         self.rounds = r
-        masks = dense_masks(full, ctx.exclude)
+        masks = dense_masks(full, ctx.pruner.exclude)
         masks.update(M)
         rewind(full, theta0, masks)
-        ctx.record_metrics("pruned", full)
-        ctx.train(full, c.retrain, ctx.objective(), stage="retrain", masks=masks)
+        ctx.evaluator.record_metrics("pruned", full)
+        ctx.trainer.train(full, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
         return Result(full, masks)

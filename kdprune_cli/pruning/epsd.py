@@ -135,7 +135,7 @@ class EPSDConfig(EPGConfig):
 class EPSD(OneShot):
     """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084).
 
-    Step 1 (prune at initialisation): a fresh student ``ctx.new_model("student")`` is scored with the
+    Step 1 (prune at initialisation): a fresh student ``ctx.seeds.new_model("student")`` is scored with the
     ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: masks multiply the initial
     weights once (``θ₀ ⊙ m``), ``inner_steps`` (3) differentiable SGD steps (lr ``inner_lr`` = 0.1) on
     ``L_SD`` update the weights, then ``S = |∂L_SD(θ_i)/∂m|`` at m = 1 (:func:`prospr_scores`,
@@ -194,7 +194,7 @@ class EPSD(OneShot):
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
         """A fresh SD objective; ``purpose`` names its seeded generator (``score`` or ``retrain``)."""
         return sd.make_sd(self.sd_name, ctx.data, self.cfg, epochs=epochs, augment=augment,
-                          gen=ctx.generator(f"{self.name}/{purpose}/sd"))
+                          gen=ctx.seeds.generator(f"{self.name}/{purpose}/sd"))
 
     def score_objective(self, ctx):
         return self.make_objective(ctx, "score", epochs=1, augment=bool(self.cfg.score_augment))
@@ -206,14 +206,14 @@ class EPSD(OneShot):
     # --- the method -----------------------------------------------------------------------------------
     def base_model(self, ctx) -> nn.Module:
         """A freshly initialised student: EPSD prunes at initialisation."""
-        return ctx.new_model("student")
+        return ctx.seeds.new_model("student")
 
     def score(self, ctx, model: nn.Module) -> Scores:
         objective = self.score_objective(ctx)
-        names = list(prunable_params(model, ctx.exclude))
+        names = list(prunable_params(model, ctx.pruner.exclude))
         batches = cycle_batches(ctx.data, int(self.cfg.score_batch_size),
-                                bool(self.cfg.score_augment), ctx.generator("score"))
-        with ctx.count(model):
+                                bool(self.cfg.score_augment), ctx.seeds.generator("score"))
+        with ctx.costs.count(model):
             scores, _ = prospr_scores(model, objective, batches, int(self.cfg.inner_steps),
                                       float(self.cfg.inner_lr), names,
                                       fresh_batches=self.cfg.inner_batches == "fresh",
@@ -223,14 +223,14 @@ class EPSD(OneShot):
     def run(self, ctx):
         model = self.base_model(ctx)
         t = time.perf_counter()
-        with ctx.count(stage="score"):
+        with ctx.costs.count(stage="score"):
             scores = self.score(ctx, model)
-        pruned = ctx.prune(model, scores)
-        ctx.log({"stage": "score", "round": 1, "sparsity": ctx.sparsity, "seconds": time.perf_counter() - t,
+        pruned = ctx.pruner.prune(model, scores)
+        ctx.log({"stage": "score", "round": 1, "sparsity": ctx.pruner.sparsity, "seconds": time.perf_counter() - t,
                  "inner_steps": int(self.cfg.inner_steps), "sd": self.sd_name})
-        ctx.record_metrics("pruned", pruned.model)
+        ctx.evaluator.record_metrics("pruned", pruned.model)
         objective = self.retrain_objective(ctx)
-        ctx.train(pruned.model, self.cfg.retrain, objective, stage="retrain", masks=pruned.masks)
+        ctx.trainer.train(pruned.model, self.cfg.retrain, objective, stage="retrain", masks=pruned.masks)
         return pruned
 
 
@@ -256,4 +256,4 @@ class EPG(EPSD):
         self._validate_common()
 
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
-        return ctx.objective()
+        return ctx.trainer.objective()

@@ -86,18 +86,18 @@ class GMP(Method):
 
     def run(self, ctx):
         c = self.cfg
-        s_f, s_i = ctx.sparsity, float(c.initial_sparsity)
+        s_f, s_i = ctx.pruner.sparsity, float(c.initial_sparsity)
         if s_i > s_f:
             raise ConfigError(f"method.initial_sparsity={s_i} is above the target sparsity {s_f}")
-        model = ctx.dense_student() if c.start_from == "dense" else ctx.new_model("student", name="init")
+        model = ctx.artifacts.dense_student() if c.start_from == "dense" else ctx.seeds.new_model("student", name="init")
         from ..train import steps_per_epoch  # here: train imports pruning
         r = recipe(c.train, "method.train")
         T = int(r.epochs) * steps_per_epoch(ctx.data, r.batch_size, ctx.cfg.max_batches)
         t0, n, dt = schedule(T, float(c.start), float(c.end), int(c.frequency))
-        params = prunable_params(model, ctx.exclude)
+        params = prunable_params(model, ctx.pruner.exclude)
         total = sum(p.numel() for p in params.values())
-        groups = group_targets({k: p.numel() for k, p in params.items()}, s_f, ctx.scope)
-        masks: Masks = dense_masks(model, ctx.exclude)
+        groups = group_targets({k: p.numel() for k, p in params.items()}, s_f, ctx.pruner.scope)
+        masks: Masks = dense_masks(model, ctx.pruner.exclude)
         self.schedule = (t0, n, dt, T)
         self.trace = []
 
@@ -116,12 +116,12 @@ class GMP(Method):
             self.trace.append((step, j, s_t, sp))
             ctx.log({"stage": "gmp", "step": step, "round": j, "target_sparsity": s_t, "sparsity": sp})
             if j == n:
-                ctx.record_metrics("pruned", model)  # its time is "evaluate"'s, not "gmp"'s
+                ctx.evaluator.record_metrics("pruned", model)  # its time is "evaluate"'s, not "gmp"'s
 
-        ctx.train(model, c.train, ctx.objective(), stage="gmp", masks=masks, step_hook=hook)
+        ctx.trainer.train(model, c.train, ctx.trainer.objective(), stage="gmp", masks=masks, step_hook=hook)
         got = removed(masks)
         if got != sum(k for _, k in groups):
             raise AssertionError(f"GMP schedule ended with {got} weights removed, expected the target")
-        ctx.train(model, c.retrain, ctx.objective(), stage="retrain", masks=masks)
+        ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
         return Result(model, masks)
 

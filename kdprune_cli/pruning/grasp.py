@@ -129,11 +129,11 @@ class GraSP(PruneAtInit):
     def score(self, ctx, model):
         c = self.cfg
         halves = c.batching == "halves"
-        x, y = balanced_batch(ctx.data, int(c.samples_per_class), ctx.generator("grasp"),
+        x, y = balanced_batch(ctx.data, int(c.samples_per_class), ctx.seeds.generator("grasp"),
                               by_class=halves)
         scorer = scoring_copy(model, bn_mode(c))
         params = params_for_scoring(ctx, scorer)
-        with ctx.count(scorer):
+        with ctx.costs.count(scorer):
             _, hg = hessian_gradient_product(scorer, params, x, y, float(c.temperature), c.chunk_size, halves)
         with torch.no_grad():
             return {n: p.detach() * hg[n] for n, p in params.items()}

@@ -115,12 +115,12 @@ class IMP(Method):
         from ..train import steps_per_epoch  # here: train imports pruning
         c = self.cfg
         rate, k_rewind = float(c.rate), int(c.rewind_epoch)
-        model = ctx.new_model("student", name="init")
+        model = ctx.seeds.new_model("student", name="init")
         theta0 = clone_state(model)
-        params = prunable_params(model, ctx.exclude)
+        params = prunable_params(model, ctx.pruner.exclude)
         total = sum(p.numel() for p in params.values())
-        groups = group_targets({n: p.numel() for n, p in params.items()}, ctx.sparsity, ctx.scope)
-        masks = dense_masks(model, ctx.exclude)
+        groups = group_targets({n: p.numel() for n, p in params.items()}, ctx.pruner.sparsity, ctx.pruner.scope)
+        masks = dense_masks(model, ctx.pruner.exclude)
         rewind_state = theta0 if k_rewind == 0 else None
         self.rewind_state = rewind_state
         spec = self.round_spec(ctx)
@@ -145,13 +145,13 @@ class IMP(Method):
                     if step == snap_step:
                         self.rewind_state = clone_state(model)
 
-            ctx.train(model, c.round, ctx.objective(), stage="imp", masks=masks, step_hook=hook)
+            ctx.trainer.train(model, c.round, ctx.trainer.objective(), stage="imp", masks=masks, step_hook=hook)
             if rewind_state is None:
                 if self.rewind_state is None:  # k = the round's last epoch: the weights after training
                     self.rewind_state = clone_state(model)
                 rewind_state = self.rewind_state
-            with ctx.count(stage="imp"):
-                scores = magnitudes(prunable_params(model, ctx.exclude))
+            with ctx.costs.count(stage="imp"):
+                scores = magnitudes(prunable_params(model, ctx.pruner.exclude))
                 new: Masks = {}
                 for names, k in groups:
                     size = sum(masks[n].numel() for n in names)
@@ -181,6 +181,6 @@ class IMP(Method):
             ctx.log({"stage": "imp", "round": r, "sparsity": removed(masks) / total,
                      "seconds": time.perf_counter() - t, **({"cached": True} if cached else {})})
         self.rounds = r
-        ctx.record_metrics("pruned", model)
-        ctx.train(model, c.retrain, ctx.objective(), stage="retrain", masks=masks)
+        ctx.evaluator.record_metrics("pruned", model)
+        ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
         return Result(model, masks)

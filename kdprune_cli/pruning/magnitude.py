@@ -3,7 +3,7 @@
 The classic baseline (Han et al. 2015, arXiv 1506.02626; as a one-shot score, e.g. Frankle & Carbin
 2019, arXiv 1803.03635, and Blalock et al. 2020, arXiv 2003.03033): keep the largest ``|θ_j|``.
 ``at_init=false`` (default) prunes the trained dense student; ``at_init=true`` prunes the fresh
-initialisation ``ctx.new_model("student")`` (the "magnitude at init" baseline of the pruning-at-
+initialisation ``ctx.seeds.new_model("student")`` (the "magnitude at init" baseline of the pruning-at-
 initialisation papers), after which ``retrain`` should be the full training budget.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class MaybeAtInit(OneShot):
 
     def base_model(self, ctx) -> nn.Module:
         """The fresh seeded initialisation (``at_init``) or the trained dense student."""
-        return ctx.new_model("student") if self.at_init else ctx.dense_student()
+        return ctx.seeds.new_model("student") if self.at_init else ctx.artifacts.dense_student()
 
 
 def magnitude_scores(params) -> Scores:

@@ -413,15 +413,15 @@ class NutePrune(Method):
 
     def run(self, ctx) -> Result:
         c = self.cfg
-        model = ctx.dense_student()
+        model = ctx.artifacts.dense_student()
         if any(not isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).__name__ == "Attention"
                for m in model.modules()):
             raise ConfigError("method=nuteprune supports CNNs with BatchNorm so far (ViTs: not yet)")
-        example = ctx.example_input()
-        groups = ChannelGroups(model, example, ctx.exclude)
+        example = ctx.pruner.example_input()
+        groups = ChannelGroups(model, example, ctx.pruner.exclude)
         points = gate_points(model, groups, example)
         gates = HardConcrete([g.channels for g in groups.groups], float(c.droprate_init), float(c.beta),
-                             ctx.generator("nuteprune/init")).to(ctx.device)
+                             ctx.seeds.generator("nuteprune/init")).to(ctx.device)
         gating = Gating(points)
         intact = {n: p.detach().clone() for n, p in model.named_parameters()}
         if c.lora:
@@ -432,12 +432,12 @@ class NutePrune(Method):
         spe = steps_per_epoch(ctx.data, int(c.prune.batch_size), ctx.cfg.get("max_batches"))
         total = spe * int(c.prune.epochs)
         objective = NuteObjective(self, model, groups, gating, gates, total, int(c.ramp_epochs) * spe,
-                                  ctx.sparsity, ctx.cfg.prune.target, ctx.exclude, ctx.generator("nuteprune/z"), ctx.log,
+                                  ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude, ctx.seeds.generator("nuteprune/z"), ctx.log,
                                   intact)
-        ctx.train(model, c.prune, objective, stage="prune")
+        ctx.trainer.train(model, c.prune, objective, stage="prune")
         z = gates.deterministic()
         gating.z = z
-        ctx.record_metrics("pruned", model)  # the gated model before export (deterministic gates)
+        ctx.evaluator.record_metrics("pruned", model)  # the gated model before export (deterministic gates)
         with torch.no_grad():
             probe = next(iter(ctx.data.batches("test", 64)))[0]
             model.eval()
@@ -451,10 +451,10 @@ class NutePrune(Method):
         with torch.no_grad():
             model.eval()
             facts["export_max_abs_diff"] = float((model(probe) - gated).abs().max())
-        facts.update(requested=ctx.sparsity, target=ctx.cfg.prune.target, snapshots=len(objective.snapshots.taken),
+        facts.update(requested=ctx.pruner.sparsity, target=ctx.cfg.prune.target, snapshots=len(objective.snapshots.taken),
                      expected_sparsity_final=float(objective.expected_sparsity().detach()))
         if int(c.finetune.epochs) > 0:
-            ctx.train(model, c.finetune, ctx.objective(), stage="finetune")
+            ctx.trainer.train(model, c.finetune, ctx.trainer.objective(), stage="finetune")
         return Result(model, {}, {"structure": facts})
 
     @staticmethod

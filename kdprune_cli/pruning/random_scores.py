@@ -3,7 +3,7 @@
 Random pruning at initialisation is the reference every pruning-at-initialisation paper compares
 against (SNIP arXiv 1810.02340, GraSP arXiv 2002.07376, SynFlow arXiv 2006.05467; Frankle et al. 2021,
 arXiv 2009.08576). Each weight gets an i.i.d. U[0,1) score drawn from the seeded generator
-``ctx.generator("random")``; the shared selection then removes exactly ``round(s·|P|)`` weights, so in
+``ctx.seeds.generator("random")``; the shared selection then removes exactly ``round(s·|P|)`` weights, so in
 ``layer`` scope every tensor loses the same fraction and in ``global`` scope each weight survives with
 probability ≈ 1−s independently of its layer.
 """
@@ -33,6 +33,6 @@ class RandomPrune(MaybeAtInit):
 
     @torch.no_grad()
     def score(self, ctx, model):
-        gen = ctx.generator("random")
+        gen = ctx.seeds.generator("random")
         return {n: torch.rand(p.shape, generator=gen).to(p.device)
                 for n, p in params_for_scoring(ctx, model).items()}

@@ -27,8 +27,8 @@ def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:
     (``extra``: rate, rewinding, partitions). bf16 autocast changes the numbers, so it is part of the key
     where it is in effect (CUDA with ``amp``). Not the target sparsity."""
     amp = bool(ctx.cfg.get("amp", False)) and ctx.device.type == "cuda"
-    return {"method": method, "data": ctx.data_spec(), "student": ctx.cfg.student.name, "seed": ctx.seed,
-            "recipe": ctx.recipe_spec(recipe_node, where), "scope": ctx.scope, "exclude": ctx.exclude,
+    return {"method": method, "data": ctx.artifacts.data_spec(), "student": ctx.cfg.student.name, "seed": ctx.seeds.seed,
+            "recipe": ctx.artifacts.recipe_spec(recipe_node, where), "scope": ctx.pruner.scope, "exclude": ctx.pruner.exclude,
             "amp": amp, **extra}
 
 
@@ -55,27 +55,27 @@ def shared_round(ctx, stage: str, spec: dict, r: int, make: Callable[[], Optiona
     made: dict = {}
 
     def create():
-        before = ctx.cost.get(stage)
+        before = ctx.costs.stages.get(stage)
         s0 = (before.samples, before.teacher_samples) if before is not None else (0, 0)
         t0 = time.perf_counter()
         state = make()
-        after = ctx.cost.get(stage)
+        after = ctx.costs.stages.get(stage)
         s1 = (after.samples, after.teacher_samples) if after is not None else (0, 0)
         made["seconds"] = time.perf_counter() - t0
         cost = {"seconds": made["seconds"], "samples": s1[0] - s0[0], "teacher_samples": s1[1] - s0[1]}
         return state, {"cost": cost, "round": r}
 
     t = time.perf_counter()
-    state, meta, cached = ctx.store.get_or_create(f"{stage}_round", {**spec, "round": r}, create,
+    state, meta, cached = ctx.artifacts.store.get_or_create(f"{stage}_round", {**spec, "round": r}, create,
                                                   enabled=ctx.cfg.store.enabled, check=check)
-    waited = ctx.store.waited
+    waited = ctx.artifacts.store.waited
     overhead = time.perf_counter() - t - waited - made.get("seconds", 0.0)  # locking, loading, saving
     if cached and not usable(state):  # stored by a job for which this round was full; here it is clipped
-        with ctx.stage(stage) as st:
+        with ctx.costs.stage(stage) as st:
             st.seconds += overhead
             st.lock_wait_seconds += waited
         return make(), False
-    with ctx.stage(f"{stage}.reused" if cached else stage) as st:
+    with ctx.costs.stage(f"{stage}.reused" if cached else stage) as st:
         st.seconds += overhead
         st.lock_wait_seconds += waited
         if cached:
@@ -86,5 +86,5 @@ def shared_round(ctx, stage: str, spec: dict, r: int, make: Callable[[], Optiona
             for key in ("seconds", "samples", "teacher_samples"):
                 art[key] += cost.get(key, 0)
             st.artifact = art
-            ctx.skip_trainings(stage, trainings)
+            ctx.trainer.skip_trainings(stage, trainings)
     return state, cached

@@ -4,7 +4,7 @@ At initialisation, the connection sensitivity of weight j is ``|θ_j · ∂L(θ;
 eq. 5–6, written for a mask c=1 as ``|∂L(c⊙θ)/∂c_j|``; the normalisation by the sum does not change the
 ranking). ``D`` is ``batches`` training mini-batches of ``batch_size`` (the paper: one mini-batch);
 with several batches we use the gradient of the mean loss over them (a larger ``D``), not a sum of
-per-batch saliencies — our choice. The network is scored as it is built (``ctx.new_model("student")``),
+per-batch saliencies — our choice. The network is scored as it is built (``ctx.seeds.new_model("student")``),
 the top ``(1−s)·|P|`` are kept, and the sparse network is trained from that initialisation with CE for
 ``retrain`` (the method's full training budget).
 
@@ -54,7 +54,7 @@ class PruneAtInit(OneShot):
     """A one-shot method that scores the fresh seeded initialisation (not registered: no ``name``)."""
 
     def base_model(self, ctx) -> nn.Module:
-        return ctx.new_model("student")
+        return ctx.seeds.new_model("student")
 
 
 def snip_scores(model: nn.Module, params: dict, batches, loss_fn, autocast=contextlib.nullcontext) -> tuple[dict, int]:
@@ -109,9 +109,9 @@ class SNIP(PruneAtInit):
         params = params_for_scoring(ctx, scorer)
         nb = c.batches
         batches = ((x, y) for x, y, _ in ctx.data.batches(
-            "train", int(c.batch_size), shuffle=True, gen=ctx.generator("snip"),
+            "train", int(c.batch_size), shuffle=True, gen=ctx.seeds.generator("snip"),
             max_batches=None if nb is None else int(nb)))
-        with ctx.count(scorer):
+        with ctx.costs.count(scorer):
             scores, _ = snip_scores(scorer, params, batches, nn.functional.cross_entropy,
                                     autocast=lambda: scoring_autocast(ctx))
         return scores

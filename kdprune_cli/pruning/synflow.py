@@ -95,11 +95,11 @@ class SynFlow(PruneAtInit):
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         masks: Masks | None = None
-        for k, s_k in enumerate(schedule(ctx.sparsity, rounds), start=1):
+        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, rounds), start=1):
             t = time.perf_counter()
-            with ctx.count(lin):
+            with ctx.costs.count(lin):
                 scores = synflow_scores(lin, params, shape)
-            masks = select(scores, s_k, ctx.scope, keep=masks)
+            masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
             apply_masks(lin, masks)
             ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
         return masks
@@ -107,15 +107,15 @@ class SynFlow(PruneAtInit):
     def score(self, ctx, model):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
         lin = linearised_copy(model, bool(self.cfg.double))
-        with ctx.count(lin):
+        with ctx.costs.count(lin):
             return synflow_scores(lin, params_for_scoring(ctx, lin),
                                   (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
 
     def run(self, ctx):
         model = self.base_model(ctx)
-        with ctx.count(stage="score"):
+        with ctx.costs.count(stage="score"):
             masks = self.prune(ctx, model)
         apply_masks(model, masks)
-        ctx.record_metrics("pruned", model)
-        ctx.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
+        ctx.evaluator.record_metrics("pruned", model)
+        ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
         return Result(model, masks)
