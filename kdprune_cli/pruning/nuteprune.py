@@ -7,7 +7,7 @@ Vision adaptation for CNNs (our mapping of the LLaMA source, Lucius-lsr/NutePrun
    additions carry, every conv's outputs in VGG, MobileNetV2's expanded and block channels. A gate multiplies
    the output of the BatchNorm that follows each producing conv (after BN, before the activation). Constants
    as the source: β=2/3, l=−0.1, r=1.1, ``log α ~ N(log((1−d)/d), 0.01)`` with ``d = droprate_init``
-   (0.5, the source's default; its LLaMA script starts the gates open with 0.01), clamped to ``[log 1e-2, log 1e2]`` (±4.6) after each
+   (0.01 as the source's script: the gates start open; its code default is 0.5), clamped to ``[log 1e-2, log 1e2]`` (±4.6) after each
    step; AdamW with lr 0.1 for ``log α``.
 2. **Expected remaining size** from the gates' open probabilities ``P(z>0) = 1 − Q(0)`` with the
    architecture's real parameter (or MAC) counts, per layer ``E[out]·E[in]·k``, so ``sparsity`` means the
