@@ -136,7 +136,7 @@ def test_pre_activation_networks_are_refused_with_one_line():
 
 
 FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "method.teacher_ahead=2",
-        "method.finetune.epochs=1", "max_batches=6"]
+        "method.retrain.epochs=1", "max_batches=6"]
 
 
 @pytest.mark.parametrize("extra", [[], ["method.lora=false", "method.teachers=intact"]])

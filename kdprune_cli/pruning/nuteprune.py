@@ -29,7 +29,7 @@ Vision adaptation for CNNs (our mapping of the LLaMA source, Lucius-lsr/NutePrun
 5. **Export**: the deterministic gates (the source's: ``sigmoid(log α/β·0.8)``, the expected number of zeros
    set to 0) keep their soft values and are folded into the BatchNorm scale and shift, the adapters are
    merged, and the channels with z=0 are removed physically (Torch-Pruning), so the saved model is
-   really smaller; its outputs equal the gated model's. ``finetune`` (epochs 0 by default, as the source's
+   really smaller; its outputs equal the gated model's. ``retrain`` (epochs 0 by default, as the source's
    pruning run) optionally fine-tunes the exported model with CE (our choice, like the source's separate
    LoRA fine-tuning step).
 
@@ -74,7 +74,7 @@ class NutePruneConfig(MethodConfig):
     temperature: float = MISSING  # τ of the logit distillation
     kd_weight: float = MISSING
     hidden_weight: float = MISSING
-    finetune: TrainRecipe = MISSING  # after export, CE fine-tuning of the smaller model (epochs 0: none, as the source)
+    retrain: TrainRecipe = MISSING  # after export, CE retraining of the smaller model (epochs 0: none, as the source)
 
 
 class HardConcrete(nn.Module):
@@ -453,8 +453,8 @@ class NutePrune(Method):
             facts["export_max_abs_diff"] = float((model(probe) - gated).abs().max())
         facts.update(requested=ctx.pruner.sparsity, target=ctx.cfg.prune.target, snapshots=len(objective.snapshots.taken),
                      expected_sparsity_final=float(objective.expected_sparsity().detach()))
-        if int(c.finetune.epochs) > 0:
-            ctx.trainer.train(model, c.finetune, ctx.trainer.objective(), stage="finetune")
+        if int(c.retrain.epochs) > 0:
+            ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain")
         return Result(model, {}, {"structure": facts})
 
     @staticmethod
