@@ -85,7 +85,9 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     epochs = int(recipe.epochs)
     if epochs <= 0:
         return {"seconds": 0.0, "samples": 0, "teacher_samples": 0, **NO_COMPILE}
-    session = compiling.Session(model, objective, device) if compiling.wanted(compile, device) else None
+    eager_only = getattr(objective, "eager_only", False)  # an objective that hooks into the model (NutePrune)
+    session = compiling.Session(model, objective, device) if compiling.wanted(compile, device) and not eager_only \
+        else None
     spe = steps_per_epoch(data, recipe.batch_size, max_batches)
     total = epochs * spe
     opt = make_optimizer(model, recipe)

@@ -216,6 +216,8 @@ class NuteObjective:
     """Student forward with sampled gates, teacher forward (same weights, a snapshot or intact), the loss, and
     the gates' and λ's own optimizer steps (called by the trainer after its step)."""
 
+    eager_only = True  # the gates and the hidden states are forward hooks: the trainer does not compile this
+
     def __init__(self, method: "NutePrune", model: nn.Module, groups: ChannelGroups, gating: Gating,
                  gates: HardConcrete, total_steps: int, ramp_steps: int, target: float, unit: str,
                  exclude, gen: torch.Generator, log, intact: dict):
