@@ -11,7 +11,7 @@ other instead of training the same round twice.
 Cost: a computed round is booked to the method's stage (``imp``, ``colt``) as before; reused rounds are
 booked together to ``<stage>.reused`` (``cached: true``; ``artifact`` holds the rounds' indices and what
 they cost when they were made). A reused round stands in for its trainings: the trainer's call counter is
-advanced (:meth:`Context.skip_trainings`), so later rounds draw the generator streams (named by the round:
+advanced (``ctx.trainer.skip_trainings``), so later rounds draw the generator streams (named by the round:
 the n-th training of a stage) and job checkpoints they would have had, and the numbers are bit-identical to
 computing every round in the job.
 """
