@@ -186,7 +186,7 @@ def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["method=gmp", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
+    (["method=imp", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
     (["prune.target=macs"], "apply to prune.granularity=channel only"),
     (["prune.granularity=filter"], "prune.granularity must be weight or channel"),
     (["prune.granularity=channel", "prune.round_to=0"], "prune.round_to must be"),
@@ -212,3 +212,41 @@ def test_structured_presets_compose_and_validate(ds):
     for method in params.method.split(","):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             validate(compose("config", overrides=[f"experiment=structured_{ds}", f"method={method}"]))
+
+
+def test_channel_masks_compute_what_the_removed_model_computes():
+    """Masking the rows and columns removed channels own (what iterative methods train with) gives the same
+    outputs as removing them physically, on ResNet-56 (residual sums) and MobileNetV2 (depthwise)."""
+    import copy
+
+    from kdprune_cli.pruning.masks import apply_masks
+
+    for name in ("resnet56", "mobilenetv2"):
+        torch.manual_seed(0)
+        model = build_model(name, 10, 3, 32).eval()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.data.uniform_(-0.3, 0.3)  # non-zero shifts: a masked channel's BN still outputs them
+        x = torch.randn(3, 3, 32, 32)
+        groups = ChannelGroups(model, x[:1])
+        first = groups.plan(magnitude(model), 0.2)
+        plan = groups.plan(magnitude(model), 0.5, keep_removed=first.removed)
+        for a, b in zip(first.removed, plan.removed):
+            assert set(a.tolist()) <= set(b.tolist())  # removed channels stay removed
+        masked = copy.deepcopy(model)
+        apply_masks(masked, {n: m for n, m in groups.masks(plan.removed).items()})
+        groups.remove(plan)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), masked(x), atol=1e-4, rtol=1e-4)
+
+
+def test_gmp_prunes_channel_groups_on_its_schedule_and_removes_them(tiny_cfg, tmp_path):
+    rec = run_job(tiny_cfg("method=gmp", "prune.granularity=channel", "sparsity=0.5", "method.train.epochs=2",
+                           "method.retrain.epochs=1"), tmp_path / "g", summary=False)
+    assert rec["status"] == "ok" and rec["granularity"] == "channel"
+    s = rec["structure"]
+    assert s["achieved"] == pytest.approx(0.5, abs=0.03) and rec["params"]["total"] < rec["params"]["total_dense"]
+    assert rec["sparsity_actual"] == pytest.approx(s["params_removed"], abs=1e-9)
+    steps = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    sp = [r["sparsity"] for r in steps if r.get("stage") == "gmp" and "sparsity" in r]
+    assert len(sp) > 2 and sp == sorted(sp)  # gradual: channel sparsity rises on the cubic schedule

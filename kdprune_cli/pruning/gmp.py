@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from omegaconf import MISSING
 
 from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from .base import Method, Result
 from .imp import group_targets, magnitudes, removed, select_count
 from .masks import Masks, apply_masks, dense_masks, prunable_params
+from .structured import ChannelGroups
 
 
 def cubic_sparsity(j: int, n: int, s_i: float, s_f: float) -> float:
@@ -64,6 +66,7 @@ class GMP(Method):
 
     name = "gmp"
     Config = GMPConfig
+    granularities = ("weight", "channel")  # channel: the schedule removes channel groups (docs/methods.md §7)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -100,19 +103,31 @@ class GMP(Method):
         masks: Masks = dense_masks(model, ctx.pruner.exclude)
         self.schedule = (t0, n, dt, T)
         self.trace = []
+        channel = ctx.cfg.prune.granularity == "channel"
+        if channel:
+            cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
+            masks = cg.masks([torch.zeros(0, dtype=torch.long)] * len(cg.groups))
+            plan = None
 
         def hook(step: int, total_steps: int) -> None:
+            nonlocal plan
             if step < t0 or (step - t0) % dt or (step - t0) // dt > n:
                 return
             j = (step - t0) // dt
             s_t = cubic_sparsity(j, n, s_i, s_f)
             scores = magnitudes(params)
-            for names, k in groups:
+            if channel:  # the same cubic schedule over channel groups; removed channels stay removed
+                p = ctx.cfg.prune
+                plan = cg.plan(scores, s_f if j == n else s_t, scope=ctx.pruner.scope, target=p.target,
+                               reduce=p.reduce, round_to=int(p.round_to), exclude=ctx.pruner.exclude,
+                               keep_removed=plan.removed if plan is not None else None)
+                masks.update(cg.masks(plan.removed))
+            for names, k in ([] if channel else groups):
                 size = sum(masks[x].numel() for x in names)
                 want = k if j == n else min(k, int(round(s_t * size)))
                 masks.update(select_count(scores, names, max(want, removed(masks, names)), masks))
             apply_masks(model, masks)  # this step's forward already runs on the pruned net
-            sp = removed(masks) / total
+            sp = plan.facts["achieved"] if channel else removed(masks) / total
             self.trace.append((step, j, s_t, sp))
             ctx.log({"stage": "gmp", "step": step, "round": j, "target_sparsity": s_t, "sparsity": sp})
             if j == n:
@@ -120,8 +135,11 @@ class GMP(Method):
 
         ctx.trainer.train(model, c.train, ctx.trainer.objective(), stage="gmp", masks=masks, step_hook=hook)
         got = removed(masks)
-        if got != sum(k for _, k in groups):
+        if not channel and got != sum(k for _, k in groups):
             raise AssertionError(f"GMP schedule ended with {got} weights removed, expected the target")
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
+        if channel:  # the masked channels are removed physically: the same model, smaller
+            cg.remove(plan)
+            return Result(model, {}, {"structure": plan.facts})
         return Result(model, masks)
 

@@ -222,11 +222,17 @@ class ChannelGroups:
 
     # --- selection ----------------------------------------------------------------------------------
     def plan(self, scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global",
-             target: str = "params", reduce: str = "sum", round_to: int = 1, exclude: Iterable[str] = ()) -> Plan:
-        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``."""
+             target: str = "params", reduce: str = "sum", round_to: int = 1, exclude: Iterable[str] = (),
+             keep_removed: List[torch.Tensor] | None = None) -> Plan:
+        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``;
+        ``keep_removed`` (an earlier plan's ``removed``) stay removed (iterative methods)."""
         if target not in TARGETS:
             raise ValueError(f"prune.target must be one of {', '.join(TARGETS)}, got {target!r}")
         imp = self.importance(scores, reduce)
+        forced = [0] * len(self.groups)
+        for g, r in enumerate(keep_removed or ()):
+            imp[g][r] = -math.inf  # ranked first: they go again
+            forced[g] = len(r)
         self.order = [torch.sort(v, stable=True).indices for v in imp]  # ascending: first = least important
         dense = self.counts([0] * len(self.groups), exclude)
         sizes = [g.channels for g in self.groups]
@@ -244,19 +250,19 @@ class ChannelGroups:
 
             def removal(k: int) -> list:
                 per = torch.bincount(ranked[:k], minlength=len(sizes)).tolist()
-                return [rounded(r, n) for r, n in zip(per, sizes)]
+                return [max(f, rounded(r, n)) for r, n, f in zip(per, sizes, forced)]
         elif scope == "layer":
             steps = max(sizes)
 
             def removal(k: int) -> list:
-                return [rounded(int(round(k / steps * n)), n) for n in sizes]
+                return [max(f, rounded(int(round(k / steps * n)), n)) for n, f in zip(sizes, forced)]
         else:
             raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
 
         def frac(k: int) -> float:
             return 1.0 - self.counts(removal(k), exclude)[target] / dense[target]
 
-        lo, hi = 0, steps  # smallest k with frac(k) >= sparsity (frac is non-decreasing in k)
+        lo, hi = (sum(forced) if scope == "global" else 0), steps  # smallest k with frac(k) >= sparsity
         while lo < hi:
             mid = (lo + hi) // 2
             if frac(mid) >= sparsity:
@@ -275,6 +281,21 @@ class ChannelGroups:
                  "channels_removed": int(sum(per)), "channels": int(sum(sizes)), "groups": len(sizes),
                  "widths": {self.names[g.root]: g.channels - r for g, r in zip(self.groups, per)}}
         return Plan(self.groups, [o[:r] for o, r in zip(self.order, per)], facts)
+
+    def masks(self, removed: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Weight masks (``True`` = keep) of every Conv2d/Linear that zero the rows and columns the removed
+        root channels own: the masked model computes what the physically smaller one will."""
+        out = {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in self.layers.items()}
+        for g, r in zip(self.groups, removed):
+            sel = torch.zeros(g.channels, dtype=torch.bool)
+            sel[r] = True
+            for it in g.items:
+                idx = it.local[sel[it.root]].to(out[f"{it.module}.weight"].device)
+                if it.kind == "out":
+                    out[f"{it.module}.weight"][idx] = False
+                else:
+                    out[f"{it.module}.weight"][:, idx] = False
+        return out
 
     def remove(self, plan: Plan) -> nn.Module:
         """Physically remove the planned channels (in place) through the dependency graph."""
