@@ -700,7 +700,10 @@ def print_summary(record: dict, run_dir: Path) -> None:
         if m:
             lines.append(f"  {k:<14}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.3f}{m['ece']:>8.3f}")
     p, f = record["params"], record["flops"]
-    lines.append(f"  params {p['nonzero']:,}/{p['prunable']:,} non-zero · MACs {f['sparse']:,}/{f['dense']:,}")
+    line = f"  params {p['nonzero']:,}/{p['prunable']:,} non-zero · MACs {f['sparse']:,}/{f['dense']:,}"
+    if record.get("granularity") == "channel":  # physically smaller: what it has and runs
+        line += f" · {p['total']:,}/{p['total_dense']:,} parameters and {f['executed']:,} MACs as run"
+    lines.append(line)
     stages = ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v.get('cached') else ''}"
                        for k, v in record["cost"]["stages"].items())
     lines.append(f"  time {record['cost']['total_seconds']:.1f}s: {stages}")
