@@ -292,6 +292,7 @@ class Pruner:
     sparsity = property(lambda self: float(self.cfg.sparsity))
     scope = property(lambda self: self.cfg.prune.scope)
     exclude = property(lambda self: list(self.cfg.prune.exclude))
+    granularity = property(lambda self: self.cfg.prune.granularity)
 
     def example_input(self) -> torch.Tensor:
         """One all-zero input of the dataset's shape on the device (to trace a model's channel groups)."""

@@ -375,7 +375,7 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
     torch.manual_seed(0)
     net = build_model(arch, 10, 3, size)
     ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), log=lambda rec: None,
-                          pruner=SimpleNamespace(sparsity=0.9, scope="global", exclude=[]),
+                          pruner=SimpleNamespace(sparsity=0.9, scope="global", exclude=[], granularity="weight"),
                           costs=SimpleNamespace(count=lambda *m, **k: contextlib.nullcontext()))
     masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net)
     want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)

@@ -186,7 +186,7 @@ def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["method=imp", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
+    (["method=colt", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
     (["prune.target=macs"], "apply to prune.granularity=channel only"),
     (["prune.granularity=filter"], "prune.granularity must be weight or channel"),
     (["prune.granularity=channel", "prune.round_to=0"], "prune.round_to must be"),
@@ -250,3 +250,16 @@ def test_gmp_prunes_channel_groups_on_its_schedule_and_removes_them(tiny_cfg, tm
     steps = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     sp = [r["sparsity"] for r in steps if r.get("stage") == "gmp" and "sparsity" in r]
     assert len(sp) > 2 and sp == sorted(sp)  # gradual: channel sparsity rises on the cubic schedule
+
+
+@pytest.mark.parametrize("method,extra", [("imp", ["method.rate=0.3", "method.round.epochs=1"]),
+                                          ("synflow", ["method.rounds=5"])])
+def test_iterative_methods_prune_channel_groups_round_by_round(tiny_cfg, tmp_path, method, extra):
+    rec = run_job(tiny_cfg(f"method={method}", "prune.granularity=channel", "sparsity=0.5", "method.retrain.epochs=1",
+                           *extra), tmp_path / method, summary=False)
+    assert rec["status"] == "ok" and rec["granularity"] == "channel"
+    s = rec["structure"]
+    assert s["achieved"] == pytest.approx(0.5, abs=0.03) and rec["params"]["total"] < rec["params"]["total_dense"]
+    logs = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    sp = [r["sparsity"] for r in logs if "round" in r and "sparsity" in r]
+    assert len(sp) >= 2 and sp == sorted(sp)  # several rounds, removed channels stay removed

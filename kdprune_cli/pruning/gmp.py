@@ -103,7 +103,7 @@ class GMP(Method):
         masks: Masks = dense_masks(model, ctx.pruner.exclude)
         self.schedule = (t0, n, dt, T)
         self.trace = []
-        channel = ctx.cfg.prune.granularity == "channel"
+        channel = ctx.pruner.granularity == "channel"
         if channel:
             cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
             masks = cg.masks([torch.zeros(0, dtype=torch.long)] * len(cg.groups))

@@ -31,6 +31,7 @@ from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import Result, params_for_scoring
 from .masks import Masks, Scores, apply_masks, select
 from .snip import PruneAtInit
+from .structured import ChannelGroups, Plan
 
 
 def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
@@ -77,7 +78,7 @@ class SynFlowConfig(MethodConfig):
 class SynFlow(PruneAtInit):
     """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
 
-    granularities = ("weight",)  # iterative rounds of weight masks
+    granularities = ("weight", "channel")  # channel: each round re-plans channel groups (docs/methods.md §7)
 
     name = "synflow"
     Config = SynFlowConfig
@@ -95,11 +96,22 @@ class SynFlow(PruneAtInit):
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         masks: Masks | None = None
+        channel = ctx.pruner.granularity == "channel"
+        if channel:
+            p = ctx.cfg.prune
+            cg = ChannelGroups(lin, ctx.pruner.example_input().to(next(lin.parameters()).dtype), ctx.pruner.exclude)
+            self.plan = None
         for k, s_k in enumerate(schedule(ctx.pruner.sparsity, rounds), start=1):
             t = time.perf_counter()
             with ctx.costs.count(lin):
                 scores = synflow_scores(lin, params, shape)
-            masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
+            if channel:  # the same rounds over channel groups; removed channels stay removed
+                self.plan = cg.plan(scores, s_k, scope=ctx.pruner.scope, target=p.target, reduce=p.reduce,
+                                    round_to=int(p.round_to), exclude=ctx.pruner.exclude,
+                                    keep_removed=self.plan.removed if self.plan is not None else None)
+                masks = cg.masks(self.plan.removed)
+            else:
+                masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
             apply_masks(lin, masks)
             ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
         return masks
@@ -115,6 +127,12 @@ class SynFlow(PruneAtInit):
         model = self.base_model(ctx)
         with ctx.costs.count(stage="score"):
             masks = self.prune(ctx, model)
+        if ctx.pruner.granularity == "channel":  # remove the planned channels from the model itself
+            cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
+            cg.remove(Plan(cg.groups, self.plan.removed, self.plan.facts))
+            ctx.evaluator.record_metrics("pruned", model)
+            ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain")
+            return Result(model, {}, {"structure": self.plan.facts})
         apply_masks(model, masks)
         ctx.evaluator.record_metrics("pruned", model)
         ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
