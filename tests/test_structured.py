@@ -186,7 +186,6 @@ def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["method=colt", "prune.granularity=channel"], "does not prune at prune.granularity=channel"),
     (["prune.target=macs"], "apply to prune.granularity=channel only"),
     (["prune.granularity=filter"], "prune.granularity must be weight or channel"),
     (["prune.granularity=channel", "prune.round_to=0"], "prune.round_to must be"),
@@ -253,7 +252,8 @@ def test_gmp_prunes_channel_groups_on_its_schedule_and_removes_them(tiny_cfg, tm
 
 
 @pytest.mark.parametrize("method,extra", [("imp", ["method.rate=0.3", "method.round.epochs=1"]),
-                                          ("synflow", ["method.rounds=5"])])
+                                          ("synflow", ["method.rounds=5"]),
+                                          ("colt", ["method.rate=0.3", "method.round.epochs=1"])])
 def test_iterative_methods_prune_channel_groups_round_by_round(tiny_cfg, tmp_path, method, extra):
     rec = run_job(tiny_cfg(f"method={method}", "prune.granularity=channel", "sparsity=0.5", "method.retrain.epochs=1",
                            *extra), tmp_path / method, summary=False)
@@ -263,3 +263,12 @@ def test_iterative_methods_prune_channel_groups_round_by_round(tiny_cfg, tmp_pat
     logs = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     sp = [r["sparsity"] for r in logs if "round" in r and "sparsity" in r]
     assert len(sp) >= 2 and sp == sorted(sp)  # several rounds, removed channels stay removed
+
+
+def test_a_method_without_channel_granularity_is_refused_before_work(tiny_cfg, tmp_path, monkeypatch):
+    from kdprune_cli.pruning import get_method
+
+    monkeypatch.setattr(get_method("colt"), "granularities", ("weight",))
+    with pytest.raises(ConfigError, match="does not prune at prune.granularity=channel"):
+        run_job(tiny_cfg("method=colt", "prune.granularity=channel"), tmp_path / "r", summary=False)
+    assert not (tmp_path / "store" / "teacher").exists()

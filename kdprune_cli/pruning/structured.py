@@ -271,16 +271,23 @@ class ChannelGroups:
                 lo = mid + 1
         k = lo if lo == 0 or abs(frac(lo) - sparsity) <= abs(frac(lo - 1) - sparsity) else lo - 1
         per = removal(k)
-        after = self.counts(per, exclude)
+        removed = [o[:r] for o, r in zip(self.order, per)]
+        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, round_to=round_to)
+        return Plan(self.groups, removed, facts)
+
+    def describe(self, removed: List[torch.Tensor], sparsity: float, target: str, exclude: Iterable[str] = (),
+                 **options) -> dict:
+        """The record's ``structure`` for removing ``removed`` (root channels per group) against ``sparsity``."""
+        dense = self.counts([0] * len(self.groups), exclude)
+        after = self.counts(removed, exclude)
         achieved = 1.0 - after[target] / dense[target]
-        facts = {"granularity": "channel", "target": target, "scope": scope, "reduce": reduce,
-                 "round_to": round_to, "requested": sparsity, "achieved": achieved,
-                 "off_target": achieved - sparsity,
-                 "params_removed": 1.0 - after["params"] / dense["params"],
-                 "macs_removed": 1.0 - after["macs"] / dense["macs"],
-                 "channels_removed": int(sum(per)), "channels": int(sum(sizes)), "groups": len(sizes),
-                 "widths": {self.names[g.root]: g.channels - r for g, r in zip(self.groups, per)}}
-        return Plan(self.groups, [o[:r] for o, r in zip(self.order, per)], facts)
+        return {"granularity": "channel", "target": target, **options, "requested": sparsity, "achieved": achieved,
+                "off_target": achieved - sparsity,
+                "params_removed": 1.0 - after["params"] / dense["params"],
+                "macs_removed": 1.0 - after["macs"] / dense["macs"],
+                "channels_removed": int(sum(len(r) for r in removed)),
+                "channels": int(sum(g.channels for g in self.groups)), "groups": len(self.groups),
+                "widths": {self.names[g.root]: g.channels - len(r) for g, r in zip(self.groups, removed)}}
 
     def masks(self, removed: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Weight masks (``True`` = keep) of every Conv2d/Linear that zero the rows and columns the removed
