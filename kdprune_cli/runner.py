@@ -509,10 +509,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.prune.granularity not in get_method(cfg.method.name).granularities:
         able = [n for n in method_names() if cfg.prune.granularity in get_method(n).granularities]
         raise ConfigError(f"method {cfg.method.name} does not prune at prune.granularity={cfg.prune.granularity} "
-                          f"(its rounds keep weight masks); methods that do: {', '.join(able)}")
+                          f"; methods that do: {', '.join(able)}")
     classes, channels, size = DATASETS[cfg.data.name]
     try:
-        check_exclude(build_model(cfg.student.name, classes, channels, size), cfg.prune.exclude)
+        student = build_model(cfg.student.name, classes, channels, size)
+        check_exclude(student, cfg.prune.exclude)
+        get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

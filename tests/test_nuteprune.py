@@ -155,3 +155,13 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
     assert steps and {"expected_sparsity", "target", "lambda1", "lambda2", "teacher", "kd", "hidden"} <= set(steps[-1])
     model = load_pruned(tmp_path / "r")
     assert sum(p.numel() for p in model.parameters()) == rec["params"]["total"]
+
+
+@pytest.mark.parametrize("student", [["student=timm", "student.name=timm/vit_tiny_patch16_224"],
+                                     ["student=wrn28_10"]])
+def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, student):
+    from kdprune_cli.config import ConfigError
+
+    with pytest.raises(ConfigError, match="nuteprune"):
+        run_job(tiny_cfg("method=nuteprune", *student), tmp_path / "r", summary=False)
+    assert not (tmp_path / "store" / "teacher").exists()

@@ -54,6 +54,10 @@ class Method:
     def validate(self) -> None:
         """Check method-specific options; raise ConfigError."""
 
+    @classmethod
+    def check_model(cls, model: nn.Module, example) -> None:
+        """Check that the method can prune this student (built for the dataset's shape); raise ValueError."""
+
     def run(self, ctx) -> Result:
         raise NotImplementedError
 

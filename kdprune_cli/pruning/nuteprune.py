@@ -413,12 +413,18 @@ class NutePrune(Method):
                 raise ConfigError("method=nuteprune with method.lora=true needs peft: pip install '.[nuteprune]' "
                                   "(or method.lora=false)") from None
 
+    @classmethod
+    def check_model(cls, model: nn.Module, example) -> None:
+        """CNNs with a BatchNorm after every producing conv (checked before any training)."""
+        attention = any(hasattr(m, "qkv") or type(m).__name__.endswith("Attention") for m in model.modules())
+        points = [] if attention else gate_points(model, ChannelGroups(model, example), example)
+        if not points or any(not p for p in points):
+            raise ValueError("method=nuteprune gates the BatchNorm after each conv: it supports CNNs with BN so far "
+                             "(not ViTs or BN-free layers)")
+
     def run(self, ctx) -> Result:
         c = self.cfg
         model = ctx.artifacts.dense_student()
-        if any(not isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).__name__ == "Attention"
-               for m in model.modules()):
-            raise ConfigError("method=nuteprune supports CNNs with BatchNorm so far (ViTs: not yet)")
         example = ctx.pruner.example_input()
         groups = ChannelGroups(model, example, ctx.pruner.exclude)
         points = gate_points(model, groups, example)
