@@ -33,7 +33,7 @@ from .pruning import get_method, method_names
 from .modelfile import model_file
 from .pruning.base import Result
 from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
-from .pruning.structured import prune_channels
+from .pruning.structured import ChannelGroups, Plan
 from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash, file_digest,
                     warn)
 from .train import train
@@ -299,18 +299,31 @@ class Pruner:
         d = self.data
         return torch.zeros(1, d.channels, d.image_size, d.image_size, device=self.device)
 
+    def channel_groups(self, model: nn.Module) -> ChannelGroups:
+        """The coupled channel groups of ``model`` (traced on :meth:`example_input`, in the model's dtype)."""
+        return ChannelGroups(model, self.example_input().to(next(model.parameters()).dtype), self.exclude)
+
+    def plan(self, groups: ChannelGroups, scores: Scores, sparsity: Optional[float] = None,
+             keep_removed: Optional[Plan] = None) -> Plan:
+        """The channels to remove to ``sparsity`` (default: the target) with the configured ``prune.*``
+        options; the channels ``keep_removed`` (an earlier plan) removed stay removed."""
+        p = self.cfg.prune
+        return groups.plan(scores, self.sparsity if sparsity is None else sparsity, scope=self.scope,
+                           target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude,
+                           keep_removed=keep_removed.removed if keep_removed is not None else None)
+
     def prune(self, model: nn.Module, scores: Scores) -> Result:
         """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
         scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
         groups physically (no masks; ``facts["structure"]`` says what was removed and how close the target is)."""
-        p = self.cfg.prune
-        if p.granularity == "weight":
+        if self.granularity == "weight":
             masks = select(scores, self.sparsity, self.scope)
             apply_masks(model, masks)
             return Result(model, masks)
-        facts = prune_channels(model, scores, self.example_input(), self.sparsity, scope=self.scope,
-                               target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude)
-        return Result(model, {}, {"structure": facts})
+        groups = self.channel_groups(model)
+        plan = self.plan(groups, scores)
+        groups.remove(plan)
+        return Result(model, {}, {"structure": plan.facts})
 
 
 class Context:

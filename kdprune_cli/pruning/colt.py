@@ -25,7 +25,7 @@ from .base import Method, Result
 from .imp import clone_state, group_targets, magnitudes, next_count, removed, rewind, select_count
 from .masks import Masks, dense_masks, prunable_modules, prunable_params
 from .rounds import full_step, round_spec, shared_round
-from .structured import ChannelGroups, Plan
+from .structured import Plan
 
 
 def partition_classes(num_classes: int, partitions: int) -> List[range]:
@@ -275,41 +275,40 @@ class COLT(Method):
         parts = partition_classes(ctx.data.num_classes, int(c.partitions))
         models = [self.partition_model(ctx, theta0, head, len(q), i) for i, q in enumerate(parts)]
         thetas, datas = [clone_state(m) for m in models], [partition_data(ctx.data, q) for q in parts]
-        ex, exclude = ctx.pruner.example_input(), ctx.pruner.exclude
-        cg = ChannelGroups(full, ex, exclude)
-        cgs = [ChannelGroups(m, ex, exclude) for m in models]  # the same groups; only the head's outputs differ
+        exclude = ctx.pruner.exclude
+        cg = ctx.pruner.channel_groups(full)
+        cgs = [ctx.pruner.channel_groups(m) for m in models]  # the same groups; only the head's outputs differ
         if any([g.channels for g in x.groups] != [g.channels for g in cg.groups] for x in cgs):
             raise ValueError("COLT's partition models have other channel groups than the full model")
-        kw = dict(scope=ctx.pruner.scope, target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=exclude)
-        gone = [torch.zeros(0, dtype=torch.long) for _ in cg.groups]
+        gone = Plan(cg.groups, [torch.zeros(0, dtype=torch.long) for _ in cg.groups], {})
         r = 0
         while True:
             r += 1
             t = time.perf_counter()
             for x, model, data in zip(cgs, models, datas):
-                self._masks = x.masks(gone)
+                self._masks = x.masks(gone.removed)
                 self.train_on(ctx, model, data)
             with ctx.costs.count(stage="colt"):
                 goal = min(s_f, 1 - (1 - rate) ** r)
                 scores = [magnitudes(prunable_params(m, exclude)) for m in models]
-                plans = [x.plan(sc, goal, keep_removed=gone, **kw) for x, sc in zip(cgs, scores)]
+                plans = [ctx.pruner.plan(x, sc, goal, keep_removed=gone) for x, sc in zip(cgs, scores)]
                 union = [torch.unique(torch.cat([pl.removed[g] for pl in plans])) for g in range(len(cg.groups))]
                 if goal >= s_f or cg.describe(union, s_f, p.target, exclude)["achieved"] > s_f:
                     common = {n: sum(sc[n] for sc in scores) for n in scores[0]
                               if all(sc[n].shape == scores[0][n].shape for sc in scores)}
-                    union = cg.plan(common, s_f, keep_removed=gone, **kw).removed  # clipped to the target
-                gone = union
+                    union = ctx.pruner.plan(cg, common, s_f, keep_removed=gone).removed  # clipped to the target
+                gone = Plan(cg.groups, union, {})
                 for x, model, th in zip(cgs, models, thetas):
-                    rewind(model, th, x.masks(gone))
-            facts = cg.describe(gone, s_f, p.target, exclude, scope=ctx.pruner.scope, reduce=p.reduce,
+                    rewind(model, th, x.masks(gone.removed))
+            facts = cg.describe(gone.removed, s_f, p.target, exclude, scope=ctx.pruner.scope, reduce=p.reduce,
                                 round_to=int(p.round_to))
             ctx.log({"stage": "colt", "round": r, "sparsity": facts["achieved"], "seconds": time.perf_counter() - t})
             if goal >= s_f or facts["achieved"] >= s_f:
                 break
         self.rounds = r
-        masks = cg.masks(gone)
+        masks = cg.masks(gone.removed)
         rewind(full, theta0, masks)
         ctx.evaluator.record_metrics("pruned", full)
         ctx.trainer.train(full, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
-        cg.remove(Plan(cg.groups, gone, facts))
+        cg.remove(Plan(cg.groups, gone.removed, facts))
         return Result(full, {}, {"structure": facts})

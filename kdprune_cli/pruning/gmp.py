@@ -16,7 +16,6 @@ from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
 from .base import Method, Result
 from .imp import group_targets, magnitudes, removed, select_count
 from .masks import Masks, apply_masks, dense_masks, prunable_params
-from .structured import ChannelGroups
 
 
 def cubic_sparsity(j: int, n: int, s_i: float, s_f: float) -> float:
@@ -105,7 +104,7 @@ class GMP(Method):
         self.trace = []
         channel = ctx.pruner.granularity == "channel"
         if channel:
-            cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
+            cg = ctx.pruner.channel_groups(model)
             masks = cg.masks([torch.zeros(0, dtype=torch.long)] * len(cg.groups))
             plan = None
 
@@ -117,10 +116,7 @@ class GMP(Method):
             s_t = cubic_sparsity(j, n, s_i, s_f)
             scores = magnitudes(params)
             if channel:  # the same cubic schedule over channel groups; removed channels stay removed
-                p = ctx.cfg.prune
-                plan = cg.plan(scores, s_f if j == n else s_t, scope=ctx.pruner.scope, target=p.target,
-                               reduce=p.reduce, round_to=int(p.round_to), exclude=ctx.pruner.exclude,
-                               keep_removed=plan.removed if plan is not None else None)
+                plan = ctx.pruner.plan(cg, scores, s_f if j == n else s_t, keep_removed=plan)
                 masks.update(cg.masks(plan.removed))
             for names, k in ([] if channel else groups):
                 size = sum(masks[x].numel() for x in names)

@@ -19,7 +19,6 @@ from .base import Method, Result
 from .magnitude import magnitude_scores as magnitudes
 from .masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
 from .rounds import full_step, round_spec, shared_round
-from .structured import ChannelGroups
 
 Groups = List[Tuple[List[str], int]]
 
@@ -195,11 +194,11 @@ class IMP(Method):
         channels staying removed; rewinding as above; the masked channels are removed physically at the end.
         Rounds are not shared between targets at this granularity."""
         from ..train import steps_per_epoch
-        c, p = self.cfg, ctx.cfg.prune
+        c = self.cfg
         rate, k_rewind = float(c.rate), int(c.rewind_epoch)
         model = ctx.seeds.new_model("student", name="init")
         theta0 = clone_state(model)
-        cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
+        cg = ctx.pruner.channel_groups(model)
         plan, r = None, 0
         masks = cg.masks([torch.zeros(0, dtype=torch.long)] * len(cg.groups))
         self.rewind_state = theta0 if k_rewind == 0 else None
@@ -216,15 +215,12 @@ class IMP(Method):
                 self.rewind_state = clone_state(model)
             with ctx.costs.count(stage="imp"):
                 goal = min(ctx.pruner.sparsity, 1 - (1 - rate) ** r)
-                new = cg.plan(magnitudes(prunable_params(model, ctx.pruner.exclude)), goal, scope=ctx.pruner.scope,
-                              target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=ctx.pruner.exclude,
-                              keep_removed=plan.removed if plan is not None else None)
+                scores = magnitudes(prunable_params(model, ctx.pruner.exclude))
+                new = ctx.pruner.plan(cg, scores, goal, keep_removed=plan)
                 if plan is not None and goal < ctx.pruner.sparsity and \
                         sum(map(len, new.removed)) == sum(map(len, plan.removed)):
                     goal = ctx.pruner.sparsity  # a round too small to remove a channel: go to the target
-                    new = cg.plan(magnitudes(prunable_params(model, ctx.pruner.exclude)), goal,
-                                  scope=ctx.pruner.scope, target=p.target, reduce=p.reduce, round_to=int(p.round_to),
-                                  exclude=ctx.pruner.exclude, keep_removed=plan.removed)
+                    new = ctx.pruner.plan(cg, scores, goal, keep_removed=plan)
                 plan = new
                 masks.update(cg.masks(plan.removed))
                 rewind(model, self.rewind_state, masks)

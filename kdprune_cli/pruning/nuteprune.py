@@ -426,7 +426,7 @@ class NutePrune(Method):
         c = self.cfg
         model = ctx.artifacts.dense_student()
         example = ctx.pruner.example_input()
-        groups = ChannelGroups(model, example, ctx.pruner.exclude)
+        groups = ctx.pruner.channel_groups(model)
         points = gate_points(model, groups, example)
         gates = HardConcrete([g.channels for g in groups.groups], float(c.droprate_init), float(c.beta),
                              ctx.seeds.generator("nuteprune/init")).to(ctx.device)

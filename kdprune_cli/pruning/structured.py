@@ -313,15 +313,6 @@ class ChannelGroups:
         return self.model
 
 
-def prune_channels(model: nn.Module, scores: Mapping[str, torch.Tensor], example: torch.Tensor, sparsity: float,
-                   **kw) -> dict:
-    """Plan and physically remove channels of ``model`` in place; returns the plan's facts for the record."""
-    groups = ChannelGroups(model, example, kw.get("exclude", ()))
-    plan = groups.plan(scores, sparsity, **kw)
-    groups.remove(plan)
-    return plan.facts
-
-
 # --- a model file that carries its own widths ----------------------------------------------------------
 _SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),
                 nn.BatchNorm2d: ("num_features",), nn.LayerNorm: ("normalized_shape",)}

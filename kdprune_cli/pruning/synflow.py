@@ -31,7 +31,7 @@ from ..config import ConfigError, MethodConfig, TrainRecipe, follow_student
 from .base import Result, params_for_scoring
 from .masks import Masks, Scores, apply_masks, select
 from .snip import PruneAtInit
-from .structured import ChannelGroups, Plan
+from .structured import Plan
 
 
 def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
@@ -98,17 +98,13 @@ class SynFlow(PruneAtInit):
         masks: Masks | None = None
         channel = ctx.pruner.granularity == "channel"
         if channel:
-            p = ctx.cfg.prune
-            cg = ChannelGroups(lin, ctx.pruner.example_input().to(next(lin.parameters()).dtype), ctx.pruner.exclude)
-            self.plan = None
+            cg, self.plan = ctx.pruner.channel_groups(lin), None
         for k, s_k in enumerate(schedule(ctx.pruner.sparsity, rounds), start=1):
             t = time.perf_counter()
             with ctx.costs.count(lin):
                 scores = synflow_scores(lin, params, shape)
             if channel:  # the same rounds over channel groups; removed channels stay removed
-                self.plan = cg.plan(scores, s_k, scope=ctx.pruner.scope, target=p.target, reduce=p.reduce,
-                                    round_to=int(p.round_to), exclude=ctx.pruner.exclude,
-                                    keep_removed=self.plan.removed if self.plan is not None else None)
+                self.plan = ctx.pruner.plan(cg, scores, s_k, keep_removed=self.plan)
                 masks = cg.masks(self.plan.removed)
             else:
                 masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
@@ -128,7 +124,7 @@ class SynFlow(PruneAtInit):
         with ctx.costs.count(stage="score"):
             masks = self.prune(ctx, model)
         if ctx.pruner.granularity == "channel":  # remove the planned channels from the model itself
-            cg = ChannelGroups(model, ctx.pruner.example_input(), ctx.pruner.exclude)
+            cg = ctx.pruner.channel_groups(model)
             cg.remove(Plan(cg.groups, self.plan.removed, self.plan.facts))
             ctx.evaluator.record_metrics("pruned", model)
             ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain")
