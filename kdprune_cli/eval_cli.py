@@ -113,7 +113,7 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
 
 
 def run(args) -> int:
-    from .evaluate import evaluate, measure_latency
+    from .evaluate import count_flops, evaluate, latency_record
     from .runner import resolve_device
 
     device = resolve_device(args.device)
@@ -125,8 +125,6 @@ def run(args) -> int:
     ev = (record or {}).get("config", {}).get("eval", {}) if record else {}
     metrics = evaluate(model, data, args.split, int(ev.get("batch_size", 1000)), int(ev.get("ece_bins", 15)))
     params = sum(p.numel() for p in model.parameters())
-    from .evaluate import count_flops
-
     macs = count_flops(model, (data.channels, data.image_size, data.image_size))["dense"]
     arch = obj.get("teacher") if args.model == "teacher" else obj["arch"]["name"]
     out = {"path": str(_model_path(args.path)), "model": args.model, "architecture": arch,
@@ -146,12 +144,10 @@ def run(args) -> int:
                      + ("   (same)" if same else "   (differs: another device or data?)"))
     if args.latency:
         shape = (data.channels, data.image_size, data.image_size)
-        compiled = args.compile == "true" or (args.compile == "auto" and device.type == "cuda")
-        rows = measure_latency(model, shape, batches=(1, args.latency_batch), iters=args.iters, compiled=compiled)
-        out["latency"] = {"device": str(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
-                          "torch": torch.__version__, "rows": rows}
-        lines.append(f"  latency on {device} ({out['latency']['dtype']}), median [p10, p90] of {args.iters}:")
-        for r in rows:
+        out["latency"] = latency_record({args.model: model}, shape, args.latency_batch, args.iters, args.compile)
+        lines.append(f"  latency on {out['latency']['device']} ({out['latency']['dtype']}), "
+                     f"median [p10, p90] of {args.iters}:")
+        for r in out["latency"][args.model]:
             extra = f", compiled in {r['compile_seconds']:.1f}s" if "compile_seconds" in r else ""
             lines.append(f"    batch {r['batch']:>4} {r['mode']:<8} {r['median_ms']:8.3f} ms "
                          f"[{r['p10_ms']:.3f}, {r['p90_ms']:.3f}]  {r['images_per_s']:,.0f} img/s{extra}")

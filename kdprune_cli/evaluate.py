@@ -128,6 +128,23 @@ def measure_latency(model: nn.Module, input_shape: tuple, *, batches=(1, 256), i
     return rows
 
 
+def latency_record(models: dict, input_shape: tuple, batch: int, iters: int, compile_setting="auto") -> dict:
+    """Each of ``models`` (on one device) timed by :func:`measure_latency` at batch 1 and ``batch``, eager and
+    compiled where ``compile_setting`` (auto | true | false; auto: on CUDA) says, with the device, dtype and
+    torch version (docs/methods.md §6)."""
+    from .compiling import wanted
+
+    dev = next(next(iter(models.values())).parameters()).device
+    cuda = dev.type == "cuda"
+    out = {"device": f"{dev} ({torch.cuda.get_device_name(dev)})" if cuda else str(dev),
+           "dtype": "bfloat16" if cuda else "float32", "channels_last": cuda, "torch": torch.__version__,
+           "iters": int(iters), "warmup": 20}
+    for name, m in models.items():
+        out[name] = measure_latency(m, input_shape, batches=(1, int(batch)), iters=int(iters), warmup=20,
+                                    compiled=wanted(compile_setting, dev))
+    return out
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

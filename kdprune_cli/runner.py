@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__, config
 from .config import ConfigError, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
-from .evaluate import count_flops, evaluate, measure_latency
+from .evaluate import count_flops, evaluate, latency_record
 from .loggers import RunLogger
 from .models import build_model, is_known, model_names
 from .objectives import CrossEntropy
@@ -663,7 +663,9 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
     })
     if cfg.eval.latency:
         with ctx.costs.stage("latency"):
-            record["latency"] = latency_record(cfg, {"dense_student": dense, "final": model}, shape)
+            record["latency"] = latency_record({"dense_student": dense, "final": model}, shape,
+                                               int(cfg.eval.latency_batch), int(cfg.eval.latency_iters),
+                                               cfg.eval.latency_compile)
     record.update(result.facts)
     arch = {"name": cfg.student.name, "num_classes": data.num_classes, "in_channels": data.channels,
             "image_size": data.image_size}
@@ -673,21 +675,6 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
     record["checkpoint"] = str(run_dir / "model.pt")
     record["model_file"] = {"path": str(run_dir / "model.pt"), "bytes": (run_dir / "model.pt").stat().st_size}
     record["status"] = "ok"
-
-
-def latency_record(cfg: DictConfig, models: dict, shape: tuple) -> dict:
-    """Time each model (eager, and compiled where ``eval.latency_compile`` says) at batch 1 and
-    ``eval.latency_batch``: bf16 + channels_last on CUDA, fp32 on CPU (docs/methods.md §6)."""
-    dev = next(next(iter(models.values())).parameters()).device
-    comp = str(cfg.eval.latency_compile).lower()
-    compiled = comp == "true" or (comp == "auto" and dev.type == "cuda")
-    out = {"device": str(dev) if dev.type != "cuda" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-           "dtype": "bfloat16" if dev.type == "cuda" else "float32", "channels_last": dev.type == "cuda",
-           "torch": torch.__version__, "iters": int(cfg.eval.latency_iters), "warmup": 20}
-    for name, m in models.items():
-        out[name] = measure_latency(m, shape, batches=(1, int(cfg.eval.latency_batch)),
-                                    iters=int(cfg.eval.latency_iters), warmup=20, compiled=compiled)
-    return out
 
 
 def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: float) -> None:

@@ -134,8 +134,14 @@ def run(tiny_cfg, tmp_path, *overrides, name="r"):
 
 
 def test_run_retrains_the_smaller_model_and_the_file_reloads(tiny_cfg, tmp_path):
-    rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.5", "prune.target=macs")
+    rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.5", "prune.target=macs", "eval.latency=true",
+                       "eval.latency_batch=4", "eval.latency_iters=3")
     assert rec["status"] == "ok" and rec["granularity"] == "channel"
+    lat = rec["latency"]  # CPU: fp32, eager only (compiled is auto: CUDA), batch 1 and latency_batch
+    assert lat["device"] == "cpu" and lat["dtype"] == "float32" and lat["iters"] == 3
+    for key in ("dense_student", "final"):
+        assert [(r["batch"], r["mode"]) for r in lat[key]] == [(1, "eager"), (4, "eager")]
+        assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in lat[key])
     s = rec["structure"]
     assert s["achieved"] == pytest.approx(0.5, abs=0.03) and s["macs_removed"] == s["achieved"]
     assert rec["flops"]["executed"] == pytest.approx(rec["flops"]["dense"] * (1 - s["macs_removed"]), rel=1e-9)
