@@ -373,21 +373,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_and_remove(model: nn.Module, groups: ChannelGroups, points: List[list], z: List[torch.Tensor]) -> dict:
-    """Fold the soft gates into the gated BatchNorms (``z·(γx̂+β)``), then remove the z=0 channels."""
+def fold_and_remove(model: nn.Module, groups: ChannelGroups, points: List[list], z: List[torch.Tensor],
+                    sparsity: float = 0.0, target: str = "params", exclude=()) -> dict:
+    """Fold the soft gates into the gated BatchNorms (``z·(γx̂+β)``), then remove the z=0 channels; returns
+    the record's ``structure`` against ``sparsity``."""
     for g, pts in enumerate(points):
         for bn, index in pts:
             scale = z[g][index].to(bn.weight.device)
             bn.weight.mul_(scale)
             bn.bias.mul_(scale)
     removed = [torch.nonzero(zg.cpu() == 0).flatten() for zg in z]
-    before = groups.counts([0] * len(groups.groups))
-    after = groups.counts(removed)
-    groups.remove(Plan(groups.groups, removed, {}))
-    return {"granularity": "channel", "method": "nuteprune",
-            "params_removed": 1 - after["params"] / before["params"], "macs_removed": 1 - after["macs"] / before["macs"],
-            "channels_removed": int(sum(len(r) for r in removed)), "channels": int(sum(g.channels for g in groups.groups)),
-            "widths": {groups.names[g.root]: g.channels - len(r) for g, r in zip(groups.groups, removed)}}
+    facts = {**groups.describe(removed, sparsity, target, exclude), "method": "nuteprune"}
+    groups.remove(Plan(groups.groups, removed, facts))
+    return facts
 
 
 class NutePrune(Method):
@@ -455,11 +453,11 @@ class NutePrune(Method):
             model = merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(True)
-        facts = fold_and_remove(model, groups, points, z)
+        facts = fold_and_remove(model, groups, points, z, ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude)
         with torch.no_grad():
             model.eval()
             facts["export_max_abs_diff"] = float((model(probe) - gated).abs().max())
-        facts.update(requested=ctx.pruner.sparsity, target=ctx.cfg.prune.target, snapshots=len(objective.snapshots.taken),
+        facts.update(snapshots=len(objective.snapshots.taken),
                      expected_sparsity_final=float(objective.expected_sparsity().detach()))
         if int(c.retrain.epochs) > 0:
             ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain")
