@@ -660,14 +660,22 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
         if d is not None:
             ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel("target sparsity")
+    return _finish(fig, ax, t, metric, "mean, min–max over seeds", out / f"accuracy_vs_sparsity_{_stem(t)}.png")
+
+
+def _stem(t: Table) -> str:
+    return f"{safe(t.dataset)}_{safe(t.teacher)}_{safe(t.student)}"
+
+
+def _finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
+    """The common end of a table's plot: metric axis, title, grid, legend, written to ``path``."""
     ax.set_ylabel(f"final {metric_desc(metric)}")
-    ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} (mean, min–max over seeds)", fontsize=10)
+    ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"accuracy_vs_sparsity_{safe(t.dataset)}_{safe(t.teacher)}_{safe(t.student)}.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -725,15 +733,8 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if d is not None:
         ax.axhline(d.mean, color="gray", linestyle=":", linewidth=1, label="teacher (dense)")
     ax.set_xlabel(f"final model {xlabel}" if kind == "latency" else xlabel, fontsize=8)
-    ax.set_ylabel(f"final {metric_desc(metric)}")
-    ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} (mean ± std over seeds; labels: sparsity)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"accuracy_vs_latency_{safe(t.dataset)}_{safe(t.teacher)}_{safe(t.student)}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, t, metric, "mean ± std over seeds; labels: sparsity",
+                   out / f"accuracy_vs_latency_{_stem(t)}.png")
 
 
 def plot_layers(rec: dict, name: str, out: Path) -> Path:

@@ -81,19 +81,25 @@ def _job(sweep: Path, num: int, record=None, hydra=True) -> Path:
     return d
 
 
-@pytest.fixture
-def sweep(tmp_path):
-    """outputs/multirun/<date>/<time>/<job>/results.json: 18 ok jobs, one failed, two without a record."""
-    root = tmp_path / "outputs" / "multirun"
-    sweep = root / "2026-01-01" / "10-00-00"
+def write_grid(sweep, make_record) -> int:
+    """A multirun folder with one ok job per (method, sparsity, seed) of the grid; returns the job count."""
     sweep.mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     num = 0
     for (method, kd) in ACC:
         for sp in SPARSITIES:
             for seed in SEEDS:
-                _job(sweep, num, _record(method, kd, sp, seed, num))
+                _job(sweep, num, make_record(method, kd, sp, seed, num))
                 num += 1
+    return num
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """outputs/multirun/<date>/<time>/<job>/results.json: 18 ok jobs, one failed, two without a record."""
+    root = tmp_path / "outputs" / "multirun"
+    sweep = root / "2026-01-01" / "10-00-00"
+    num = write_grid(sweep, _record)
     failed = _record("magnitude", None, 0.9, 2, num)  # its own job_id
     failed.update(status="failed", error="RuntimeError: boom at step 3", metrics={}, sparsity_actual=None)
     del failed["sparsity_per_layer"]

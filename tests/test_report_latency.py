@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
 from kdprune_cli.report import Setting, cost_axis, group, main
 
-from test_report import ACC, SEEDS, SPARSITIES, _check_png, _job, _label, _record, _stats
+from test_report import ACC, SEEDS, SPARSITIES, _check_png, _job, _label, _record, _stats, write_grid
 
 DENSE_MACS = 40_000_000
 SETTINGS = [(1, "eager"), (256, "eager"), (1, "compiled")]
@@ -64,14 +63,7 @@ def _channel_record(method, kd, sparsity, seed, job, latency=True):
 def channel_sweep(tmp_path):
     """18 ok channel-pruning jobs (3 rows × 2 sparsities × 3 seeds) with executed MACs and latency."""
     sweep = tmp_path / "multirun" / "2026-02-01" / "10-00-00"
-    sweep.mkdir(parents=True)
-    (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    num = 0
-    for (method, kd) in ACC:
-        for sp in SPARSITIES:
-            for seed in SEEDS:
-                _job(sweep, num, _channel_record(method, kd, sp, seed, num))
-                num += 1
+    write_grid(sweep, _channel_record)
     return sweep
 
 
