@@ -56,11 +56,18 @@ class Plan:
     facts: dict
 
 
-def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The Conv2d/Linear whose output is the model's output (the classifier)."""
-    outs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outs.__setitem__(id(o), m))
-             for m in model.modules() if isinstance(m, _LAYERS)]
+def layer_outputs(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Dict[str, int]]:
+    """One forward: the Conv2d/Linear whose output is the model's output (the classifier), and the output
+    positions per sample of every Conv2d/Linear (H·W, or tokens)."""
+    outs, tokens, hooks = {}, {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, _LAYERS):
+            dim = 1 if isinstance(m, nn.Conv2d) else -1
+
+            def hook(m, i, o, n=n, dim=dim):
+                outs[id(o)] = (m, o)  # the output kept alive: its id cannot be reused by a later tensor
+                tokens[n] = o.numel() // (o.shape[0] * o.shape[dim])
+            hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
             y = model(example)
@@ -69,7 +76,7 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
             h.remove()
     if id(y) not in outs:
         raise ValueError("channel granularity needs a model whose output comes straight from a Linear or Conv2d")
-    return outs[id(y)]
+    return outs[id(y)][0], tokens
 
 
 def _never_pruned(model: nn.Module, head: nn.Module, exclude: Iterable[str]) -> list:
@@ -96,8 +103,7 @@ class ChannelGroups:
         example = example.to(next(model.parameters()).device)
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
-        self.head = output_layer(model, example)
-        self.tokens = self._tokens(example)  # output positions per sample of every Conv2d/Linear
+        self.head, self.tokens = layer_outputs(model, example)
         unwrapped = [(p, p.dim() - 1) for n, p in model.named_parameters()
                      if n.split(".")[-1] in ("cls_token", "pos_embed", "dist_token", "reg_token")]
         self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
@@ -124,21 +130,6 @@ class ChannelGroups:
         if not self.groups:
             raise ValueError("channel granularity found no channel group to remove in this model")
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
-
-    def _tokens(self, example: torch.Tensor) -> Dict[str, int]:
-        tokens, hooks = {}, []
-        for n, m in self.model.named_modules():
-            if isinstance(m, _LAYERS):
-                dim = 1 if isinstance(m, nn.Conv2d) else -1
-                hooks.append(m.register_forward_hook(
-                    lambda m, i, o, n=n, dim=dim: tokens.__setitem__(n, o.numel() // (o.shape[0] * o.shape[dim]))))
-        try:
-            with torch.no_grad():
-                self.model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-        return tokens
 
     # --- importance ---------------------------------------------------------------------------------
     def importance(self, scores: Mapping[str, torch.Tensor], reduce: str = "sum") -> List[torch.Tensor]:
