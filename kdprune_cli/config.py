@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -72,6 +72,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm models only: passed to timm.create_model (e.g. patch_size)
     checkpoint: Optional[str] = None  # load instead of training
     seed: int = 0
     train: TrainRecipe = field(default_factory=TrainRecipe)
@@ -257,3 +258,9 @@ def check_method_node(node, where: str) -> None:
         elif k.endswith("temperature"):
             if not (_number(v) and v > 0):
                 raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+
+
+def model_kwargs(model_cfg) -> dict:
+    """``<role>.kwargs`` as a plain dict (``{}`` when absent)."""
+    kw = model_cfg.get("kwargs") if hasattr(model_cfg, "get") else None
+    return OmegaConf.to_container(kw, resolve=True) if isinstance(kw, DictConfig) else dict(kw or {})

@@ -71,7 +71,8 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
     if not source or not name:
         raise EvalError(f"{path} does not name its {args.model} artifact (runs with store.enabled=false keep none)")
     a = obj["arch"]
-    model = build_model(name, int(a["num_classes"]), int(a["in_channels"]), int(a["image_size"]))
+    kwargs = obj.get("teacher_kwargs") if role == "teacher" else a.get("kwargs")
+    model = build_model(name, int(a["num_classes"]), int(a["in_channels"]), int(a["image_size"]), kwargs)
     load_checkpoint(source, model, f"{name} ({args.model})")
     return model, obj, record
 

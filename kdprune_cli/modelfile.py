@@ -67,7 +67,8 @@ def build_from(obj: dict, path: Path) -> nn.Module:
 
     arch = obj["arch"]
     try:
-        model = build_model(arch["name"], int(arch["num_classes"]), int(arch["in_channels"]), int(arch["image_size"]))
+        model = build_model(arch["name"], int(arch["num_classes"]), int(arch["in_channels"]), int(arch["image_size"]),
+                            arch.get("kwargs"))
         reshape_to(model, obj.get("shapes") or {}, obj["state_dict"])
         model.load_state_dict(obj["state_dict"], strict=True)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__, config
-from .config import ConfigError, recipe
+from .config import ConfigError, model_kwargs, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
 from .evaluate import count_flops, evaluate, latency_record
 from .loggers import RunLogger
@@ -115,7 +115,8 @@ class Seeds:
         """A freshly initialised ``role`` model, seeded from (seed, role, name)."""
         torch.manual_seed(int(self.generator(f"{role}/{name}", seed).initial_seed()))
         d = self.data
-        return build_model(self.cfg[role].name, d.num_classes, d.channels, d.image_size).to(self.device)
+        return build_model(self.cfg[role].name, d.num_classes, d.channels, d.image_size,
+                           model_kwargs(self.cfg[role])).to(self.device)
 
 
 class Trainer:
@@ -212,7 +213,8 @@ class Artifacts:
         m = self.cfg[role]
         if m.checkpoint is not None:
             return {"checkpoint_sha256": checkpoint_digest(self.cfg, m.checkpoint), "name": m.name}
-        return {"data": self.data_spec(), "name": m.name, "seed": m.seed,
+        kw = model_kwargs(m)
+        return {"data": self.data_spec(), "name": m.name, **({"kwargs": kw} if kw else {}), "seed": m.seed,
                 "recipe": self.recipe_spec(m.train, f"{role}.train")}
 
     def cached_model(self, stage: str, spec: dict, init: Callable[[], nn.Module],
@@ -525,7 +527,8 @@ def validate(cfg: DictConfig) -> None:
                           f"; methods that do: {', '.join(able)}")
     classes, channels, size = DATASETS[cfg.data.name]
     try:
-        student = build_model(cfg.student.name, classes, channels, size)
+        student = build_model(cfg.student.name, classes, channels, size, model_kwargs(cfg.student))
+        build_model(cfg.teacher.name, classes, channels, size, model_kwargs(cfg.teacher))
         check_exclude(student, cfg.prune.exclude)
         get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
     except ValueError as e:
@@ -668,10 +671,10 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
                                                cfg.eval.latency_compile)
     record.update(result.facts)
     arch = {"name": cfg.student.name, "num_classes": data.num_classes, "in_channels": data.channels,
-            "image_size": data.image_size}
+            "image_size": data.image_size, "kwargs": model_kwargs(cfg.student)}
     atomic_save(model_file(model, arch, OmegaConf.to_container(cfg.data, resolve=True), masks, role="final",
                            granularity=cfg.prune.granularity, artifacts=art.files,
-                           teacher=cfg.teacher.name), run_dir / "model.pt")
+                           teacher=cfg.teacher.name, teacher_kwargs=model_kwargs(cfg.teacher)), run_dir / "model.pt")
     record["checkpoint"] = str(run_dir / "model.pt")
     record["model_file"] = {"path": str(run_dir / "model.pt"), "bytes": (run_dir / "model.pt").stat().st_size}
     record["status"] = "ok"

@@ -157,7 +157,8 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
     assert sum(p.numel() for p in model.parameters()) == rec["params"]["total"]
 
 
-@pytest.mark.parametrize("student", [["student=timm", "student.name=timm/vit_tiny_patch16_224"],
+@pytest.mark.parametrize("student", [["student=timm", "student.name=timm/vit_tiny_patch16_224",
+                                      "+student.kwargs.pre_norm=true"],  # a CLIP-style pre-norm: not a plain ViT
                                      ["student=wrn28_10"]])
 def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, student):
     from kdprune_cli.config import ConfigError

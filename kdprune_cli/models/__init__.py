@@ -2,13 +2,14 @@
 
 - CIFAR ResNet-20/32/56/110 and WRN-28-10 are written here (no maintained library ships them);
 - ResNet-18/34/50, VGG-16/19-BN and MobileNetV2 are torchvision's classes with a CIFAR stem;
-- ``timm/<name>`` is any timm model, created with the dataset's classes and input channels.
+- ``timm/<name>`` is any timm model, created with the dataset's classes and input channels (and, for models
+  with a fixed input size such as ViTs, ``img_size`` = the dataset's image size).
 
 Classes, input channels and image size always come from the dataset.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from torch import nn
 
@@ -44,15 +45,29 @@ def is_known(name: str) -> bool:
     return name in ZOO
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Build ``name`` for a dataset with ``num_classes`` classes, ``in_channels`` and ``image_size``."""
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                kwargs: Optional[dict] = None) -> nn.Module:
+    """Build ``name`` for a dataset with ``num_classes`` classes, ``in_channels`` and ``image_size``;
+    ``kwargs`` (timm models only) go to ``timm.create_model``."""
+    kwargs = dict(kwargs or {})
+    if kwargs and not name.startswith("timm/"):
+        raise ValueError(f"model kwargs {sorted(kwargs)} apply to timm models only, not {name!r}")
     if name.startswith("timm/"):
         import timm
 
         arch = name[len("timm/"):]
         if not timm.is_model(arch):
             raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        try:  # models with a fixed input size (ViTs) are built for the dataset's images
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                     **{"img_size": image_size, **kwargs})
+        except TypeError as e:
+            if "img_size" not in str(e) or "img_size" in kwargs:
+                raise ValueError(f"timm model {arch!r}: {e}") from None
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"timm model {arch!r}: {e}") from None
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
     return ZOO[name](num_classes, in_channels, image_size)

@@ -18,7 +18,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from ..config import ConfigError, MethodConfig, TrainRecipe, recipe
+from ..config import ConfigError, MethodConfig, TrainRecipe, model_kwargs, recipe
 from ..data import Split
 from ..models import build_model
 from .base import Method, Result
@@ -151,7 +151,8 @@ class COLT(Method):
         """θ₀ everywhere except the classifier, which is partition ``i``'s own ``classes``-way head."""
         d = ctx.data
         torch.manual_seed(int(ctx.seeds.generator(f"colt/head{i}").initial_seed()))
-        m = build_model(ctx.cfg.student.name, classes, d.channels, d.image_size).to(ctx.device)
+        m = build_model(ctx.cfg.student.name, classes, d.channels, d.image_size,
+                        model_kwargs(ctx.cfg.student)).to(ctx.device)
         shared = {k: v for k, v in theta0.items() if not k.startswith(head + ".")}
         missing, unexpected = m.load_state_dict(shared, strict=False)
         if unexpected or any(not k.startswith(head + ".") for k in missing):

@@ -1,6 +1,9 @@
 """NutePrune: structured progressive pruning with numerous teachers (arXiv 2402.09773; docs/methods.md §5).
 
-Vision adaptation for CNNs (our mapping of the LLaMA source, Lucius-lsr/NutePrune, read for its constants):
+Vision adaptation for CNNs and timm ViTs (our mapping of the LLaMA source, Lucius-lsr/NutePrune, read for its
+constants). For ViTs the structures are attention heads, MLP channels and the hidden width shared by all
+blocks, with a LayerNorm over the kept dims (:mod:`.vit`); LoRA adapts the q and v blocks of the fused qkv only,
+as the source adapts q_proj and v_proj. For CNNs:
 
 1. **Hard-concrete (L0) gates** on every coupled channel group (:class:`~.structured.ChannelGroups`): the
    inner channels of each residual block, one shared gate vector per residual stage for the channels the
@@ -33,8 +36,7 @@ Vision adaptation for CNNs (our mapping of the LLaMA source, Lucius-lsr/NutePrun
    pruning run) optionally fine-tunes the exported model with CE (our choice, like the source's separate
    LoRA fine-tuning step).
 
-Not yet: ViTs (heads, MLP channels, the shared hidden width with masked LayerNorm) and pre-activation
-networks (no BN right after each conv); both are refused with one line.
+Not yet: pre-activation networks (no BN right after each conv, e.g. WRN), refused with one line.
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ from ..config import ConfigError, MethodConfig, TrainRecipe
 from ..train import steps_per_epoch
 from .base import Method, Result
 from .structured import ChannelGroups, Plan
+from .vit import ViTGates, check_vit, is_vit
 
 L, R, EPS = -0.1, 1.1, 1e-6  # the stretch interval of the hard concrete, and the source's clamp
 TEACHERS = ("snapshots", "intact")
-BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual")
+BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "Block")  # Block: timm's ViT block
 
 
 @dataclass
@@ -177,6 +180,34 @@ class Gating:
             h.remove()
 
 
+class ConvGates:
+    """A CNN's gated structures: :class:`ChannelGroups` costs, gates after the BatchNorms (:class:`Gating`),
+    the export by :func:`fold_and_remove`; the same interface as :class:`~.vit.ViTGates`."""
+
+    def __init__(self, model: nn.Module, groups: ChannelGroups, example: torch.Tensor):
+        self.model, self.groups = model, groups
+        self.points = gate_points(model, groups, example)
+        self.gating = Gating(self.points)
+        self.sizes = [g.channels for g in groups.groups]
+        self.counts, self.expected = groups.counts, groups.expected
+
+    z = property(lambda self: self.gating.z, lambda self, v: setattr(self.gating, "z", v))
+
+    def remove_hooks(self) -> None:
+        self.gating.remove()
+
+    def export(self, z: List[torch.Tensor], sparsity: float, target: str, exclude=()) -> dict:
+        return fold_and_remove(self.model, self.groups, self.points, z, sparsity, target, exclude)
+
+
+def gated_structures(model: nn.Module, ctx):
+    """:class:`~.vit.ViTGates` for a timm ViT, else :class:`ConvGates` on the model's channel groups."""
+    example = ctx.pruner.example_input()
+    if is_vit(model):
+        return ViTGates(model, example, ctx.pruner.exclude)
+    return ConvGates(model, ctx.pruner.channel_groups(model), example)
+
+
 class Snapshots:
     """The source's IterativeDistillManager: snapshots at each ``delta`` of expected sparsity, and which one
     teaches now."""
@@ -218,17 +249,16 @@ class NuteObjective:
 
     eager_only = True  # the gates and the hidden states are forward hooks: the trainer does not compile this
 
-    def __init__(self, method: "NutePrune", model: nn.Module, groups: ChannelGroups, gating: Gating,
-                 gates: HardConcrete, total_steps: int, ramp_steps: int, target: float, unit: str,
-                 exclude, gen: torch.Generator, log, intact: dict):
+    def __init__(self, method: "NutePrune", model: nn.Module, structures, gates: HardConcrete, total_steps: int,
+                 ramp_steps: int, target: float, unit: str, exclude, gen: torch.Generator, log, intact: dict):
         c = method.cfg
-        self.c, self.model, self.groups, self.gating, self.gates = c, model, groups, gating, gates
+        self.c, self.model, self.structures, self.gates = c, model, structures, gates
         self.total, self.ramp, self.target, self.unit, self.exclude = total_steps, ramp_steps, target, unit, exclude
         self.gen, self.log = gen, log
         self.lambdas = nn.Parameter(torch.zeros(2, device=gates.log_alpha[0].device))
         self.gate_opt = torch.optim.AdamW(gates.parameters(), lr=float(c.mask_lr), weight_decay=0.0)
         self.lambda_opt = torch.optim.AdamW([self.lambdas], lr=float(c.lambda_lr), weight_decay=0.0, maximize=True)
-        self.dense = float(groups.counts([0] * len(groups.groups), exclude)[unit])
+        self.dense = float(structures.counts([0] * len(structures.sizes), exclude)[unit])
         self.snapshots = Snapshots(target, float(c.delta), int(c.teacher_ahead))
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -238,7 +268,7 @@ class NuteObjective:
 
     # --- the pieces of one step ------------------------------------------------------------------------
     def expected_sparsity(self) -> torch.Tensor:
-        return 1 - self.groups.expected(self.gates.open_prob(), self.exclude)[self.unit] / self.dense
+        return 1 - self.structures.expected(self.gates.open_prob(), self.exclude)[self.unit] / self.dense
 
     def target_now(self) -> float:
         return self.target * min(1.0, self.steps / max(1, self.ramp))
@@ -258,14 +288,14 @@ class NuteObjective:
         which = None if self.c.teachers == "intact" else self.snapshots.teacher(self.total - self.steps)
         saved = None
         if which is None:
-            self.gating.z = None
+            self.structures.z = None
             for m in _lora_layers(self.model):
                 m.enable_adapters(False)
             if not self.c.lora:  # the intact model: the dense student's weights
                 saved = self._swap(self.intact)
         else:
             z, params = self.snapshots.taken[which]
-            self.gating.z = z
+            self.structures.z = z
             saved = self._swap(params)
         try:
             logits, hidden = self.forward(x)
@@ -290,9 +320,9 @@ class NuteObjective:
         for bn in self.bns:  # BN statistics frozen while the gates learn
             bn.eval()
         t_logits, t_hidden, which = self.teacher_forward(x)
-        self.gating.z = self.gates.sample(self.gen)
+        self.structures.z = self.gates.sample(self.gen)
         s_logits, s_hidden = self.forward(x)
-        self.gating.z = None
+        self.structures.z = None
         tau = float(self.c.temperature)
         kd = F.kl_div(F.log_softmax(s_logits.float() / tau, 1), F.softmax(t_logits.float() / tau, 1),
                       reduction="batchmean") * tau ** 2
@@ -353,11 +383,29 @@ def _lora_layers(model: nn.Module) -> list:
 
 
 def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
-    """peft LoRA adapters on every Conv2d and Linear; the base weights (and BN) frozen."""
+    """peft LoRA adapters, the base weights (and BN) frozen: on every Conv2d and Linear of a CNN; on the q and
+    v blocks of a ViT's fused qkv (the source adapts q_proj and v_proj).
+
+    For the fused qkv, one peft adapter of rank ``2r`` (α ``2α``: the same scale ``α/r``) whose ``B`` is kept
+    block-diagonal, ``[[B_q, 0], [0, 0], [0, B_v]]`` over (q, k, v) rows × (r, r) columns, by masking its
+    gradient (``B`` starts at 0): exactly two independent rank-``r`` adapters on q and on v, none on k."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), model)
+    if is_vit(model):
+        targets = [n for n, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
+        targets = [f"{n}.qkv" for n in targets]
+        model = inject_adapter_in_model(LoraConfig(r=2 * r, lora_alpha=2 * alpha, target_modules=targets), model)
+        for n in targets:
+            layer = model.get_submodule(n)
+            a = layer.base_layer.out_features // 3
+            b = layer.lora_B["default"].weight
+            mask = torch.zeros_like(b)
+            mask[:a, :r] = 1  # q rows from the first r components
+            mask[2 * a:, r:] = 1  # v rows from the second r
+            b.register_hook(lambda g, mask=mask: g * mask)
+    else:
+        targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
@@ -413,22 +461,23 @@ class NutePrune(Method):
 
     @classmethod
     def check_model(cls, model: nn.Module, example) -> None:
-        """CNNs with a BatchNorm after every producing conv (checked before any training)."""
-        attention = any(hasattr(m, "qkv") or type(m).__name__.endswith("Attention") for m in model.modules())
-        points = [] if attention else gate_points(model, ChannelGroups(model, example), example)
+        """Plain timm ViTs, and CNNs with a BatchNorm after every producing conv (checked before any training)."""
+        if is_vit(model):
+            return check_vit(model)
+        if any(type(m).__name__.endswith("Attention") for m in model.modules()):
+            raise ValueError("method=nuteprune supports plain timm ViTs and CNNs with BN; this model has attention "
+                             "outside a ViT")
+        points = gate_points(model, ChannelGroups(model, example), example)
         if not points or any(not p for p in points):
-            raise ValueError("method=nuteprune gates the BatchNorm after each conv: it supports CNNs with BN so far "
-                             "(not ViTs or BN-free layers)")
+            raise ValueError("method=nuteprune gates the BatchNorm after each conv: it supports CNNs with BN "
+                             "(not BN-free layers)")
 
     def run(self, ctx) -> Result:
         c = self.cfg
         model = ctx.artifacts.dense_student()
-        example = ctx.pruner.example_input()
-        groups = ctx.pruner.channel_groups(model)
-        points = gate_points(model, groups, example)
-        gates = HardConcrete([g.channels for g in groups.groups], float(c.droprate_init), float(c.beta),
+        structures = gated_structures(model, ctx)
+        gates = HardConcrete(structures.sizes, float(c.droprate_init), float(c.beta),
                              ctx.seeds.generator("nuteprune/init")).to(ctx.device)
-        gating = Gating(points)
         intact = {n: p.detach().clone() for n, p in model.named_parameters()}
         if c.lora:
             model = add_lora(model, int(c.lora_r), int(c.lora_alpha))
@@ -437,23 +486,23 @@ class NutePrune(Method):
                 p.requires_grad_(not any(n.startswith(f"{b}.") for b in self._bn_names(model)))
         spe = steps_per_epoch(ctx.data, int(c.prune.batch_size), ctx.cfg.get("max_batches"))
         total = spe * int(c.prune.epochs)
-        objective = NuteObjective(self, model, groups, gating, gates, total, int(c.ramp_epochs) * spe,
-                                  ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude, ctx.seeds.generator("nuteprune/z"), ctx.log,
-                                  intact)
+        objective = NuteObjective(self, model, structures, gates, total, int(c.ramp_epochs) * spe,
+                                  ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude,
+                                  ctx.seeds.generator("nuteprune/z"), ctx.log, intact)
         ctx.trainer.train(model, c.prune, objective, stage="prune")
         z = gates.deterministic()
-        gating.z = z
+        structures.z = z
         ctx.evaluator.record_metrics("pruned", model)  # the gated model before export (deterministic gates)
         with torch.no_grad():
             probe = next(iter(ctx.data.batches("test", 64)))[0]
             model.eval()
             gated = model(probe)
-        gating.remove()
+        structures.remove_hooks()
         if c.lora:
             model = merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(True)
-        facts = fold_and_remove(model, groups, points, z, ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude)
+        facts = structures.export(z, ctx.pruner.sparsity, ctx.cfg.prune.target, ctx.pruner.exclude)
         with torch.no_grad():
             model.eval()
             facts["export_max_abs_diff"] = float((model(probe) - gated).abs().max())

@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..config import model_kwargs
+
 
 def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:
     """What determines a round besides its index: data, student architecture, the seed (θ₀ and the
@@ -27,7 +29,8 @@ def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:
     (``extra``: rate, rewinding, partitions). bf16 autocast changes the numbers, so it is part of the key
     where it is in effect (CUDA with ``amp``). Not the target sparsity."""
     amp = bool(ctx.cfg.get("amp", False)) and ctx.device.type == "cuda"
-    return {"method": method, "data": ctx.artifacts.data_spec(), "student": ctx.cfg.student.name, "seed": ctx.seeds.seed,
+    return {"method": method, "data": ctx.artifacts.data_spec(), "student": ctx.cfg.student.name,
+            **({"student_kwargs": model_kwargs(ctx.cfg.student)} if model_kwargs(ctx.cfg.student) else {}), "seed": ctx.seeds.seed,
             "recipe": ctx.artifacts.recipe_spec(recipe_node, where), "scope": ctx.pruner.scope, "exclude": ctx.pruner.exclude,
             "amp": amp, **extra}
 

@@ -319,6 +319,8 @@ def module_shapes(model: nn.Module) -> Dict[str, dict]:
                           for a in attrs}
         if hasattr(m, "num_heads") and hasattr(m, "head_dim"):
             out.setdefault(n, {}).update(num_heads=int(m.num_heads), head_dim=int(m.head_dim))
+            if hasattr(m, "attn_dim"):  # timm's Attention reshapes its output to attn_dim (heads removed)
+                out[n]["attn_dim"] = int(m.attn_dim)
     return out
 
 

@@ -1,0 +1,228 @@
+"""NutePrune on timm ViTs (docs/methods.md §5): head, MLP-channel and hidden-width gates with a LayerNorm over
+the kept dims, sizes from the real layer shapes, LoRA on q and v only, snapshot teachers on one copy of the
+weights, and an export that removes heads, channels and width exactly."""
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from kdprune_cli.evaluate import count_flops
+from kdprune_cli.modelfile import build_from, model_file
+from kdprune_cli.models import build_model
+from kdprune_cli.pruning import nuteprune as N
+from kdprune_cli.pruning.masks import prunable_params
+from kdprune_cli.pruning.vit import ViTGates
+from kdprune_cli.runner import run_job
+
+warnings.filterwarnings("ignore", message="Unwrapped parameters")
+VIT = "timm/vit_tiny_patch16_224"
+
+
+def vit(**kwargs) -> nn.Module:
+    """ViT-Tiny (12 blocks, width 192, 3 heads of 64, MLP 768) built for 32×32 images: 4 patches + CLS."""
+    torch.manual_seed(0)
+    return build_model(VIT, 10, 3, 32, kwargs)
+
+
+def size(model) -> int:
+    return sum(p.numel() for p in prunable_params(model).values())
+
+
+def random_gates(sizes, seed, soft=True):
+    gen = torch.Generator().manual_seed(seed)
+    z = [(torch.rand(n, generator=gen) if soft else torch.ones(n)) * (torch.rand(n, generator=gen) > 0.35)
+         for n in sizes]
+    for v in z:
+        v[0] = 0.6 if soft else 1.0  # every structure keeps one unit
+    return z
+
+
+def test_expected_size_is_the_size_of_the_exported_model():
+    model = vit().eval()
+    x = torch.randn(1, 3, 32, 32)
+    g = ViTGates(model, x)
+    assert g.sizes == [192] + [3] * 12 + [768] * 12
+    dense = g.counts([0] * len(g.sizes))
+    assert dense["params"] == size(model) and dense["macs"] == count_flops(model, (3, 32, 32))["dense"]
+    # per head 4·d_head·D, per MLP channel 2·D (a structure's own share of the prunable weights)
+    one_head = [torch.tensor([]).long()] * len(g.sizes)
+    one_head[1] = torch.tensor([2])
+    assert dense["params"] - g.counts(one_head)["params"] == 4 * 64 * 192
+    one_channel = [torch.tensor([]).long()] * len(g.sizes)
+    one_channel[13] = torch.tensor([5])
+    assert dense["params"] - g.counts(one_channel)["params"] == 2 * 192
+    keep = random_gates(g.sizes, 0, soft=False)
+    expected = g.expected(keep)
+    removed = [torch.nonzero(k == 0).flatten() for k in keep]
+    g.remove_hooks()
+    g.export(keep)
+    assert float(expected["params"]) == g.counts(removed)["params"] == size(model)
+    assert float(expected["macs"]) == pytest.approx(count_flops(model, (3, 32, 32))["dense"], rel=1e-12)
+    probs = [torch.full((n,), 0.5, requires_grad=True) for n in g.sizes]
+    g.expected(probs)["params"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probs)  # every gate moves the size
+
+
+def test_export_removes_heads_channels_and_width_exactly_and_the_file_reloads():
+    model = vit(init_values=0.5).eval()  # with LayerScale
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(4, 3, 32, 32)
+    g = ViTGates(model, x[:1])
+    model = N.add_lora(model, 4, 8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    z = random_gates(g.sizes, 3)
+    g.z = z
+    with torch.no_grad():
+        gated = model(x)
+    g.remove_hooks()
+    model = N.merge_lora(model)
+    facts = g.export(z)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, gated, atol=1e-4, rtol=1e-4)
+    kept = [int((v != 0).sum()) for v in z]
+    for b, blk in enumerate(model.blocks):
+        assert blk.attn.num_heads == kept[1 + b] and blk.attn.qkv.out_features == 3 * 64 * kept[1 + b]
+        assert blk.mlp.fc1.out_features == kept[13 + b] and blk.norm1.normalized_shape == (kept[0],)
+    assert model.head.in_features == kept[0] and model.pos_embed.shape[-1] == kept[0]
+    assert facts["widths"]["hidden"] == kept[0] and facts["params_removed"] > 0.3
+    obj = model_file(model, {"name": VIT, "num_classes": 10, "in_channels": 3, "image_size": 32,
+                             "kwargs": {"init_values": 0.5}})
+    again = build_from(obj, "memory").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), out)
+
+
+def test_the_hidden_layernorm_normalises_over_the_kept_dims_only():
+    model = vit(depth=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = ViTGates(model, x[:1])
+    z = [torch.ones(n) for n in g.sizes]
+    z[0][torch.arange(0, 192, 3)] = 0  # a third of the width off
+    g.z = z
+    seen = {}
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.update(i=i[0], o=o))
+    with torch.no_grad():
+        model(x)
+    keep = z[0] != 0
+    ln = model.blocks[0].norm1
+    assert torch.all(seen["i"][..., ~keep] == 0)  # the residual stream is zero on the gated-off dims
+    ref = nn.functional.layer_norm(seen["i"][..., keep], (int(keep.sum()),), ln.weight[keep], ln.bias[keep], ln.eps)
+    torch.testing.assert_close(seen["o"][..., keep], ref)
+    assert torch.all(seen["o"][..., ~keep] == 0)
+
+
+def test_lora_adapts_q_and_v_only_as_two_rank_r_adapters():
+    model = N.add_lora(vit(depth=2), r=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".attn.qkv.lora_" in n for n in trainable)  # only q/v adapters train
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+        opt.step()
+    merged = N.merge_lora(model)
+    for b, blk in enumerate(merged.blocks):
+        delta = blk.attn.qkv.weight.detach() - before[f"blocks.{b}.attn.qkv.base_layer.weight"]
+        q, k, v = delta.split(192)
+        assert k.abs().max() == 0 and q.abs().max() > 0 and v.abs().max() > 0
+        assert torch.linalg.matrix_rank(q) <= 4 and torch.linalg.matrix_rank(v) <= 4  # rank r each, scale α/r
+
+
+def objective(model, g, gates, lora=True, target=0.5, total=100, ramp=50, teachers="snapshots"):
+    cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1, teachers=teachers,
+                          lora=lora, temperature=2 / 3, kd_weight=0.1, hidden_weight=0.9)
+    intact = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if lora:
+        model = N.add_lora(model, 4, 8)
+    obj = N.NuteObjective(SimpleNamespace(cfg=cfg), model, g, gates, total, ramp, target, "params", (),
+                          torch.Generator().manual_seed(0), lambda row: None, intact)
+    return model, obj
+
+
+def test_a_snapshot_teacher_reproduces_the_model_at_the_snapshot_on_one_copy_of_the_weights():
+    model = vit(depth=2).eval()
+    x = torch.randn(4, 3, 32, 32)
+    g = ViTGates(model, x[:1])
+    gates = N.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for a in gates.log_alpha:
+            a.uniform_(-2, 3)
+    model, obj = objective(model, g, gates)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    snap = obj.take()
+    g.z = snap[0]
+    with torch.no_grad():
+        at_snapshot = model(x)
+    g.z = None
+    with torch.no_grad():  # the student moves on: adapters and gates change
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+        for a in gates.log_alpha:
+            a.add_(torch.randn_like(a))
+    now = {n: p.detach().clone() for n, p in obj.trainable}
+    obj.snapshots.taken = [snap]
+    logits, hidden, which = obj.teacher_forward(x)
+    assert which == 0
+    torch.testing.assert_close(logits, at_snapshot, atol=0, rtol=0)
+    assert len(hidden) == 2  # the block outputs
+    for n, p in obj.trainable:  # the student's own adapters are back
+        assert torch.equal(p, now[n])
+    # one copy of the base weights: a snapshot holds adapters only
+    base = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert set(snap[1]) == {n for n, _ in obj.trainable} and all("lora_" in n for n in snap[1])
+    ptrs = [p.untyped_storage().data_ptr() for p in base]
+    assert len(set(ptrs)) == len(ptrs)
+    snap_bytes = sum(t.numel() * t.element_size() for t in snap[1].values())
+    assert snap_bytes < 0.1 * sum(p.numel() * p.element_size() for p in base)
+
+
+def test_the_lagrangian_drives_expected_sparsity_to_the_target():
+    model = vit(depth=2).eval()
+    x = torch.randn(8, 3, 32, 32)
+    g = ViTGates(model, x[:1])
+    gates = N.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    model, obj = objective(model, g, gates, total=400, ramp=150, target=0.5)
+    for _ in range(400):
+        loss, _ = obj(model, x, None, None)
+        loss.backward()
+        for _, p in obj.trainable:
+            p.grad = None
+        obj.step()
+    assert obj.last["target"] == 0.5
+    assert abs(float(obj.expected_sparsity().detach()) - 0.5) <= 0.02
+
+
+FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "method.teacher_ahead=2",
+        "method.retrain.epochs=1", "max_batches=6", "student=timm", f"student.name={VIT}",
+        "+student.kwargs.patch_size=2", "+student.kwargs.depth=2"]
+
+
+def test_a_vit_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path):
+    from kdprune_cli.modelfile import load_pruned
+
+    rec = run_job(tiny_cfg(*FAST, "sparsity=0.5"), tmp_path / "r", summary=False)
+    assert rec["status"] == "ok" and rec["granularity"] == "channel"
+    s = rec["structure"]
+    assert s["export_max_abs_diff"] < 1e-4 and set(s["widths"]) >= {"hidden", "blocks.1.attn.heads"}
+    assert rec["params"]["total"] < rec["params"]["total_dense"]
+    model = load_pruned(tmp_path / "r")
+    assert sum(p.numel() for p in model.parameters()) == rec["params"]["total"]
+    assert math.isclose(rec["sparsity_actual"], s["params_removed"], abs_tol=1e-9)
