@@ -128,11 +128,49 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
     assert model.layer2[0].conv2.out_channels < 32 and facts["params_removed"] > 0
 
 
-def test_pre_activation_networks_are_refused_with_one_line():
-    model = build_model("wrn28_10", 10, 3, 32)
-    groups = ChannelGroups(model, torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="has none"):
-        N.gate_points(model, groups, torch.zeros(1, 3, 32, 32))
+def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
+    """WRN (BN-ReLU-conv): the stage channels are gated at every BN that reads the stream and at the convs that
+    write into the additions; closed channels are zero in the block outputs and the export is exact."""
+    from kdprune_cli.models.cifar import WideResNet
+
+    torch.manual_seed(0)
+    model = WideResNet(16, 2, 10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(4, 3, 32, 32)
+    groups = ChannelGroups(model, x[:1])
+    points = N.gate_points(model, groups, x[:1])
+    gated_modules = [m for pts in points for m, _ in pts]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gated_modules) == \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model.blocks[0].conv2 in gated_modules and model.blocks[0].conv1 not in gated_modules
+    gen = torch.Generator().manual_seed(5)
+    z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
+    for zg in z:
+        zg[0] = 0.7
+    model = N.add_lora(model, 4, 8)
+    gating = N.Gating(points, model)  # a conv under an adapter is gated at the adapter's output
+    outs = []
+    model.blocks[1].register_forward_hook(lambda m, i, o: outs.append(o))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        gating.z = z
+        gated = model(x)
+    stage = next(g for g, grp in enumerate(groups.groups) if any(it.module == "blocks.1.conv2" for it in grp.items))
+    closed = torch.nonzero(z[stage] == 0).flatten()
+    assert len(closed) and outs[0][:, closed].abs().max() == 0  # the stream is zero on closed channels
+    gating.remove()
+    model = N.merge_lora(model)
+    facts = N.fold_and_remove(model, groups, points, z)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gated, atol=1e-4, rtol=1e-4)
+    assert facts["channels_removed"] == sum(int((zg == 0).sum()) for zg in z) and facts["params_removed"] > 0.2
 
 
 FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "method.teacher_ahead=2",
@@ -159,7 +197,8 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
 
 @pytest.mark.parametrize("student", [["student=timm", "student.name=timm/vit_tiny_patch16_224",
                                       "+student.kwargs.pre_norm=true"],  # a CLIP-style pre-norm: not a plain ViT
-                                     ["student=wrn28_10"]])
+                                     ["student=timm", "student.name=timm/vit_tiny_patch16_224",
+                                      "+student.kwargs.global_pool=map"]])  # attention pooling
 def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, student):
     from kdprune_cli.config import ConfigError
 

@@ -78,6 +78,7 @@ def test_export_removes_heads_channels_and_width_exactly_and_the_file_reloads():
     x = torch.randn(4, 3, 32, 32)
     g = ViTGates(model, x[:1])
     model = N.add_lora(model, 4, 8)
+    g.attach()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -109,6 +110,7 @@ def test_the_hidden_layernorm_normalises_over_the_kept_dims_only():
     model = vit(depth=1).eval()
     x = torch.randn(2, 3, 32, 32)
     g = ViTGates(model, x[:1])
+    g.attach()
     z = [torch.ones(n) for n in g.sizes]
     z[0][torch.arange(0, 192, 3)] = 0  # a third of the width off
     g.z = z
@@ -148,6 +150,7 @@ def objective(model, g, gates, lora=True, target=0.5, total=100, ramp=50, teache
     intact = {n: p.detach().clone() for n, p in model.named_parameters()}
     if lora:
         model = N.add_lora(model, 4, 8)
+    g.attach()
     obj = N.NuteObjective(SimpleNamespace(cfg=cfg), model, g, gates, total, ramp, target, "params", (),
                           torch.Generator().manual_seed(0), lambda row: None, intact)
     return model, obj

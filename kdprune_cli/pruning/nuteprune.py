@@ -8,7 +8,8 @@ as the source adapts q_proj and v_proj. For CNNs:
 1. **Hard-concrete (L0) gates** on every coupled channel group (:class:`~.structured.ChannelGroups`): the
    inner channels of each residual block, one shared gate vector per residual stage for the channels the
    additions carry, every conv's outputs in VGG, MobileNetV2's expanded and block channels. A gate multiplies
-   the output of the BatchNorm that follows each producing conv (after BN, before the activation). Constants
+   the output of every BatchNorm over its channels (after BN, before the activation; pre-activation nets also
+   gate the convs that write into the additions, so the residual stream is zero on a closed channel). Constants
    as the source: β=2/3, l=−0.1, r=1.1, ``log α ~ N(log((1−d)/d), 0.01)`` with ``d = droprate_init``
    (0.01 as the source's script: the gates start open; its code default is 0.5), clamped to ``[log 1e-2, log 1e2]`` (±4.6) after each
    step; AdamW with lr 0.1 for ``log α``.
@@ -36,7 +37,8 @@ as the source adapts q_proj and v_proj. For CNNs:
    pruning run) optionally fine-tunes the exported model with CE (our choice, like the source's separate
    LoRA fine-tuning step).
 
-Not yet: pre-activation networks (no BN right after each conv, e.g. WRN), refused with one line.
+Pre-activation networks (WRN) are gated at the BatchNorms that read each channel and at the convs that write
+into the residual additions (:func:`gate_points`); layers with no BatchNorm on their channels are refused.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from .vit import ViTGates, check_vit, is_vit
 
 L, R, EPS = -0.1, 1.1, 1e-6  # the stretch interval of the hard concrete, and the source's clamp
 TEACHERS = ("snapshots", "intact")
-BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "Block")  # Block: timm's ViT block
+BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "WideBlock", "Block")  # Block: timm's ViT block
 
 
 @dataclass
@@ -121,18 +123,30 @@ class HardConcrete(nn.Module):
             a.clamp_(math.log(1e-2), math.log(1e2))
 
 
+def _index(it) -> torch.Tensor:
+    index = torch.empty(len(it.local), dtype=torch.long)
+    index[it.local] = it.root
+    return index
+
+
 def gate_points(model: nn.Module, groups: ChannelGroups, example: torch.Tensor) -> List[list]:
-    """Per group: ``(batchnorm, index)`` for the BN right after each producing conv; ``index[j]`` is the root
-    channel of the BN's channel ``j``. Raises when a producer has no BN after it (pre-activation nets)."""
+    """Per group, ``(module, index)`` pairs whose outputs the gates multiply; ``index[j]`` is the root channel
+    of the module's output channel ``j``.
+
+    Every BatchNorm over the group's channels is gated (after BN, before the activation): in a post-activation
+    net those are the BNs right after the producing convs; in a pre-activation one (WRN) the BNs that read the
+    residual stream. A producing conv whose output is not normalised by one of them (it feeds an addition,
+    pre-activation) is gated as well, so the stream itself is zero on a closed channel. Raises when a group's
+    channels pass through no BatchNorm."""
     produced, follows = {}, {}
     named = dict(model.named_modules())
 
     def conv_hook(m, i, o):
-        produced[id(o)] = m
+        produced[id(o)] = (m, o)  # the output kept alive: its id cannot be reused by a later tensor
 
     def bn_hook(m, i, o):
         if id(i[0]) in produced:
-            follows[produced[id(i[0])]] = m
+            follows[produced[id(i[0])][0]] = m
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(bn_hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     try:
@@ -143,30 +157,32 @@ def gate_points(model: nn.Module, groups: ChannelGroups, example: torch.Tensor) 
             h.remove()
     points = []
     for g in groups.groups:
-        pts = []
+        if not g.norms:
+            raise ValueError(f"nuteprune gates BatchNorms; the channels of {groups.names[g.root]} pass through none "
+                             "(BN-free layers are not supported)")
+        pts = [(named[it.module], _index(it)) for it in g.norms]
+        gated = {named[it.module] for it in g.norms}
         for it in g.items:
             conv = named[it.module]
-            if it.kind != "out" or not isinstance(conv, nn.Conv2d):
-                continue
-            if conv not in follows:
-                raise ValueError(f"nuteprune gates the BatchNorm after each conv; {it.module} has none "
-                                 "(pre-activation or BN-free networks are not supported)")
-            index = torch.empty(len(it.local), dtype=torch.long)
-            index[it.local] = it.root
-            pts.append((follows[conv], index))
+            if it.kind == "out" and isinstance(conv, nn.Conv2d) and follows.get(conv) not in gated:
+                pts.append((conv, _index(it)))
         points.append(pts)
     return points
 
 
 class Gating:
-    """Forward hooks that multiply each gated BN's output by the current gates (``None``: open)."""
+    """Forward hooks that multiply each gated module's output (BN, or a conv feeding an addition) by the
+    current gates (``None``: open). With ``model``, a module that a LoRA adapter wraps is gated at the
+    wrapper's output (base + adapter), so build it after the adapters are in."""
 
-    def __init__(self, points: List[list]):
+    def __init__(self, points: List[list], model: Optional[nn.Module] = None):
         self.z: Optional[List[torch.Tensor]] = None
         self.handles = []
+        wrapped = {w.base_layer: w for w in (model.modules() if model is not None else ())
+                   if isinstance(getattr(w, "base_layer", None), nn.Module)}
         for g, pts in enumerate(points):
-            for bn, index in pts:
-                self.handles.append(bn.register_forward_hook(self._hook(g, index)))
+            for m, index in pts:
+                self.handles.append(wrapped.get(m, m).register_forward_hook(self._hook(g, index)))
 
     def _hook(self, g: int, index: torch.Tensor):
         def hook(m, i, o):
@@ -182,14 +198,18 @@ class Gating:
 
 class ConvGates:
     """A CNN's gated structures: :class:`ChannelGroups` costs, gates after the BatchNorms (:class:`Gating`),
-    the export by :func:`fold_and_remove`; the same interface as :class:`~.vit.ViTGates`."""
+    the export by :func:`fold_and_remove`; the same interface as :class:`~.vit.ViTGates`. Built on the plain
+    model; :meth:`attach` puts the gates in once the adapters are."""
 
     def __init__(self, model: nn.Module, groups: ChannelGroups, example: torch.Tensor):
         self.model, self.groups = model, groups
         self.points = gate_points(model, groups, example)
-        self.gating = Gating(self.points)
+        self.gating = Gating([])
         self.sizes = [g.channels for g in groups.groups]
         self.counts, self.expected = groups.counts, groups.expected
+
+    def attach(self) -> None:
+        self.gating = Gating(self.points, self.model)
 
     z = property(lambda self: self.gating.z, lambda self, v: setattr(self.gating, "z", v))
 
@@ -423,13 +443,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def fold_and_remove(model: nn.Module, groups: ChannelGroups, points: List[list], z: List[torch.Tensor],
                     sparsity: float = 0.0, target: str = "params", exclude=()) -> dict:
-    """Fold the soft gates into the gated BatchNorms (``z·(γx̂+β)``), then remove the z=0 channels; returns
-    the record's ``structure`` against ``sparsity``."""
+    """Fold the soft gates into the gated modules (a BatchNorm's ``z·(γx̂+β)``, a conv's output rows and bias),
+    then remove the z=0 channels; returns the record's ``structure`` against ``sparsity``."""
     for g, pts in enumerate(points):
-        for bn, index in pts:
-            scale = z[g][index].to(bn.weight.device)
-            bn.weight.mul_(scale)
-            bn.bias.mul_(scale)
+        for m, index in pts:
+            scale = z[g][index].to(m.weight.device)
+            m.weight.mul_(scale.view(-1, *[1] * (m.weight.dim() - 1)))
+            if m.bias is not None:
+                m.bias.mul_(scale)
     removed = [torch.nonzero(zg.cpu() == 0).flatten() for zg in z]
     facts = {**groups.describe(removed, sparsity, target, exclude), "method": "nuteprune"}
     groups.remove(Plan(groups.groups, removed, facts))
@@ -484,6 +505,7 @@ class NutePrune(Method):
         else:
             for n, p in model.named_parameters():
                 p.requires_grad_(not any(n.startswith(f"{b}.") for b in self._bn_names(model)))
+        structures.attach()
         spe = steps_per_epoch(ctx.data, int(c.prune.batch_size), ctx.cfg.get("max_batches"))
         total = spe * int(c.prune.epochs)
         objective = NuteObjective(self, model, structures, gates, total, int(c.ramp_epochs) * spe,

@@ -46,6 +46,7 @@ class _Group:
     root: nn.Module
     channels: int
     items: List[_Item] = field(default_factory=list)
+    norms: List[_Item] = field(default_factory=list)  # the BatchNorms over the group's channels (kind "bn")
 
 
 @dataclass
@@ -116,6 +117,10 @@ class ChannelGroups:
             seen = set()
             for i, (dep, idxs) in enumerate(g):
                 m = dep.target.module
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m, "bn") not in seen:
+                    seen.add((m, "bn"))
+                    group.norms.append(_Item(self.names[m], "bn", torch.as_tensor(list(idxs), dtype=torch.long),
+                                             torch.as_tensor(list(g[i].root_idxs), dtype=torch.long)))
                 if not isinstance(m, _LAYERS):
                     continue
                 kind = "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"

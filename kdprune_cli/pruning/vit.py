@@ -116,6 +116,11 @@ class ViTGates:
         self.z: Optional[List[torch.Tensor]] = None
         self.norms = [m for m in model.modules()
                       if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (self.width,)]
+        self.handles: list = []
+
+    def attach(self) -> None:
+        """Put the gating hooks in (after the adapters: none of the gated layers carries one)."""
+        model, n = self.model, len(self.blocks)
         self.handles = [model.norm_pre.register_forward_hook(self._hidden)]
         for b, blk in enumerate(self.blocks):
             self.handles += [blk.attn.proj.register_forward_pre_hook(self._units(1 + b, blk.attn.head_dim)),
