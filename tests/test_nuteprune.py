@@ -205,3 +205,20 @@ def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, stude
     with pytest.raises(ConfigError, match="nuteprune"):
         run_job(tiny_cfg("method=nuteprune", *student), tmp_path / "r", summary=False)
     assert not (tmp_path / "store" / "teacher").exists()
+
+
+def test_quickstart_nuteprune_ends_physically_smaller_and_accurate(tmp_path):
+    """The issue's acceptance, as a user runs it: `kdprune experiment=quickstart method=nuteprune sparsity=0.5`
+    (the teacher cut to a 2-epoch ResNet-20: NutePrune's teachers are the student's own snapshots)."""
+    import json
+
+    from test_pipeline import kdprune
+
+    r = kdprune(["experiment=quickstart", "progress=false", "method=nuteprune", "sparsity=0.5", "teacher=resnet20",
+                 "teacher.train.epochs=2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert rec["status"] == "ok" and rec["structure"]["export_max_abs_diff"] < 1e-4
+    assert rec["params"]["total"] < 0.7 * rec["params"]["total_dense"]  # physically smaller
+    assert abs(rec["sparsity_actual"] - 0.5) < 0.1
+    assert rec["metrics"]["final"]["top1"] >= 90.0
