@@ -34,6 +34,7 @@ class TrainRecipe:
     warmup_epochs: float = 0.0
     augment: bool = True
     eval_every: int = 1  # evaluate on the test split every n epochs for the log (0 = never)
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (β defaults; momentum and nesterov unused)
 
 
 @dataclass
@@ -174,6 +175,8 @@ def _check_recipe(r, where: str) -> None:
         raise ConfigError(f"{where}: lr and weight_decay must be >= 0 and momentum in [0, 1)")
     if r.schedule not in ("cosine", "multistep", "constant"):
         raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
+    if r.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise ConfigError(f"{where}.optimizer must be sgd or adamw, got {r.optimizer!r}")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -197,6 +197,8 @@ class Artifacts:
 
     def recipe_spec(self, node, where: str) -> dict:
         spec = OmegaConf.to_container(recipe(node, where), resolve=True)
+        if spec.get("optimizer") == "sgd":  # the default before the field existed: stored artifacts keep their key
+            del spec["optimizer"]
         if self.cfg.get("max_batches") is not None:  # a capped training is another artifact
             spec["max_batches"] = self.cfg.max_batches
         return spec

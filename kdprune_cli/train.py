@@ -27,6 +27,8 @@ NO_COMPILE = {"compile_seconds": 0.0, "recompiles": 0, "graph_breaks": 0, "fallb
 
 def make_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if getattr(recipe, "optimizer", "sgd") == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                            nesterov=bool(recipe.nesterov) and recipe.momentum > 0)
 
