@@ -222,3 +222,23 @@ def test_quickstart_nuteprune_ends_physically_smaller_and_accurate(tmp_path):
     assert rec["params"]["total"] < 0.7 * rec["params"]["total_dense"]  # physically smaller
     assert abs(rec["sparsity_actual"] - 0.5) < 0.1
     assert rec["metrics"]["final"]["top1"] >= 90.0
+
+
+def test_a_non_finite_loss_stops_with_one_line():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    structures = N.ConvGates(model, ChannelGroups(model, x[:1]), x[:1])
+    structures.attach()
+    gates = N.HardConcrete(structures.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1, teachers="intact", lora=False,
+                          temperature=2 / 3, kd_weight=0.1, hidden_weight=0.9)
+    obj = N.NuteObjective(SimpleNamespace(cfg=cfg), model, structures, gates, 10, 5, 0.5, "params", (),
+                          torch.Generator().manual_seed(0), lambda r: None, {})
+    obj(model, x, None, None)  # finite
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite at step 0"):
+        obj(model, x, None, None)

@@ -359,6 +359,10 @@ class NuteObjective:
                      "kd": float(kd.detach()), "hidden": float(hid.detach()), "lagrangian": float(lag.detach()),
                      "lambda1": float(self.lambdas[0].detach()), "lambda2": float(self.lambdas[1].detach()),
                      "teacher": which}
+        if not math.isfinite(self.last["kd"] + self.last["hidden"] + self.last["lagrangian"]):
+            raise FloatingPointError(f"nuteprune: the loss is not finite at step {self.steps} (kd {self.last['kd']}, "
+                                     f"hidden {self.last['hidden']}, lagrangian {self.last['lagrangian']}); "
+                                     "lower method.prune.lr or check the dense student")
         return loss, s_logits
 
     def step(self) -> None:
