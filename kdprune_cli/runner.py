@@ -517,7 +517,7 @@ def base_record(cfg: DictConfig) -> dict:
     return {
         "status": "running", "error": None, "job_id": None,
         "dataset": cfg.data.name, "teacher": cfg.teacher.name, "student": cfg.student.name,
-        "method": method.get("name"), "seed": cfg.seed, "sparsity_target": cfg.sparsity,
+        "method": method.get("name"), "method_variant": None, "seed": cfg.seed, "sparsity_target": cfg.sparsity,
         "sparsity_actual": None, "retrain_kd": retrain.get("kd") if isinstance(retrain, DictConfig) else None,
         "metrics": {}, "params": {}, "flops": {}, "cost": {"stages": {}, "total_seconds": None},
         "versions": {}, "device": None,
@@ -629,6 +629,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
                 method.validate()
             except (TypeError, ValueError) as e:  # a value of the wrong type met a comparison
                 raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
+            record["method_variant"] = method.variant()
             device = resolve_device(cfg.device)
             check_writable(run_dir)
             if cfg.store.enabled:
@@ -749,7 +750,8 @@ def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: fl
 
 
 def print_summary(record: dict, run_dir: Path) -> None:
-    lines = [f"kdprune: {record['method']} on {record['dataset']} "
+    method = record["method"] + (f" [{record['method_variant']}]" if record.get("method_variant") else "")
+    lines = [f"kdprune: {method} on {record['dataset']} "
              f"({record['teacher']} → {record['student']}), sparsity {record['sparsity_target']} "
              f"(actual {record['sparsity_actual']:.4f}), seed {record['seed']}"]
     lines.append(f"  {'':<14}{'top1':>8}{'top5':>8}{'nll':>8}{'ece':>8}")

@@ -466,3 +466,7 @@ class NutePrune(Method):
     @staticmethod
     def _bn_names(model: nn.Module) -> list:
         return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def variant(self) -> Optional[str]:
+        """``teachers=intact`` (the ablation) is reported as its own row: ``nuteprune [intact teacher]``."""
+        return "intact teacher" if self.cfg.teachers == "intact" else None
