@@ -638,6 +638,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
             record["job_id"] = job_id(cfg, content_ids(cfg))
             previous = _finished_record(cfg, record["job_id"])
             if previous is not None:  # a finished job is not run again
+                previous.setdefault("method_variant", method.variant())  # a record from before the field
                 record = previous
             else:
                 logger = _start(cfg, run_dir, group, device, record)
