@@ -4,8 +4,9 @@
                    [--latency-batch 1] [--latency-mode eager] [--layers RUN_DIR ...]
 
 Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
-Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity); each
-(dataset, teacher, student) gets one table: rows are methods, columns the target sparsities, cells the
+Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity,
+method_variant); each (dataset, teacher, student) gets one table: rows are methods (a variant, e.g. NutePrune's
+``teachers=intact`` ablation, is its own row ``nuteprune [intact teacher]``), columns the target sparsities, cells the
 mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
 the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
 ``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png``,
@@ -243,8 +244,9 @@ KD_ORDER = {None: 0, True: 1, False: 2}
 WEIGHT = "weight"
 
 
-def label(method: str, kd, granularity: str = WEIGHT) -> str:
+def label(method: str, kd, granularity: str = WEIGHT, variant: Optional[str] = None) -> str:
     name = method if kd is None else f"{method} {'+' if kd else MINUS}KD"
+    name = name if variant is None else f"{name} [{variant}]"
     return name if granularity == WEIGHT else f"{name} ({granularity})"
 
 
@@ -255,17 +257,25 @@ def granularity(rec: dict) -> str:
     return g if isinstance(g, str) and g else WEIGHT
 
 
+def variant(rec: dict) -> Optional[str]:
+    """``method_variant`` of the record (``Method.variant()``, e.g. ``intact teacher``); None for the method as
+    it is, and for every record older than the field."""
+    v = rec.get("method_variant")
+    return v if isinstance(v, str) and v else None
+
+
 @dataclass
 class Row:
     method: str
     kd: Optional[bool]
     granularity: str = WEIGHT
+    variant: Optional[str] = None
     cells: dict = field(default_factory=dict)  # sparsity -> list of records
     runs: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return label(self.method, self.kd, self.granularity)
+        return label(self.method, self.kd, self.granularity, self.variant)
 
 
 @dataclass
@@ -273,7 +283,7 @@ class Table:
     dataset: str
     teacher: str
     student: str
-    rows: dict = field(default_factory=dict)  # (method, kd) -> Row
+    rows: dict = field(default_factory=dict)  # (method, kd, granularity, variant) -> Row
     runs: list = field(default_factory=list)
 
     @property
@@ -282,7 +292,7 @@ class Table:
 
     def sorted_rows(self) -> list:
         return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3), k[2] != WEIGHT,
-                                                                        k[2]))]
+                                                                        k[2], k[3] is not None, k[3] or ""))]
 
     def dense(self, key: str, metric: str) -> Optional[Stat]:
         return stat([v for v in (metric_of(r, key, metric) for r in self.runs) if v is not None])
@@ -298,7 +308,7 @@ def group(records: list, metric: str) -> list:
         tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
         t = tables.setdefault(tkey, Table(*tkey))
         t.runs.append(rec)
-        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")), granularity(rec))
+        rkey = (str(rec.get("method")), _kd(rec.get("retrain_kd")), granularity(rec), variant(rec))
         row = t.rows.setdefault(rkey, Row(*rkey))
         row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
         row.runs.append(rec)
@@ -522,7 +532,8 @@ def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> str:
 def _where(rec: Optional[dict]) -> str:
     if not rec:
         return ""
-    bits = [f"{k}={rec.get(k)}" for k in ("method", "sparsity_target", "seed", "dataset") if rec.get(k) is not None]
+    bits = [f"{k}={rec.get(k)}" for k in ("method", "method_variant", "sparsity_target", "seed", "dataset")
+            if rec.get(k) is not None]
     return f" ({', '.join(bits)})" if bits else ""
 
 
@@ -537,6 +548,7 @@ def tex_escape(s: str) -> str:
 def tex_label(row: Row) -> str:
     m = tex_escape(row.method)
     m = m if row.kd is None else f"{m} {'+' if row.kd else '$-$'}KD"
+    m = m if row.variant is None else f"{m} [{tex_escape(row.variant)}]"
     return m if row.granularity == WEIGHT else f"{m} ({tex_escape(row.granularity)})"
 
 
@@ -609,13 +621,16 @@ def csv_cost_cells(recs: list, col: str, setting: Setting) -> list:
 
 def write_csv(tables: list, metric: str, path: Path, costs: str = "none", setting: Setting = Setting()) -> None:
     """One row per (table, row, sparsity). A ``granularity`` column is appended when some row is not
-    weight-granularity or ``--cost`` is given, then the cost columns (records without the new fields and no
-    ``--cost``: the CSV is as before them)."""
+    weight-granularity or ``--cost`` is given, a ``variant`` column (empty for the method as it is) when some
+    row is a variant, then the cost columns (records without the new fields and no ``--cost``: the CSV is as
+    before them)."""
     cols = cost_columns(costs)
     gran = bool(cols) or any(row.granularity != WEIGHT for t in tables for row in t.rows.values())
+    var = any(row.variant is not None for t in tables for row in t.rows.values())
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + [c for k in cols for c in CSV_COST_COLUMNS[k]])
+        w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + (["variant"] if var else [])
+                   + [c for k in cols for c in CSV_COST_COLUMNS[k]])
         for t in tables:
             for row in t.sorted_rows():
                 for s in sorted(row.cells):
@@ -625,6 +640,7 @@ def write_csv(tables: list, metric: str, path: Path, costs: str = "none", settin
                     w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), repr(st.mean),
                                 repr(st.std), st.n, "" if secs is None else repr(secs),
                                 "" if samples is None else repr(samples)] + ([row.granularity] if gran else [])
+                               + ([row.variant or ""] if var else [])
                                + [c for k in cols for c in csv_cost_cells(row.cells[s], k, setting)])
 
 
@@ -757,7 +773,7 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     act = _num(rec.get("sparsity_actual"))
     if act is not None:
         sub.append(f"global {act:.4f}")
-    ax.set_title(f"{rec.get('method')} · {rec.get('dataset')} · {rec.get('student')} · seed {rec.get('seed')}"
+    ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, variant(rec))} · {rec.get('dataset')} · {rec.get('student')} · seed {rec.get('seed')}"
                  + (f"\n{', '.join(sub)}" if sub else ""), fontsize=10)
     fig.tight_layout()
     path = out / f"layers_{safe(name)}.png"

@@ -12,6 +12,7 @@ import json
 import pickle
 import platform
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -54,19 +55,70 @@ class StageCost:
     compile_seconds: float = 0.0  # part of ``seconds``: training steps in which torch.compile compiled
     recompiles: int = 0  # dynamo recompilations during the stage's training
     fallbacks: int = 0  # compiled forwards that ran eagerly (past dynamo's limits); 0 normally
+    # Memory, by ``memory_kind``: ``cuda_allocated``, ``peak_memory_bytes`` = the most bytes torch's CUDA allocator
+    # held while the stage itself ran (a stage opened inside it is not its memory, as with ``seconds``; the
+    # highest of its runs when it runs several times). ``process_rss`` (CPU and other devices): torch tracks no
+    # allocations there, so ``peak_rss_bytes`` is the whole process's peak resident set so far when the stage
+    # ended (getrusage ru_maxrss): process-wide and monotone over the job, an upper bound, not the stage's own.
+    peak_memory_bytes: Optional[int] = None
+    peak_rss_bytes: Optional[int] = None
+    memory_kind: Optional[str] = None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """The process's peak resident set size so far, in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS);
+    None where ``resource`` does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class Costs:
-    """Cost accounting: a :class:`StageCost` per stage, the open one ``current``; methods only call :meth:`count`."""
+    """Cost accounting: a :class:`StageCost` per stage, the open one ``current``; methods only call :meth:`count`.
 
-    def __init__(self, stages: Optional[dict] = None):
+    ``device`` decides how memory is booked (see :class:`StageCost`): CUDA's peak allocated bytes per stage, or
+    elsewhere the process's peak resident set."""
+
+    def __init__(self, stages: Optional[dict] = None, device: Optional[torch.device] = None):
         self.stages, self.current = stages if stages is not None else {}, StageCost()
         self.teacher: Optional[nn.Module] = None  # forwards through it are ``teacher_samples`` (set by the artifacts)
+        self.device = device
+        self._open: list = []  # CUDA: [stage, its peak before the stages opened inside it], innermost last
+
+    def _cuda(self) -> Optional[torch.device]:
+        dev = torch.device(self.device) if self.device is not None else None
+        return dev if dev is not None and dev.type == "cuda" and torch.cuda.is_available() else None
+
+    def _memory_enter(self, st: StageCost) -> None:
+        dev = self._cuda()
+        if dev is None:
+            return
+        if self._open:  # the outer stage's peak so far is kept before the counter restarts for this one
+            self._open[-1][1] = max(self._open[-1][1], int(torch.cuda.max_memory_allocated(dev)))
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._open.append([st, 0])
+
+    def _memory_exit(self, st: StageCost) -> None:
+        dev = self._cuda()
+        if dev is None:
+            rss = peak_rss_bytes()
+            if rss is not None:
+                st.peak_rss_bytes, st.memory_kind = max(st.peak_rss_bytes or 0, rss), "process_rss"
+            return
+        _, before = self._open.pop()
+        peak = max(before, int(torch.cuda.max_memory_allocated(dev)))
+        st.peak_memory_bytes, st.memory_kind = max(st.peak_memory_bytes or 0, peak), "cuda_allocated"
+        if self._open:  # the outer stage goes on: its peak from here on
+            torch.cuda.reset_peak_memory_stats(dev)
 
     @contextlib.contextmanager
     def stage(self, name: str):
         st = self.stages.setdefault(name, StageCost())
         prev, self.current = self.current, st
+        self._memory_enter(st)
         t = time.perf_counter()
         try:
             yield st
@@ -75,6 +127,7 @@ class Costs:
             st.seconds += dt
             prev.seconds -= dt  # a stage opened inside another (evaluate during gmp) is not the outer's time
             self.current = prev
+            self._memory_exit(st)
 
     @contextlib.contextmanager
     def count(self, *models: nn.Module, stage: Optional[str] = None):
@@ -338,7 +391,9 @@ class Context:
                  log: Callable[[dict], None] = lambda rec: None, costs: Optional[Costs] = None,
                  checkpoints: Optional[Path] = None):
         self.cfg, self.data, self.device, self.log = cfg, data, device, log
-        self.costs = costs or Costs()
+        self.costs = costs or Costs(device=device)
+        if self.costs.device is None:
+            self.costs.device = device
         self.seeds = Seeds(cfg, data, device)
         self.trainer = Trainer(cfg, data, self.costs, self.seeds, lambda rec: self.log(rec), checkpoints)
         self.evaluator = Evaluator(cfg, data, self.costs)
@@ -466,7 +521,7 @@ def base_record(cfg: DictConfig) -> dict:
     return {
         "status": "running", "error": None, "job_id": None,
         "dataset": cfg.data.name, "teacher": cfg.teacher.name, "student": cfg.student.name,
-        "method": method.get("name"), "seed": cfg.seed, "sparsity_target": cfg.sparsity,
+        "method": method.get("name"), "method_variant": None, "seed": cfg.seed, "sparsity_target": cfg.sparsity,
         "sparsity_actual": None, "retrain_kd": retrain.get("kd") if isinstance(retrain, DictConfig) else None,
         "metrics": {}, "params": {}, "flops": {}, "cost": {"stages": {}, "total_seconds": None},
         "versions": {}, "device": None,
@@ -579,6 +634,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
                 method.validate()
             except (TypeError, ValueError) as e:  # a value of the wrong type met a comparison
                 raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
+            record["method_variant"] = method.variant()
             device = resolve_device(cfg.device)
             check_writable(run_dir)
             if cfg.store.enabled:
@@ -587,6 +643,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
             record["job_id"] = job_id(cfg, content_ids(cfg))
             previous = _finished_record(cfg, record["job_id"])
             if previous is not None:  # a finished job is not run again
+                previous.setdefault("method_variant", method.variant())  # a record from before the field
                 record = previous
             else:
                 logger = _start(cfg, run_dir, group, device, record)
@@ -629,9 +686,9 @@ def _start(cfg: DictConfig, run_dir: Path, group: str, device: torch.device, rec
 
 
 def _context(cfg: DictConfig, device: torch.device, logger: RunLogger, record: dict) -> Context:
-    t = time.perf_counter()
-    data = load_data(cfg.data, device)
-    costs = Costs({"data": StageCost(seconds=time.perf_counter() - t)})
+    costs = Costs(device=device)
+    with costs.stage("data"):
+        data = load_data(cfg.data, device)
     ckpts = job_dir(cfg, record["job_id"]) if cfg.resume and cfg.store.enabled else None  # training checkpoints
     return Context(cfg, data, device, log=logger.log, costs=costs, checkpoints=ckpts)
 
@@ -699,7 +756,8 @@ def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: fl
 
 
 def print_summary(record: dict, run_dir: Path) -> None:
-    lines = [f"kdprune: {record['method']} on {record['dataset']} "
+    method = record["method"] + (f" [{record['method_variant']}]" if record.get("method_variant") else "")
+    lines = [f"kdprune: {method} on {record['dataset']} "
              f"({record['teacher']} → {record['student']}), sparsity {record['sparsity_target']} "
              f"(actual {record['sparsity_actual']:.4f}), seed {record['seed']}"]
     lines.append(f"  {'':<14}{'top1':>8}{'top5':>8}{'nll':>8}{'ece':>8}")

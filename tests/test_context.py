@@ -2,8 +2,10 @@
 import re
 from pathlib import Path
 
+import torch
+
 import kdprune_cli.pruning as pruning
-from kdprune_cli.runner import ALIASES
+from kdprune_cli.runner import ALIASES, Costs, peak_rss_bytes
 
 
 def test_methods_call_the_services_not_the_compatibility_names():
@@ -30,3 +32,80 @@ def test_services_share_one_cost_book_and_aliases_reach_them(make_ctx):
     ctx.log = logged.append  # the trainer logs through the context's current log
     ctx.trainer.log({"x": 1})
     assert logged == [{"x": 1}]
+
+
+def test_every_stage_books_the_process_peak_rss_on_cpu(make_ctx):
+    """CPU: torch tracks no allocations, so a stage books the process's peak resident set when it ends (bytes,
+    kind ``process_rss``), never a ``peak_memory_bytes``; it is process-wide, so it only grows."""
+    ctx = make_ctx()
+    assert ctx.costs.device == torch.device("cpu")
+    with ctx.costs.stage("outer"):
+        with ctx.costs.stage("inner"):
+            big = torch.ones(4_000_000)  # 16 MB touched
+        del big
+    st = ctx.costs.stages
+    for name in ("outer", "inner"):
+        assert isinstance(st[name].peak_rss_bytes, int) and st[name].peak_rss_bytes > 16_000_000
+        assert st[name].memory_kind == "process_rss" and st[name].peak_memory_bytes is None
+    assert st["inner"].peak_rss_bytes <= st["outer"].peak_rss_bytes <= peak_rss_bytes()
+    with open("/proc/self/status") as f:  # bytes, not KiB: at least the resident set now (Linux)
+        rss_now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    assert peak_rss_bytes() >= rss_now
+
+
+class FakeAllocator:
+    """torch.cuda's peak statistics, simulated: ``use(n)`` sets the bytes held now."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self.resets = 0
+
+    def use(self, n):
+        self.now = n
+        self.peak = max(self.peak, n)
+
+    def max_memory_allocated(self, device=None):
+        return self.peak
+
+    def reset_peak_memory_stats(self, device=None):
+        self.peak = self.now
+        self.resets += 1
+
+
+def test_cuda_stage_peak_is_its_own_also_around_nested_stages(monkeypatch):
+    """CUDA: each stage's peak allocated bytes while it ran, restarted per stage; an inner stage's peak is
+    not the outer's (as its seconds), the outer's peaks before and after the inner one both count, and a stage
+    run twice keeps the higher."""
+    fake = FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset_peak_memory_stats)
+    costs = Costs(device=torch.device("cuda"))
+    fake.use(500)  # before any stage: nobody's
+    fake.use(10)
+    with costs.stage("train"):
+        fake.use(100)
+        fake.use(40)
+        with costs.stage("evaluate"):
+            fake.use(300)
+            fake.use(50)
+        fake.use(70)
+    with costs.stage("evaluate"):
+        fake.use(200)
+        fake.use(15)  # freed before it ends
+    with costs.stage("train"):
+        fake.use(20)
+        with costs.stage("evaluate"):
+            fake.use(60)
+        fake.use(130)
+    st = costs.stages
+    assert st["train"].peak_memory_bytes == 130 and st["evaluate"].peak_memory_bytes == 300
+    assert {s.memory_kind for s in st.values()} == {"cuda_allocated"}
+    assert all(s.peak_rss_bytes is None for s in st.values())
+    with costs.stage("train"):
+        with costs.stage("evaluate"):
+            fake.use(400)
+            fake.use(5)
+        fake.use(10)
+    assert st["train"].peak_memory_bytes == 130  # max(peak before the inner stage, after it), not the inner's
+    assert not costs._open

@@ -29,6 +29,9 @@ def test_tiny_job_on_cuda_with_amp(tiny_cfg, tmp_path):
     rec = run_job(cfg, tmp_path / "r", summary=False)
     assert rec["status"] == "ok" and rec["device"].startswith("cuda")
     assert abs(rec["sparsity_actual"] - 0.9) < 1e-4
+    for name, st in rec["cost"]["stages"].items():  # each stage's own peak of CUDA allocated bytes
+        assert st["memory_kind"] == "cuda_allocated" and "peak_rss_bytes" not in st, name
+        assert isinstance(st["peak_memory_bytes"], int) and st["peak_memory_bytes"] > 0, name
     ck = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
     for n, m in ck["masks"].items():
         assert (ck["state_dict"][n][~m.cpu()] == 0).all()

@@ -188,6 +188,14 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
     assert rec["params"]["total"] <= rec["params"]["total_dense"]
     assert rec["sparsity_actual"] == pytest.approx(s["params_removed"], abs=1e-9)
     assert rec["cost"]["stages"]["prune"]["teacher_samples"] > 0  # every step has a teacher forward
+    # the ablation is its own variant of the method (its own report row); every stage books its memory (CPU:
+    # the process's peak resident set, bytes)
+    assert rec["method"] == "nuteprune"
+    assert rec["method_variant"] == ("intact teacher" if "method.teachers=intact" in extra else None)
+    for name, st in rec["cost"]["stages"].items():
+        assert st["memory_kind"] == "process_rss" and "peak_memory_bytes" not in st, name
+        assert isinstance(st["peak_rss_bytes"], int) and st["peak_rss_bytes"] > 0, name
+    assert {"data", "teacher", "student", "prune", "retrain"} <= set(rec["cost"]["stages"])
     steps = [r for r in map(__import__("json").loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
              if r.get("stage") == "nuteprune"]
     assert steps and {"expected_sparsity", "target", "lambda1", "lambda2", "teacher", "kd", "hidden"} <= set(steps[-1])

@@ -62,6 +62,30 @@ def test_paper_presets_are_multiruns_over_the_papers_grid():
     assert compose_cfg(["method=cakld_ce"]).method.retrain.kd is False
 
 
+def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
+    """experiment=structured_<ds>: 7 methods × 3 MACs targets × 3 seeds = 63 jobs; nuteprune_intact is method
+    nuteprune with teachers=intact, recorded as the variant "intact teacher" (its own report row)."""
+    from hydra import compose, initialize_config_dir
+    from kdprune_cli.cli import config_dir
+    from kdprune_cli.pruning import get_method
+    for ds in ("cifar10", "cifar100", "tinyimagenet"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.prune.granularity == "channel"
+        p = cfg.hydra.sweeper.params
+        methods = p.method.split(",")
+        assert methods == ["cakld", "cakld_ce", "magnitude", "snip", "random", "nuteprune", "nuteprune_intact"]
+        assert len(methods) * len(p.sparsity.split(",")) * len(p.seed.split(",")) == 63
+    variants = {}
+    for choice in ("nuteprune", "nuteprune_intact"):
+        m = compose_cfg(["experiment=structured_cifar10", f"method={choice}"]).method
+        variants[choice] = (m.name, m.teachers, get_method(m.name)(m).variant())
+    assert variants == {"nuteprune": ("nuteprune", "snapshots", None),
+                        "nuteprune_intact": ("nuteprune", "intact", "intact teacher")}
+    quick = compose_cfg(["experiment=quickstart", "method=nuteprune_intact"]).method  # the quick budget applies
+    assert quick.prune == compose_cfg(["experiment=quickstart", "method=nuteprune"]).method.prune
+
+
 def test_submitit_launcher_config_composes_when_installed():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir

@@ -8,7 +8,7 @@ pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict
+from typing import ClassVar, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -49,6 +49,12 @@ class Method:
     @property
     def retrain_kd(self) -> bool | None:
         """Whether retraining distils from the teacher (None where the method has no such switch)."""
+        return None
+
+    def variant(self) -> Optional[str]:
+        """A short name for a setting that makes this run another variant of the method, to be reported in its
+        own row (NutePrune's ``teachers=intact``: ``"intact teacher"``); None: the method as it is. Written to
+        the record as ``method_variant``; ``kdprune-report`` labels the row ``<method> [<variant>]``."""
         return None
 
     def validate(self) -> None:

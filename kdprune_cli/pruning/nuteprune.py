@@ -503,7 +503,8 @@ class NutePrune(Method):
         structures = gated_structures(model, ctx)
         gates = HardConcrete(structures.sizes, float(c.droprate_init), float(c.beta),
                              ctx.seeds.generator("nuteprune/init")).to(ctx.device)
-        intact = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # lora=false: the intact teacher's weights (with adapters the frozen base is the intact model)
+        intact = {} if c.lora else {n: p.detach().clone() for n, p in model.named_parameters()}
         if c.lora:
             model = add_lora(model, int(c.lora_r), int(c.lora_alpha))
         else:
@@ -541,3 +542,7 @@ class NutePrune(Method):
     @staticmethod
     def _bn_names(model: nn.Module) -> list:
         return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def variant(self) -> Optional[str]:
+        """``teachers=intact`` (the ablation) is reported as its own row: ``nuteprune [intact teacher]``."""
+        return "intact teacher" if self.cfg.teachers == "intact" else None
