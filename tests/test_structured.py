@@ -212,7 +212,8 @@ def test_structured_presets_compose_and_validate(ds):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert params.method == "cakld,cakld_ce,magnitude,snip,random" and params.sparsity == "0.3,0.5,0.7"
+    assert params.method == "cakld,cakld_ce,magnitude,snip,random,nuteprune,nuteprune_intact"
+    assert params.sparsity == "0.3,0.5,0.7"
     assert cfg.prune.granularity == "channel" and cfg.prune.target == "macs"
     for method in params.method.split(","):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
