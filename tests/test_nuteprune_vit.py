@@ -229,3 +229,25 @@ def test_a_vit_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path
     model = load_pruned(tmp_path / "r")
     assert sum(p.numel() for p in model.parameters()) == rec["params"]["total"]
     assert math.isclose(rec["sparsity_actual"], s["params_removed"], abs_tol=1e-9)
+
+
+def test_prune_exclude_keeps_the_structures_an_excluded_layer_produces():
+    model = vit(depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = ViTGates(model, x[:1], exclude=["blocks.0.mlp.fc1"])
+    g.attach()
+    z = random_gates(g.sizes, 4)
+    mlp0 = 1 + 2  # hidden, 2 head groups, then the MLP groups
+    assert int((z[mlp0] == 0).sum()) > 0
+    full = g.expected([torch.ones(n) for n in g.sizes], ["blocks.0.mlp.fc1"])
+    dropped = [torch.ones(n) for n in g.sizes]
+    dropped[mlp0][:100] = 0
+    assert float(g.expected(dropped, ["blocks.0.mlp.fc1"])["params"]) == float(full["params"])  # its gates count as open
+    g.z = z
+    with torch.no_grad():
+        gated = model(x)
+    g.remove_hooks()
+    g.export(z)
+    assert model.blocks[0].mlp.fc1.out_features == 768 and model.blocks[1].mlp.fc1.out_features < 768
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gated, atol=1e-4, rtol=1e-4)
