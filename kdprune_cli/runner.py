@@ -585,7 +585,8 @@ def validate(cfg: DictConfig) -> None:
     classes, channels, size = DATASETS[cfg.data.name]
     try:
         student = build_model(cfg.student.name, classes, channels, size, model_kwargs(cfg.student))
-        build_model(cfg.teacher.name, classes, channels, size, model_kwargs(cfg.teacher))
+        if model_kwargs(cfg.teacher):  # the name is checked above; kwargs only by building it
+            build_model(cfg.teacher.name, classes, channels, size, model_kwargs(cfg.teacher))
         check_exclude(student, cfg.prune.exclude)
         get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
     except ValueError as e:

@@ -251,3 +251,14 @@ def test_prune_exclude_keeps_the_structures_an_excluded_layer_produces():
     assert model.blocks[0].mlp.fc1.out_features == 768 and model.blocks[1].mlp.fc1.out_features < 768
     with torch.no_grad():
         torch.testing.assert_close(model(x), gated, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [["+teacher.kwargs.patch_size=4"],  # kwargs on a non-timm model
+                                 ["student=timm", f"student.name={VIT}", "+student.kwargs.bogus=1"]])
+def test_bad_model_kwargs_fail_with_one_line_before_any_training(tiny_cfg, tmp_path, bad):
+    from kdprune_cli.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kwargs|timm model") as e:
+        run_job(tiny_cfg("method=magnitude", *bad), tmp_path / "r", summary=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "store" / "teacher").exists()

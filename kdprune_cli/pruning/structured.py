@@ -274,16 +274,8 @@ class ChannelGroups:
     def describe(self, removed: List[torch.Tensor], sparsity: float, target: str, exclude: Iterable[str] = (),
                  **options) -> dict:
         """The record's ``structure`` for removing ``removed`` (root channels per group) against ``sparsity``."""
-        dense = self.counts([0] * len(self.groups), exclude)
-        after = self.counts(removed, exclude)
-        achieved = 1.0 - after[target] / dense[target]
-        return {"granularity": "channel", "target": target, **options, "requested": sparsity, "achieved": achieved,
-                "off_target": achieved - sparsity,
-                "params_removed": 1.0 - after["params"] / dense["params"],
-                "macs_removed": 1.0 - after["macs"] / dense["macs"],
-                "channels_removed": int(sum(len(r) for r in removed)),
-                "channels": int(sum(g.channels for g in self.groups)), "groups": len(self.groups),
-                "widths": {self.names[g.root]: g.channels - len(r) for g, r in zip(self.groups, removed)}}
+        return structure_facts(self.counts, [g.channels for g in self.groups],
+                               [self.names[g.root] for g in self.groups], removed, sparsity, target, exclude, **options)
 
     def masks(self, removed: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Weight masks (``True`` = keep) of every Conv2d/Linear that zero the rows and columns the removed
@@ -307,6 +299,21 @@ class ChannelGroups:
                 fn = self.graph.get_pruner_of_module(g.root).prune_out_channels
                 self.graph.get_pruning_group(g.root, fn, sorted(roots.tolist())).prune()
         return self.model
+
+
+def structure_facts(counts, sizes: List[int], labels: List[str], removed: List[torch.Tensor], sparsity: float,
+                    target: str, exclude: Iterable[str] = (), **options) -> dict:
+    """The record's ``structure``: removing ``removed[g]`` of group ``g``'s ``sizes[g]`` units, with the exact
+    costs ``counts(removed, exclude)`` (``{"params", "macs"}``), against ``sparsity`` of ``target``."""
+    dense = counts([0] * len(sizes), exclude)
+    after = counts(removed, exclude)
+    achieved = 1.0 - after[target] / dense[target]
+    return {"granularity": "channel", "target": target, **options, "requested": sparsity, "achieved": achieved,
+            "off_target": achieved - sparsity,
+            "params_removed": 1.0 - after["params"] / dense["params"],
+            "macs_removed": 1.0 - after["macs"] / dense["macs"],
+            "channels_removed": int(sum(len(r) for r in removed)), "channels": int(sum(sizes)), "groups": len(sizes),
+            "widths": {lab: n - len(r) for lab, n, r in zip(labels, sizes, removed)}}
 
 
 # --- a model file that carries its own widths ----------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .structured import layer_outputs
+from .structured import layer_outputs, structure_facts
 
 HIDDEN = 0
 
@@ -193,15 +193,7 @@ class ViTGates:
 
     def describe(self, removed: List[torch.Tensor], sparsity: float, target: str,
                  exclude: Iterable[str] = ()) -> dict:
-        dense, after = self.counts([0] * len(self.sizes), exclude), self.counts(removed, exclude)
-        achieved = 1.0 - after[target] / dense[target]
-        return {"granularity": "channel", "target": target, "requested": sparsity, "achieved": achieved,
-                "off_target": achieved - sparsity,
-                "params_removed": 1.0 - after["params"] / dense["params"],
-                "macs_removed": 1.0 - after["macs"] / dense["macs"],
-                "channels_removed": int(sum(len(r) for r in removed)), "channels": int(sum(self.sizes)),
-                "groups": len(self.sizes),
-                "widths": {lab: n - len(r) for lab, n, r in zip(self.labels, self.sizes, removed)}}
+        return structure_facts(self.counts, self.sizes, self.labels, removed, sparsity, target, exclude)
 
     # --- export ---------------------------------------------------------------------------------------
     @torch.no_grad()
