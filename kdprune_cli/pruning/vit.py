@@ -113,7 +113,7 @@ class ViTGates:
         self.io = io
         # prune.exclude: the structures an excluded layer produces stay whole
         self.fixed = {io[e][0][0] for e in exclude if e in io and io[e][0] is not None}
-        self.z: Optional[List[torch.Tensor]] = None
+        self.z = None  # the gates (a list per group), None: the intact model
         self.norms = [m for m in model.modules()
                       if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (self.width,)]
         self.handles: list = []
@@ -130,8 +130,20 @@ class ViTGates:
         self.handles += [m.register_forward_hook(self._norm) for m in self.norms]
 
     # --- gates -----------------------------------------------------------------------------------------
+    @property
+    def z(self) -> Optional[List[torch.Tensor]]:
+        return self._z
+
+    @z.setter
+    def z(self, value: Optional[List[torch.Tensor]]) -> None:
+        """Set the gates; the kept width dims (None: all) are found once here, not in every LayerNorm."""
+        self._z = value
+        h = self.gate(HIDDEN)
+        keep = None if h is None else torch.nonzero(h != 0).flatten()
+        self._keep = None if keep is None or len(keep) == self.width else keep
+
     def gate(self, g: int) -> Optional[torch.Tensor]:
-        return None if self.z is None or g in self.fixed else self.z[g]
+        return None if self._z is None or g in self.fixed else self._z[g]
 
     def _hidden(self, m, inp, out):
         z = self.gate(HIDDEN)
@@ -147,12 +159,9 @@ class ViTGates:
 
     def _norm(self, m: nn.LayerNorm, inp, out):
         """LayerNorm over the kept dims only (0 elsewhere)."""
-        z = self.gate(HIDDEN)
-        if z is None:
+        if self._keep is None:
             return out
-        keep = torch.nonzero(z != 0).flatten().to(out.device)
-        if len(keep) == self.width:
-            return out
+        keep = self._keep.to(out.device)
         x = inp[0].index_select(-1, keep)
         w = m.weight.index_select(0, keep) if m.weight is not None else None
         b = m.bias.index_select(0, keep) if m.bias is not None else None
