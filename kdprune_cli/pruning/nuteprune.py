@@ -181,14 +181,15 @@ class Gating:
         wrapped = {w.base_layer: w for w in (model.modules() if model is not None else ())
                    if isinstance(getattr(w, "base_layer", None), nn.Module)}
         for g, pts in enumerate(points):
-            for m, index in pts:
+            for m, index in pts:  # the index on the module's device once, not copied there every forward
+                index = index.to(next(m.parameters()).device)
                 self.handles.append(wrapped.get(m, m).register_forward_hook(self._hook(g, index)))
 
     def _hook(self, g: int, index: torch.Tensor):
         def hook(m, i, o):
             if self.z is None:
                 return o
-            return o * self.z[g][index.to(o.device)].view(1, -1, 1, 1).to(o.dtype)
+            return o * self.z[g][index].view(1, -1, 1, 1).to(o.dtype)
         return hook
 
     def remove(self) -> None:
