@@ -114,7 +114,7 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
 
 
 def run(args) -> int:
-    from .evaluate import count_flops, evaluate, latency_record
+    from .evaluate import count_flops, evaluate_splits, latency_record
     from .runner import resolve_device
 
     device = resolve_device(args.device)
@@ -124,7 +124,9 @@ def run(args) -> int:
     if args.split == "val" and data.val is None:
         raise EvalError("--split val: this run held out no validation split (data.val_split=0)")
     ev = (record or {}).get("config", {}).get("eval", {}) if record else {}
-    metrics = evaluate(model, data, args.split, int(ev.get("batch_size", 1000)), int(ev.get("ece_bins", 15)))
+    splits = (args.split, "val") if args.split == "test" and data.val is not None else (args.split,)  # as recorded
+    metrics = evaluate_splits(model, data, splits, int(ev.get("batch_size", 1000)),
+                              int(ev.get("ece_bins", 15)))[args.split]
     params = sum(p.numel() for p in model.parameters())
     macs = count_flops(model, (data.channels, data.image_size, data.image_size))["dense"]
     arch = obj.get("teacher") if args.model == "teacher" else obj["arch"]["name"]

@@ -1,6 +1,8 @@
-"""Evaluation (docs/methods.md §6): top-1, top-5, NLL, ECE (torchmetrics), FLOPs, latency."""
+"""Evaluation (docs/methods.md §6): top-1, top-5, NLL, calibration (ECE, MCE, RMSCE with torchmetrics;
+temperature scaling on held-out data; reliability bins), FLOPs, latency."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -24,20 +26,99 @@ def predict(model: nn.Module, data, split: str = "test", batch_size: int = 1000)
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
-    """Accuracy in percent; NLL in nats; ECE with ``n_bins`` equal-width confidence bins (L1)."""
+    """Accuracy in percent; NLL in nats; top-label calibration errors over ``n_bins`` equal-width confidence
+    bins (torchmetrics' ``multiclass_calibration_error``): ECE (``norm="l1"``, the bins' |accuracy −
+    confidence| weighted by their share of samples), MCE (``norm="max"``, the largest gap of any bin) and
+    RMSCE (``norm="l2"``, the square root of the weighted mean squared gap)."""
     c = logits.shape[1]
     probs = F.softmax(logits, dim=1)
+
+    def calibration_error(norm: str) -> float:
+        return float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm=norm))
+
     return {
         "top1": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=1, average="micro")),
         "top5": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=min(5, c), average="micro")),
         "nll": float(F.cross_entropy(logits, y)),
-        "ece": float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm="l1")),
+        "ece": calibration_error("l1"),
+        "mce": calibration_error("max"),
+        "rmsce": calibration_error("l2"),
     }
 
 
 def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 1000, n_bins: int = 15) -> dict:
     logits, y = predict(model, data, split, batch_size)
     return classification_metrics(logits, y, n_bins)
+
+
+def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
+    """What a reliability diagram draws: per equal-width bin of top-label confidence (bin k holds
+    [k/n, (k+1)/n), the last one closed at 1), the number of samples, their mean confidence and their accuracy
+    (fractions; None for an empty bin). The bins are torchmetrics' (same boundaries, same float32 softmax),
+    except that torchmetrics keeps a confidence of exactly 1.0 in a bin of its own: ``ece`` recomputed from
+    these bins equals the recorded one unless some confidence rounds to 1.0 in float32."""
+    probs = F.softmax(logits.float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = pred.eq(y).to(conf.dtype)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp_(0, n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf.double())
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct.double())
+    count, conf_sum, acc_sum = count.tolist(), conf_sum.tolist(), acc_sum.tolist()
+    return {"count": count,
+            "confidence": [s / n if n else None for s, n in zip(conf_sum, count)],
+            "accuracy": [s / n if n else None for s, n in zip(acc_sum, count)]}
+
+
+LOG_T_RANGE = (math.log(0.01), math.log(100.0))
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo, Pleiss, Sun and Weinberger, "On Calibration of Modern Neural Networks",
+    ICML 2017): the single T > 0 that minimises the NLL of ``softmax(logits / T)`` on held-out ``(logits, y)``.
+
+    LBFGS (strong-Wolfe line search) on log T, so T stays positive, from T = 1, in float64, with T held in
+    [0.01, 100] (a held-out set that the model separates perfectly drives T towards 0). Dividing by T keeps
+    every prediction's ranking, so accuracy does not change; only the confidences do."""
+    z, y = logits.detach().double(), y.detach()
+    log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.clamp(*LOG_T_RANGE).exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().clamp(*LOG_T_RANGE).exp())
+
+
+def temperature_scaled(val: tuple, test: tuple, n_bins: int = 15) -> dict:
+    """``temperature`` fitted on the validation ``(logits, y)`` by :func:`fit_temperature`, and the test
+    split's ECE and NLL after dividing its logits by it (``ece_ts``, ``nll_ts``)."""
+    t = fit_temperature(*val)
+    logits, y = test
+    scaled = logits.float() / t
+    m = classification_metrics(scaled, y, n_bins)
+    return {"temperature": t, "ece_ts": m["ece"], "nll_ts": m["nll"]}
+
+
+def evaluate_splits(model: nn.Module, data, splits=("test",), batch_size: int = 1000, n_bins: int = 15) -> dict:
+    """The record's metrics of ``model`` on each of ``splits``: :func:`classification_metrics`, and
+    ``reliability`` (:func:`reliability_bins`); when ``val`` is among them, the test split also gets the
+    temperature fitted on ``val`` and its ECE and NLL after scaling (:func:`temperature_scaled`). Never fitted
+    on the split it is scored on: without ``val`` these keys are absent."""
+    logits = {s: predict(model, data, s, batch_size) for s in splits}
+    out = {s: classification_metrics(*logits[s], n_bins) for s in splits}
+    if "val" in logits and "test" in logits:
+        out["test"].update(temperature_scaled(logits["val"], logits["test"], n_bins))
+    for s in splits:
+        out[s]["reliability"] = reliability_bins(*logits[s], n_bins)
+    return out
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """``kdprune-report``: collect ``results.json`` records into paper-style tables, CSV, LaTeX and plots.
 
     kdprune-report PATH... [--out DIR] [--metric top1] [--cost none|macs|latency|all]
-                   [--latency-batch 1] [--latency-mode eager] [--layers RUN_DIR ...]
+                   [--latency-batch 1] [--latency-mode eager] [--layers RUN_DIR ...] [--reliability RUN_DIR ...]
+    kdprune-report --reliability RUN_DIR... [--out DIR]
 
 Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
 Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity,
@@ -12,6 +13,15 @@ the cost per run. Written to ``--out`` (default: the first PATH if it is a folde
 ``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png``,
 ``accuracy_vs_latency_<dataset>_<teacher>_<student>.png`` where some run recorded its latency or executed
 MACs, and, for each ``--layers`` run, ``layers_<job>.png``.
+
+``--metric`` is one of top1, top5, nll, ece, and the calibration fields mce, rmsce, ece_ts, nll_ts,
+temperature (docs/calibration.md); a run that did not record the chosen one (``ece_ts`` needs a held-out
+validation split) counts among the runs but not in n, and a cell where none did shows ``—``.
+
+``--reliability RUN_DIR...`` draws ``reliability_<job>.png`` per run: accuracy against confidence per bin
+(``metrics.<model>.reliability``), the dense student beside the final model, ECE in the titles; into
+``--out``, or, without PATHs, into the run folder. A run whose record has no bins for the final model is bad
+input (exit 2, nothing written).
 
 ``--cost macs|latency|all`` adds cost-of-inference columns beside each sparsity: the final model's executed
 MACs as a fraction of the dense student's (``flops.executed / flops.dense``) and its speed-up over the dense
@@ -40,7 +50,10 @@ from typing import Iterable, Optional
 
 RESULTS = "results.json"
 MINUS = "\u2212"
-METRICS = ("top1", "top5", "nll", "ece")
+METRICS = ("top1", "top5", "nll", "ece", "mce", "rmsce", "ece_ts", "nll_ts", "temperature")
+# Recorded only by some runs (temperature scaling needs a held-out validation split; records made before the
+# calibration fields lack them all): a run without one is still a run, its cell shows "—".
+OPTIONAL_METRICS = ("mce", "rmsce", "ece_ts", "nll_ts", "temperature")
 
 SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
                 "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
@@ -316,7 +329,8 @@ def group(records: list, metric: str) -> list:
 
 
 def cell_stat(recs: list, metric: str) -> Optional[Stat]:
-    return stat([metric_of(r, "final", metric) for r in recs])
+    """Over the runs that recorded ``metrics.final.<metric>``; None when none did."""
+    return stat([v for v in (metric_of(r, "final", metric) for r in recs) if v is not None])
 
 
 def cost(recs: list) -> tuple:
@@ -456,7 +470,11 @@ def cost_note(cols: tuple, setting: Setting) -> str:
 
 def metric_desc(metric: str) -> str:
     return {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll": "NLL (nats)",
-            "ece": "ECE (15 bins)"}.get(metric, metric)
+            "ece": "ECE (15 bins)", "mce": "MCE, largest bin gap (15 bins)",
+            "rmsce": "RMS calibration error (15 bins)",
+            "ece_ts": "ECE after temperature scaling (T fit on validation, 15 bins)",
+            "nll_ts": "NLL after temperature scaling (T fit on validation, nats)",
+            "temperature": "temperature T fit on validation"}.get(metric, metric)
 
 
 def title(t: Table) -> str:
@@ -470,6 +488,10 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     out = ["# kdprune report", ""]
     out.append(f"Metric: `metrics.final.{metric}`, {metric_desc(metric)} on the test split; cells are "
                "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1).")
+    if metric in OPTIONAL_METRICS:
+        out += ["", f"A run that did not record `{metric}` counts among the runs but not in n; a cell is — where "
+                "no run did (`ece_ts`, `nll_ts` and `temperature` need a held-out validation split, "
+                "`data.val_split>0`; records older than the calibration fields lack all of them)."]
     out.append("")
     out.append(f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
                f"{counts['missing']} job folders missing a record"
@@ -578,7 +600,7 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
                 + r" & Seconds & Samples \\",
                 r"\midrule"]
         for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
-            out.append(f"{name} & \\multicolumn{{{ncol}}}{{c}}{{{fmt_stat(t.dense(key, metric), nd, pm)}}}"
+            out.append(f"{name} & \\multicolumn{{{ncol}}}{{c}}{{{fmt_stat(t.dense(key, metric), nd, pm).replace('—', '--')}}}"
                        r" & & \\")
         out.append(r"\midrule")
         for row in t.sorted_rows():
@@ -586,7 +608,7 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
             cells = []
             for s in sps:
                 recs = row.cells.get(s)
-                cells.append(fmt_stat(cell_stat(recs, metric), nd, pm) if recs else "--")
+                cells.append(fmt_stat(cell_stat(recs, metric), nd, pm).replace("—", "--") if recs else "--")
                 cells += [fmt_times(cost_stat(recs, c, setting), len(recs)).replace("×", r"$\times$")
                           .replace("—", "--") if recs else "--" for c in cols]
             sam = "--" if samples is None else f"{samples:,.0f}".replace(",", "{,}")
@@ -637,8 +659,8 @@ def write_csv(tables: list, metric: str, path: Path, costs: str = "none", settin
                     st = cell_stat(row.cells[s], metric)
                     secs, samples = cost(row.cells[s])
                     kd = "" if row.kd is None else str(row.kd).lower()
-                    w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), repr(st.mean),
-                                repr(st.std), st.n, "" if secs is None else repr(secs),
+                    w.writerow([t.dataset, t.teacher, t.student, row.method, kd, repr(s), _r(st and st.mean),
+                                _r(st and st.std), st.n if st else 0, "" if secs is None else repr(secs),
                                 "" if samples is None else repr(samples)] + ([row.granularity] if gran else [])
                                + ([row.variant or ""] if var else [])
                                + [c for k in cols for c in csv_cost_cells(row.cells[s], k, setting)])
@@ -662,8 +684,10 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for row in t.sorted_rows():
-        xs = sorted(row.cells)
-        sts = [cell_stat(row.cells[s], metric) for s in xs]
+        pts = [(s, cell_stat(row.cells[s], metric)) for s in sorted(row.cells)]
+        xs, sts = [s for s, st in pts if st is not None], [st for _, st in pts if st is not None]
+        if not xs:
+            continue
         means = [s.mean for s in sts]
         lo = [m - s.min for m, s in zip(means, sts)]
         hi = [s.max - m for m, s in zip(means, sts)]
@@ -688,7 +712,8 @@ def _finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
     ax.set_ylabel(f"final {metric_desc(metric)}")
     ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # none where no run recorded the metric
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _plt().close(fig)
@@ -782,6 +807,117 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     return path
 
 
+# --- reliability diagrams (``--reliability``) --------------------------------------------------------------
+RELIABILITY_MODELS = (("dense_student", "dense student"), ("final", "final model"))
+
+
+def _bins(m) -> Optional[dict]:
+    """``metrics.<model>.reliability`` checked: equal-length ``count``, ``confidence``, ``accuracy``; None when
+    absent or malformed."""
+    r = m.get("reliability") if isinstance(m, dict) else None
+    if not isinstance(r, dict):
+        return None
+    count, conf, acc = r.get("count"), r.get("confidence"), r.get("accuracy")
+    if not (isinstance(count, list) and isinstance(conf, list) and isinstance(acc, list)
+            and 0 < len(count) == len(conf) == len(acc)):
+        return None
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in count):
+        return None
+    if any(n and (_num(x) is None or _num(a) is None) for n, x, a in zip(count, conf, acc)):
+        return None
+    return {"count": count, "confidence": conf, "accuracy": acc}
+
+
+def reliability_data(rec: dict) -> dict:
+    """For the dense student and the final model of a record: the per-bin sample counts, mean confidence and
+    accuracy (``metrics.<model>.reliability``, test split) with the recorded ``ece`` (and ``ece_ts``,
+    ``temperature`` where the run fit one); a model without bins maps to None. :class:`InputError` when the
+    final model has none."""
+    metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
+    out = {}
+    for key, _ in RELIABILITY_MODELS:
+        m = metrics.get(key)
+        bins = _bins(m)
+        if bins is not None:
+            bins.update({k: _num(m.get(k)) for k in ("ece", "ece_ts", "temperature")})
+        out[key] = bins
+    if out["final"] is None:
+        raise InputError(f"no reliability bins (metrics.final.reliability) in the record (status "
+                         f"{rec.get('status')}); kdprune records them for every run it evaluates")
+    return out
+
+
+def plot_reliability(data: dict, heading: str, path: Path) -> Path:
+    """Two panels, dense student and final model: per confidence bin the accuracy (bar), the gap to the bin's
+    mean confidence (hatched), the diagonal of perfect calibration; the ECE in each panel's title."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.6), sharey=True)
+    for ax, (key, name) in zip(axes, RELIABILITY_MODELS):
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-label probability)")
+        ax.grid(True, alpha=0.3)
+        d = data.get(key)
+        if d is None:
+            ax.set_title(f"{name}: no reliability bins recorded", fontsize=10)
+            continue
+        n = len(d["count"])
+        width = 1.0 / n
+        full = [i for i, c in enumerate(d["count"]) if c]
+        left = [i * width for i in full]
+        acc = [d["accuracy"][i] for i in full]
+        conf = [d["confidence"][i] for i in full]
+        ax.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
+               label="accuracy")
+        ax.bar(left, [c - a for c, a in zip(conf, acc)], bottom=acc, width=width, align="edge", color="tab:red",
+               alpha=0.3, edgecolor="tab:red", hatch="//", linewidth=0.5, label="gap to mean confidence")
+        t = f"{name}: ECE {d['ece']:.4f}" if d["ece"] is not None else f"{name}"
+        if d.get("ece_ts") is not None and d.get("temperature") is not None:
+            t += f"\nafter temperature scaling (T={d['temperature']:.3g}): ECE {d['ece_ts']:.4f}"
+        ax.set_title(t, fontsize=10)
+        ax.text(0.98, 0.02, f"{sum(d['count']):,} test samples, {n} bins", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("accuracy")
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _reliability_inputs(paths: list) -> list:
+    """``(results.json, record, data)`` per RUN_DIR, all checked before anything is written."""
+    items = []
+    for p in paths:
+        rfile = p if p.is_file() else p / RESULTS
+        if not rfile.is_file():
+            raise InputError(f"--reliability {p}: no {RESULTS}")
+        rec, err = load(rfile)
+        if rec is None:
+            raise InputError(f"--reliability {rfile}: {err}")
+        try:
+            items.append((rfile, rec, reliability_data(rec)))
+        except InputError as e:
+            raise InputError(f"--reliability {rfile}: {e}") from None
+    return items
+
+
+def write_reliability(items: list, out: Optional[Path]) -> list:
+    """``reliability_<job>.png`` per run, into ``out`` (default: the run's own folder)."""
+    written = []
+    for rfile, rec, data in items:
+        where = out if out is not None else rfile.parent
+        where.mkdir(parents=True, exist_ok=True)
+        name = rec.get("job_id") or (rfile.parent.name if rfile.parent.name else "run")
+        heading = (f"{label(str(rec.get('method')), _kd(rec.get('retrain_kd')), granularity(rec), variant(rec))} · "
+                   f"{rec.get('dataset')} · {rec.get('student')} · sparsity {rec.get('sparsity_target')} · "
+                   f"seed {rec.get('seed')} (test split)")
+        written.append(plot_reliability(data, heading, where / f"reliability_{safe(str(name))}.png"))
+    return written
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     try:
@@ -797,7 +933,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="kdprune-report",
         description="Tables (Markdown, CSV, LaTeX) and plots from kdprune results.json records.")
-    p.add_argument("paths", nargs="+", metavar="PATH", type=Path,
+    p.add_argument("paths", nargs="*", metavar="PATH", type=Path,
                    help="run or sweep folders (searched recursively) or results.json files")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: the first PATH if it is a folder, else its parent)")
@@ -811,7 +947,13 @@ def parse_args(argv):
                    help="mode of the latency measurement: eager (default) or compiled")
     p.add_argument("--layers", nargs="+", action="extend", type=Path, default=[], metavar="RUN_DIR",
                    help="run folders (or results.json) to draw a per-layer sparsity bar chart for")
-    return p.parse_args(argv)
+    p.add_argument("--reliability", nargs="+", action="extend", type=Path, default=[], metavar="RUN_DIR",
+                   help="run folders (or results.json) to draw a reliability diagram for: dense student and final "
+                        "model, test split (into --out, or without PATHs into the run folder)")
+    args = p.parse_args(argv)
+    if not args.paths and not args.reliability:
+        p.error("the following arguments are required: PATH")
+    return args
 
 
 def _layers(paths: list, out: Path, written: list) -> list:
@@ -840,9 +982,21 @@ def _os_error(e: OSError) -> str:
 
 
 def run(args) -> int:
-    for p in [*args.paths, *args.layers]:
+    for p in [*args.paths, *args.layers, *args.reliability]:
         if not p.exists():
             raise InputError(f"path does not exist: {p}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file, not a folder")
+    diagrams = _reliability_inputs(args.reliability)
+    if not args.paths:
+        try:
+            written = write_reliability(diagrams, args.out)
+        except OSError as e:
+            raise InputError(f"cannot write the reliability diagrams: {_os_error(e)}") from None
+        print("written:")
+        for w in written:
+            print(f"  {w}")
+        return 0
     out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
@@ -868,7 +1022,8 @@ def run(args) -> int:
         status = rec.get("status")
         if status != "ok":
             problems.append(Problem(str(path), str(status), str(rec.get("error") or ""), rec))
-        elif metric_of(rec, "final", args.metric) is None or _num(rec.get("sparsity_target")) is None:
+        elif ((metric_of(rec, "final", args.metric) is None and args.metric not in OPTIONAL_METRICS)
+              or _num(rec.get("sparsity_target")) is None):
             problems.append(Problem(str(path), "incomplete",
                                     f"no metrics.final.{args.metric} or sparsity_target", rec))
         else:
@@ -882,6 +1037,7 @@ def run(args) -> int:
     counts = {"files": len(found.results), "ok": len(ok), "failed": n_failed, "missing": len(found.missing)}
     try:
         layer_notes = _layers(args.layers, out, written)
+        written += write_reliability(diagrams, out)
         for t in tables:
             written.append(plot_table(t, args.metric, out))
             cost_png = plot_cost(t, args.metric, out, setting)

@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__, config
 from .config import ConfigError, model_kwargs, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
-from .evaluate import count_flops, evaluate, latency_record
+from .evaluate import count_flops, evaluate, evaluate_splits, latency_record
 from .loggers import RunLogger
 from .models import build_model, is_known, model_names
 from .objectives import CrossEntropy
@@ -225,9 +225,9 @@ class Evaluator:
         return evaluate(model, self.data, split, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
 
     def all(self, model: nn.Module) -> dict:
-        """Test and, if held out, validation metrics."""
+        """Test and, if held out, validation metrics, with the calibration of :func:`evaluate_splits`."""
         splits = ("test",) if self.data.val is None else ("test", "val")
-        return {s: self.evaluate(model, s) for s in splits}
+        return evaluate_splits(model, self.data, splits, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
 
     def record_metrics(self, key: str, model: nn.Module, cached: Optional[dict] = None) -> None:
         """Put test (and validation, if held out) metrics of ``model`` into the record under ``key``."""
