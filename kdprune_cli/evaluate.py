@@ -71,7 +71,8 @@ def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) ->
             "accuracy": [s / n if n else None for s, n in zip(acc_sum, count)]}
 
 
-LOG_T_RANGE = (math.log(0.01), math.log(100.0))
+T_RANGE = (0.01, 100.0)
+LOG_T_RANGE = (math.log(T_RANGE[0]), math.log(T_RANGE[1]))
 
 
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
@@ -94,7 +95,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) 
 
     with torch.enable_grad():
         opt.step(closure)
-    return float(log_t.detach().clamp(*LOG_T_RANGE).exp())
+    return min(max(float(log_t.detach().exp()), T_RANGE[0]), T_RANGE[1])
 
 
 def temperature_scaled(val: tuple, test: tuple, n_bins: int = 15) -> dict:
@@ -103,8 +104,8 @@ def temperature_scaled(val: tuple, test: tuple, n_bins: int = 15) -> dict:
     t = fit_temperature(*val)
     logits, y = test
     scaled = logits.float() / t
-    m = classification_metrics(scaled, y, n_bins)
-    return {"temperature": t, "ece_ts": m["ece"], "nll_ts": m["nll"]}
+    ece = multiclass_calibration_error(F.softmax(scaled, dim=1), y, num_classes=scaled.shape[1], n_bins=n_bins)
+    return {"temperature": t, "ece_ts": float(ece), "nll_ts": float(F.cross_entropy(scaled, y))}
 
 
 def evaluate_splits(model: nn.Module, data, splits=("test",), batch_size: int = 1000, n_bins: int = 15) -> dict:
