@@ -31,7 +31,8 @@ def product_macs(a: torch.Size, b: torch.Size) -> int:
 
 
 def attention_macs(q: torch.Size, k: torch.Size, v: torch.Size) -> int:
-    """MACs of ``softmax(Q·Kᵀ)·V``: ``Q·Kᵀ`` is ``(…, L, E) × (…, E, S)``, the product with ``V`` ``(…, L, S) × (…, S, Eᵥ)``."""
+    """MACs of ``softmax(Q·Kᵀ)·V``: ``Q·Kᵀ`` is ``(…, L, E) × (…, E, S)``, the product with ``V``
+    ``(…, L, S) × (…, S, Eᵥ)``."""
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 

@@ -19,7 +19,8 @@ attention's ``Q·Kᵀ`` and ``A·V``: ``2·N²·d_head`` per kept head, whatever
 :func:`~kdprune_cli.evaluate.count_flops` and ``torch.utils.flop_counter`` count). The same products with
 expected kept counts give the expected size and MACs (groups independent). The export folds the soft gates
 into the weights (patch embedding rows, tokens, ``proj`` and ``fc2`` rows for the width, ``proj`` / ``fc2``
-columns for heads / channels) and slices the removed heads, channels and width out of every layer, so the exported model computes what the gated one did.
+columns for heads / channels) and slices the removed heads, channels and width out of every layer, so the
+exported model computes what the gated one did.
 """
 from __future__ import annotations
 
