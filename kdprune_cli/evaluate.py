@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
+from .matmuls import MatmulCounter
 from .pruning.masks import prunable_modules
 
 
@@ -124,10 +125,12 @@ def evaluate_splits(model: nn.Module, data, splits=("test",), batch_size: int = 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
-    """Multiply–accumulates of every Conv2d and Linear for one input, dense and with the zeros skipped.
+    """Multiply–accumulates for one input, dense and with the zeros skipped: every Conv2d and Linear, plus
+    the products between activations (attention's Q·Kᵀ and A·V, :class:`~.matmuls.MatmulCounter`).
 
     Sparse FLOPs scale each layer's count by its weight density (what a sparse kernel would execute).
-    Convolutions and linear layers outside the prunable set count densely in both.
+    Convolutions and linear layers outside the prunable set, and the activation products (no weights),
+    count densely in both.
     """
     dense, sparse = 0, 0
     prunable = set(id(m) for m in prunable_modules(model, exclude).values())
@@ -150,12 +153,13 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
     model.eval()
     dev = next(model.parameters()).device
     try:
-        model(torch.zeros(1, *input_shape, device=dev))
+        with MatmulCounter() as products:
+            model(torch.zeros(1, *input_shape, device=dev))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {"dense": int(dense), "sparse": int(round(sparse))}
+    return {"dense": int(dense + products.macs), "sparse": int(round(sparse + products.macs))}
 
 
 @torch.no_grad()

@@ -719,8 +719,8 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
         "params": {"prunable": sp["prunable"], "nonzero": sp["nonzero"],
                    "total": sum(p.numel() for p in model.parameters()),
                    "total_dense": sum(p.numel() for p in dense.parameters())},
-        # MACs for one input: the dense student's, the final model's with zero weights skipped, and the final
-        # model's as it runs (fewer only when channels were physically removed)
+        # MACs for one input (Conv2d/Linear and attention's products): the dense student's, the final model's
+        # with zero weights skipped, and the final model's as it runs (fewer only when channels were removed)
         "flops": {"dense": count_flops(dense, shape, exclude)["dense"], "sparse": final_flops["sparse"],
                   "executed": final_flops["dense"]},
     })

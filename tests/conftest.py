@@ -86,3 +86,29 @@ class TinyNet(nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
+
+
+@pytest.fixture
+def explicit_attention():
+    """timm attention built while this is active computes ``Q·Kᵀ`` and ``A·V`` as explicit matmuls (the fused
+    kernel off), which ``torch.utils.flop_counter`` counts; timm's setting is restored afterwards."""
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    was = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        yield
+    finally:
+        set_fused_attn(was)
+
+
+def torch_macs(model: nn.Module, x: torch.Tensor) -> float:
+    """``torch.utils.flop_counter``'s count for one forward of ``x``, halved (FLOPs = 2·MACs) and per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    model.train(was)
+    return fc.get_total_flops() / 2 / x.shape[0]

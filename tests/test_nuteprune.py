@@ -93,6 +93,27 @@ def test_teacher_schedule_follows_the_source():
     assert all(a is None or b is None or a >= b for a, b in zip(order, order[1:]))
 
 
+def test_the_lagrangian_target_ramps_over_its_steps_and_without_a_ramp_is_full_from_the_first_step():
+    """The source ramps the target only with a Lagrangian warm-up; without one the target holds from step 0."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1)
+    structures = SimpleNamespace(sizes=[4], counts=lambda removed, exclude: {"params": 100.0})
+    gates = N.HardConcrete([4], 0.01, 2 / 3, torch.Generator().manual_seed(0))
+
+    def targets(ramp, steps):
+        obj = N.NuteObjective(SimpleNamespace(cfg=cfg), nn.Linear(2, 2), structures, gates, 100, ramp, 0.6,
+                              "params", (), torch.Generator(), lambda row: None, {})
+        out = []
+        for s in steps:
+            obj.steps = s
+            out.append(obj.target_now())
+        return out
+
+    assert targets(0, [0, 1, 99]) == [0.6, 0.6, 0.6]
+    assert targets(10, [0, 5, 10, 50]) == pytest.approx([0.0, 0.3, 0.6, 0.6])
+
+
 def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
     torch.manual_seed(0)
     model = build_model("resnet56", 10, 3, 32).eval()

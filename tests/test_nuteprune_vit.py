@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import torch_macs
 from kdprune_cli.evaluate import count_flops
 from kdprune_cli.modelfile import build_from, model_file
 from kdprune_cli.models import build_model
@@ -66,6 +67,31 @@ def test_expected_size_is_the_size_of_the_exported_model():
     probs = [torch.full((n,), 0.5, requires_grad=True) for n in g.sizes]
     g.expected(probs)["params"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in probs)  # every gate moves the size
+
+
+@pytest.mark.parametrize("shape,patch", [((1, 8, 8), 2), ((3, 32, 32), 4)])  # 17 and 65 tokens
+def test_expected_macs_of_a_gated_vit_are_torchs_count_of_the_exported_model(explicit_attention, shape, patch):
+    """Heads, MLP channels and width closed: the expected MACs (attention's Q·Kᵀ and A·V per kept head
+    included) equal ``torch.utils.flop_counter``'s count of the exported model, FLOPs/2."""
+    torch.manual_seed(0)
+    model = build_model(VIT, 10, shape[0], shape[1], {"patch_size": patch, "depth": 2}).eval()
+    g = ViTGates(model, torch.zeros(1, *shape))
+    keep = random_gates(g.sizes, 5, soft=False)
+    keep[1], keep[2] = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0])  # 2 heads and 1 head left
+    assert int((keep[0] == 0).sum()) > 0 and all(int((k == 0).sum()) > 0 for k in keep[3:])
+    expected = float(g.expected(keep)["macs"])
+    dense = g.counts([0] * len(g.sizes))["macs"]
+    assert dense == torch_macs(model, torch.zeros(1, *shape))
+    g.export(keep)
+    assert [blk.attn.num_heads for blk in model.blocks] == [2, 1]
+    assert expected == pytest.approx(torch_macs(model, torch.randn(2, *shape)), rel=0.005)
+    assert expected == pytest.approx(count_flops(model, shape)["dense"], rel=1e-9)
+    one_head = [torch.tensor([]).long()] * len(g.sizes)
+    one_head[1] = torch.tensor([0])
+    tokens = 1 + (shape[1] // patch) ** 2
+    attn_share = 2 * tokens ** 2 * 64  # Q·Kᵀ and A·V of one head: whatever the width
+    layers_share = 4 * 64 * 192 * tokens  # its q, k, v rows and proj columns over the tokens
+    assert dense - g.counts(one_head)["macs"] == attn_share + layers_share
 
 
 def test_export_removes_heads_channels_and_width_exactly_and_the_file_reloads():
@@ -218,17 +244,24 @@ FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "me
         "+student.kwargs.patch_size=2", "+student.kwargs.depth=2"]
 
 
-def test_a_vit_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path):
+def test_a_vit_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, request):
     from kdprune_cli.modelfile import load_pruned
 
-    rec = run_job(tiny_cfg(*FAST, "sparsity=0.5"), tmp_path / "r", summary=False)
+    rec = run_job(tiny_cfg(*FAST, "sparsity=0.5", "prune.granularity=channel", "prune.target=macs"), tmp_path / "r",
+                  summary=False)
     assert rec["status"] == "ok" and rec["granularity"] == "channel"
     s = rec["structure"]
     assert s["export_max_abs_diff"] < 1e-4 and set(s["widths"]) >= {"hidden", "blocks.1.attn.heads"}
     assert rec["params"]["total"] < rec["params"]["total_dense"]
+    assert s["macs_removed"] == pytest.approx(1 - rec["flops"]["executed"] / rec["flops"]["dense"], abs=1e-9)
+    request.getfixturevalue("explicit_attention")  # the recorded MACs are torch's count (8×8 digits, 17 tokens)
     model = load_pruned(tmp_path / "r")
     assert sum(p.numel() for p in model.parameters()) == rec["params"]["total"]
     assert math.isclose(rec["sparsity_actual"], s["params_removed"], abs_tol=1e-9)
+    x = torch.zeros(1, 1, 8, 8)
+    assert rec["flops"]["executed"] == pytest.approx(torch_macs(model, x), rel=0.005)
+    dense = build_model(VIT, 10, 1, 8, {"patch_size": 2, "depth": 2})
+    assert rec["flops"]["dense"] == pytest.approx(torch_macs(dense, x), rel=0.005)
 
 
 def test_prune_exclude_keeps_the_structures_an_excluded_layer_produces():

@@ -16,8 +16,9 @@ as the source adapts q_proj and v_proj. For CNNs:
 2. **Expected remaining size** from the gates' open probabilities ``P(z>0) = 1 − Q(0)`` with the
    architecture's real parameter (or MAC) counts, per layer ``E[out]·E[in]·k``, so ``sparsity`` means the
    fraction of prunable weights removed as everywhere (``prune.target=macs``: of MACs). Lagrangian
-   ``λ1·(ŝ−t)+λ2·(ŝ−t)²``, ``t`` ramped linearly from 0 to the target over ``ramp_epochs``, λ by gradient
-   ascent (AdamW, lr −0.1).
+   ``λ1·(ŝ−t)+λ2·(ŝ−t)²``, ``t`` ramped linearly from 0 to the target over ``ramp_epochs``
+   (``ramp_epochs=0``: the full target from the first step, as the source without a Lagrangian warm-up), λ by
+   gradient ascent (AdamW, lr −0.1). ViT MACs include attention's ``Q·Kᵀ`` and ``A·V`` per kept head.
 3. **One copy of the weights** serves as student and every teacher: the base is frozen and the student trains
    LoRA adapters (peft, on every Conv2d and Linear, r=8, α=8) by the one trainer; ``lora=false`` trains the
    weights directly and keeps snapshot copies of them. A snapshot (deterministic gates + the adapters) is
@@ -65,7 +66,7 @@ BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "WideBlock", "Block") 
 @dataclass
 class NutePruneConfig(MethodConfig):
     prune: TrainRecipe = MISSING  # the recipe of the adapters (or weights) while the gates learn
-    ramp_epochs: int = MISSING  # the target ramps linearly from 0 over this many epochs
+    ramp_epochs: int = MISSING  # the target ramps linearly from 0 over this many epochs (0: full from the start)
     mask_lr: float = MISSING
     lambda_lr: float = MISSING
     droprate_init: float = MISSING
@@ -292,7 +293,11 @@ class NuteObjective:
         return 1 - self.structures.expected(self.gates.open_prob(), self.exclude)[self.unit] / self.dense
 
     def target_now(self) -> float:
-        return self.target * min(1.0, self.steps / max(1, self.ramp))
+        """The Lagrangian's target: linear from 0 over the ramp's steps; no ramp, the full target from step 0
+        (as the source without a Lagrangian warm-up)."""
+        if self.ramp <= 0:
+            return self.target
+        return self.target * min(1.0, self.steps / self.ramp)
 
     def forward(self, x):
         hidden = []

@@ -12,7 +12,8 @@ its producers, input columns of its consumers), where ``S`` is the method's per-
 magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Channels are then removed
 in ascending importance, one global ranking (``prune.scope=global``) or the same fraction of every group
 (``layer``), until the removed fraction of the prunable weights (``prune.target=params``, the meaning
-``sparsity`` has everywhere) or of the Conv2d/Linear multiply-accumulates (``macs``) is closest to
+``sparsity`` has everywhere) or of the multiply-accumulates (``macs``: Conv2d/Linear and, for ViTs, the
+attention products, which channel removal leaves as they are) is closest to
 ``sparsity``. ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group (hardware-friendly
 widths; fewer channels go). Every group keeps at least one channel; the classifier's outputs, the input
 channels, ``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v)
@@ -26,6 +27,8 @@ from typing import Dict, Iterable, List, Mapping
 
 import torch
 from torch import nn
+
+from ..matmuls import MatmulCounter
 
 TARGETS = ("params", "macs")
 REDUCE = ("sum", "mean")
@@ -104,7 +107,10 @@ class ChannelGroups:
         example = example.to(next(model.parameters()).device)
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
-        self.head, self.tokens = layer_outputs(model, example)
+        with MatmulCounter() as products:
+            self.head, self.tokens = layer_outputs(model, example)
+        # attention's products between activations, per sample: fixed, as q/k/v are never removed
+        self.products = products.macs // example.shape[0]
         unwrapped = [(p, p.dim() - 1) for n, p in model.named_parameters()
                      if n.split(".")[-1] in ("cls_token", "pos_embed", "dist_token", "reg_token")]
         self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
@@ -166,8 +172,9 @@ class ChannelGroups:
 
     # --- exact counts -------------------------------------------------------------------------------
     def counts(self, removed: List[int] | List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
-        """Prunable weights and Conv2d/Linear MACs (per sample) after removing, from each group, its
-        ``removed[g]`` root channels (a count: the lowest-ranked ones in ``self.order``; or indices)."""
+        """Prunable weights and MACs (per sample: Conv2d/Linear, plus the fixed attention products) after
+        removing, from each group, its ``removed[g]`` root channels (a count: the lowest-ranked ones in
+        ``self.order``; or indices)."""
         gone_out: Dict[str, set] = {}
         gone_in: Dict[str, set] = {}
         for gi, (g, r) in enumerate(zip(self.groups, removed)):
@@ -180,7 +187,7 @@ class ChannelGroups:
                 target = gone_out if it.kind == "out" else gone_in
                 target.setdefault(it.module, set()).update(it.local[sel[it.root]].tolist())
         exclude = set(exclude)
-        params = macs = 0
+        params, macs = 0, self.products
         for n, m in self.layers.items():
             w = m.weight
             o = w.shape[0] - len(gone_out.get(n, ()))
@@ -202,7 +209,7 @@ class ChannelGroups:
             for it in g.items:
                 (e_out if it.kind == "out" else e_in)[it.module] = p[it.root.to(p.device)].sum()
         exclude = set(exclude)
-        params = macs = 0.0
+        params, macs = 0.0, float(self.products)
         for n, m in self.layers.items():
             w = m.weight
             o = e_out.get(n, w.shape[0])

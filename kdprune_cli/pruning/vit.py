@@ -14,10 +14,13 @@ MLP channels):
 
 Sizes come from the layers' real shapes: per kept head ``3·d_head·D'`` (q, k, v rows) + ``d_head·D'``
 (``proj`` columns) = ``4·d_head·D'``, per kept MLP channel ``2·D'``, plus the patch embedding and the
-classifier, ``D'`` being the kept width; the same per-layer product with expected kept counts gives the
-expected size (groups independent). The export folds the soft gates into the weights (patch embedding rows,
-tokens, ``proj`` and ``fc2`` rows for the width, ``proj`` / ``fc2`` columns for heads / channels) and slices the
-removed heads, channels and width out of every layer, so the exported model computes what the gated one did.
+classifier, ``D'`` being the kept width. MACs are each layer's size times the tokens ``N`` it sees, plus
+attention's ``Q·Kᵀ`` and ``A·V``: ``2·N²·d_head`` per kept head, whatever the width (what
+:func:`~kdprune_cli.evaluate.count_flops` and ``torch.utils.flop_counter`` count). The same products with
+expected kept counts give the expected size and MACs (groups independent). The export folds the soft gates
+into the weights (patch embedding rows, tokens, ``proj`` and ``fc2`` rows for the width, ``proj`` / ``fc2``
+columns for heads / channels) and slices the removed heads, channels and width out of every layer, so the
+exported model computes what the gated one did.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..matmuls import MatmulCounter
 from .structured import layer_outputs, structure_facts
 
 HIDDEN = 0
@@ -96,8 +100,15 @@ class ViTGates:
         self.labels = ["hidden"] + [f"{names[b.attn]}.heads" for b in self.blocks] + \
             [f"{names[b.mlp]}.channels" for b in self.blocks]
         was = model.training
-        _, self.tokens = layer_outputs(model.eval(), example.to(next(model.parameters()).device))
+        with MatmulCounter() as products:
+            _, self.tokens = layer_outputs(model.eval(), example.to(next(model.parameters()).device))
         model.train(was)
+        # attention's Q·Kᵀ and A·V per kept head of each block: 2·N²·d_head MACs (N tokens)
+        self.attention = [(1 + b, 2 * self.tokens[names[blk.attn.qkv]] ** 2 * blk.attn.head_dim)
+                          for b, blk in enumerate(self.blocks)]
+        if sum(per * self.sizes[g] for g, per in self.attention) != products.macs // example.shape[0]:
+            raise ValueError("nuteprune for ViTs supports plain timm VisionTransformers; this one has products "
+                             "between activations other than its blocks' self-attention")
         self.layers = {k: m for k, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         # per layer: (group, channels per unit) of its outputs and of its inputs, None = fixed
         io = {names[model.patch_embed.proj]: ((HIDDEN, 1), None), names[model.head]: (None, (HIDDEN, 1))}
@@ -188,11 +199,13 @@ class ViTGates:
             if k not in exclude:
                 params = params + size
             macs = macs + size * self.tokens[k]
+        for g, per_head in self.attention:
+            macs = macs + units[g] * per_head
         return {"params": params, "macs": macs}
 
     def counts(self, removed: list, exclude: Iterable[str] = ()) -> dict:
-        """Prunable weights and Conv2d/Linear MACs per sample after removing, per group, ``removed[g]`` units
-        (indices, or a count)."""
+        """Prunable weights and MACs per sample (Conv2d/Linear and attention's products) after removing, per
+        group, ``removed[g]`` units (indices, or a count)."""
         return self._total([n - (len(r) if torch.is_tensor(r) else int(r)) for n, r in zip(self.sizes, removed)],
                            exclude)
 
