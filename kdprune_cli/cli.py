@@ -57,6 +57,7 @@ def storage_error(e: BaseException) -> Optional[str]:
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
     from .data import DataError
+    from .divergence import DivergedError
     from .runner import CheckpointError, Interrupted, run_job
 
     hc = HydraConfig.get()
@@ -77,13 +78,13 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(f"kdprune: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + e.signum)
     except Exception as e:
-        line = str(e) if isinstance(e, (ConfigError, DataError, CheckpointError)) else storage_error(e)
+        line = str(e) if isinstance(e, (ConfigError, DataError, CheckpointError, DivergedError)) else storage_error(e)
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
             print(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", file=sys.stderr)
             return None
         if line is not None:
             print(f"kdprune: error: {line}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(1 if isinstance(e, DivergedError) else 2)  # diverged: the run failed, the input was valid
         raise
 
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 from filelock import FileLock, Timeout
 
+from .divergence import DivergedError, describe, non_finite_state
+
 
 def warn(msg: str) -> None:
     """One line ``kdprune: warning: <msg>`` on stderr."""
@@ -365,6 +367,10 @@ class Store:
             state, meta = create()
             if state is None:  # not this artifact after all: nothing to store
                 return None, meta, False
+            bad = non_finite_state(state)
+            if bad:  # a diverged model is not an artifact
+                raise DivergedError(f"training diverged in stage {stage}: non-finite values in {describe(bad)}; "
+                                    f"not stored; lower the learning rate")
             meta = {**meta, "stage": stage, "key": key, "spec": spec}
             atomic_save(state, art)
             atomic_write_json(meta, meta_path)

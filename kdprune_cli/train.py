@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import compiling
+from .divergence import describe, diverged, non_finite_tensors
 from .pruning.masks import apply_masks, assert_masked, mask_grads
 from .store import atomic_save
 
@@ -63,7 +64,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
           desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
           evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None,
-          max_batches: Optional[int] = None, compile="false") -> dict:
+          max_batches: Optional[int] = None, compile="false", where: Optional[str] = None) -> dict:
     """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``
     and the compile counts ``{compile_seconds, recompiles, graph_breaks, fallbacks}`` (zero when eager).
 
@@ -78,6 +79,11 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     teacher compiled (CUDA graphs and channels_last on CUDA). Masks, the optimizer and checkpoints work on
     ``model`` itself, never on a compiled wrapper. ``compile_seconds`` is the time of the steps in which
     something compiled; ``fallbacks`` the forwards that ran no compiled graph.
+
+    A non-finite loss in any step, or weights or buffers that are no longer finite at the end of an epoch,
+    raise :class:`~kdprune_cli.divergence.DivergedError` naming ``desc``, the epoch and the value (``where``,
+    the recipe's config path, names the learning rate to lower) before that epoch's checkpoint is written.
+    The loss is checked on the device (a flag per epoch, read once with the epoch's loss).
     """
     start = time.perf_counter()
     model = getattr(model, "_orig_mod", model)  # given a torch.compile'd model: train the module behind it
@@ -118,6 +124,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
             if hasattr(objective, "on_epoch_start"):
                 objective.on_epoch_start(epoch)
             loss_sum, correct, seen = 0.0, 0, 0
+            bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this epoch
             for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
                                           gen=gen, drop_last=True, max_batches=max_batches):
                 mark = session.mark() if session is not None else None
@@ -139,6 +146,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 step += 1
                 samples += x.shape[0]
                 loss_sum += loss.detach().float() * x.shape[0]
+                bad |= ~torch.isfinite(loss.detach())
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += x.shape[0]
                 if session is not None:
@@ -146,6 +154,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 bar.update(1)
             if hasattr(objective, "on_epoch_end"):
                 objective.on_epoch_end(epoch)
+            _check_finite(model, bad, float(loss_sum) / max(seen, 1), desc, epoch + 1, where)
             rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_loss": float(loss_sum) / max(seen, 1),
                    "train_top1": 100.0 * float(correct) / max(seen, 1)}
@@ -168,6 +177,17 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     if masks is not None:
         assert_masked(model, masks)
     return cost()
+
+
+def _check_finite(model: nn.Module, bad: torch.Tensor, mean_loss: float, stage: str, epoch: int,
+                  where: Optional[str]) -> None:
+    """Raise :class:`~kdprune_cli.divergence.DivergedError` when a loss of the epoch or the model is not finite."""
+    if bool(bad) or not math.isfinite(mean_loss):
+        raise diverged(stage, f"epoch {epoch}", f"loss {mean_loss:.4g}", where)
+    broken = non_finite_tensors(model.state_dict())
+    if broken:
+        raise diverged(stage, f"epoch {epoch}", f"loss {mean_loss:.4g}, non-finite values in {describe(broken)}",
+                       where)
 
 
 def _resume(path, model, opt, gen, masks, objective):
