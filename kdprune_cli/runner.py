@@ -36,8 +36,8 @@ from .modelfile import model_file
 from .pruning.base import Result
 from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
 from .pruning.structured import ChannelGroups, Plan
-from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash, file_digest,
-                    warn)
+from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash,
+                    defer_while_writing, file_digest, warn)
 from .train import train
 
 
@@ -543,10 +543,15 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+def _interrupt(signum: int):
+    raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def signals_interrupt():
     """Turn SIGTERM and SIGUSR1 into :class:`Interrupted` (once: a second signal while the job winds down
-    is ignored), so the job writes a ``failed`` record and keeps its last checkpoint."""
+    is ignored), so the job writes a ``failed`` record and keeps its last checkpoint. A signal that arrives
+    during an atomic write (:class:`~kdprune_cli.store.writing`) is raised once the write is complete."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -555,7 +560,8 @@ def signals_interrupt():
     def handler(signum, frame):
         for s in sigs:
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+        if not defer_while_writing(lambda: _interrupt(signum)):
+            raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
