@@ -1,7 +1,7 @@
 """Divergence: a training whose loss or weights stop being finite ends the job, never an ``ok`` record.
 
-The trainer keeps a device-side flag per epoch (``bad |= ~isfinite(loss)``, no host sync per step) and reads it
-once at the end of the epoch together with the weights' finiteness, before the epoch's checkpoint is written;
+The trainer reads the epoch's loss sum (accumulated on the device, no host sync per step; a NaN or infinite step
+loss makes it non-finite) once at the end of the epoch and checks the weights, before the epoch's checkpoint;
 the store refuses a model with a NaN or infinite tensor, and the runner refuses non-finite final metrics.
 Each raises :class:`DivergedError`, which the command line prints as one line ``kdprune: error: ...`` and
 exits 1 (a run error that followed from the values chosen, not input refused before the work: that is exit 2);

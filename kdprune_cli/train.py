@@ -83,7 +83,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     A non-finite loss in any step, or weights or buffers that are no longer finite at the end of an epoch,
     raise :class:`~kdprune_cli.divergence.DivergedError` naming ``desc``, the epoch and the value (``where``,
     the recipe's config path, names the learning rate to lower) before that epoch's checkpoint is written.
-    The loss is checked on the device (a flag per epoch, read once with the epoch's loss).
+    The loss is checked once per epoch, through the epoch's loss sum that stays on the device until then.
     """
     start = time.perf_counter()
     model = getattr(model, "_orig_mod", model)  # given a torch.compile'd model: train the module behind it
@@ -124,7 +124,6 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
             if hasattr(objective, "on_epoch_start"):
                 objective.on_epoch_start(epoch)
             loss_sum, correct, seen = 0.0, 0, 0
-            bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this epoch
             for x, y, idx in data.batches("train", recipe.batch_size, shuffle=True, augment=recipe.augment,
                                           gen=gen, drop_last=True, max_batches=max_batches):
                 mark = session.mark() if session is not None else None
@@ -146,7 +145,6 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 step += 1
                 samples += x.shape[0]
                 loss_sum += loss.detach().float() * x.shape[0]
-                bad |= ~torch.isfinite(loss.detach())
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += x.shape[0]
                 if session is not None:
@@ -154,7 +152,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 bar.update(1)
             if hasattr(objective, "on_epoch_end"):
                 objective.on_epoch_end(epoch)
-            _check_finite(model, bad, float(loss_sum) / max(seen, 1), desc, epoch + 1, where)
+            _check_finite(model, float(loss_sum) / max(seen, 1), desc, epoch + 1, where)
             rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_loss": float(loss_sum) / max(seen, 1),
                    "train_top1": 100.0 * float(correct) / max(seen, 1)}
@@ -179,10 +177,12 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     return cost()
 
 
-def _check_finite(model: nn.Module, bad: torch.Tensor, mean_loss: float, stage: str, epoch: int,
-                  where: Optional[str]) -> None:
-    """Raise :class:`~kdprune_cli.divergence.DivergedError` when a loss of the epoch or the model is not finite."""
-    if bool(bad) or not math.isfinite(mean_loss):
+def _check_finite(model: nn.Module, mean_loss: float, stage: str, epoch: int, where: Optional[str]) -> None:
+    """Raise :class:`~kdprune_cli.divergence.DivergedError` when a loss of the epoch or the model is not finite.
+
+    The epoch's loss sum, accumulated on the device, is non-finite whenever some step's loss was (NaN and
+    infinity do not cancel), so the steps need no check of their own and no host sync."""
+    if not math.isfinite(mean_loss):
         raise diverged(stage, f"epoch {epoch}", f"loss {mean_loss:.4g}", where)
     broken = non_finite_tensors(model.state_dict())
     if broken:

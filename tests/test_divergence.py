@@ -33,20 +33,21 @@ def test_cli_divergence_in_channel_retraining_is_one_line_exit_1_and_a_failed_re
     run = tmp_path / "run"
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *TINY, *FAST, "print_config=false",
-                        "prune.granularity=channel", "method.retrain.lr=1e6", "max_batches=4", f"hydra.run.dir={run}"],
+                        "prune.granularity=channel", "method.retrain.lr=1e6", "max_batches=4",
+                        f"hydra.run.dir={run}"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     lines = [x for x in r.stderr.splitlines() if x.startswith("kdprune:") or "Traceback" in x]
     assert r.returncode == 1, r.stderr[-2000:]
-    assert len(lines) == 1 and re.fullmatch(r"kdprune: error: training diverged in stage retrain \(epoch 1\): "
-                                            r"loss \S+(, non-finite values in .+)?; lower the learning rate \(method\.retrain\.lr=\.\.\.\)",
-                                            lines[0]), r.stderr[-2000:]
+    one_line = (r"kdprune: error: training diverged in stage retrain \(epoch 1\): loss \S+"
+                r"(, non-finite values in .+)?; lower the learning rate \(method\.retrain\.lr=\.\.\.\)")
+    assert len(lines) == 1 and re.fullmatch(one_line, lines[0]), r.stderr[-2000:]
     rec = _record(run)
     assert rec["status"] == "failed" and "diverged in stage retrain (epoch 1)" in rec["error"]
     assert not (run / "model.pt").exists()
 
 
 def test_a_diverged_teacher_is_not_stored(tiny_cfg, tmp_path):
-    with pytest.raises(DivergedError, match=r"diverged in stage teacher \(epoch 1\): loss (nan|inf).*teacher\.train\.lr"):
+    with pytest.raises(DivergedError, match=r"diverged in stage teacher \(epoch 1\): loss .*teacher\.train\.lr"):
         run_job(tiny_cfg(*FAST, "teacher.train.lr=1e6"), tmp_path / "r", summary=False)
     rec = _record(tmp_path / "r")
     assert rec["status"] == "failed" and "stage teacher" in rec["error"]
