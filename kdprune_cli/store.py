@@ -73,7 +73,7 @@ def _fsync_dir(d: Path) -> None:
 
 
 class _Writing:
-    """How many writes the main thread is inside, and the signal that arrived meanwhile (see :func:`writing`)."""
+    """How many writes the main thread is inside, and the signal that arrived meanwhile (see :class:`writing`)."""
 
     depth = 0
     pending: Optional[Callable[[], None]] = None
