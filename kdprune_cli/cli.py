@@ -2,7 +2,8 @@
 
 ``conf/`` sits at the repository root (editable installs read it there) and is shipped in the wheel as
 ``kdprune_cli/conf``. Bad input ends with one line on stderr and exit status 2; the run folder keeps a
-``results.json`` with ``status: failed`` and the reason.
+``results.json`` with ``status: failed`` and the reason. A training that diverged (valid input, a failed run)
+ends with one line and exit status 1; SIGTERM / SIGUSR1 with 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def storage_error(e: BaseException) -> Optional[str]:
 def main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
     from .data import DataError
+    from .divergence import DivergedError
     from .runner import CheckpointError, Interrupted, run_job
 
     hc = HydraConfig.get()
@@ -77,13 +79,14 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(f"kdprune: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + e.signum)
     except Exception as e:
-        line = str(e) if isinstance(e, (ConfigError, DataError, CheckpointError)) else storage_error(e)
+        ours = (ConfigError, DataError, CheckpointError, DivergedError)
+        line = str(e) if isinstance(e, ours) else storage_error(e)
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
             print(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", file=sys.stderr)
             return None
         if line is not None:
             print(f"kdprune: error: {line}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(1 if isinstance(e, DivergedError) else 2)  # diverged: the run failed, the input was valid
         raise
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import acquire, atomic_save, atomic_write_json, file_lock, warn
+from .store import acquire, atomic_save, atomic_write_json, file_lock, warn, writing
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -443,9 +443,11 @@ def _write_cache(name: str, root: Path, path: Path, side: Path, blob: dict, sour
                  verified: bool) -> dict:
     blob = {k: blob[k] for k in TENSORS}
     blob["fingerprint"] = fingerprint(name, blob)
-    atomic_save(blob, path)
-    atomic_write_json({"version": CACHE_VERSION, "name": name, "root": str(root), "fingerprint": blob["fingerprint"],
-                       "source": source, "verified": verified, "cache": _stat(path)}, side)
+    with writing():  # the cache and its side file land together, whatever signal comes
+        atomic_save(blob, path)
+        atomic_write_json({"version": CACHE_VERSION, "name": name, "root": str(root),
+                           "fingerprint": blob["fingerprint"], "source": source, "verified": verified,
+                           "cache": _stat(path)}, side)
     return blob
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from . import __version__, config
 from .config import ConfigError, model_kwargs, recipe
 from .data import DATASETS, DeviceData, dataset_fingerprint, load_data
+from .divergence import DivergedError, config_path, non_finite_metrics
 from .evaluate import count_flops, evaluate, evaluate_splits, latency_record
 from .loggers import RunLogger
 from .models import build_model, is_known, model_names
@@ -35,8 +36,8 @@ from .modelfile import model_file
 from .pruning.base import Result
 from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
 from .pruning.structured import ChannelGroups, Plan
-from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash, file_digest,
-                    warn)
+from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash,
+                    defer_while_writing, file_digest, warn)
 from .train import train
 
 
@@ -202,7 +203,8 @@ class Trainer:
             stats = train(model, data, r, objective, gen=self.seeds.generator(stage if n == 1 else f"{stage}.{n}"),
                           masks=masks, desc=stage, log=self.log, progress=self.cfg.progress, amp=self.cfg.amp,
                           step_hook=step_hook, evaluate=ev, checkpoint=checkpoint,
-                          max_batches=self.cfg.get("max_batches"), compile=self.cfg.get("compile", "auto"))
+                          max_batches=self.cfg.get("max_batches"), compile=self.cfg.get("compile", "auto"),
+                          where=config_path(recipe_node))
             if record:
                 for k in ("samples", "teacher_samples", "compile_seconds", "recompiles", "fallbacks"):
                     setattr(st, k, getattr(st, k) + stats.get(k, 0))
@@ -289,7 +291,12 @@ class Artifacts:
                 if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
                     ckpt.unlink(missing_ok=True)
                 stats = fit(model, ckpt)
-                return {"model": model.state_dict()}, {"cost": stats, "metrics": self.evaluator.all(model)}
+                metrics = self.evaluator.all(model)
+                bad = non_finite_metrics(metrics)
+                if bad:  # a diverged model is never stored (the store refuses non-finite weights too)
+                    raise DivergedError(f"training diverged in stage {stage}: its evaluation gave "
+                                        f"{', '.join(bad)}; lower the learning rate")
+                return {"model": model.state_dict()}, {"cost": stats, "metrics": metrics}
 
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
@@ -536,10 +543,15 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+def _interrupt(signum: int):
+    raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def signals_interrupt():
     """Turn SIGTERM and SIGUSR1 into :class:`Interrupted` (once: a second signal while the job winds down
-    is ignored), so the job writes a ``failed`` record and keeps its last checkpoint."""
+    is ignored), so the job writes a ``failed`` record and keeps its last checkpoint. A signal that arrives
+    during an atomic write (:class:`~kdprune_cli.store.writing`) is raised once the write is complete."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -548,7 +560,8 @@ def signals_interrupt():
     def handler(signum, frame):
         for s in sigs:
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+        if not defer_while_writing(lambda: _interrupt(signum)):
+            raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in sigs}
     try:
@@ -708,6 +721,9 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
     model, masks = result.model, result.masks
     assert_masked(model, masks)
     ev.record_metrics("final", model)
+    bad = non_finite_metrics({**ev.metrics, **{f"{k} (val)": v for k, v in ev.metrics_val.items()}})
+    if bad:  # never an ok record (or a saved model) with NaN metrics
+        raise DivergedError(f"training diverged: the evaluation gave {', '.join(bad)}; lower the learning rate")
     dense = art.dense_student()
     sp = sparsity_report(model, exclude, reference=dense)
     shape = (data.channels, data.image_size, data.image_size)

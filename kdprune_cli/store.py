@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 from filelock import FileLock, Timeout
 
+from .divergence import DivergedError, describe, non_finite_state
+
 
 def warn(msg: str) -> None:
     """One line ``kdprune: warning: <msg>`` on stderr."""
@@ -70,9 +72,56 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+class _Writing:
+    """How many writes the main thread is inside, and the signal that arrived meanwhile (see :class:`writing`)."""
+
+    depth = 0
+    pending: Optional[Callable[[], None]] = None
+
+
+class writing:
+    """``with writing():`` a critical section in which a signal whose handler asks :func:`defer_while_writing`
+    does not land: the handler records it and returns, and when the outermost section is left (normally or by
+    an exception) the recorded action runs (e.g. raises the job's ``Interrupted``). Every atomic write is one.
+
+    Python runs signal handlers only on the main thread, between its bytecodes; a write on another thread (a
+    Ray or submitit worker's helper thread, a lock holder) is never interrupted by them, so only the main
+    thread counts. Sections nest; the action runs once, at the outermost exit.
+    """
+
+    def __enter__(self) -> "writing":
+        self.main = threading.current_thread() is threading.main_thread()
+        if self.main:
+            _Writing.depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.main:
+            return
+        _Writing.depth -= 1
+        if _Writing.depth == 0 and _Writing.pending is not None:
+            fire, _Writing.pending = _Writing.pending, None
+            fire()
+
+
+def defer_while_writing(fire: Callable[[], None]) -> bool:
+    """For a signal handler: inside a :class:`writing` section keep ``fire`` (the first one only) to run when
+    the section ends and return True; outside return False (the handler acts at once)."""
+    if _Writing.depth > 0 and threading.current_thread() is threading.main_thread():
+        if _Writing.pending is None:
+            _Writing.pending = fire
+        return True
+    return False
+
+
 def _atomic(path: Path, write: Callable[[int], None]) -> None:
-    """Create a temp file beside ``path``, ``write(fd)``, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
+    """Create a temp file beside ``path``, ``write(fd)``, fsync, rename over ``path``, fsync the folder; a
+    signal that arrives meanwhile is acted on once the file is in place (or the temp file removed)."""
+    with writing():
+        _atomic_write(Path(path), write)
+
+
+def _atomic_write(path: Path, write: Callable[[int], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     # 0666 through the umask (0644 under umask 022), not mkstemp's 0600
@@ -365,10 +414,15 @@ class Store:
             state, meta = create()
             if state is None:  # not this artifact after all: nothing to store
                 return None, meta, False
+            bad = non_finite_state(state)
+            if bad:  # a diverged model is not an artifact
+                raise DivergedError(f"training diverged in stage {stage}: non-finite values in {describe(bad)}; "
+                                    f"not stored; lower the learning rate")
             meta = {**meta, "stage": stage, "key": key, "spec": spec}
-            atomic_save(state, art)
-            atomic_write_json(meta, meta_path)
-            (d / "partial.pt").unlink(missing_ok=True)  # training checkpoint of an interrupted attempt
+            with writing():  # the artifact, its meta.json and the clean-up land together, whatever signal comes
+                atomic_save(state, art)
+                atomic_write_json(meta, meta_path)
+                (d / "partial.pt").unlink(missing_ok=True)  # training checkpoint of an interrupted attempt
             return state, meta, False
         finally:
             lock.release()

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import compiling
+from .divergence import describe, diverged, non_finite_tensors
 from .pruning.masks import apply_masks, assert_masked, mask_grads
 from .store import atomic_save
 
@@ -63,7 +64,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
           desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
           evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None,
-          max_batches: Optional[int] = None, compile="false") -> dict:
+          max_batches: Optional[int] = None, compile="false", where: Optional[str] = None) -> dict:
     """Train ``model`` in place for ``recipe.epochs`` and return ``{seconds, samples, teacher_samples}``
     and the compile counts ``{compile_seconds, recompiles, graph_breaks, fallbacks}`` (zero when eager).
 
@@ -78,6 +79,11 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     teacher compiled (CUDA graphs and channels_last on CUDA). Masks, the optimizer and checkpoints work on
     ``model`` itself, never on a compiled wrapper. ``compile_seconds`` is the time of the steps in which
     something compiled; ``fallbacks`` the forwards that ran no compiled graph.
+
+    A non-finite loss in any step, or weights or buffers that are no longer finite at the end of an epoch,
+    raise :class:`~kdprune_cli.divergence.DivergedError` naming ``desc``, the epoch and the value (``where``,
+    the recipe's config path, names the learning rate to lower) before that epoch's checkpoint is written.
+    The loss is checked once per epoch, through the epoch's loss sum that stays on the device until then.
     """
     start = time.perf_counter()
     model = getattr(model, "_orig_mod", model)  # given a torch.compile'd model: train the module behind it
@@ -146,6 +152,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                 bar.update(1)
             if hasattr(objective, "on_epoch_end"):
                 objective.on_epoch_end(epoch)
+            _check_finite(model, float(loss_sum) / max(seen, 1), desc, epoch + 1, where)
             rec = {"stage": desc, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                    "train_loss": float(loss_sum) / max(seen, 1),
                    "train_top1": 100.0 * float(correct) / max(seen, 1)}
@@ -168,6 +175,19 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
     if masks is not None:
         assert_masked(model, masks)
     return cost()
+
+
+def _check_finite(model: nn.Module, mean_loss: float, stage: str, epoch: int, where: Optional[str]) -> None:
+    """Raise :class:`~kdprune_cli.divergence.DivergedError` when a loss of the epoch or the model is not finite.
+
+    The epoch's loss sum, accumulated on the device, is non-finite whenever some step's loss was (NaN and
+    infinity do not cancel), so the steps need no check of their own and no host sync."""
+    if not math.isfinite(mean_loss):
+        raise diverged(stage, f"epoch {epoch}", f"loss {mean_loss:.4g}", where)
+    broken = non_finite_tensors(model.state_dict())
+    if broken:
+        raise diverged(stage, f"epoch {epoch}", f"loss {mean_loss:.4g}, non-finite values in {describe(broken)}",
+                       where)
 
 
 def _resume(path, model, opt, gen, masks, objective):

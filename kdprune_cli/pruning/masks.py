@@ -11,6 +11,8 @@ from typing import Dict, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..divergence import DivergedError, describe, non_finite_tensors
+
 Masks = Dict[str, torch.Tensor]
 Scores = Dict[str, torch.Tensor]
 
@@ -142,8 +144,14 @@ def mask_grads(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def assert_masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """The final check: every pruned weight is exactly zero."""
-    for n, p in _params(model, masks).items():
+    """The final check: every pruned weight is exactly zero. Weights that are NaN or infinite (a diverged
+    training: a pruned NaN stays NaN when masked) raise :class:`~kdprune_cli.divergence.DivergedError` instead."""
+    params = _params(model, masks)
+    broken = non_finite_tensors(params)
+    if broken:
+        raise DivergedError(f"training diverged: non-finite weights in {describe(broken)}; "
+                            f"lower the learning rate")
+    for n, p in params.items():
         bad = int((p[~masks[n].to(p.device)] != 0).sum())
         if bad:
             raise AssertionError(f"{bad} pruned weights of {n} are non-zero")

@@ -53,6 +53,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from ..config import ConfigError, MethodConfig, TrainRecipe
+from ..divergence import DivergedError
 from ..train import steps_per_epoch
 from .base import Method, Result
 from .structured import ChannelGroups, Plan
@@ -366,9 +367,10 @@ class NuteObjective:
                      "lambda1": float(self.lambdas[0].detach()), "lambda2": float(self.lambdas[1].detach()),
                      "teacher": which}
         if not math.isfinite(self.last["kd"] + self.last["hidden"] + self.last["lagrangian"]):
-            raise FloatingPointError(f"nuteprune: the loss is not finite at step {self.steps} (kd {self.last['kd']}, "
-                                     f"hidden {self.last['hidden']}, lagrangian {self.last['lagrangian']}); "
-                                     "lower method.prune.lr or check the dense student")
+            raise DivergedError(f"training diverged in stage prune (step {self.steps}): the loss is not finite "
+                                f"(kd {self.last['kd']}, hidden {self.last['hidden']}, lagrangian "
+                                f"{self.last['lagrangian']}); lower the learning rate (method.prune.lr=...) or check "
+                                "the dense student")
         return loss, s_logits
 
     def step(self) -> None:
