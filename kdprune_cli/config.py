@@ -144,7 +144,7 @@ class RunConfig:
     fail_fast: bool = False  # multirun: stop at the first failing job
     resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
     experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
-    print_config: bool = True  # print the resolved config as a tree at the start of a run
+    print_config: bool = True  # print the resolved config as a tree once it is valid (a sweep: once)
     max_batches: Optional[int] = None  # at most this many batches per training epoch (null = all; debug)
     detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly(True) for the run (slow; debug)
 
