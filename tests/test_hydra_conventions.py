@@ -147,7 +147,7 @@ def test_debug_runs_in_seconds_and_prints_the_config_tree(tmp_path):
     assert "config\n├── " in out and "├── sparsity: 0.9" in out and "├── data" in out
     assert "max_batches: 2" in out and "── hydra" not in out
     assert "results.json" in out  # the summary still follows
-    # print_config=false: no tree (a run refused at validation, after the point where the tree is printed)
+    # print_config=false: no tree
     r = _cli(["debug=default", "print_config=false", "sparsity=1.0", f"hydra.run.dir={tmp_path}/bad"], tmp_path)
     assert r.returncode == 2 and "sparsity must be in" in r.stderr
     assert "sparsity:" not in r.stdout and "├──" not in r.stdout
