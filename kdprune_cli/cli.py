@@ -8,16 +8,19 @@ ends with one line and exit status 1; SIGTERM / SIGUSR1 with 128 + the signal's 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, register
+from .runlog import say
 
 
 def config_dir() -> str:
@@ -39,7 +42,7 @@ def _group(cfg: DictConfig) -> str:
 
 
 register()
-from . import pruning  # noqa: E402,F401  each method registers its typed config (method/<name>_schema)
+from . import pruning  # noqa: E402,F401  each method registers its typed config (schema/method/<name>)
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
@@ -55,7 +58,7 @@ def storage_error(e: BaseException) -> Optional[str]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> Optional[float]:
+def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
     from .data import DataError
     from .divergence import DivergedError
@@ -64,32 +67,135 @@ def main(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
+    logging.captureWarnings(True)  # Python warnings also go to the run folder's kdprune.log
     try:
-        if cfg.print_config:
-            from .printing import print_config
-            print_config(cfg)
-        if cfg.detect_anomaly:
-            import torch
-            torch.autograd.set_detect_anomaly(True)
-            print("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)",
-                  file=sys.stderr)
-        record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task))
+        record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task),
+                         on_valid=lambda: announce(cfg, hc))
         return record["metrics"]["final"]["top1"]
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
-        print(f"kdprune: {e}; rerun the same command to resume", file=sys.stderr)
+        say(f"kdprune: {e}; rerun the same command to resume", err=True)
         sys.exit(128 + e.signum)
     except Exception as e:
         ours = (ConfigError, DataError, CheckpointError, DivergedError)
         line = str(e) if isinstance(e, ours) else storage_error(e)
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
-            print(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", file=sys.stderr)
+            say(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", err=True)
             return None
         if line is not None:
-            print(f"kdprune: error: {line}", file=sys.stderr)
+            say(f"kdprune: error: {line}", err=True)
             sys.exit(1 if isinstance(e, DivergedError) else 2)  # diverged: the run failed, the input was valid
         raise
 
 
+_SHOWN_FOR: set = set()  # sweep folders whose config tree this process has printed
+
+
+def announce(cfg: DictConfig, hc) -> None:
+    """What a job prints once its config is valid: the config tree (``print_config``; in a sweep only for the
+    first valid job this process runs, the others differ by the overrides Hydra prints as ``#N : ...``), and
+    the anomaly-detection notice."""
+    multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
+    if cfg.print_config and not (multirun and hc.sweep.dir in _SHOWN_FOR):
+        from .printing import print_config
+
+        if multirun:
+            _SHOWN_FOR.add(hc.sweep.dir)
+            print(f"kdprune: config of sweep job {hc.job.num} (the other jobs differ by their overrides)")
+        print_config(cfg)
+    if cfg.detect_anomaly:
+        import torch
+
+        torch.autograd.set_detect_anomaly(True)
+        say("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)", err=True)
+
+
+# --- the console entry point: Hydra's own errors (raised before a job runs) in kdprune's words --------------
+EXTRAS = {  # a config node a plugin ships -> the install that provides it
+    "hydra/sweeper/optuna": ("the Optuna sweeper (hydra-optuna-sweeper)", "pip install 'kdprune[optuna]'"),
+    "hydra/launcher/submitit_slurm": ("the SLURM launcher (hydra-submitit-launcher)", "pip install 'kdprune[slurm]'"),
+    "hydra/launcher/submitit_local": ("the submitit launcher (hydra-submitit-launcher)",
+                                      "pip install 'kdprune[slurm]'"),
+    "hydra/launcher/ray": ("the Ray launcher (hydra-ray-launcher)",
+                           "pip install -c constraints-ray.txt 'kdprune[ray]'"),
+}
+HIDDEN_GROUPS = ("hydra", "schema", "method_budget")  # internal: not chosen on the command line
+
+
+def hidden_option(group: str, name: str) -> bool:
+    return name.endswith("_schema") or group.split("/")[0] == "schema"
+
+
+def missing_config_line(e: BaseException) -> Optional[str]:
+    """One line for a config node Hydra could not find: a plugin's node (the extra that installs it), or an
+    unknown group option (the valid ones, internal nodes left out). None for anything else."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(e, MissingConfigException):
+        return None
+    text = str(e)
+    m = re.search(r"Could not (?:load|find) '([^']+)'", text)
+    node = m.group(1) if m else (e.missing_cfg_file or "")
+    if node in EXTRAS:
+        what, install = EXTRAS[node]
+        via = re.search(r"In '([^']+)'", text)
+        chosen = f"{via.group(1)} needs " if via and via.group(1) != "config" else ""
+        return f"{chosen}{what}, which is not installed: {install}"
+    group, _, name = node.rpartition("/")
+    if not group:
+        return None
+    opts = [o for o in (e.options or []) if not hidden_option(group, o)]
+    have = f"; choose one of {', '.join(opts)}" if opts else ""
+    return f"unknown {group} option {name!r}{have}"
+
+
+def config_groups_text() -> str:
+    """``group: option, option`` lines for ``kdprune --help`` (the OmegaConf resolver ``kdprune_groups``)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(loader.list_groups("")):
+        if group in HIDDEN_GROUPS:
+            continue
+        opts = [o for o in sorted(loader.get_group_options(group, ObjectType.CONFIG))
+                if not hidden_option(group, o)]
+        if opts:
+            lines.append(f"  {group}: {', '.join(opts)}")
+    return "\n".join(lines) + "\n"
+
+
+OmegaConf.register_new_resolver("kdprune_groups", config_groups_text, replace=True)
+
+
+def main() -> None:
+    """``kdprune``: the Hydra app, with Hydra's errors about missing config nodes (an unknown option, a plugin
+    that is not installed) as one ``kdprune: error:`` line and exit status 2; other errors as Hydra reports
+    them (``HYDRA_FULL_ERROR=1``: the full traceback)."""
+    user_full = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below
+    try:
+        hydra_main()
+    except Exception as e:
+        line = missing_config_line(e)
+        if line is not None:
+            print(f"kdprune: error: {line}", file=sys.stderr)
+            sys.exit(2)
+        if user_full not in (None, "", "0"):
+            raise
+        os.environ.pop("HYDRA_FULL_ERROR")
+        from hydra._internal.utils import run_and_report
+
+        def again():
+            raise e
+
+        run_and_report(again)  # Hydra's short report: the message, or the traceback without Hydra's frames
+    finally:
+        if user_full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     main()

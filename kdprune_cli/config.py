@@ -53,7 +53,7 @@ def follow_student() -> TrainRecipe:
 class MethodConfig:
     """Typed config of a method: each method file subclasses it (field types, and defaults only where a
     value follows another part of the config); the values live in ``conf/method/<name>.yaml``, whose
-    defaults list starts with ``<name>_schema``, so a wrong type or an unknown key fails at composition."""
+    defaults list starts with ``/schema/method/<name>@_here_``, so a wrong type or an unknown key fails at composition."""
     name: str = MISSING
 
 
@@ -139,11 +139,12 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA
     compile: Any = "auto"  # auto | true | false: torch.compile the training forward (auto: on CUDA)
-    progress: bool = True
+    progress: Any = "auto"  # auto: progress bars on a terminal only | true: always | false: never
+    threads: Any = "auto"  # torch CPU threads: auto (the usable cores, or OMP_NUM_THREADS) | an integer > 0
     fail_fast: bool = False  # multirun: stop at the first failing job
     resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
     experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
-    print_config: bool = True  # print the resolved config as a tree at the start of a run
+    print_config: bool = True  # print the resolved config as a tree once it is valid (a sweep: once)
     max_batches: Optional[int] = None  # at most this many batches per training epoch (null = all; debug)
     detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly(True) for the run (slow; debug)
 
@@ -220,7 +221,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_run_options(cfg)
     check_method_node(cfg.method, "method")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """``progress`` and ``threads``: how the run uses the console and the CPU."""
+    if str(cfg.get("progress", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
+    t = cfg.get("threads", "auto")
+    if str(t).lower() != "auto" and not (isinstance(t, int) and not isinstance(t, bool) and t > 0):
+        raise ConfigError(f"threads must be auto or an integer > 0, got {t!r}")
 
 
 RECIPE_KEYS = set(TrainRecipe.__dataclass_fields__)

@@ -93,6 +93,9 @@ def data_for(obj: dict, args, device: torch.device):
     return load_data(cfg, device)
 
 
+ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
+
+
 def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
     """Export with ``torch.onnx.export`` (dynamic batch), run the file in onnxruntime on ``x``, compare."""
     try:
@@ -101,15 +104,19 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
         raise EvalError("--onnx needs onnx, onnxscript and onnxruntime: pip install 'kdprune[onnx]'") from None
     model = model.float().eval().cpu()
     x = x.float().cpu()
+    # one self-contained file; ONNX's protobuf cannot hold more than 2 GB, so a larger model keeps its weights
+    # in a side file PATH.data beside it
+    side = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > ONNX_SINGLE_FILE_BYTES
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                          verbose=False)
+                          verbose=False, external_data=side)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         diff = float((got - model(x)).abs().max())
     ok = "matches" if diff <= 1e-4 else "DOES NOT match"
+    path = f"{path} (weights in {path}.data)" if side else path
     return f"onnx: {path} written; onnxruntime's output on {x.shape[0]} test images {ok} the model's (max |Δ| {diff:.2e})"
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from .runlog import note, say
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -24,6 +27,26 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def start_wandb(cfg: DictConfig, run_dir: Path, job_id: str, group: str):
+    """``wandb.init`` without W&B's banner lines (``WANDB_SILENT``, ``Settings(silent=True)``; set
+    ``WANDB_SILENT=false`` to see them); kdprune prints one line naming the run instead."""
+    if not os.environ.get("WANDB_SILENT"):
+        os.environ["WANDB_SILENT"] = "true"
+    import wandb
+
+    lc = cfg.logger
+    quiet = os.environ["WANDB_SILENT"].lower() in ("true", "1", "yes", "on")
+    run = wandb.init(
+        project=lc.project, entity=lc.entity, group=lc.group or group, job_type=cfg.method.name,
+        id=job_id, resume="allow", mode=lc.mode, dir=str(run_dir), tags=list(lc.tags),
+        name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
+        config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(silent=quiet))
+    if run is not None:
+        where = getattr(run, "url", None) or str(Path(run.dir).parent)
+        say(f"kdprune: W&B run {run.name} ({lc.mode}, project {lc.project}, group {lc.group or group}): {where}")
+    return run
+
+
 class RunLogger:
     def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str):
         self.run_dir = Path(run_dir)
@@ -34,17 +57,12 @@ class RunLogger:
         self.wandb_run = None
         self.wandb_info = None
         if cfg.logger.name == "wandb":
-            import wandb
-
+            self.wandb_run = start_wandb(cfg, run_dir, job_id, group)
             lc = cfg.logger
-            self.wandb_run = wandb.init(
-                project=lc.project, entity=lc.entity, group=lc.group or group, job_type=cfg.method.name,
-                id=job_id, resume="allow", mode=lc.mode, dir=str(self.run_dir), tags=list(lc.tags),
-                name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
-                config=OmegaConf.to_container(cfg, resolve=True))
             self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": job_id, "mode": lc.mode}
 
     def log(self, rec: dict) -> None:
+        note(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.rows.append(rec)

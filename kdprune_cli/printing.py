@@ -1,4 +1,4 @@
-"""The resolved config as a compact rich tree, printed at the start of a run (``print_config=false``: none)."""
+"""The resolved config as a compact rich tree, printed once the config is valid (``print_config=false``: none)."""
 from __future__ import annotations
 
 from typing import Any, Optional, TextIO

@@ -36,6 +36,8 @@ from .modelfile import model_file
 from .pruning.base import Result
 from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
 from .pruning.structured import ChannelGroups, Plan
+from .runlog import say
+from .threads import apply_threads
 from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash,
                     defer_while_writing, file_digest, warn)
 from .train import train
@@ -506,7 +508,7 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
     dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast", "paths", "print_config",
-              "detect_anomaly", "compile"):
+              "detect_anomaly", "compile", "threads"):
         c.pop(k, None)
     if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
         c.pop("max_batches", None)
@@ -627,12 +629,13 @@ def _error_line(e: BaseException) -> str:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool = True,
-            overrides=()) -> dict:
+            overrides=(), on_valid: Optional[Callable[[], None]] = None) -> dict:
     """Run one job and write ``results.json`` into ``run_dir`` (also on failure). Returns the record.
 
     The run folder's record is written last, after the store copy, the checkpoint clean-up and the logger
     have finished, so ``status: ok`` on disk means everything succeeded. Bad input (``overrides`` are the
-    command-line overrides) raises :class:`ConfigError` before any data is read or any training runs.
+    command-line overrides) raises :class:`ConfigError` before any data is read or any training runs;
+    ``on_valid()`` is called once the config has passed validation (the CLI prints the config tree there).
     """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -650,6 +653,8 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
                 raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
             record["method_variant"] = method.variant()
             device = resolve_device(cfg.device)
+            if on_valid is not None:
+                on_valid()
             check_writable(run_dir)
             if cfg.store.enabled:
                 check_writable(Path(cfg.store.root))
@@ -689,6 +694,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
 
 def _start(cfg: DictConfig, run_dir: Path, group: str, device: torch.device, record: dict) -> RunLogger:
     record["versions"] = versions()
+    record["threads"] = apply_threads(cfg.get("threads", "auto"))
     record["device"] = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -794,4 +800,4 @@ def print_summary(record: dict, run_dir: Path) -> None:
         lines.append(f"  finished earlier with the same config ({record['resumed_from']}); not run again "
                      f"(resume=false runs it anew)")
     lines.append(f"  record: {run_dir / 'results.json'}")
-    print("\n".join(lines))
+    say("\n".join(lines))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,7 +33,9 @@ from .divergence import DivergedError, describe, non_finite_state
 def warn(msg: str) -> None:
     """One line ``kdprune: warning: <msg>`` on stderr."""
     text = " ".join(str(msg).split())  # one line, whatever the message holds
-    print(f"kdprune: warning: {text}", file=sys.stderr, flush=True)
+    from .runlog import say
+
+    say(f"kdprune: warning: {text}", err=True, level=logging.WARNING)
 
 
 def config_hash(obj: Any, n: int = 16) -> str:

@@ -60,8 +60,15 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def bars_disabled(progress) -> Optional[bool]:
+    """tqdm's ``disable`` for the ``progress`` setting: ``auto`` draws bars only when stderr is a terminal (tqdm's
+    ``None``: a log file or a pipe gets no carriage-return lines), ``true`` always, ``false`` never."""
+    s = str(progress).lower()
+    return None if s == "auto" else s != "true"
+
+
 def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, masks: Optional[dict] = None,
-          desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress: bool = True,
+          desc: str = "train", log: Optional[Callable[[dict], None]] = None, progress=True,
           amp: bool = False, step_hook: Optional[Callable[[int, int], None]] = None,
           evaluate: Optional[Callable[[nn.Module], dict]] = None, checkpoint: Optional[Path] = None,
           max_batches: Optional[int] = None, compile="false", where: Optional[str] = None) -> dict:
@@ -116,7 +123,7 @@ def train(model: nn.Module, data, recipe, objective, *, gen: torch.Generator, ma
                **(session.stats() if session is not None else NO_COMPILE)}
         return {k: done_before.get(k, 0) + v for k, v in now.items()}
 
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, mininterval=1.0,
+    bar = tqdm(total=total, initial=step, desc=desc, disable=bars_disabled(progress), leave=False, mininterval=1.0,
                dynamic_ncols=True)
     with session.active() if session is not None else contextlib.nullcontext(model) as net:
         for epoch in range(first_epoch, epochs):

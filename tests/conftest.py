@@ -1,16 +1,27 @@
 """Shared test helpers: compose the real Hydra config, build a tiny digits Context, a tiny network."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# One torch thread per test process (and its kdprune subprocesses, which inherit the environment) unless the
+# caller chose: on a small or shared machine the default, one thread per core in each process, oversubscribes the
+# cores and makes everything many times slower. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir
 from torch import nn
+
+# Subprocess tests bound their work by epochs and batches, not seconds; this wall-clock limit is only a safety net
+# against a hung process, generous enough for a heavily loaded machine (KDPRUNE_TEST_TIMEOUT overrides it).
+SAFETY_S = float(os.environ.get("KDPRUNE_TEST_TIMEOUT", 1800))
 
 from kdprune_cli.cli import config_dir
 from kdprune_cli.config import register
 
 register()
-import kdprune_cli.pruning  # noqa: E402,F401  the methods' typed configs (method/<name>_schema)
+import kdprune_cli.pruning  # noqa: E402,F401  the methods' typed configs (schema/method/<name>)
 
 # Everything small: digits, ResNet-20 teacher and student, 1-epoch dense training.
 TINY = [

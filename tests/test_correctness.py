@@ -24,7 +24,7 @@ from kdprune_cli.models import build_model
 from kdprune_cli.runner import CheckpointError, Interrupted, run_job
 from kdprune_cli.store import config_hash
 
-from conftest import hold_lock
+from conftest import SAFETY_S, hold_lock
 from fakedata import write_cifar
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
@@ -196,12 +196,12 @@ def test_sigterm_exits_143_and_sigusr1_138_from_the_cli(tmp_path):
         p = subprocess.Popen([sys.executable, "-m", "kdprune_cli.cli", "experiment=quickstart", "progress=false",
                               "teacher.train.epochs=50", f"hydra.run.dir={run}"], env=env, cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + SAFETY_S
         while time.time() < deadline and p.poll() is None and not (run / "metrics.jsonl").is_file():
             time.sleep(0.05)
         time.sleep(1.0)
         p.send_signal(sig)
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=SAFETY_S)
         assert p.returncode == code, err[-2000:]
         assert f"interrupted by {sig.name}" in err and "Traceback" not in err
         rec = _records(run)
@@ -249,7 +249,7 @@ def test_method_name_cannot_be_swapped_under_a_method_config(tiny_cfg, tmp_path)
 def _cli(args, tmp_path):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", "experiment=quickstart", "progress=false",
-                           *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                           *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

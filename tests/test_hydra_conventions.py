@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from kdprune_cli.runner import validate
 from kdprune_cli.runner import job_id
 from kdprune_cli.train import train
 
-from conftest import TinyNet, compose_cfg
+from conftest import SAFETY_S, TinyNet, compose_cfg
 
 CONF = Path(config_dir())
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,29 +130,31 @@ def _cli(args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     env.pop("KDPRUNE_STORE", None)  # debug keeps its own store under ./outputs/debug
     return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+                          env=env, cwd=cwd, timeout=SAFETY_S)
 
 
 def test_debug_runs_in_seconds_and_prints_the_config_tree(tmp_path):
-    t = time.perf_counter()
     r = _cli(["debug=default", "progress=false", f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    seconds = time.perf_counter() - t
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "run" / "results.json").read_text())
     assert rec["status"] == "ok" and rec["dataset"] == "digits"
-    assert seconds < 90, seconds  # "seconds on CPU": ~10 s start-up + ~20 s on a busy 2-core machine
+    # "seconds on CPU" as work, not wall-clock (a loaded machine is slow): 2 batches of 64 per training epoch
+    stages = rec["cost"]["stages"]
+    assert stages["teacher"]["samples"] == stages["student"]["samples"] == stages["retrain"]["samples"] == 2 * 64
     assert "anomaly detection is on" in r.stderr
     assert (tmp_path / "outputs" / "debug" / "store").is_dir()
     out = r.stdout
     assert "config\n├── " in out and "├── sparsity: 0.9" in out and "├── data" in out
     assert "max_batches: 2" in out and "── hydra" not in out
     assert "results.json" in out  # the summary still follows
-    # print_config=false: no tree (a run refused at validation, after the point where the tree is printed)
+    # print_config=false: no tree
     r = _cli(["debug=default", "print_config=false", "sparsity=1.0", f"hydra.run.dir={tmp_path}/bad"], tmp_path)
     assert r.returncode == 2 and "sparsity must be in" in r.stderr
     assert "sparsity:" not in r.stdout and "├──" not in r.stdout
+    # print_config=true: the tree is printed once the config is valid, so a refused run prints only its line
     r = _cli(["debug=default", "sparsity=1.0", f"hydra.run.dir={tmp_path}/bad2"], tmp_path)
-    assert r.returncode == 2 and "├── sparsity: 1.0" in r.stdout
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["kdprune: error: sparsity must be in [0, 1), got 1.0"]
+    assert "├──" not in r.stdout and "config\n" not in r.stdout
 
 
 def test_hparams_search_presets_replace_method_keys_in_the_sweeper():

@@ -8,6 +8,7 @@ import pytest
 
 from kdprune_cli import runner
 from kdprune_cli.runner import run_job
+from conftest import SAFETY_S
 
 ARGS = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
 
@@ -70,7 +71,7 @@ def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd(tmp_path / "killed"), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + SAFETY_S
     while time.time() < deadline and p.poll() is None:
         if list((tmp_path / "store" / "jobs").glob("*/retrain.1.pt")):  # an epoch of retraining is saved
             break
@@ -81,7 +82,7 @@ def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):
     assert not (tmp_path / "killed" / "results.json").exists()  # killed: no record at all
     assert list((tmp_path / "store" / "jobs").glob("*/retrain.1.pt"))
 
-    r = subprocess.run(cmd(tmp_path / "again"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd(tmp_path / "again"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=SAFETY_S)
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()
@@ -89,7 +90,7 @@ def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):
     assert epochs and epochs[0] >= 2 and epochs[-1] == 4  # continued, did not start over
 
     env_ref = {**env, "KDPRUNE_STORE": str(tmp_path / "store_ref")}
-    r = subprocess.run(cmd(tmp_path / "ref"), env=env_ref, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd(tmp_path / "ref"), env=env_ref, cwd=tmp_path, capture_output=True, text=True, timeout=SAFETY_S)
     assert r.returncode == 0, r.stderr[-2000:]
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
     assert again["metrics"] == ref["metrics"] and again["sparsity_actual"] == ref["sparsity_actual"]

@@ -20,6 +20,7 @@ from kdprune_cli.models.cifar import BasicBlock
 from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.structured import ChannelGroups
 from kdprune_cli.runner import run_job
+from conftest import SAFETY_S
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 
@@ -155,7 +156,7 @@ def test_run_retrains_the_smaller_model_and_the_file_reloads(tiny_cfg, tmp_path)
     assert rec["model_file"]["bytes"] == (run_dir / "model.pt").stat().st_size
     # kdprune-eval in a fresh process gives the record's final metrics exactly
     out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--json"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["metrics"] == rec["metrics"]["final"] and got["record_matches"] is True
@@ -176,14 +177,15 @@ def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
     rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.4", "prune.round_to=4")
     out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--onnx",
                           str(tmp_path / "m.onnx"), "--latency", "--latency-batch", "4", "--iters", "3"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr
     assert "matches the model's" in out.stdout and (tmp_path / "m.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.glob("m.onnx*")) == ["m.onnx"]  # one file, no m.onnx.data beside it
     assert "batch    4 eager" in out.stdout
     bad = tmp_path / "bad.pt"
     bad.write_bytes((run_dir / "model.pt").read_bytes()[:2000])
     out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(bad)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "damaged" in out.stderr
     with pytest.raises(ModelFileError, match="does not fit"):  # weights of another architecture
         obj = torch.load(run_dir / "model.pt", weights_only=True)

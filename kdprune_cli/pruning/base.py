@@ -34,14 +34,14 @@ class Result:
 
 class Method:
     name: ClassVar[str] = ""
-    Config: ClassVar[type] = MethodConfig  # the typed config; registered as method/<name>_schema
+    Config: ClassVar[type] = MethodConfig  # typed config, registered as schema/method/<name>
     granularities: ClassVar[tuple] = ("weight",)  # prune.granularity values the method supports
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if cls.name:
             REGISTRY[cls.name] = cls
-            ConfigStore.instance().store(group="method", name=f"{cls.name}_schema", node=cls.Config)
+            ConfigStore.instance().store(group="schema/method", name=cls.name, node=cls.Config)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
