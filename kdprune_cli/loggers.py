@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +26,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class RunLogger:
-    def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str):
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str, run_id: Optional[str] = None):
+        """``run_id``: the W&B run id (default ``job_id``; a reused job has its own, see ``reuse.wandb_run_id``)."""
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.jsonl.write_text("")
@@ -39,10 +41,11 @@ class RunLogger:
             lc = cfg.logger
             self.wandb_run = wandb.init(
                 project=lc.project, entity=lc.entity, group=lc.group or group, job_type=cfg.method.name,
-                id=job_id, resume="allow", mode=lc.mode, dir=str(self.run_dir), tags=list(lc.tags),
+                id=run_id or job_id, resume="allow", mode=lc.mode, dir=str(self.run_dir), tags=list(lc.tags),
                 name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
                 config=OmegaConf.to_container(cfg, resolve=True))
-            self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": job_id, "mode": lc.mode}
+            self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": run_id or job_id,
+                               "mode": lc.mode}
 
     def log(self, rec: dict) -> None:
         with open(self.jsonl, "a") as f:
