@@ -140,11 +140,12 @@ def reuse(cfg: DictConfig, previous: dict, store_record: Path, run_dir: Path, gr
     if original.get("reused"):  # a record that was itself reused: what the job first cost
         original = original.get("original") or {}
     record["cost"] = {"reused": True, "stages": {}, "total_seconds": None, "original": original}
+    lines = _earlier_lines(previous)  # read first: the logger starts this folder's metrics.jsonl afresh
     logger = RunLogger(cfg, run_dir, record["job_id"], group, run_id=wandb_run_id(record["job_id"], run_dir))
     try:
         if logger.wandb_info:
             record["wandb"] = logger.wandb_info
-        for line in _earlier_lines(previous):
+        for line in lines:
             logger.log(line)
         record["cost"]["total_seconds"] = time.perf_counter() - t_start
         record["config"] = OmegaConf.to_container(cfg, resolve=False)

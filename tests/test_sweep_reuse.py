@@ -112,3 +112,16 @@ def test_a_model_file_gone_or_not_matching_its_record_is_not_usable(tmp_path):
     assert "has 3 bytes, its record says 4" in reuse.usable_model({"model_file": {**ok, "bytes": 4}})[2]
     assert "sha256" in reuse.usable_model({"model_file": {**ok, "sha256": "0" * 64}})[2]
     assert "could not be read" in reuse.usable_model({"model_file": {"path": str(f), "bytes": 3}})[2]
+
+
+def test_a_job_reused_in_its_own_folder_keeps_its_model_and_log(tiny_cfg, tmp_path):
+    from test_pipeline import FAST
+    from kdprune_cli.runner import run_job
+
+    cfg = tiny_cfg(*FAST)
+    first = run_job(cfg, tmp_path / "r", summary=False)
+    log = (tmp_path / "r" / "metrics.jsonl").read_text()
+    again = run_job(cfg, tmp_path / "r", summary=False)  # the same command, the same run folder
+    assert again["reused_from"] and again["model_file"]["linked"] is True
+    assert again["model_file"]["sha256"] == first["model_file"]["sha256"] == reuse.sha256_file(tmp_path / "r" / "model.pt")
+    assert log and (tmp_path / "r" / "metrics.jsonl").read_text() == log
