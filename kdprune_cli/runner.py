@@ -787,7 +787,7 @@ def pruned_amount(record: dict) -> tuple[str, Optional[str]]:
     warning = None
     if isinstance(got, (int, float)) and isinstance(asked, (int, float)) and abs(got - asked) > tol + 1e-9:
         warning = (f"asked for {asked:g} of the {kind} removed, got {got:.4f} ({got - asked:+.4f}, more than the "
-                   f"plan's tolerance {tol:.4f}); see `structure` in the record")
+                   f"tolerance {tol:.4f}); see `structure` in the record")
     return text, warning
 
 

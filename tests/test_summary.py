@@ -62,7 +62,7 @@ def test_a_target_missed_by_more_than_the_tolerance_warns_in_one_line(tmp_path, 
     print_summary(_channel("params", 0.5, 0.0819, 0.0819, 0.1, method="nuteprune"), tmp_path)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("kdprune: warning: asked for 0.5 of the params removed, got "
-                                                   "0.0819 (-0.4181, more than the plan's tolerance 0.0100)")
+                                                   "0.0819 (-0.4181, more than the tolerance 0.0100)")
     print_summary(_channel("macs", 0.6, 0.58, 0.3, 0.58, tolerance=0.05), tmp_path)  # within the plan's step
     assert capsys.readouterr().err == ""
     print_summary(_record(sparsity_actual=0.42), tmp_path)
