@@ -10,6 +10,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +28,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def start_wandb(cfg: DictConfig, run_dir: Path, job_id: str, group: str):
+def start_wandb(cfg: DictConfig, run_dir: Path, job_id: str, group: str, run_id: Optional[str] = None):
     """``wandb.init`` without W&B's banner lines (``WANDB_SILENT``, ``Settings(silent=True)``; set
     ``WANDB_SILENT=false`` to see them); kdprune prints one line naming the run instead."""
     if not os.environ.get("WANDB_SILENT"):
@@ -38,7 +39,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path, job_id: str, group: str):
     quiet = os.environ["WANDB_SILENT"].lower() in ("true", "1", "yes", "on")
     run = wandb.init(
         project=lc.project, entity=lc.entity, group=lc.group or group, job_type=cfg.method.name,
-        id=job_id, resume="allow", mode=lc.mode, dir=str(run_dir), tags=list(lc.tags),
+        id=run_id or job_id, resume="allow", mode=lc.mode, dir=str(run_dir), tags=list(lc.tags),
         name=f"{cfg.method.name}-s{cfg.sparsity}-seed{cfg.seed}-{job_id[:6]}",
         config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(silent=quiet))
     if run is not None:
@@ -48,7 +49,8 @@ def start_wandb(cfg: DictConfig, run_dir: Path, job_id: str, group: str):
 
 
 class RunLogger:
-    def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str):
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_id: str, group: str, run_id: Optional[str] = None):
+        """``run_id``: the W&B run id (default ``job_id``; a reused job has its own, see ``reuse.wandb_run_id``)."""
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.jsonl.write_text("")
@@ -57,9 +59,10 @@ class RunLogger:
         self.wandb_run = None
         self.wandb_info = None
         if cfg.logger.name == "wandb":
-            self.wandb_run = start_wandb(cfg, run_dir, job_id, group)
+            self.wandb_run = start_wandb(cfg, run_dir, job_id, group, run_id)
             lc = cfg.logger
-            self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": job_id, "mode": lc.mode}
+            self.wandb_info = {"project": lc.project, "group": lc.group or group, "id": run_id or job_id,
+                               "mode": lc.mode}
 
     def log(self, rec: dict) -> None:
         note(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))

@@ -11,8 +11,9 @@ method_variant); each (dataset, teacher, student) gets one table: rows are metho
 mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
 the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
 ``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png``,
-``accuracy_vs_latency_<dataset>_<teacher>_<student>.png`` where some run recorded its latency or executed
-MACs, and, for each ``--layers`` run, ``layers_<job>.png``.
+``accuracy_vs_latency_<dataset>_<teacher>_<student>.png`` where some run recorded its latency or executes
+fewer MACs than the dense student, and, for each ``--layers`` run, ``layers_<job>.png``. Plots draw what the
+tables give: mean ± sample std over seeds.
 
 ``--metric`` is one of top1, top5, nll, ece, and the calibration fields mce, rmsce, ece_ts, nll_ts,
 temperature (docs/calibration.md); a run that did not record the chosen one (``ece_ts`` needs a held-out
@@ -26,7 +27,11 @@ input (exit 2, nothing written).
 ``--cost macs|latency|all`` adds cost-of-inference columns beside each sparsity: the final model's executed
 MACs as a fraction of the dense student's (``flops.executed / flops.dense``) and its speed-up over the dense
 student (dense median ms / final median ms of one run) for the latency setting ``--latency-batch`` (1) and
-``--latency-mode`` (eager); means over seeds, ``—`` where no run recorded them.
+``--latency-mode`` (eager); means over seeds, ``—`` where no run of a cell recorded them. A table gets a
+column only when some run has its numbers (MACs: some run executes other MACs than the dense student); in
+place of one left out, a line says how to get it (``prune.granularity=channel``, ``eval.latency=true``).
+A run that reused a job finished earlier (``cost.reused``) is left out of the seconds per run and counted
+apart (``N reused``).
 
 Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``); reruns of
 one job count once (the newest record): records are matched by ``job_id``, or, when a job failed before
@@ -59,7 +64,9 @@ SAMPLES_NOTE = ("Samples per run: samples pushed through the network being train
                 "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
                 "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
                 "really cost, not only what the run itself recomputed. Seconds per run are the run's own "
-                "wall-clock (`cost.total_seconds`), in which cached stages cost ~0.")
+                "wall-clock (`cost.total_seconds`), in which cached stages cost ~0. A run that reused a job "
+                "finished earlier (`cost.reused`) trained nothing: it counts the samples its original run "
+                "cost (`cost.original`) and is left out of the seconds per run (counted apart: `N reused`).")
 
 
 class InputError(Exception):
@@ -212,10 +219,20 @@ def metric_of(rec: dict, key: str, metric: str) -> Optional[float]:
     return _num(m.get(metric)) if isinstance(m, dict) else None
 
 
+def is_reused(rec: dict) -> bool:
+    """A run that reused a job finished earlier (``cost.reused``): no work of its own."""
+    c = rec.get("cost")
+    return isinstance(c, dict) and c.get("reused") is True
+
+
 def run_samples(rec: dict) -> int:
-    """Samples the result really cost: all stages (network + teacher), cached stages by their artifact cost."""
+    """Samples the result really cost: all stages (network + teacher), cached stages by their artifact cost;
+    a reused run's by its original run's cost."""
     total = 0
-    stages = ((rec.get("cost") or {}).get("stages") or {})
+    c = rec.get("cost") if isinstance(rec.get("cost"), dict) else {}
+    if is_reused(rec):
+        c = c.get("original") if isinstance(c.get("original"), dict) else {}
+    stages = c.get("stages") or {}
     for st in stages.values():
         if not isinstance(st, dict):
             continue
@@ -227,7 +244,8 @@ def run_samples(rec: dict) -> int:
 
 
 def run_seconds(rec: dict) -> Optional[float]:
-    return _num((rec.get("cost") or {}).get("total_seconds"))
+    """The run's own wall-clock; None for a reused run (its seconds are not work, see :func:`is_reused`)."""
+    return None if is_reused(rec) else _num((rec.get("cost") or {}).get("total_seconds"))
 
 
 @dataclass
@@ -334,8 +352,19 @@ def cell_stat(recs: list, metric: str) -> Optional[Stat]:
 
 
 def cost(recs: list) -> tuple:
+    """Mean seconds (over the runs that did their own work) and mean samples per run."""
     secs = [s for s in (run_seconds(r) for r in recs) if s is not None]
     return _mean(secs), _mean([float(run_samples(r)) for r in recs])
+
+
+def n_reused(recs: list) -> int:
+    return sum(is_reused(r) for r in recs)
+
+
+def fmt_run_secs(recs: list, secs: Optional[float]) -> str:
+    """The seconds / run cell: the mean over runs that did their own work, ``(N reused)`` beside it."""
+    n = n_reused(recs)
+    return fmt_secs(secs) + (f" ({n} reused)" if n else "")
 
 
 # --- cost of inference: executed MACs and latency (``--cost``) ----------------------------------------------
@@ -417,6 +446,53 @@ def latency_where(recs: list) -> str:
     return "; ".join(seen)
 
 
+def macs_differ(rec: dict) -> bool:
+    """The run executes fewer (or other) MACs than the dense student: a physically smaller model."""
+    ex, dense = macs(rec, "executed"), macs(rec, "dense")
+    return ex is not None and dense is not None and ex != dense
+
+
+def measured_settings(recs: list) -> list:
+    """The latency settings some run measured (final model), in order of appearance."""
+    seen = []
+    for r in recs:
+        for e in latency_entries(r, "final"):
+            if _num(e.get("batch")) is not None and isinstance(e.get("mode"), str):
+                st = Setting(int(e["batch"]), e["mode"])
+                if st not in seen:
+                    seen.append(st)
+    return seen
+
+
+def shown_cost_columns(t: "Table", cols: tuple, setting: Setting) -> tuple:
+    """The asked-for cost columns a table has numbers for, and a line for each left out saying how to get it:
+    MACs when some run executes other MACs than the dense student, speed-up when some run measured latency
+    at the setting."""
+    shown, notes = [], []
+    for c in cols:
+        if c == "macs":
+            if any(macs_differ(r) for r in t.runs):
+                shown.append(c)
+            elif not any(macs(r, "executed") is not None for r in t.runs):
+                notes.append("MACs column left out: no run recorded the MACs its final model executes "
+                             "(`flops.executed`).")
+            else:
+                notes.append("MACs column left out: every run executes all of the dense student's MACs (weight "
+                             "granularity zeroes weights but removes none); `prune.granularity=channel` removes "
+                             "channels and executes fewer.")
+        elif c == "speedup":
+            if any(speedup(r, setting) is not None for r in t.runs):
+                shown.append(c)
+            else:
+                other = measured_settings(t.runs)
+                notes.append(f"Speed-up column left out: no run measured latency at {setting}; "
+                             + (f"measured: {'; '.join(map(str, other))} (choose with --latency-batch and "
+                                "--latency-mode)." if other else
+                                "run with `eval.latency=true` (or time a saved model: `kdprune-eval RUN_DIR "
+                                "--latency`)."))
+    return tuple(shown), notes
+
+
 def cost_stat(recs: list, col: str, setting: Setting) -> Optional[Stat]:
     vals = [macs_ratio(r) if col == "macs" else speedup(r, setting) for r in recs]
     return stat([v for v in vals if v is not None])
@@ -496,16 +572,20 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     out.append(f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
                f"{counts['missing']} job folders missing a record"
                + (f", {len(superseded)} superseded by a newer run of the same job" if superseded else "") + ".")
-    if cols:
-        out += ["", cost_note(cols, setting)]
+    asked = cols
+    shown = {id(t): shown_cost_columns(t, asked, setting) for t in tables}
+    anywhere = tuple(c for c in asked if any(c in sh for sh, _ in shown.values()))
+    if anywhere:
+        out += ["", cost_note(anywhere, setting)]
     for t in tables:
         sps = t.sparsities
+        cols, notes = shown[id(t)]
         out += ["", f"## {title(t)}", ""]
         out.append(f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
                    f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}.")
-        if cols:
-            out.append("")
-            out.append(dense_cost_line(t, cols, setting))
+        dense_line = dense_cost_line(t, asked, setting) if asked else None
+        for line in ([dense_line] if dense_line else []) + notes:
+            out += ["", line]
         out.append("")
         out.append("| method | " + " | ".join(f"sparsity {fmt_sp(s)}" + "".join(
             f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in cols) for s in sps) + " | seconds / run | samples / run¹ |")
@@ -517,7 +597,8 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
                 recs = row.cells.get(s)
                 cells.append(fmt_stat(cell_stat(recs, metric), nd) if recs else "—")
                 cells += [fmt_times(cost_stat(recs, c, setting), len(recs)) if recs else "—" for c in cols]
-            out.append(f"| {row.label} | " + " | ".join(cells) + f" | {fmt_secs(secs)} | {fmt_samples(samples)} |")
+            out.append(f"| {row.label} | " + " | ".join(cells)
+                       + f" | {fmt_run_secs(row.runs, secs)} | {fmt_samples(samples)} |")
     if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
     if problems:
@@ -534,21 +615,23 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
 
 
 def _fmt_macs(x: Optional[float]) -> str:
-    return "—" if x is None else f"{x / 1e6:,.2f} M"
+    return "—" if x is None else f"{x / 1e6:,.2f} M" if x >= 1e6 else f"{x:,.0f}"
 
 
-def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> str:
-    """The dense student's cost: MACs and, for the latency setting, median ms (means over the runs)."""
+def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> Optional[str]:
+    """The dense student's cost: MACs and, for the latency setting, median ms (means over the runs that
+    recorded them); None when the runs recorded neither."""
     bits = []
     if "macs" in cols:
-        bits.append(f"{_fmt_macs(_mean([v for v in (macs(r, 'dense') for r in t.runs) if v is not None]))} "
-                    "MACs per input")
+        dense = _mean([v for v in (macs(r, "dense") for r in t.runs) if v])
+        if dense is not None:
+            bits.append(f"{_fmt_macs(dense)} MACs per input")
     if "speedup" in cols:
         ms = [v for v in (latency_of(r, "dense_student", setting) for r in t.runs) if v is not None]
         where = latency_where(t.runs)
-        bits.append("—" if not ms else f"{_mean(ms):.3f} ms median ({setting}, n={len(ms)}"
-                    + (f"; {where}" if where else "") + ")")
-    return "Dense student cost: " + ", ".join(bits) + "."
+        if ms:
+            bits.append(f"{_mean(ms):.3f} ms median ({setting}, n={len(ms)}" + (f"; {where}" if where else "") + ")")
+    return "Dense student cost: " + ", ".join(bits) + "." if bits else None
 
 
 def _where(rec: Optional[dict]) -> str:
@@ -580,8 +663,10 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
     pm = r"$\pm$"
     out = ["% kdprune-report: one booktabs tabular per (dataset, teacher, student); needs \\usepackage{booktabs}",
            ""]
+    asked = cols
     for t in tables:
         sps = t.sparsities
+        cols, _ = shown_cost_columns(t, asked, setting)
         ncol = len(sps) * (1 + len(cols))
         cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
                f"{tex_escape(metric_desc(metric))}, mean {pm} sample std over seeds (n runs). Samples per run "
@@ -613,7 +698,7 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
                           .replace("—", "--") if recs else "--" for c in cols]
             sam = "--" if samples is None else f"{samples:,.0f}".replace(",", "{,}")
             out.append(f"{tex_label(row)} & " + " & ".join(cells)
-                       + f" & {fmt_secs(secs).replace('—', '--')} & {sam} \\\\")
+                       + f" & {fmt_run_secs(row.runs, secs).replace('—', '--')} & {sam} \\\\")
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out) + "\n"
 
@@ -649,10 +734,11 @@ def write_csv(tables: list, metric: str, path: Path, costs: str = "none", settin
     cols = cost_columns(costs)
     gran = bool(cols) or any(row.granularity != WEIGHT for t in tables for row in t.rows.values())
     var = any(row.variant is not None for t in tables for row in t.rows.values())
+    reused = any(is_reused(r) for t in tables for r in t.runs)  # seconds_mean leaves them out
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + (["variant"] if var else [])
-                   + [c for k in cols for c in CSV_COST_COLUMNS[k]])
+                   + [c for k in cols for c in CSV_COST_COLUMNS[k]] + (["runs_reused"] if reused else []))
         for t in tables:
             for row in t.sorted_rows():
                 for s in sorted(row.cells):
@@ -663,7 +749,8 @@ def write_csv(tables: list, metric: str, path: Path, costs: str = "none", settin
                                 _r(st and st.std), st.n if st else 0, "" if secs is None else repr(secs),
                                 "" if samples is None else repr(samples)] + ([row.granularity] if gran else [])
                                + ([row.variant or ""] if var else [])
-                               + [c for k in cols for c in csv_cost_cells(row.cells[s], k, setting)])
+                               + [c for k in cols for c in csv_cost_cells(row.cells[s], k, setting)]
+                               + ([n_reused(row.cells[s])] if reused else []))
 
 
 # --- plots --------------------------------------------------------------------------------------------------
@@ -684,23 +771,22 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for row in t.sorted_rows():
-        pts = [(s, cell_stat(row.cells[s], metric)) for s in sorted(row.cells)]
-        xs, sts = [s for s, st in pts if st is not None], [st for _, st in pts if st is not None]
+        xs = sorted(row.cells)
+        sts = [cell_stat(row.cells[s], metric) for s in xs]
+        xs, sts = [s for s, st in zip(xs, sts) if st is not None], [st for st in sts if st is not None]
         if not xs:
             continue
-        means = [s.mean for s in sts]
-        lo = [m - s.min for m, s in zip(means, sts)]
-        hi = [s.max - m for m, s in zip(means, sts)]
-        bars = ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, label=row.label)
+        means, stds = [s.mean for s in sts], [s.std for s in sts]  # as the tables: mean ± sample std
+        bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=row.label)
         if len(xs) > 1 and any(s.n > 1 for s in sts):
-            ax.fill_between(xs, [s.min for s in sts], [s.max for s in sts], color=bars.lines[0].get_color(),
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                            color=bars.lines[0].get_color(), alpha=0.15, linewidth=0)
     for key, name, style in (("teacher", "teacher (dense)", ":"), ("dense_student", "student (dense)", "--")):
         d = t.dense(key, metric)
         if d is not None:
             ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel("target sparsity")
-    return _finish(fig, ax, t, metric, "mean, min–max over seeds", out / f"accuracy_vs_sparsity_{_stem(t)}.png")
+    return _finish(fig, ax, t, metric, "mean ± sample std over seeds, as in the tables", out / f"accuracy_vs_sparsity_{_stem(t)}.png")
 
 
 def _stem(t: Table) -> str:
@@ -723,13 +809,13 @@ def _finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
 def cost_axis(t: Table, setting: Setting):
     """What the cost plot puts on x: ``(kind, final x of a record, dense student x of a record, label)``
     with kind ``latency`` (median ms of the setting) when some run measured it, else ``macs`` (executed
-    MACs, millions) when some run recorded them, else None (no plot)."""
+    MACs, millions) when some run executes other MACs than the dense student, else None (no plot)."""
     if any(latency_of(r, "final", setting) is not None for r in t.runs):
         where = latency_where(t.runs)
         return ("latency", lambda r: latency_of(r, "final", setting),
                 lambda r: latency_of(r, "dense_student", setting),
                 f"latency, median ms ({setting}" + (f"; {where}" if where else "") + ")")
-    if any(macs(r, "executed") is not None for r in t.runs):
+    if any(macs_differ(r) for r in t.runs):  # all at the dense MACs: one vertical line, no plot
         mm = lambda key: lambda r: None if macs(r, key) is None else macs(r, key) / 1e6  # noqa: E731
         why = "no latency measured" if not any(latency_entries(r, "final") for r in t.runs) \
             else f"no latency measured at {setting}"
@@ -774,7 +860,7 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if d is not None:
         ax.axhline(d.mean, color="gray", linestyle=":", linewidth=1, label="teacher (dense)")
     ax.set_xlabel(f"final model {xlabel}" if kind == "latency" else xlabel, fontsize=8)
-    return _finish(fig, ax, t, metric, "mean ± std over seeds; labels: sparsity",
+    return _finish(fig, ax, t, metric, "mean ± sample std over seeds; labels: sparsity",
                    out / f"accuracy_vs_latency_{_stem(t)}.png")
 
 

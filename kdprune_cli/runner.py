@@ -36,6 +36,7 @@ from .modelfile import model_file
 from .pruning.base import Result
 from .pruning.masks import Scores, apply_masks, assert_masked, check_exclude, select, sparsity_report
 from .pruning.structured import ChannelGroups, Plan
+from .reuse import describe_model_file, reuse
 from .runlog import say
 from .threads import apply_threads
 from .store import (Store, atomic_save, atomic_write_json, check_writable, clean_orphans, config_hash,
@@ -609,7 +610,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:
-    """The stored record of a finished job with this identity, if any (a damaged one is discarded)."""
+    """The stored record of a finished job with this identity, if any (a damaged one is discarded), with
+    ``reused_from``: where it was read."""
     done = job_dir(cfg, jid) / "results.json"
     if not (cfg.resume and cfg.store.enabled and done.is_file()):
         return None
@@ -621,7 +623,7 @@ def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:
         warn(f"{done} is damaged ({type(e).__name__}); discarded, the job runs again")
         done.unlink(missing_ok=True)
         return None
-    return {**previous, "resumed_from": str(done)} if previous["status"] == "ok" else None
+    return {**previous, "reused_from": str(done)} if previous["status"] == "ok" else None
 
 
 def _error_line(e: BaseException) -> str:
@@ -661,9 +663,12 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
                 clean_orphans(cfg.store.root)
             record["job_id"] = job_id(cfg, content_ids(cfg))
             previous = _finished_record(cfg, record["job_id"])
-            if previous is not None:  # a finished job is not run again
+            reused = None
+            if previous is not None:  # a finished job is not run again: its model and results are reused
                 previous.setdefault("method_variant", method.variant())  # a record from before the field
-                record = previous
+                reused = reuse(cfg, previous, Path(previous["reused_from"]), run_dir, group, t_start)
+            if reused is not None:
+                record = reused
             else:
                 logger = _start(cfg, run_dir, group, device, record)
                 ctx = _context(cfg, device, logger, record)
@@ -758,13 +763,13 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
                            granularity=cfg.prune.granularity, artifacts=art.files,
                            teacher=cfg.teacher.name, teacher_kwargs=model_kwargs(cfg.teacher)), run_dir / "model.pt")
     record["checkpoint"] = str(run_dir / "model.pt")
-    record["model_file"] = {"path": str(run_dir / "model.pt"), "bytes": (run_dir / "model.pt").stat().st_size}
+    record["model_file"] = describe_model_file(run_dir / "model.pt")  # path, bytes, sha256 (checked on reuse)
     record["status"] = "ok"
 
 
 def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: float) -> None:
-    """Metrics, per-stage cost, total time and the config into ``record`` (not for a copied record)."""
-    if "resumed_from" in record:
+    """Metrics, per-stage cost, total time and the config into ``record`` (not for a reused record)."""
+    if "reused_from" in record:
         return
     if ctx is not None:
         record["metrics"] = ctx.evaluator.metrics
@@ -778,26 +783,74 @@ def _complete(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: fl
     record["config"] = OmegaConf.to_container(cfg, resolve=False)
 
 
+DEFAULT_TOLERANCE = 0.01  # how far the achieved fraction may miss the target where the record states no tolerance
+
+
+def _frac(x) -> str:
+    return "?" if not isinstance(x, (int, float)) else f"{x:.4f}"
+
+
+def pruned_amount(record: dict) -> tuple[str, Optional[str]]:
+    """The headline's account of what was pruned, in the unit that was asked for (``prune.target``: params or
+    MACs; achieved vs target, the other unit beside it), and a warning line when the achieved fraction misses
+    the target by more than the plan's ``tolerance`` (``structure.tolerance``; 0.01 where none is recorded)."""
+    target = record.get("sparsity_target")
+    st = record.get("structure") if isinstance(record.get("structure"), dict) else None
+    if st is not None and st.get("target") in ("params", "macs") and isinstance(st.get("achieved"), (int, float)):
+        kind, other = st["target"], "macs" if st["target"] == "params" else "params"
+        asked = st.get("requested", target)
+        unit = {"params": "params", "macs": "MACs"}
+        text = (f"{unit[kind]} removed {_frac(st['achieved'])} (target {asked:g}), "
+                f"{unit[other]} removed {_frac(st.get(f'{other}_removed'))}")
+        got, tol = st["achieved"], st.get("tolerance", DEFAULT_TOLERANCE)
+    else:  # weight granularity: the fraction of prunable weights that are zero
+        kind, asked, got, tol = "params", target, record.get("sparsity_actual"), DEFAULT_TOLERANCE
+        text = f"params pruned {_frac(got)} (target {asked:g})"
+    warning = None
+    if isinstance(got, (int, float)) and isinstance(asked, (int, float)) and abs(got - asked) > tol + 1e-9:
+        warning = (f"asked for {asked:g} of the {kind} removed, got {got:.4f} ({got - asked:+.4f}, more than the "
+                   f"tolerance {tol:.4f}); see `structure` in the record")
+    return text, warning
+
+
+def _cell(x, nd: int) -> str:
+    """A summary cell: fixed decimals for ordinary values, 3 significant digits past 1e5 (never wider than 9)."""
+    if not isinstance(x, (int, float)):
+        return "—"
+    return f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
+
+
 def print_summary(record: dict, run_dir: Path) -> None:
     method = record["method"] + (f" [{record['method_variant']}]" if record.get("method_variant") else "")
+    amount, warning = pruned_amount(record)
     lines = [f"kdprune: {method} on {record['dataset']} "
-             f"({record['teacher']} → {record['student']}), sparsity {record['sparsity_target']} "
-             f"(actual {record['sparsity_actual']:.4f}), seed {record['seed']}"]
-    lines.append(f"  {'':<14}{'top1':>8}{'top5':>8}{'nll':>8}{'ece':>8}")
+             f"({record['teacher']} → {record['student']}), {amount}, seed {record['seed']}"]
+    lines.append(f"  {'':<14}{'top1':>9}{'top5':>10}{'nll':>10}{'ece':>10}")
     for k in ("teacher", "dense_student", "pruned", "final"):
         m = record["metrics"].get(k)
         if m:
-            lines.append(f"  {k:<14}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.3f}{m['ece']:>8.3f}")
+            lines.append(f"  {k:<14}" + "".join(f" {_cell(m.get(c), nd):>{w - 1}}" for c, nd, w in
+                                                (("top1", 2, 9), ("top5", 2, 10), ("nll", 3, 10), ("ece", 3, 10))))
     p, f = record["params"], record["flops"]
     line = f"  params {p['nonzero']:,}/{p['prunable']:,} non-zero · MACs {f['sparse']:,}/{f['dense']:,}"
     if record.get("granularity") == "channel":  # physically smaller: what it has and runs
         line += f" · {p['total']:,}/{p['total_dense']:,} parameters and {f['executed']:,} MACs as run"
     lines.append(line)
-    stages = ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v.get('cached') else ''}"
-                       for k, v in record["cost"]["stages"].items())
-    lines.append(f"  time {record['cost']['total_seconds']:.1f}s: {stages}")
-    if record.get("resumed_from"):
-        lines.append(f"  finished earlier with the same config ({record['resumed_from']}); not run again "
-                     f"(resume=false runs it anew)")
+    cost = record["cost"]
+    if cost.get("reused"):
+        before = (cost.get("original") or {}).get("total_seconds")
+        lines.append(f"  time {cost['total_seconds']:.1f}s (reused"
+                     + (f"; the run that made it took {before:.1f}s)" if isinstance(before, (int, float)) else ")"))
+    else:
+        stages = ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v.get('cached') else ''}"
+                           for k, v in cost["stages"].items())
+        lines.append(f"  time {cost['total_seconds']:.1f}s: {stages}")
+    if record.get("reused_from"):
+        mf = record.get("model_file") or {}
+        how = "linked" if mf.get("linked") else "copied"
+        lines.append(f"  finished earlier with the same config ({record['reused_from']}); not run again: "
+                     f"model.pt {how} from {mf.get('source')} (resume=false runs it anew)")
     lines.append(f"  record: {run_dir / 'results.json'}")
     say("\n".join(lines))
+    if warning:
+        warn(warning)

@@ -44,10 +44,10 @@ def test_a_new_checkpoint_file_at_the_same_path_is_a_new_job(tiny_cfg, tmp_path)
     torch.manual_seed(2)
     torch.save(build_model("resnet20", 10, 1, 8).state_dict(), ck)  # same path, other weights
     second = run_job(cfg, tmp_path / "b", summary=False)
-    assert "resumed_from" not in second and second["job_id"] != first["job_id"]
+    assert "reused_from" not in second and second["job_id"] != first["job_id"]
     assert second["metrics"]["teacher"] != first["metrics"]["teacher"]
     third = run_job(cfg, tmp_path / "c", summary=False)  # unchanged file: the finished job is reused
-    assert third["resumed_from"] and third["job_id"] == second["job_id"]
+    assert third["reused_from"] and third["job_id"] == second["job_id"]
 
 
 def test_two_data_roots_with_other_content_are_two_jobs_and_share_no_artifact(tiny_cfg, tmp_path):
@@ -58,7 +58,7 @@ def test_two_data_roots_with_other_content_are_two_jobs_and_share_no_artifact(ti
               "method.gamma_batches=1"]
     ra = run_job(tiny_cfg(*common, f"data.root={tmp_path / 'a'}"), tmp_path / "ra", summary=False)
     rb = run_job(tiny_cfg(*common, f"data.root={tmp_path / 'b'}", "resume=false"), tmp_path / "rb", summary=False)
-    assert ra["job_id"] != rb["job_id"] and "resumed_from" not in rb
+    assert ra["job_id"] != rb["job_id"] and "reused_from" not in rb
     assert rb["cost"]["stages"]["teacher"]["cached"] is False  # trained on b's data, not a's artifact
     assert rb["cost"]["stages"]["student"]["cached"] is False
 
@@ -118,7 +118,7 @@ def test_damaged_training_checkpoints_records_and_artifacts_are_redone(tiny_cfg,
     again = run_job(cfg, tmp_path / "r4", summary=False)
     warned = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(warned) == 1 and "results.json" in warned[0]
-    assert "resumed_from" not in again and again["metrics"] == ref["metrics"]
+    assert "reused_from" not in again and again["metrics"] == ref["metrics"]
 
     # a stored teacher of another architecture: discarded, trained again
     (art,) = (tmp_path / "s" / "teacher").glob("*/artifact.pt")

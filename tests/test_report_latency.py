@@ -127,12 +127,12 @@ def test_latency_setting_picks_batch_and_mode(channel_sweep, tmp_path):
     assert main([str(channel_sweep), "--out", str(out), "--cost", "latency", "--latency-batch", "256",
                  "--latency-mode", "compiled"]) == 0
     md = (out / "report.md").read_text()
-    assert "| method | sparsity 0.5 | speed-up 0.5 | sparsity 0.9 | speed-up 0.9 |" in md  # no MACs column
-    assert "MACs 0.5" not in md
-    # batch 256 compiled was not measured: every speed-up is "—", dense student latency too
-    cells = _row(md, "magnitude (channel)")
-    assert cells[1] == "—" and cells[3] == "—"
-    assert "Dense student cost: —." in md
+    # batch 256 compiled was not measured: no speed-up column, a line naming what was measured instead
+    assert "| method | sparsity 0.5 | sparsity 0.9 | seconds / run |" in md and "MACs 0.5" not in md
+    assert ("Speed-up column left out: no run measured latency at batch 256, compiled; measured: batch 1, eager; "
+            "batch 256, eager; batch 1, compiled (choose with --latency-batch and --latency-mode).") in md
+    assert "Dense student cost" not in md and "—." not in md
+    assert "Cost of inference" not in md
 
     out2 = tmp_path / "r2"
     assert main([str(channel_sweep), "--out", str(out2), "--cost", "latency", "--latency-mode", "compiled"]) == 0
@@ -164,7 +164,8 @@ def test_plot_axis_latency_or_macs(channel_sweep, tmp_path):
     out = tmp_path / "out"
     assert main([str(runs), "--out", str(out), "--cost", "all"]) == 0
     _check_png(out / PLOT)
-    assert _row((out / "report.md").read_text(), "magnitude (channel)")[2] == "—"  # no speed-up
+    md = (out / "report.md").read_text()
+    assert "MACs 0.5" in md and "speed-up 0.5" not in md and "Speed-up column left out" in md  # no latency
 
 
 def test_partial_latency_shows_n_and_weight_rows_run_dense(tmp_path):
@@ -203,16 +204,19 @@ def test_legacy_latency_ms_is_batch_1_eager(tmp_path):
     assert main([str(runs), "--out", str(out), "--cost", "all"]) == 0
     md = (out / "report.md").read_text()
     speed = sum(2.0 / pruned[x] for x in SEEDS) / 3
-    assert _row(md, "cakld +KD")[1:3] == ["—", f"{speed:.2f}×"]  # no flops.executed in old records
+    assert _row(md, "cakld +KD")[1] == f"{speed:.2f}×"  # no flops.executed in old records: no MACs column
+    assert "MACs column left out: no run recorded the MACs its final model executes" in md
     assert "2.000 ms median (batch 1, eager, n=3; cpu (legacy latency_ms))" in md
     _check_png(out / PLOT)
     assert main([str(runs), "--out", str(tmp_path / "o2"), "--cost", "latency", "--latency-batch", "2"]) == 0
-    assert _row((tmp_path / "o2" / "report.md").read_text(), "cakld +KD")[1] == "—"
+    md2 = (tmp_path / "o2" / "report.md").read_text()
+    assert "speed-up 0.5" not in md2 and "no run measured latency at batch 2, eager; measured: batch 1, eager" in md2
 
 
 def test_old_records_report_as_before(tmp_path):
     """Records without the new fields: without --cost the same table, CSV and LaTeX header as before (and
-    no accuracy-vs-latency plot); --cost none is the default; --cost all shows — in every cost column."""
+    no accuracy-vs-latency plot); --cost none is the default; --cost all adds no empty column, only a line
+    each saying how to get it."""
     runs = tmp_path / "runs"
     num = 0
     for (method, kd) in ACC:
@@ -237,8 +241,11 @@ def test_old_records_report_as_before(tmp_path):
         "accuracy_vs_sparsity_cifar10_resnet56_resnet20.png"]
     assert not (outs["all"] / PLOT).exists()
     md_all = (outs["all"] / "report.md").read_text()
-    assert f"| magnitude | {m:.2f} ± {s:.2f} (n={n}) | — | — | " in md_all
-    assert "Dense student cost: 0.00 M MACs per input, —." in md_all
+    assert f"| magnitude | {m:.2f} ± {s:.2f} (n={n}) | " in md_all
+    assert "| method | sparsity 0.5 | seconds / run | samples / run¹ |" in md_all
+    assert "Dense student cost: 100 MACs per input." in md_all and "—." not in md_all
+    assert "MACs column left out" in md_all
+    assert "Speed-up column left out: no run measured latency at batch 1, eager; run with `eval.latency=true`" in md_all
 
 
 def test_bad_latency_batch_is_a_usage_error(tmp_path, capsys):

@@ -47,10 +47,12 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tiny_cfg, tmp_path, m
     assert not list((tmp_path / "storeB" / "jobs").glob("*/*.pt"))  # checkpoints cleared once finished
 
     again = run_job(cfg, tmp_path / "b3", summary=False)
-    assert again["resumed_from"] and again["metrics"] == ref["metrics"]
-    assert not (tmp_path / "b3" / "metrics.jsonl").exists()  # nothing was trained
+    assert again["reused_from"] and again["metrics"] == ref["metrics"]
+    assert again["cost"]["reused"] is True and again["cost"]["stages"] == {}  # nothing was trained
+    assert (tmp_path / "b3" / "model.pt").is_file()
+    assert (tmp_path / "b3" / "metrics.jsonl").read_text() == (tmp_path / "b2" / "metrics.jsonl").read_text()
     fresh = run_job(tiny_cfg(*ARGS, f"store.root={tmp_path}/storeB", "resume=false"), tmp_path / "b4", summary=False)
-    assert "resumed_from" not in fresh and fresh["metrics"] == ref["metrics"]
+    assert "reused_from" not in fresh and fresh["metrics"] == ref["metrics"]
 
 
 def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):

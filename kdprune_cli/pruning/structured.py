@@ -272,10 +272,14 @@ class ChannelGroups:
                 hi = mid
             else:
                 lo = mid + 1
-        k = lo if lo == 0 or abs(frac(lo) - sparsity) <= abs(frac(lo - 1) - sparsity) else lo - 1
+        above, below = frac(lo), (frac(lo - 1) if lo > 0 else None)
+        k = lo if below is None or abs(above - sparsity) <= abs(below - sparsity) else lo - 1
+        # the plan's tolerance: the step between the two removals around the target (no closer one exists)
+        tolerance = 0.0 if below is None else max(0.0, above - below)
         per = removal(k)
         removed = [o[:r] for o, r in zip(self.order, per)]
-        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, round_to=round_to)
+        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, round_to=round_to,
+                              tolerance=tolerance)
         return Plan(self.groups, removed, facts)
 
     def describe(self, removed: List[torch.Tensor], sparsity: float, target: str, exclude: Iterable[str] = (),
