@@ -179,7 +179,7 @@ def test_kdprune_eval_counts_below_one_are_usage_errors(tmp_path, args, capsys):
 
 # --- kdprune-report ------------------------------------------------------------------------------------------------
 WRONG_TYPES = [("metrics", [1, 2]), ("sparsity_target", "0.5"), ("cost", {"stages": [1]}), ("seed", "zero"),
-               ("metrics", {"final": [99.0]}), ("metrics", {"final": {"top1": "high"}}), ("status", ["ok"])]
+               ("metrics", {"final": [99.0]}), ("metrics", {"final": {"top1": "high"}}), ("cost", [])]
 
 
 @pytest.mark.parametrize("field,value", WRONG_TYPES, ids=[f"{f}={v}" for f, v in WRONG_TYPES])
@@ -199,3 +199,12 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "unreadable" in md and field in md
 
+
+
+def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
+    from kdprune_cli.data import DataError, DeviceData
+    from test_data import _blob
+
+    for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out
+        with pytest.raises(DataError, match="val_split"):
+            DeviceData("cifar10", _blob(n=10, s=32), torch.device("cpu"), val_split=split)
