@@ -16,6 +16,7 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, register
 
@@ -79,6 +80,8 @@ def run(cfg: DictConfig) -> Optional[float]:
         sys.exit(128 + e.signum)
     except Exception as e:
         line = str(e) if isinstance(e, (ConfigError, DataError, CheckpointError)) else storage_error(e)
+        if isinstance(e, OmegaConfBaseException):  # a value read after validation, e.g. by _group
+            line = composition_error_line(e)
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
             print(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", file=sys.stderr)
             return None
@@ -138,7 +141,6 @@ def main() -> None:
     """The ``kdprune`` command: :func:`run` under Hydra, with Hydra's and OmegaConf's own errors (a wrong type,
     an unresolvable interpolation, an unknown config option or experiment) as one line and exit status 2."""
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     if hasattr(signal, "SIGXFSZ"):  # a file over `ulimit -f` fails with EFBIG (a storage error), not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
