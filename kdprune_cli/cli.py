@@ -127,7 +127,7 @@ def record_refusal(argv: list, line: str) -> None:
 
     if "-m" in argv or "--multirun" in argv:
         return
-    dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
     if not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
         return
     record = {"status": "failed", "error": line, "job_id": None, "overrides": list(argv), "config": None}
