@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, register
 from .runlog import say
@@ -45,7 +47,7 @@ register()
 from . import pruning  # noqa: E402,F401  each method registers its typed config (schema/method/<name>)
 
 
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
                   errno.EEXIST, errno.EISDIR}
 
 
@@ -69,7 +71,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     logging.captureWarnings(True)  # Python warnings also go to the run folder's kdprune.log
     try:
-        record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task),
+        record = run_job(cfg, run_dir, group=_group(cfg), overrides=task_overrides(hc),
                          on_valid=lambda: announce(cfg, hc))
         return record["metrics"]["final"]["top1"]
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
@@ -78,6 +80,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     except Exception as e:
         ours = (ConfigError, DataError, CheckpointError, DivergedError)
         line = str(e) if isinstance(e, ours) else storage_error(e)
+        if isinstance(e, OmegaConfBaseException):  # a value read after validation, e.g. by _group
+            line = composition_error_line(e)
         if multirun and not cfg.fail_fast:  # the record says failed; the sweep goes on
             say(f"kdprune: job {hc.job.num} failed: {line or f'{type(e).__name__}: {e}'}", err=True)
             return None
@@ -168,19 +172,71 @@ def config_groups_text() -> str:
 OmegaConf.register_new_resolver("kdprune_groups", config_groups_text, replace=True)
 
 
+def task_overrides(hc) -> list:
+    """The command line's overrides as written (``teacher.checkpoint=${oc.env:X}`` stays a string; iterating
+    Hydra's node would resolve it)."""
+    return list(OmegaConf.to_container(hc.overrides.task, resolve=False))
+
+
+def composition_error_line(e: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing or resolving the config: the message's
+    first line, the key it concerns, the underlying cause and the options Hydra offers."""
+    def parts(x: BaseException) -> list:
+        return [ln.strip() for ln in str(x).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+
+    lines = parts(e) or [type(e).__name__]
+    line = lines[0]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    if key and key not in line:
+        line = f"{key}: {line}"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and parts(cause) and parts(cause)[0] not in line:
+        line = f"{line}: {parts(cause)[0]}"
+    if any(ln.startswith("Available options") for ln in lines):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        options = [ln for ln in lines[start + 1:] if ":" not in ln]
+        line = f"{line}; {lines[start].rstrip(':').lower()}: {', '.join(options)}"
+    return line
+
+
+def record_refusal(argv: list, line: str) -> None:
+    """A refused command that names an existing run folder (``hydra.run.dir=DIR``) leaves its ``failed``
+    record there, so an earlier run's record does not speak for it."""
+    from .store import atomic_write_json
+
+    if "-m" in argv or "--multirun" in argv:
+        return
+    dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
+        return
+    record = {"status": "failed", "error": line, "job_id": None, "overrides": list(argv), "config": None}
+    try:
+        atomic_write_json(record, Path(dirs[-1]) / "results.json")
+    except OSError:
+        pass  # a folder that cannot take the record: the error line still says why the command was refused
+
+
 def main() -> None:
-    """``kdprune``: the Hydra app, with Hydra's errors about missing config nodes (an unknown option, a plugin
-    that is not installed) as one ``kdprune: error:`` line and exit status 2; other errors as Hydra reports
-    them (``HYDRA_FULL_ERROR=1``: the full traceback)."""
+    """The ``kdprune`` command: :func:`hydra_main` under Hydra, with Hydra's and OmegaConf's own errors as one
+    ``kdprune: error:`` line and exit status 2: a missing config node (an unknown option, a plugin that is not
+    installed: the extra that provides it), a wrong type, an unresolvable interpolation, an unknown experiment.
+    Other errors as Hydra reports them (``HYDRA_FULL_ERROR=1``: the full traceback)."""
+    from hydra.errors import HydraException
+
+    if hasattr(signal, "SIGXFSZ"):  # a file over `ulimit -f` fails with EFBIG (a storage error), not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     user_full = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; reported below
     try:
         hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if user_full == "1":
+            raise
+        line = missing_config_line(e) or composition_error_line(e)
+        record_refusal(sys.argv[1:], line)
+        print(f"kdprune: error: {line}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
-        line = missing_config_line(e)
-        if line is not None:
-            print(f"kdprune: error: {line}", file=sys.stderr)
-            sys.exit(2)
         if user_full not in (None, "", "0"):
             raise
         os.environ.pop("HYDRA_FULL_ERROR")

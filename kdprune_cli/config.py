@@ -7,6 +7,7 @@ against :class:`TrainRecipe` here.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -172,12 +174,47 @@ def _check_recipe(r, where: str) -> None:
         raise ConfigError(f"{where}.epochs must be >= 0, got {r.epochs}")
     if r.batch_size <= 0:
         raise ConfigError(f"{where}.batch_size must be > 0, got {r.batch_size}")
-    if r.lr < 0 or r.weight_decay < 0 or not 0 <= r.momentum < 1:
-        raise ConfigError(f"{where}: lr and weight_decay must be >= 0 and momentum in [0, 1)")
+    if not (math.isfinite(r.lr) and r.lr > 0):
+        raise ConfigError(f"{where}.lr must be a finite number > 0, got {r.lr}")
+    if not (math.isfinite(r.weight_decay) and r.weight_decay >= 0) or not 0 <= r.momentum < 1:
+        raise ConfigError(f"{where}: weight_decay must be a finite number >= 0 and momentum in [0, 1)")
+    if not (math.isfinite(r.lr_decay) and r.lr_decay >= 0) or not (math.isfinite(r.warmup_epochs)
+                                                                    and r.warmup_epochs >= 0):
+        raise ConfigError(f"{where}: lr_decay and warmup_epochs must be finite numbers >= 0")
     if r.schedule not in ("cosine", "multistep", "constant"):
         raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
     if r.get("optimizer", "sgd") not in ("sgd", "adamw"):
         raise ConfigError(f"{where}.optimizer must be sgd or adamw, got {r.optimizer!r}")
+
+
+# Training images of each dataset's training split (before data.val_split holds some out).
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000, "digits": 1437}
+
+
+def split_sizes(n: int, val_split: float) -> tuple[int, int]:
+    """``(training, validation)`` images when ``val_split`` of ``n`` training images are held out."""
+    n_val = int(round(val_split * n)) if val_split > 0 else 0
+    return n - n_val, n_val
+
+
+def check_val_split(data) -> None:
+    """A held-out split must leave at least one training batch (one image) and hold at least one image."""
+    n = TRAIN_IMAGES.get(data.name)
+    if n is None or data.val_split <= 0:
+        return
+    train, val = split_sizes(n, data.val_split)
+    if train < 1 or val < 1:
+        raise ConfigError(f"data.val_split={data.val_split} leaves {train} of the {n} {data.name} training images "
+                          f"for training and {val} for validation; both need at least one")
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation resolves (``${oc.env:UNSET}`` does not), said with the key it sits under."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key, msg = getattr(e, "full_key", None), (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -186,10 +223,12 @@ def validate(cfg: DictConfig) -> None:
     Names that only the registries know (datasets, models, methods, module names) are checked by
     :func:`kdprune_cli.runner.validate`, which calls this first: the config layer imports nothing above it.
     """
+    check_resolves(cfg)
     if not 0.0 <= cfg.sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
     if not 0.0 <= cfg.data.val_split < 1.0:
         raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
+    check_val_split(cfg.data)
     for role in ("teacher", "student"):
         m = cfg[role]
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
@@ -246,8 +285,9 @@ def check_method_node(node, where: str) -> None:
 
     A sub-node with training-recipe keys is a recipe (checked whole by :func:`recipe`); ``*batch_size`` must
     be a positive integer, ``*batches`` / ``*_per_class`` / ``rounds`` / ``chunk_size`` a positive integer
-    (``*batches`` and ``chunk_size`` may be null), ``*epochs`` / ``*_epoch`` / ``*steps`` an integer >= 0, ``*lr`` / ``*rate`` / ``alpha`` numbers >= 0 and
-    ``*temperature`` a number > 0. Method-specific rules live in each method's ``validate()``.
+    (``*batches`` and ``chunk_size`` may be null), ``*epochs`` / ``*_epoch`` / ``*steps`` an integer >= 0,
+    ``*lr`` a finite number > 0, ``*rate`` / ``*alpha`` / ``*_weight`` (loss weights) finite numbers >= 0,
+    ``lora_r`` an integer >= 1 and ``*temperature`` a finite number > 0. Method-specific rules live in each method's ``validate()``.
     """
     for key, v in (node or {}).items():
         name, k = f"{where}.{key}", str(key)
@@ -266,12 +306,19 @@ def check_method_node(node, where: str) -> None:
         elif k.endswith("epochs") or k.endswith("steps") or k.endswith("_epoch"):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        elif k.endswith("lr") or k.endswith("rate") or k in ("alpha", "lam", "weight_decay", "momentum"):
-            if not (_number(v) and v >= 0):
-                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        elif k.endswith("lr"):
+            if not (_number(v) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        elif k == "lora_r":
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{name} (the LoRA rank) must be an integer >= 1, got {v!r}")
+        elif (k.endswith("rate") or k.endswith("alpha") or k.endswith("_weight")
+              or k in ("lam", "weight_decay", "momentum")):
+            if not (_number(v) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
         elif k.endswith("temperature"):
-            if not (_number(v) and v > 0):
-                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+            if not (_number(v) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def model_kwargs(model_cfg) -> dict:

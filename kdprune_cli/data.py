@@ -553,6 +553,9 @@ class DeviceData:
             g = torch.Generator().manual_seed(split_seed)
             perm = torch.randperm(len(ytr), generator=g)
             n_val = int(round(val_split * len(ytr)))
+            if not 0 < n_val < len(ytr):
+                raise DataError(f"data.val_split={val_split} leaves {len(ytr) - n_val} of the {len(ytr)} {name} "
+                                f"training images for training and {n_val} for validation; both need at least one")
             vi, ti = perm[:n_val].sort().values, perm[n_val:].sort().values
             self.val = Split(xtr[vi].to(device), ytr[vi].to(device))
             xtr, ytr = xtr[ti], ytr[ti]

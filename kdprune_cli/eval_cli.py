@@ -31,6 +31,17 @@ class EvalError(ValueError):
     """Bad input to kdprune-eval (one line)."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="kdprune-eval", description="Evaluate, time and export a saved kdprune model.")
     p.add_argument("path", help="a run folder (with model.pt) or a model.pt file")
@@ -40,8 +51,8 @@ def parse_args(argv):
     p.add_argument("--data-root", help="where the dataset is now (default: the path the run used)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
     p.add_argument("--latency", action="store_true", help="time batch 1 and --latency-batch")
-    p.add_argument("--latency-batch", type=int, default=256)
-    p.add_argument("--iters", type=int, default=100, help="timed iterations per setting")
+    p.add_argument("--latency-batch", type=positive_int, default=256)
+    p.add_argument("--iters", type=positive_int, default=100, help="timed iterations per setting")
     p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                    help="also time the torch.compile'd model (auto: on CUDA)")
     p.add_argument("--onnx", metavar="PATH", help="export to ONNX and check it with onnxruntime on a test batch")

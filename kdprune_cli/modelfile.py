@@ -71,10 +71,40 @@ def build_from(obj: dict, path: Path) -> nn.Module:
                             arch.get("kwargs"))
         reshape_to(model, obj.get("shapes") or {}, obj["state_dict"])
         model.load_state_dict(obj["state_dict"], strict=True)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        check_widths(model)
+        with torch.no_grad():  # the widths agree with each other: one input of the saved shape runs
+            model.eval()(torch.zeros(1, int(arch["in_channels"]), int(arch["image_size"]), int(arch["image_size"])))
+        model.train()
+    except Exception as e:  # any failure to rebuild or run is the file's disagreement with the architecture
         raise ModelFileError(f"model file {path} does not fit {arch.get('name')!r}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                             f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     return model
+
+
+def check_widths(model: nn.Module) -> None:
+    """Each layer's tensors have the shapes its width attributes say (a file whose widths, ``groups`` or
+    weights were edited apart is refused here, not by a shape error in the first forward)."""
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.groups < 1 or m.in_channels % m.groups or m.out_channels % m.groups:
+                raise ValueError(f"{n}: groups={m.groups} does not divide in_channels={m.in_channels} and "
+                                 f"out_channels={m.out_channels}")
+            want = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+        elif isinstance(m, nn.Linear):
+            want = (m.out_features, m.in_features)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            want = (m.num_features,)
+        elif isinstance(m, nn.LayerNorm):
+            want = tuple(m.normalized_shape)
+        else:
+            continue
+        if m.weight is not None and tuple(m.weight.shape) != want:
+            raise ValueError(f"{n}: weight of shape {tuple(m.weight.shape)} where its widths say {want}")
+        vector = want if isinstance(m, nn.LayerNorm) else want[:1]
+        for k in ("bias", "running_mean", "running_var"):
+            t = getattr(m, k, None)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != vector:
+                raise ValueError(f"{n}: {k} of shape {tuple(t.shape)} where its widths say {vector}")
 
 
 def _model_path(path: str | Path) -> Path:

@@ -133,7 +133,49 @@ def load(path: Path):
         return None, f"unreadable {RESULTS} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if not isinstance(rec, dict):
         return None, f"unreadable {RESULTS} (not a JSON object)"
+    wrong = wrong_field(rec)
+    if wrong is not None:
+        return None, f"unreadable {RESULTS} ({wrong})"
     return rec, None
+
+
+_NUMBER = (int, float)
+_TEXT = (str, type(None))
+# The fields the report reads, and the JSON types each may have (null where a record may leave it empty).
+FIELD_TYPES = {"status": (str,), "error": _TEXT, "job_id": _TEXT, "dataset": _TEXT, "teacher": _TEXT,
+               "student": _TEXT, "method": _TEXT, "method_variant": _TEXT, "granularity": _TEXT,
+               "seed": (int, type(None)), "sparsity_target": (*_NUMBER, type(None)),
+               "sparsity_actual": (*_NUMBER, type(None)), "retrain_kd": (bool, type(None)),
+               "metrics": (dict,), "metrics_val": (dict,), "params": (dict,), "flops": (dict,), "cost": (dict,),
+               "config": (dict, type(None)), "sparsity_per_layer": (dict,), "latency": (dict, type(None)),
+               "latency_ms": (dict, *_NUMBER, type(None))}
+
+
+def wrong_field(rec: dict) -> Optional[str]:
+    """Which field of a record has a type no kdprune record has (``metrics`` a list, ``sparsity_target`` a
+    string, ...), said in a few words; None when every field the report reads has its type."""
+    def name(v) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(v), "a number")
+
+    for k, types in FIELD_TYPES.items():
+        v = rec.get(k)
+        if k in rec and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return f"{k} is {name(v)}"
+    for key in ("metrics", "metrics_val"):
+        for role, m in (rec.get(key) or {}).items():
+            if not isinstance(m, dict):
+                return f"{key}.{role} is {name(m)}"
+            for metric, v in m.items():
+                if v is not None and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
+                    return f"{key}.{role}.{metric} is {name(v)}"
+    cost = rec.get("cost") or {}
+    if not isinstance(cost.get("stages", {}), dict) or not all(isinstance(v, dict)
+                                                                 for v in (cost.get("stages") or {}).values()):
+        return "cost.stages is not an object of stages"
+    if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
+        return f"cost.total_seconds is {name(cost['total_seconds'])}"
+    return None
 
 
 # Config keys that do not change what a job computes (as ``runner.job_id`` drops them).

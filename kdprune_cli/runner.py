@@ -598,15 +598,54 @@ def validate(cfg: DictConfig) -> None:
         able = [n for n in method_names() if cfg.prune.granularity in get_method(n).granularities]
         raise ConfigError(f"method {cfg.method.name} does not prune at prune.granularity={cfg.prune.granularity} "
                           f"; methods that do: {', '.join(able)}")
-    classes, channels, size = DATASETS[cfg.data.name]
+    models = {role: runnable_model(cfg, role) for role in ("teacher", "student")}
+    for role, model in models.items():  # read and matched now, not after the teacher trained
+        if cfg[role].checkpoint is not None:
+            load_checkpoint(cfg[role].checkpoint, model, f"{cfg[role].name} for {cfg.data.name}")
+    student, (_, channels, size) = models["student"], DATASETS[cfg.data.name]
     try:
-        student = build_model(cfg.student.name, classes, channels, size, model_kwargs(cfg.student))
-        if model_kwargs(cfg.teacher):  # the name is checked above; kwargs only by building it
-            build_model(cfg.teacher.name, classes, channels, size, model_kwargs(cfg.teacher))
         check_exclude(student, cfg.prune.exclude)
+        check_round_to(cfg, student)
         get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def runnable_model(cfg: DictConfig, role: str) -> nn.Module:
+    """The ``role`` model built for the dataset's shape and run once on an all-zero batch of two (eval mode,
+    no gradient), so a model that cannot be built or cannot run at that size is refused before any work."""
+    m = cfg[role]
+    classes, channels, size = DATASETS[cfg.data.name]
+    kwargs = model_kwargs(m)
+    at = f"{cfg.data.name}'s {channels}x{size}x{size} inputs"
+    try:
+        model = build_model(m.name, classes, channels, size, kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:  # timm's own failures, e.g. a checkpoint_path kwarg torch refuses to read
+        if "checkpoint_path" in kwargs and isinstance(e, (OSError, RuntimeError, pickle.UnpicklingError)):
+            raise ConfigError(f"{role}.kwargs.checkpoint_path {kwargs['checkpoint_path']} could not be read: "
+                              f"{_read_error(e)}") from None
+        raise ConfigError(f"{role} model {m.name} cannot be built for {at}: {_error_line(e)}") from None
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, channels, size, size))
+    except Exception as e:
+        raise ConfigError(f"{role} model {m.name} cannot run on {at}: {_error_line(e)}") from None
+    return model.train()
+
+
+def check_round_to(cfg: DictConfig, student: nn.Module) -> None:
+    """``prune.round_to`` must leave some channel removable: below the widest channel group of the student."""
+    r = int(cfg.prune.round_to)
+    if cfg.prune.granularity != "channel" or r <= 1:
+        return
+    _, channels, size = DATASETS[cfg.data.name]
+    widest = max(g.channels for g in ChannelGroups(student, torch.zeros(1, channels, size, size),
+                                                   cfg.prune.exclude).groups)
+    if r >= widest:
+        raise ConfigError(f"prune.round_to={r} leaves no channel removable: the widest channel group of "
+                          f"{cfg.student.name} has {widest} channels (set prune.round_to below {widest})")
 
 
 def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:

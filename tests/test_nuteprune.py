@@ -226,8 +226,10 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
 
 
 @pytest.mark.parametrize("student", [["student=timm", "student.name=timm/vit_tiny_patch16_224",
+                                      "+student.kwargs.patch_size=4",  # runs on 8×8 digits
                                       "+student.kwargs.pre_norm=true"],  # a CLIP-style pre-norm: not a plain ViT
                                      ["student=timm", "student.name=timm/vit_tiny_patch16_224",
+                                      "+student.kwargs.patch_size=4",
                                       "+student.kwargs.global_pool=map"]])  # attention pooling
 def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, student):
     from kdprune_cli.config import ConfigError

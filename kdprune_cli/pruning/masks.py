@@ -30,12 +30,14 @@ def prunable_params(model: nn.Module, exclude: Iterable[str] = ()) -> Dict[str, 
 
 
 def check_exclude(model: nn.Module, exclude: Iterable[str]) -> None:
-    """Raise a clear error when ``prune.exclude`` names a module that is not a Conv2d/Linear."""
+    """Raise a clear error when ``prune.exclude`` names a module that is not a Conv2d/Linear, or every one."""
     names = set(prunable_modules(model))
     unknown = [e for e in exclude if e not in names]
     if unknown:
         raise ValueError(f"prune.exclude names no Conv2d/Linear module: {unknown}; "
                          f"choices start with {sorted(names)[:6]}")
+    if not names - set(exclude):
+        raise ValueError(f"prune.exclude names every Conv2d/Linear module ({len(names)}): nothing is left to prune")
 
 
 def _removal_counts(sizes: list[int], sparsity: float, scope: str) -> list[int] | int:
