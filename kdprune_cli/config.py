@@ -87,7 +87,10 @@ class PruneConfig:
     exclude: List[str] = field(default_factory=list)
     granularity: str = "weight"  # weight (masks) | channel (coupled channel groups, physically removed)
     target: str = "params"  # channel: sparsity is the fraction of prunable weights (params) or of MACs removed
-    reduce: str = "sum"  # channel: a channel's importance is the sum | mean of its weights' scores
+    reduce: str = "mean"  # channel: a channel's importance is the mean | sum of its weights' scores
+    normalize: str = "mean"  # channel: each group's importances / their mean | max | sum, standarization, none
+    max_group_ratio: float = 0.9  # channel: no group loses more than this fraction of its channels
+    min_channels: int = 4  # channel: no group keeps fewer channels (a group with fewer keeps all)
     round_to: int = 1  # channel: keep a multiple of this many channels in every group (e.g. 8 or 16)
 
 
@@ -236,10 +239,15 @@ def validate(cfg: DictConfig) -> None:
         _check_recipe(m.train, f"{role}.train")
     if cfg.prune.scope not in ("global", "layer"):
         raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
-    choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("sum", "mean")}
+    choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("mean", "sum"),
+               "normalize": ("mean", "max", "sum", "standarization", "none")}
     for key, allowed in choices.items():
         if cfg.prune[key] not in allowed:
-            raise ConfigError(f"prune.{key} must be {' or '.join(allowed)}, got {cfg.prune[key]!r}")
+            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {cfg.prune[key]!r}")
+    if not 0.0 < cfg.prune.max_group_ratio <= 1.0:
+        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {cfg.prune.max_group_ratio}")
+    if cfg.prune.min_channels < 1:
+        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {cfg.prune.min_channels}")
     if cfg.prune.round_to < 1:
         raise ConfigError(f"prune.round_to must be an integer >= 1, got {cfg.prune.round_to}")
     if cfg.prune.granularity == "weight" and (cfg.prune.target != "params" or cfg.prune.round_to != 1):

@@ -350,6 +350,24 @@ class Artifacts:
         return self._dense("student")
 
 
+def channel_caps(cfg: DictConfig) -> dict:
+    """The per-group limits of a channel plan (:meth:`ChannelGroups.removable`'s arguments) from ``prune.*``."""
+    p = cfg.prune
+    return {"max_group_ratio": float(p.max_group_ratio), "min_channels": int(p.min_channels),
+            "round_to": int(p.round_to)}
+
+
+def check_reachable(cfg: DictConfig, student: nn.Module, example: torch.Tensor) -> None:
+    """Refuse a ``sparsity`` that the channel caps cannot reach on this student; raises ValueError."""
+    p = cfg.prune
+    most = ChannelGroups(student, example, p.exclude).reachable(p.target, p.exclude, **channel_caps(cfg))
+    if cfg.sparsity > most + 1e-9:
+        what = "prunable weights" if p.target == "params" else "Conv2d/Linear MACs"
+        raise ValueError(f"sparsity={cfg.sparsity} cannot be reached: with prune.max_group_ratio={p.max_group_ratio}, "
+                         f"prune.min_channels={p.min_channels} and prune.round_to={p.round_to}, at most {most:.4f} of "
+                         f"{cfg.student.name}'s {what} can be removed; lower sparsity or loosen the caps")
+
+
 class Pruner:
     """The one selection: ``prune()`` to ``sparsity`` by ``prune.scope``, ``prune.exclude``, ``prune.granularity``."""
 
@@ -376,8 +394,13 @@ class Pruner:
         options; the channels ``keep_removed`` (an earlier plan) removed stay removed."""
         p = self.cfg.prune
         return groups.plan(scores, self.sparsity if sparsity is None else sparsity, scope=self.scope,
-                           target=p.target, reduce=p.reduce, round_to=int(p.round_to), exclude=self.exclude,
-                           keep_removed=keep_removed.removed if keep_removed is not None else None)
+                           target=p.target, reduce=p.reduce, normalize=p.normalize, exclude=self.exclude,
+                           keep_removed=keep_removed.removed if keep_removed is not None else None,
+                           **channel_caps(self.cfg))
+
+    def removable(self, groups: ChannelGroups) -> list[int]:
+        """The most channels each group may lose under the configured caps."""
+        return groups.removable(**channel_caps(self.cfg))
 
     def prune(self, model: nn.Module, scores: Scores) -> Result:
         """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
@@ -513,9 +536,9 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
         c.pop(k, None)
     if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
         c.pop("max_batches", None)
-    for k, default in {"granularity": "weight", "target": "params", "reduce": "sum", "round_to": 1}.items():
-        if c["prune"].get(k) == default:  # weight granularity: ids stay those of configs before channel pruning
-            c["prune"].pop(k, None)
+    if c["prune"].get("granularity") == "weight":  # the channel options change no result of weight granularity:
+        for k in ("granularity", "target", "reduce", "normalize", "max_group_ratio", "min_channels", "round_to"):
+            c["prune"].pop(k, None)  # ids stay those of configs before channel pruning
     for k in ("latency_batch", "latency_iters", "latency_compile"):  # how latency is timed changes no result
         c["eval"].pop(k, None)
     for k in ("root", "cache_dir", "download", "verify_checksums"):
@@ -607,6 +630,8 @@ def validate(cfg: DictConfig) -> None:
         check_exclude(student, cfg.prune.exclude)
         check_round_to(cfg, student)
         get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
+        if cfg.prune.granularity == "channel" and get_method(cfg.method.name).plans_channels:
+            check_reachable(cfg, student, torch.zeros(1, channels, size, size))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

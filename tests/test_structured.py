@@ -219,8 +219,10 @@ def test_structured_presets_compose_and_validate(ds):
     assert params.sparsity == "0.3,0.5,0.7"
     assert cfg.prune.granularity == "channel" and cfg.prune.target == "macs"
     for method in params.method.split(","):
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            validate(compose("config", overrides=[f"experiment=structured_{ds}", f"method={method}"]))
+        for sparsity in params.sparsity.split(","):  # the jobs the sweep runs (the channel caps reach each)
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                validate(compose("config", overrides=[f"experiment=structured_{ds}", f"method={method}",
+                                                      f"sparsity={sparsity}"]))
 
 
 def test_channel_masks_compute_what_the_removed_model_computes():

@@ -265,7 +265,9 @@ class COLT(Method):
         """COLT over channel groups (docs/methods.md §7): each round trains every partition model, each one
         plans its channels by magnitude to ``1 − (1 − rate)^r`` of the target unit (removed channels staying
         removed), a channel survives only if every model keeps it (the union of the removals), and a round
-        that would pass ``sparsity`` is clipped by one plan on the models' summed magnitudes; all models
+        whose union would pass a group's cap (``prune.max_group_ratio``, ``prune.min_channels``) or
+        ``sparsity`` is planned once on the models' summed magnitudes (to the round's target or to
+        ``sparsity``); all models
         rewind to θ₀ ⊙ M. Then the full-class model trains with the mask and the channels go physically.
         Rounds are not shared between targets at this granularity."""
         c, p = self.cfg, ctx.cfg.prune
@@ -294,15 +296,18 @@ class COLT(Method):
                 scores = [magnitudes(prunable_params(m, exclude)) for m in models]
                 plans = [ctx.pruner.plan(x, sc, goal, keep_removed=gone) for x, sc in zip(cgs, scores)]
                 union = [torch.unique(torch.cat([pl.removed[g] for pl in plans])) for g in range(len(cg.groups))]
+                common = {n: sum(sc[n] for sc in scores) for n in scores[0]
+                          if all(sc[n].shape == scores[0][n].shape for sc in scores)}
+                if any(len(u) > most for u, most in zip(union, ctx.pruner.removable(cg))):
+                    union = ctx.pruner.plan(cg, common, goal, keep_removed=gone).removed  # past a group's cap
                 if goal >= s_f or cg.describe(union, s_f, p.target, exclude)["achieved"] > s_f:
-                    common = {n: sum(sc[n] for sc in scores) for n in scores[0]
-                              if all(sc[n].shape == scores[0][n].shape for sc in scores)}
                     union = ctx.pruner.plan(cg, common, s_f, keep_removed=gone).removed  # clipped to the target
                 gone = Plan(cg.groups, union, {})
                 for x, model, th in zip(cgs, models, thetas):
                     rewind(model, th, x.masks(gone.removed))
             facts = cg.describe(gone.removed, s_f, p.target, exclude, scope=ctx.pruner.scope, reduce=p.reduce,
-                                round_to=int(p.round_to))
+                                normalize=p.normalize, max_group_ratio=float(p.max_group_ratio),
+                                min_channels=int(p.min_channels), round_to=int(p.round_to))
             ctx.log({"stage": "colt", "round": r, "sparsity": facts["achieved"], "seconds": time.perf_counter() - t})
             if goal >= s_f or facts["achieved"] >= s_f:
                 break

@@ -475,6 +475,7 @@ class NutePrune(Method):
     name = "nuteprune"
     Config = NutePruneConfig
     granularities = ("weight", "channel")  # always structured: channels are removed whatever the setting
+    plans_channels = False  # the gates learn the widths (each group keeps one channel), not Pruner.plan
 
     def validate(self) -> None:
         c = self.cfg

@@ -5,19 +5,23 @@ convolution's output channels together with its BatchNorm, every consumer's inpu
 residual additions, every layer that writes into the same sum; a depthwise convolution follows its input.
 Each group's root channel ``c`` gets the importance
 
-    I(c) = reduce_{w ∈ W(c)} S(w),   reduce = sum (default) | mean
+    I(c) = reduce_{w ∈ W(c)} S(w),   reduce = mean (default) | sum
 
 over ``W(c)``, the weights of every Conv2d/Linear in the group that channel ``c`` owns (output rows of
 its producers, input columns of its consumers), where ``S`` is the method's per-weight score (``|θ|`` for
-magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Channels are then removed
-in ascending importance, one global ranking (``prune.scope=global``) or the same fraction of every group
-(``layer``), until the removed fraction of the prunable weights (``prune.target=params``, the meaning
-``sparsity`` has everywhere) or of the multiply-accumulates (``macs``: Conv2d/Linear and, for ViTs, the
-attention products, which channel removal leaves as they are) is closest to
-``sparsity``. ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group (hardware-friendly
-widths; fewer channels go). Every group keeps at least one channel; the classifier's outputs, the input
-channels, ``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v)
-are never removed. The counts are exact (computed from the kept widths, not estimated).
+magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Each group's importances are
+then divided by their mean (``prune.normalize=mean``, Torch-Pruning's ``GroupMagnitudeImportance``
+default; ``max`` | ``sum`` | ``standarization`` | ``none``), so groups of different sizes and depths
+compare on one scale. Channels are removed in ascending importance, one global ranking
+(``prune.scope=global``) or the same fraction of every group (``layer``), until the removed fraction of
+the prunable weights (``prune.target=params``, the meaning ``sparsity`` has everywhere) or of the
+multiply-accumulates (``macs``: Conv2d/Linear and, for ViTs, the attention products, which channel
+removal leaves as they are) is closest to ``sparsity``. No group loses more than
+``prune.max_group_ratio`` of its channels or keeps fewer than ``prune.min_channels`` (a group that has no
+more keeps all of them); ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group
+(hardware-friendly widths; fewer channels go). The classifier's outputs, the input channels,
+``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v) are never
+removed. The counts are exact (computed from the kept widths, not estimated).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from torch import nn
 from ..matmuls import MatmulCounter
 
 TARGETS = ("params", "macs")
-REDUCE = ("sum", "mean")
+REDUCE = ("mean", "sum")
+NORMALIZE = ("mean", "max", "sum", "standarization", "none")
 _LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -58,6 +63,24 @@ class Plan:
     groups: List[_Group]
     removed: List[torch.Tensor]  # per group: root channel indices to remove
     facts: dict
+
+
+def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | None = None) -> torch.Tensor:
+    """One group's importances on a common scale (Torch-Pruning's ``GroupMagnitudeImportance`` normalisers):
+    divided by the mean, max or sum of their magnitudes, or mapped to ``[0, 1]`` by ``standarization``
+    (``(I − min) / (max − min)``); ``none`` leaves them. The statistics come from the channels ``present``
+    (default: all; channels an earlier plan removed do not count). Dividing by magnitudes keeps the order of
+    negative scores (GraSP); a group whose scale is 0 gets all zeros."""
+    if how not in NORMALIZE:
+        raise ValueError(f"prune.normalize must be one of {', '.join(NORMALIZE)}, got {how!r}")
+    v = imp if present is None else imp[present]
+    if how == "none" or v.numel() == 0:
+        return imp
+    if how == "standarization":
+        span = v.max() - v.min()
+        return (imp - v.min()) / span if span > 0 else torch.zeros_like(imp)
+    scale = {"mean": torch.mean, "max": torch.max, "sum": torch.sum}[how](v.abs())
+    return imp / scale if scale > 0 else torch.zeros_like(imp)
 
 
 def layer_outputs(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Dict[str, int]]:
@@ -143,8 +166,9 @@ class ChannelGroups:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
 
     # --- importance ---------------------------------------------------------------------------------
-    def importance(self, scores: Mapping[str, torch.Tensor], reduce: str = "sum") -> List[torch.Tensor]:
-        """Per group, per root channel: the sum (or mean) of the scores of the weights the channel owns.
+    def importance(self, scores: Mapping[str, torch.Tensor], reduce: str = "mean") -> List[torch.Tensor]:
+        """Per group, per root channel: the mean (or sum) of the scores of the weights the channel owns
+        (not normalised: :meth:`plan` puts the groups on one scale with :func:`normalize_importance`).
 
         Scores are accumulated in float64 (SynFlow-sized scores keep their order); weights without a
         score (``prune.exclude``d modules) do not contribute."""
@@ -224,25 +248,49 @@ class ChannelGroups:
         return {"params": params, "macs": macs}
 
     # --- selection ----------------------------------------------------------------------------------
+    def removable(self, max_group_ratio: float = 0.9, min_channels: int = 4, round_to: int = 1) -> List[int]:
+        """The most root channels each group may lose: at most ``max_group_ratio`` of them, keeping at least
+        ``min_channels`` (all of a group that has no more) and at least one, the kept width a multiple of
+        ``round_to`` (or the whole group)."""
+        out = []
+        for g in self.groups:
+            n = g.channels
+            keep = max(min(int(min_channels), n), n - math.floor(max_group_ratio * n + 1e-9), 1)
+            out.append(n - min(n, math.ceil(keep / round_to) * round_to))
+        return out
+
+    def reachable(self, target: str = "params", exclude: Iterable[str] = (), **caps) -> float:
+        """The largest removed fraction of ``target`` the caps (:meth:`removable`) allow."""
+        dense = self.counts([0] * len(self.groups), exclude)[target]
+        most = [torch.arange(r) for r in self.removable(**caps)]
+        return 1.0 - self.counts(most, exclude)[target] / dense
+
     def plan(self, scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global",
-             target: str = "params", reduce: str = "sum", round_to: int = 1, exclude: Iterable[str] = (),
+             target: str = "params", reduce: str = "mean", normalize: str = "mean", max_group_ratio: float = 0.9,
+             min_channels: int = 4, round_to: int = 1, exclude: Iterable[str] = (),
              keep_removed: List[torch.Tensor] | None = None) -> Plan:
-        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``;
-        ``keep_removed`` (an earlier plan's ``removed``) stay removed (iterative methods)."""
+        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``
+        within the per-group caps (:meth:`removable`); ``keep_removed`` (an earlier plan's ``removed``) stay
+        removed (iterative methods). ``facts["reachable"]`` is the most the caps allow."""
         if target not in TARGETS:
             raise ValueError(f"prune.target must be one of {', '.join(TARGETS)}, got {target!r}")
         imp = self.importance(scores, reduce)
         forced = [0] * len(self.groups)
-        for g, r in enumerate(keep_removed or ()):
+        gone = list(keep_removed or ())
+        gone += [torch.zeros(0, dtype=torch.long)] * (len(self.groups) - len(gone))
+        for g, r in enumerate(gone):
+            present = torch.ones(self.groups[g].channels, dtype=torch.bool)
+            present[r] = False
+            imp[g] = normalize_importance(imp[g], normalize, present)  # on the channels still there
             imp[g][r] = -math.inf  # ranked first: they go again
             forced[g] = len(r)
         self.order = [torch.sort(v, stable=True).indices for v in imp]  # ascending: first = least important
         dense = self.counts([0] * len(self.groups), exclude)
         sizes = [g.channels for g in self.groups]
+        caps = self.removable(max_group_ratio, min_channels, round_to)
 
-        def rounded(r: int, n: int) -> int:
-            kept = max(n - r, 1)
-            kept = min(n, math.ceil(kept / round_to) * round_to)
+        def rounded(r: int, n: int, cap: int) -> int:
+            kept = min(n, math.ceil((n - min(r, cap)) / round_to) * round_to)
             return n - kept
 
         if scope == "global":
@@ -253,12 +301,12 @@ class ChannelGroups:
 
             def removal(k: int) -> list:
                 per = torch.bincount(ranked[:k], minlength=len(sizes)).tolist()
-                return [max(f, rounded(r, n)) for r, n, f in zip(per, sizes, forced)]
+                return [max(f, rounded(r, n, c)) for r, n, c, f in zip(per, sizes, caps, forced)]
         elif scope == "layer":
             steps = max(sizes)
 
             def removal(k: int) -> list:
-                return [max(f, rounded(int(round(k / steps * n)), n)) for n, f in zip(sizes, forced)]
+                return [max(f, rounded(int(round(k / steps * n)), n, c)) for n, c, f in zip(sizes, caps, forced)]
         else:
             raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
 
@@ -278,8 +326,10 @@ class ChannelGroups:
         tolerance = 0.0 if below is None else max(0.0, above - below)
         per = removal(k)
         removed = [o[:r] for o, r in zip(self.order, per)]
-        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, round_to=round_to,
+        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, normalize=normalize,
+                              max_group_ratio=max_group_ratio, min_channels=min_channels, round_to=round_to,
                               tolerance=tolerance)
+        facts["reachable"] = frac(steps)  # every group at its cap
         return Plan(self.groups, removed, facts)
 
     def describe(self, removed: List[torch.Tensor], sparsity: float, target: str, exclude: Iterable[str] = (),
