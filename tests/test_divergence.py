@@ -18,7 +18,7 @@ from kdprune_cli.pruning.masks import assert_masked
 from kdprune_cli.runner import run_job
 from kdprune_cli.store import Store
 
-from conftest import TINY
+from conftest import SAFETY_S, TINY
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=2", "method.score_batches=2", "method.gamma_batches=2"]
 NUTE = ["method=nuteprune", "sparsity=0.5", "method.prune.epochs=2", "method.ramp_epochs=1", "method.teacher_ahead=2",
@@ -35,7 +35,7 @@ def test_cli_divergence_in_channel_retraining_is_one_line_exit_1_and_a_failed_re
     r = subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *TINY, *FAST, "print_config=false",
                         "prune.granularity=channel", "method.retrain.lr=1e6", "max_batches=4",
                         f"hydra.run.dir={run}"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
     lines = [x for x in r.stderr.splitlines() if x.startswith("kdprune:") or "Traceback" in x]
     assert r.returncode == 1, r.stderr[-2000:]
     one_line = (r"kdprune: error: training diverged in stage retrain \(epoch 1\): loss \S+"

@@ -18,7 +18,7 @@ from kdprune_cli import store, train
 from kdprune_cli.runner import Interrupted, run_job, signals_interrupt
 from kdprune_cli.store import atomic_save, defer_while_writing, writing
 
-from conftest import TINY
+from conftest import SAFETY_S, TINY
 
 CHANNEL = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2",
            "prune.granularity=channel", "sparsity=0.5", "max_batches=4"]
@@ -172,7 +172,7 @@ def test_cli_sigterm_inside_a_checkpoint_write_exits_143_with_a_failed_record(tm
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     args = [*TINY, *CHANNEL, "print_config=false"]
     r = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *args, f"hydra.run.dir={tmp_path}/a"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
     assert r.returncode == 143, r.stderr[-3000:]
     assert "kdprune: interrupted by SIGTERM; rerun the same command to resume" in r.stderr
     assert "Traceback" not in r.stderr and "unexpected pos" not in r.stderr

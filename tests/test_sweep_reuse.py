@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAFETY_S
 
 from kdprune_cli import reuse
 from kdprune_cli.report import main as report_main
@@ -47,7 +48,7 @@ def test_a_reused_job_in_a_sweep_is_a_complete_job_folder(tmp_path):
         assert rec["model_file"]["sha256"] == reuse.sha256_file(folder / "model.pt")
     assert reused["model_file"]["sha256"] == single["model_file"]["sha256"]
     ev = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(multi / "0"), "--json"],
-                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                        capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["record_matches"] is True
 
