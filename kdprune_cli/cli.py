@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import ConfigError, register
+from .search import is_search, objective
 
 
 def config_dir() -> str:
@@ -55,7 +56,9 @@ def storage_error(e: BaseException) -> Optional[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
-    """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
+    """Run one job; returns the record's ``optimized_metric`` (default: the final top-1 on the validation split),
+    the objective a search such as Optuna's optimises, or None (a failed trial) when the job failed or the
+    record has no such number."""
     from .data import DataError
     from .runner import CheckpointError, Interrupted, run_job
 
@@ -72,7 +75,11 @@ def main(cfg: DictConfig) -> Optional[float]:
             print("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)",
                   file=sys.stderr)
         record = run_job(cfg, run_dir, group=_group(cfg), overrides=list(hc.overrides.task))
-        return record["metrics"]["final"]["top1"]
+        value = objective(record, cfg.optimized_metric)
+        if value is None and multirun and is_search(hc.sweeper):
+            print(f"kdprune: job {hc.job.num}: the record has no number at optimized_metric={cfg.optimized_metric}; "
+                  "the trial counts as failed", file=sys.stderr)
+        return value
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
         print(f"kdprune: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + e.signum)

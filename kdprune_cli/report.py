@@ -469,7 +469,9 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     cols = cost_columns(costs)
     out = ["# kdprune report", ""]
     out.append(f"Metric: `metrics.final.{metric}`, {metric_desc(metric)} on the test split; cells are "
-               "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1).")
+               "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1). Every number "
+               "here is a test-split number; validation-split numbers (`metrics_val`, runs with "
+               "`data.val_split > 0`, what a search selects on) are in the records and a search's `best.yaml`.")
     out.append("")
     out.append(f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
                f"{counts['missing']} job folders missing a record"
@@ -562,7 +564,7 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
         sps = t.sparsities
         ncol = len(sps) * (1 + len(cols))
         cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
-               f"{tex_escape(metric_desc(metric))}, mean {pm} sample std over seeds (n runs). Samples per run "
+               f"{tex_escape(metric_desc(metric))} on the test split, mean {pm} sample std over seeds (n runs). Samples per run "
                "include the recorded cost of cached stages (teacher, dense student, ...); seconds are the "
                "run's own wall-clock.")
         if "macs" in cols:
@@ -685,7 +687,7 @@ def _stem(t: Table) -> str:
 
 def _finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
     """The common end of a table's plot: metric axis, title, grid, legend, written to ``path``."""
-    ax.set_ylabel(f"final {metric_desc(metric)}")
+    ax.set_ylabel(f"final {metric_desc(metric)}, test split")
     ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
