@@ -93,6 +93,9 @@ class SweepSummary(Callback):
         for job, why in bad:
             print(f"  failed: {job}: {why}", file=sys.stderr)
         if is_search(config.hydra.sweeper):
-            write_best(sweep_dir, config, ok, len(bad))
+            try:
+                write_best(sweep_dir, config, ok, len(bad))
+            except Exception as e:  # the failed jobs above still decide the exit status
+                print(f"kdprune: warning: best.yaml not written: {type(e).__name__}: {e}", file=sys.stderr)
         if bad:
             sys.exit(1)

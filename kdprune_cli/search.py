@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 SPLITS = {"metrics": "test", "metrics_val": "val"}
@@ -46,8 +46,17 @@ def objective(record: dict, path: str) -> Optional[float]:
     return float(v)
 
 
+def _task(config: DictConfig) -> list:
+    """The command line's overrides as typed (an override may hold an interpolation: not resolved)."""
+    return list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or [])
+
+
+def _key(override: str) -> str:
+    return str(override).lstrip("+~").split("=", 1)[0]
+
+
 def _explicit(overrides) -> bool:
-    return any(str(o).lstrip("+~").split("=", 1)[0] == "optimized_metric" for o in overrides or [])
+    return any(_key(o) == "optimized_metric" for o in overrides or [])
 
 
 def search_problem(config: DictConfig) -> Optional[str]:
@@ -62,7 +71,7 @@ def search_problem(config: DictConfig) -> Optional[str]:
     if parts[0] in SPLITS and (len(parts) != 3 or parts[1] not in STAGES):
         return (f"optimized_metric={metric}: expected {parts[0]}.<stage>.<metric> with stage one of "
                 f"{', '.join(STAGES)}")
-    if parts[0] == "metrics" and not _explicit(hydra.overrides.task):
+    if parts[0] == "metrics" and not _explicit(_task(config)):
         return (f"optimized_metric={metric} is measured on the test split: a search selects on validation "
                 f"(metrics_val.*, with data.val_split > 0); to select on the test split anyway, set "
                 f"optimized_metric={metric} on the command line")
@@ -129,7 +138,8 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         "value": value,
         "job": job.name,
         "run_dir": str(job),
-        "overrides": _overrides(job),
+        "params": [o for o in _overrides(job) if _key(o) not in {_key(t) for t in _task(config)}],  # the sampled ones
+        "overrides": _overrides(job),  # all of the trial's overrides, the command line's included
         "final": final,  # metric: {val: ..., test: ...}
         "trials": {"ok": len(ok_jobs), "failed": n_failed},
     }
@@ -138,7 +148,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
     _atomic(path, lambda fd: _write_all(fd, data))
     print(f"kdprune: best trial: job {job.name}, {metric} = {value:g} ({direction}, "
           f"{len(ok_jobs)} ok, {n_failed} failed)")
-    print(f"  overrides: {' '.join(doc['overrides'])}")
+    print(f"  params: {' '.join(doc['params'])}")
     for name, both in final.items():
         print(f"  final {name}: " + " · ".join(f"{s} {_fmt(both[s])}" for s in ("val", "test") if s in both))
     print(f"  {path}")

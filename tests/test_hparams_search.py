@@ -98,6 +98,7 @@ def test_best_yaml_is_the_best_on_validation_with_its_test_numbers_beside(tmp_pa
     best = yaml.safe_load((sweep / BEST).read_text())
     assert best["optimized_metric"] == "metrics_val.final.top1" and best["split"] == "val"
     assert best["job"] == "1" and best["value"] == 97.0 and best["overrides"] == ["method.alpha=0.5"]
+    assert best["params"] == ["method.alpha=0.5"]  # the command line's overrides (none here) left out
     assert best["final"]["top1"] == {"val": 97.0, "test": 95.0}
     assert best["trials"] == {"ok": 2, "failed": 1}
     out = capsys.readouterr().out
@@ -174,6 +175,9 @@ def test_optuna_search_on_the_quickstart_selects_on_validation_and_survives_a_fa
             assert t.value == recs[n]["metrics_val"]["final"]["top1"]  # what the job returned: validation
             job_overrides = yaml.safe_load((sweep / str(n) / ".hydra" / "overrides.yaml").read_text())
             assert f"method.alpha={t.params['method.alpha']}" in job_overrides
+            if n == int(yaml.safe_load((sweep / BEST).read_text())["job"]):
+                assert sorted(yaml.safe_load((sweep / BEST).read_text())["params"]) == sorted(
+                    f"{k}={v}" for k, v in t.params.items())  # the sampled values, nothing else
     best = yaml.safe_load((sweep / BEST).read_text())
     vals = {n: recs[n]["metrics_val"]["final"]["top1"] for n in (0, 2)}
     assert best["value"] == max(vals.values()) == study.best_value
