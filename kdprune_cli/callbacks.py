@@ -1,6 +1,7 @@
-"""Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not), and
-that a local Ray instance can start the jobs it is given; after a multirun, say which jobs failed and exit
-non-zero if any did."""
+"""Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not), that
+a local Ray instance can start the jobs it is given, and that a search selects on what it may (kdprune_cli.search);
+after a multirun, say which jobs failed (exit non-zero if any did) and, after a search, write the best trial's
+``best.yaml``."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from .search import is_search, search_problem, write_best
 
 
 def sweep_status(sweep_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -73,8 +76,10 @@ class SweepSummary(Callback):
         check_output_folder(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_folder(config.hydra.sweep.dir)
-        problem = ray_gpu_problem(config.hydra.launcher)
+        problem = search_problem(config)  # before anything is written
+        if problem is None:
+            check_output_folder(config.hydra.sweep.dir)
+            problem = ray_gpu_problem(config.hydra.launcher)
         if problem is not None:
             print(f"kdprune: error: {problem}", file=sys.stderr)
             sys.exit(2)
@@ -87,5 +92,10 @@ class SweepSummary(Callback):
         print(f"kdprune: sweep {sweep_dir}: {len(ok)} ok, {len(bad)} failed")
         for job, why in bad:
             print(f"  failed: {job}: {why}", file=sys.stderr)
+        if is_search(config.hydra.sweeper):
+            try:
+                write_best(sweep_dir, config, ok, len(bad))
+            except Exception as e:  # the failed jobs above still decide the exit status
+                print(f"kdprune: warning: best.yaml not written: {type(e).__name__}: {e}", file=sys.stderr)
         if bad:
             sys.exit(1)

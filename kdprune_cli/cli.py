@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, register
 from .runlog import say
+from .search import is_search, objective
 
 
 def config_dir() -> str:
@@ -61,7 +62,9 @@ def storage_error(e: BaseException) -> Optional[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
-    """Run one job; returns the final top-1 (the objective a sweeper such as Optuna maximises)."""
+    """Run one job; returns the record's ``optimized_metric`` (default: the final top-1 on the validation split),
+    the objective a search such as Optuna's optimises, or None (a failed trial) when the job failed or the
+    record has no such number."""
     from .data import DataError
     from .divergence import DivergedError
     from .runner import CheckpointError, Interrupted, run_job
@@ -73,7 +76,11 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         record = run_job(cfg, run_dir, group=_group(cfg), overrides=task_overrides(hc),
                          on_valid=lambda: announce(cfg, hc))
-        return record["metrics"]["final"]["top1"]
+        value = objective(record, cfg.optimized_metric)
+        if value is None and multirun and is_search(hc.sweeper):
+            say(f"kdprune: job {hc.job.num}: the record has no number at optimized_metric={cfg.optimized_metric}; "
+                "the trial counts as failed", err=True)
+        return value
     except Interrupted as e:  # the record says failed, the last checkpoint is kept; rerun to resume
         say(f"kdprune: {e}; rerun the same command to resume", err=True)
         sys.exit(128 + e.signum)

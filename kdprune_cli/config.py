@@ -152,6 +152,7 @@ class RunConfig:
     print_config: bool = True  # print the resolved config as a tree once it is valid (a sweep: once)
     max_batches: Optional[int] = None  # at most this many batches per training epoch (null = all; debug)
     detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly(True) for the run (slow; debug)
+    optimized_metric: str = "metrics_val.final.top1"  # what a job returns to a search: a dotted path of the record
 
 
 def register() -> None:

@@ -605,7 +605,9 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     cols = cost_columns(costs)
     out = ["# kdprune report", ""]
     out.append(f"Metric: `metrics.final.{metric}`, {metric_desc(metric)} on the test split; cells are "
-               "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1).")
+               "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1). Every number "
+               "here is a test-split number; validation-split numbers (`metrics_val`, runs with "
+               "`data.val_split > 0`, what a search selects on) are in the records and a search's `best.yaml`.")
     if metric in OPTIONAL_METRICS:
         out += ["", f"A run that did not record `{metric}` counts among the runs but not in n; a cell is — where "
                 "no run did (`ece_ts`, `nll_ts` and `temperature` need a held-out validation split, "
@@ -711,7 +713,7 @@ def latex(tables: list, metric: str, costs: str = "none", setting: Setting = Set
         cols, _ = shown_cost_columns(t, asked, setting)
         ncol = len(sps) * (1 + len(cols))
         cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
-               f"{tex_escape(metric_desc(metric))}, mean {pm} sample std over seeds (n runs). Samples per run "
+               f"{tex_escape(metric_desc(metric))} on the test split, mean {pm} sample std over seeds (n runs). Samples per run "
                "include the recorded cost of cached stages (teacher, dense student, ...); seconds are the "
                "run's own wall-clock.")
         if "macs" in cols:
@@ -837,7 +839,7 @@ def _stem(t: Table) -> str:
 
 def _finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
     """The common end of a table's plot: metric axis, title, grid, legend, written to ``path``."""
-    ax.set_ylabel(f"final {metric_desc(metric)}")
+    ax.set_ylabel(f"final {metric_desc(metric)}, test split")
     ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none where no run recorded the metric

@@ -532,7 +532,7 @@ def job_id(cfg: DictConfig, ids: dict) -> str:
     dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("logger", "progress", "store", "experiment", "resume", "fail_fast", "paths", "print_config",
-              "detect_anomaly", "compile", "threads"):
+              "detect_anomaly", "compile", "threads", "optimized_metric"):
         c.pop(k, None)
     if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
         c.pop("max_batches", None)

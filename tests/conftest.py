@@ -35,6 +35,17 @@ TINY = [
 ]
 
 
+def require_extra(module: str, extra: str):
+    """Import a sweep or launcher plugin for a test marked ``extras``: skipped where the extra is not installed,
+    but a failure where it must be (``make test-extras`` sets ``KDPRUNE_REQUIRE_EXTRAS=1``)."""
+    import importlib
+    import os
+
+    if os.environ.get("KDPRUNE_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} not installed (pip install -c constraints.txt '.[{extra}]')")
+
+
 def compose_cfg(overrides=()):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("config", overrides=list(overrides))

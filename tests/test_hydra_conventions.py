@@ -19,7 +19,7 @@ from kdprune_cli.runner import validate
 from kdprune_cli.runner import job_id
 from kdprune_cli.train import train
 
-from conftest import SAFETY_S, TinyNet, compose_cfg
+from conftest import SAFETY_S, TinyNet, compose_cfg, require_extra
 
 CONF = Path(config_dir())
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,12 +167,13 @@ def test_hparams_search_presets_replace_method_keys_in_the_sweeper():
         assert yaml.safe_load(text)["hydra"]["sweeper"]["params"]
 
 
+@pytest.mark.extras
 @pytest.mark.parametrize("preset,method,keys", [
     ("cakld_optuna", "cakld", {"method.alpha", "method.temperature", "method.retrain.lr"}),
     ("magnitude_optuna", "magnitude", {"method.retrain.lr", "method.retrain.weight_decay"}),
 ])
 def test_hparams_search_presets_compose_when_optuna_is_installed(preset, method, keys):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    require_extra("hydra_plugins.hydra_optuna_sweeper", "optuna")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"hparams_search={preset}", "experiment=quickstart"],
                       return_hydra_config=True)

@@ -1,6 +1,6 @@
 """Launchers: a small multirun through the Ray launcher (local instance, 2 CPUs) and through submitit_local,
 jobs in parallel on one shared store; every record ok, the teacher trained once. Skipped without the extras
-(pip install '.[ray]' / '.[slurm]')."""
+(pip install -c constraints.txt '.[ray,slurm]'); `make test-extras` runs them, failing where a plugin is missing."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import require_extra
 from test_pipeline import kdprune
 
 # debug=default: digits, ResNet-20 pair, 2 batches an epoch, seconds per job on CPU
@@ -26,24 +27,26 @@ def _two_jobs_one_teacher(r, tmp_path):
     assert "2 ok, 0 failed" in r.stdout
 
 
+@pytest.mark.extras
 def test_ray_launcher_multirun_shares_the_store(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher not installed (pip install '.[ray]')")
+    require_extra("hydra_plugins.hydra_ray_launcher", "ray")
     r = kdprune(["-m", "hydra/launcher=kdprune_ray", "hydra.launcher.ray.init.num_cpus=2",
                  "hydra.launcher.ray.remote.num_gpus=0", *JOBS, f"store.root={tmp_path / 'store'}"], tmp_path,
                 env_extra={"OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""})
     _two_jobs_one_teacher(r, tmp_path)
 
 
+@pytest.mark.extras
 def test_submitit_local_multirun_shares_the_store(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
-                        reason="hydra-submitit-launcher not installed (pip install '.[slurm]')")
+    require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
     r = kdprune(["-m", "hydra/launcher=submitit_local", *JOBS, f"store.root={tmp_path / 'store'}"], tmp_path,
                 env_extra={"OMP_NUM_THREADS": "1"})
     _two_jobs_one_teacher(r, tmp_path)
 
 
+@pytest.mark.extras
 def test_ray_launcher_config_composes_when_installed():
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher not installed (pip install '.[ray]')")
+    require_extra("hydra_plugins.hydra_ray_launcher", "ray")
     from hydra import compose, initialize_config_dir
     from kdprune_cli.cli import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -101,8 +104,9 @@ def test_jobs_starting_together_check_the_store_without_tripping_on_each_other(t
     assert not list(tmp_path.iterdir())  # every probe removed
 
 
+@pytest.mark.extras
 def test_ray_launcher_without_a_gpu_stops_with_one_line(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher not installed (pip install '.[ray]')")
+    require_extra("hydra_plugins.hydra_ray_launcher", "ray")
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the default num_gpus=0.25 is fine here")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, require_extra
 from test_pipeline import FAST, kdprune
 
 TINY_CLI = ["experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=1",
@@ -86,8 +86,9 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
     assert quick.prune == compose_cfg(["experiment=quickstart", "method=nuteprune"]).method.prune
 
 
+@pytest.mark.extras
 def test_submitit_launcher_config_composes_when_installed():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
     from hydra import compose, initialize_config_dir
     from kdprune_cli.cli import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -97,8 +98,9 @@ def test_submitit_launcher_config_composes_when_installed():
     assert "submitit" in cfg.hydra.launcher._target_.lower()
 
 
+@pytest.mark.extras
 def test_optuna_sweeper_config_composes_when_installed():
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    require_extra("hydra_plugins.hydra_optuna_sweeper", "optuna")
     from hydra import compose, initialize_config_dir
     from kdprune_cli.cli import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
