@@ -1,4 +1,4 @@
-"""The compiled training forward (``compile: auto | true | false``, issue #12): ``torch.compile`` of the
+"""The compiled training forward (``compile: auto | true | false``): ``torch.compile`` of the
 student's and the teacher's forward, CUDA graphs and channels_last on CUDA, and counts that make
 recompiles and eager fallbacks visible instead of silent.
 
