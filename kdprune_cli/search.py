@@ -85,11 +85,13 @@ def search_problem(config: DictConfig) -> Optional[str]:
 
 
 def _pair(rec: dict, stage: str) -> dict:
-    """``{metric: {val: x, test: y}}`` of one stage (only the splits the record has)."""
+    """``{metric: {val: x, test: y}}`` of one stage's numbers (only the splits the record has; the reliability
+    bins stay in the records)."""
     out: dict = {}
     for key, split in (("metrics_val", "val"), ("metrics", "test")):
         for name, v in ((rec.get(key) or {}).get(stage) or {}).items():
-            out.setdefault(name, {})[split] = v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(name, {})[split] = v
     return out
 
 
