@@ -167,7 +167,10 @@ def wrong_field(rec: dict) -> Optional[str]:
             if not isinstance(m, dict):
                 return f"{key}.{role} is {name(m)}"
             for metric, v in m.items():
-                if v is not None and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
+                if metric == "reliability":  # the per-bin calibration data: an object of lists
+                    if not isinstance(v, dict):
+                        return f"{key}.{role}.{metric} is {name(v)}"
+                elif v is not None and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
                     return f"{key}.{role}.{metric} is {name(v)}"
     cost = rec.get("cost") or {}
     if not isinstance(cost.get("stages", {}), dict) or not all(isinstance(v, dict)
