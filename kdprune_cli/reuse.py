@@ -13,7 +13,6 @@ per-epoch lines. A model file that is gone or does not match its record is not r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -25,17 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .loggers import RunLogger
 from .modelfile import ModelFileError, build_from, read_model_file
-from .store import _fsync_dir, _tmp_path, config_hash, warn
+from .store import _fsync_dir, _hash_file as sha256_file, _tmp_path, config_hash, warn
 
 MODEL = "model.pt"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_model_file(path: Path) -> dict:
