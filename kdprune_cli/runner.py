@@ -8,6 +8,7 @@ with the error when anything raises).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 import platform
@@ -357,10 +358,11 @@ def channel_caps(cfg: DictConfig) -> dict:
             "round_to": int(p.round_to)}
 
 
-def check_reachable(cfg: DictConfig, student: nn.Module, example: torch.Tensor) -> None:
-    """Refuse a ``sparsity`` that the channel caps cannot reach on this student; raises ValueError."""
+def check_reachable(cfg: DictConfig, groups: Callable[[], ChannelGroups]) -> None:
+    """Refuse a ``sparsity`` that the channel caps cannot reach on the student (``groups()``: its channel
+    groups); raises ValueError."""
     p = cfg.prune
-    most = ChannelGroups(student, example, p.exclude).reachable(p.target, p.exclude, **channel_caps(cfg))
+    most = groups().reachable(p.target, p.exclude, **channel_caps(cfg))
     if cfg.sparsity > most + 1e-9:
         what = "prunable weights" if p.target == "params" else "Conv2d/Linear MACs"
         raise ValueError(f"sparsity={cfg.sparsity} cannot be reached: with prune.max_group_ratio={p.max_group_ratio}, "
@@ -626,12 +628,14 @@ def validate(cfg: DictConfig) -> None:
         if cfg[role].checkpoint is not None:
             load_checkpoint(cfg[role].checkpoint, model, f"{cfg[role].name} for {cfg.data.name}")
     student, (_, channels, size) = models["student"], DATASETS[cfg.data.name]
+    example = torch.zeros(1, channels, size, size)
+    groups = functools.cache(lambda: ChannelGroups(student, example, cfg.prune.exclude))  # traced once, if asked
     try:
         check_exclude(student, cfg.prune.exclude)
-        check_round_to(cfg, student)
-        get_method(cfg.method.name).check_model(student, torch.zeros(1, channels, size, size))
+        check_round_to(cfg, groups)
+        get_method(cfg.method.name).check_model(student, example)
         if cfg.prune.granularity == "channel" and get_method(cfg.method.name).plans_channels:
-            check_reachable(cfg, student, torch.zeros(1, channels, size, size))
+            check_reachable(cfg, groups)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -660,14 +664,13 @@ def runnable_model(cfg: DictConfig, role: str) -> nn.Module:
     return model.train()
 
 
-def check_round_to(cfg: DictConfig, student: nn.Module) -> None:
-    """``prune.round_to`` must leave some channel removable: below the widest channel group of the student."""
+def check_round_to(cfg: DictConfig, groups: Callable[[], ChannelGroups]) -> None:
+    """``prune.round_to`` must leave some channel removable: below the widest channel group of the student
+    (``groups()``: its channel groups)."""
     r = int(cfg.prune.round_to)
     if cfg.prune.granularity != "channel" or r <= 1:
         return
-    _, channels, size = DATASETS[cfg.data.name]
-    widest = max(g.channels for g in ChannelGroups(student, torch.zeros(1, channels, size, size),
-                                                   cfg.prune.exclude).groups)
+    widest = max(g.channels for g in groups().groups)
     if r >= widest:
         raise ConfigError(f"prune.round_to={r} leaves no channel removable: the widest channel group of "
                           f"{cfg.student.name} has {widest} channels (set prune.round_to below {widest})")
