@@ -35,11 +35,13 @@ def strip(x):
 
 def run_one(method: str, granularity: str, out: Path) -> tuple[str, dict]:
     key = f"{method}/{granularity}"
-    run_dir = out / "runs" / f"{method}-{granularity}"
+    out = out / f"{method}-{granularity}"  # its own store: no job reads another's cached artifacts
+    run_dir = out / "run"
     cmd = [str(ROOT / ".venv" / "bin" / "kdprune"), "debug=default", f"method={method}",
            f"prune.granularity={granularity}", "threads=1", "progress=false", f"paths.output_dir={out}",
            f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    out.mkdir(parents=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
     rec = run_dir / "results.json"
     if not rec.exists():
