@@ -72,8 +72,8 @@ def rss_now() -> int:
 def config(args, lora: bool):
     from hydra import compose, initialize_config_dir
 
-    from kdprune_cli.cli import config_dir
-    from kdprune_cli.config import register
+    from kdprune_cli.cli.main import config_dir
+    from kdprune_cli.config.schema import register
 
     register()
     importlib.import_module("kdprune_cli.pruning")  # the methods' typed configs (method/<name>_schema)
@@ -91,7 +91,7 @@ def config(args, lora: bool):
 
 
 def synthetic_data(n_train: int, n_test: int, device: torch.device, seed: int):
-    from kdprune_cli.data import DeviceData
+    from kdprune_cli.data.loading import DeviceData
 
     g = torch.Generator().manual_seed(seed)
     blob = {"x_train": torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -127,12 +127,12 @@ def storages(tensors) -> dict:
 
 def child(args, lora: bool) -> dict:
     """One variant, in this process: NutePrune.run on a runner Context; what it held and cost."""
-    from kdprune_cli.evaluate import count_flops
-    from kdprune_cli.modelfile import model_file
-    from kdprune_cli.pruning import nuteprune as N
+    from kdprune_cli.training.evaluate import count_flops
+    from kdprune_cli.models.modelfile import model_file
+    from kdprune_cli.pruning.methods import nuteprune as N
     from kdprune_cli.pruning.masks import prunable_params
-    from kdprune_cli.runner import Context
-    from kdprune_cli.store import atomic_save
+    from kdprune_cli.experiment.job import Context
+    from kdprune_cli.store.files import atomic_save
 
     dev = torch.device(args.device)
     cfg = config(args, lora)
@@ -188,9 +188,9 @@ def child(args, lora: bool) -> dict:
 def latencies(args, files: dict) -> dict:
     """Median ms per model and batch, the dense model and each exported one timed in this process, in
     ``--rounds`` interleaved rounds (the median of the rounds' medians: a busy machine drifts)."""
-    from kdprune_cli.evaluate import measure_latency
+    from kdprune_cli.training.evaluate import measure_latency
     from kdprune_cli.models import build_model
-    from kdprune_cli.modelfile import load_pruned
+    from kdprune_cli.models.modelfile import load_pruned
 
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)

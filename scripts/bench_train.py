@@ -3,7 +3,7 @@
 For ResNet-56, ResNet-20 and ResNet-18 (CIFAR stem) at batch 128 on CIFAR-shaped synthetic uint8 data held
 on the device (kdprune's DeviceData, with its on-device augmentation), and for distillation (ResNet-56
 teacher → ResNet-20 student, objectives.Distill), train two epochs of ``--steps`` steps with
-``kdprune_cli.train.train`` and time the second: eager fp32, eager with bf16 autocast, and compiled
+``kdprune_cli.training.loop.train`` and time the second: eager fp32, eager with bf16 autocast, and compiled
 (bf16, channels_last, CUDA graphs). The students carry a ``--sparsity`` magnitude mask, so the per-step
 mask enforcement of retraining is in the measured step. Prints a markdown table.
 
@@ -16,13 +16,13 @@ import argparse
 import time
 
 import torch
-from kdprune_cli import compiling
-from kdprune_cli.config import TrainRecipe
-from kdprune_cli.data import DeviceData
+from kdprune_cli.training import compiling
+from kdprune_cli.config.schema import TrainRecipe
+from kdprune_cli.data.loading import DeviceData
 from kdprune_cli.models import build_model
-from kdprune_cli.objectives import CrossEntropy, Distill
+from kdprune_cli.distill.objectives import CrossEntropy, Distill
 from kdprune_cli.pruning.masks import prunable_params, select
-from kdprune_cli.train import train
+from kdprune_cli.training.loop import train
 
 MODES = {"eager": dict(amp=False, compile="false"), "eager+bf16": dict(amp=True, compile="false"),
          "compiled": dict(amp=True, compile="true")}

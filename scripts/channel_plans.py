@@ -29,10 +29,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdprune_cli.config import PruneConfig  # noqa: E402
+from kdprune_cli.config.schema import PruneConfig  # noqa: E402
 from kdprune_cli.models import build_model  # noqa: E402
 from kdprune_cli.pruning.masks import prunable_params  # noqa: E402
-from kdprune_cli.pruning.structured import ChannelGroups  # noqa: E402
+from kdprune_cli.pruning.structure.channels import ChannelGroups  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     out.append(table("Quickstart student: ResNet-20 on digits (1×8×8), initialisation",
                      build_model("resnet20", 10, 1, 8), torch.zeros(1, 1, 8, 8), sparsities))
     for run in args.run:
-        from kdprune_cli.eval_cli import load
+        from kdprune_cli.cli.eval import load
 
         model, obj, _ = load(SimpleNamespace(path=run, model="dense_student"))
         a = obj["arch"]

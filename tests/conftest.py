@@ -17,8 +17,8 @@ from torch import nn
 # against a hung process, generous enough for a heavily loaded machine (KDPRUNE_TEST_TIMEOUT overrides it).
 SAFETY_S = float(os.environ.get("KDPRUNE_TEST_TIMEOUT", 1800))
 
-from kdprune_cli.cli import config_dir
-from kdprune_cli.config import register
+from kdprune_cli.cli.main import config_dir
+from kdprune_cli.config.schema import register
 
 register()
 import kdprune_cli.pruning  # noqa: E402,F401  the methods' typed configs (schema/method/<name>)
@@ -57,7 +57,7 @@ def hold_lock(path, seconds: float):
     import threading
     import time
 
-    from kdprune_cli.store import file_lock
+    from kdprune_cli.store.files import file_lock
 
     held = threading.Event()
 
@@ -83,8 +83,8 @@ def tiny_cfg(tmp_path):
 @pytest.fixture
 def make_ctx(tiny_cfg):
     """``make_ctx(*overrides)``: a runner Context on digits (CPU) for method tests."""
-    from kdprune_cli.data import load_data
-    from kdprune_cli.runner import Context
+    from kdprune_cli.data.loading import load_data
+    from kdprune_cli.experiment.job import Context
 
     def make(*overrides):
         cfg = tiny_cfg(*overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdprune_cli.pruning import method_names
+from kdprune_cli.pruning.methods import method_names
 
 from test_pipeline import kdprune
 
@@ -15,7 +15,7 @@ def test_quickstart_multirun_over_every_method(tmp_path):
             "gmp"} <= set(methods)
     # NutePrune learns its sparsity (a Lagrangian, not an exact count): tests/test_nuteprune.py checks it
     methods = [m for m in methods if m != "nuteprune"]
-    choices = sorted(p.stem for p in __import__("pathlib").Path(__import__("kdprune_cli.cli").cli.config_dir())
+    choices = sorted(p.stem for p in __import__("pathlib").Path(__import__("kdprune_cli.cli.main").cli.main.config_dir())
                      .joinpath("method").glob("*.yaml") if not p.stem.startswith("nuteprune"))  # and nuteprune_intact
     r = kdprune(["-m", "experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=2",
                  "student.train.epochs=2", "method.retrain.epochs=3", f"method={','.join(choices)}",

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import torch_macs
-from kdprune_cli.evaluate import count_flops
-from kdprune_cli.matmuls import MatmulCounter, product_macs
+from kdprune_cli.training.evaluate import count_flops
+from kdprune_cli.models.matmuls import MatmulCounter, product_macs
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.masks import prunable_modules
 

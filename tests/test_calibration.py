@@ -10,11 +10,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
-from kdprune_cli.eval_cli import main as eval_main
-from kdprune_cli.evaluate import (classification_metrics, evaluate_splits, fit_temperature, reliability_bins,
-                                  temperature_scaled)
-from kdprune_cli.report import main, reliability_data
-from kdprune_cli.runner import run_job
+from kdprune_cli.cli.eval import main as eval_main
+from kdprune_cli.training.evaluate import classification_metrics, evaluate_splits, fit_temperature, reliability_bins, temperature_scaled
+from kdprune_cli.report.main import main, reliability_data
+from kdprune_cli.experiment.job import run_job
 from test_report import _check_png, _job, _record, write_grid
 from test_report_latency import _row
 

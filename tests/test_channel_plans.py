@@ -10,11 +10,13 @@ import warnings
 import pytest
 import torch
 
-from kdprune_cli.config import ConfigError, PruneConfig
+from kdprune_cli.config.schema import ConfigError, PruneConfig
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.masks import prunable_params
-from kdprune_cli.pruning.structured import ChannelGroups, normalize_importance
-from kdprune_cli.runner import Pruner, job_id, run_job
+from kdprune_cli.pruning.structure.channels import ChannelGroups, normalize_importance
+from kdprune_cli.experiment.identity import job_id
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.pruning.selection import Pruner
 
 from conftest import compose_cfg
 
@@ -201,7 +203,7 @@ def test_bad_plan_options_fail_in_one_line_before_work(tiny_cfg, tmp_path, overr
 
 def test_nuteprune_is_not_held_to_the_plan_caps(tiny_cfg, tmp_path):
     """NutePrune's gates learn the widths: a sparsity past the plan caps is not refused for it."""
-    from kdprune_cli.runner import validate
+    from kdprune_cli.experiment.job import validate
 
     validate(tiny_cfg("method=nuteprune", "prune.granularity=channel", "sparsity=0.9", "prune.max_group_ratio=0.5"))
 

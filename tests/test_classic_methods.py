@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinyNet
-from kdprune_cli.config import ConfigError
-from kdprune_cli.pruning import get_method
-from kdprune_cli.pruning.grasp import balanced_batch, hessian_gradient_product
+from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.pruning.methods.grasp import balanced_batch, hessian_gradient_product
 from kdprune_cli.pruning.masks import prunable_params, select, sparsity_report
-from kdprune_cli.pruning.synflow import linearised_copy, schedule, synflow_scores
+from kdprune_cli.pruning.methods.synflow import linearised_copy, schedule, synflow_scores
 
 METHODS = ["random", "magnitude", "snip", "grasp", "synflow"]
 
@@ -370,7 +370,7 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
 
     from kdprune_cli.models import build_model
     from kdprune_cli.pruning.masks import apply_masks
-    from kdprune_cli.pruning.synflow import SynFlow
+    from kdprune_cli.pruning.methods.synflow import SynFlow
 
     torch.manual_seed(0)
     net = build_model(arch, 10, 3, size)

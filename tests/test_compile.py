@@ -10,13 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdprune_cli import compiling
-from kdprune_cli.config import ConfigError, TrainRecipe, validate
-from kdprune_cli.data import DeviceData
+from kdprune_cli.training import compiling
+from kdprune_cli.config.schema import ConfigError, TrainRecipe, validate
+from kdprune_cli.data.loading import DeviceData
 from kdprune_cli.models import build_model
-from kdprune_cli.objectives import CrossEntropy, Distill
+from kdprune_cli.distill.objectives import CrossEntropy, Distill
 from kdprune_cli.pruning.masks import apply_masks, assert_masked, mask_grads, prunable_params, select
-from kdprune_cli.train import train
+from kdprune_cli.training.loop import train
 
 from conftest import compose_cfg
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 
-from kdprune_cli.cli import config_dir, missing_config_line
-from kdprune_cli.pruning import method_names
+from kdprune_cli.cli.main import config_dir, missing_config_line
+from kdprune_cli.pruning.methods import method_names
 
 from conftest import SAFETY_S, compose_cfg
 
@@ -24,7 +24,7 @@ def _cli(args, cwd, **env_extra):
     env = {**os.environ, "KDPRUNE_STORE": str(Path(cwd) / "store"), **env_extra}
     for k in ("HYDRA_FULL_ERROR", *(k for k, v in env_extra.items() if v is None)):
         env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "kdprune_cli.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "kdprune_cli.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
 
 
@@ -126,7 +126,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
 
     from tqdm.auto import tqdm
 
-    from kdprune_cli.train import bars_disabled
+    from kdprune_cli.training.loop import bars_disabled
 
     assert bars_disabled("auto") is None and bars_disabled(True) is False and bars_disabled(False) is True
     assert bars_disabled("true") is False and bars_disabled("false") is True

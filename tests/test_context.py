@@ -5,12 +5,12 @@ from pathlib import Path
 import torch
 
 import kdprune_cli.pruning as pruning
-from kdprune_cli.runner import ALIASES, Costs, peak_rss_bytes
+from kdprune_cli.experiment.job import ALIASES, Costs, peak_rss_bytes
 
 
 def test_methods_call_the_services_not_the_compatibility_names():
     old = re.compile(r"\bctx\.(%s)\b" % "|".join(ALIASES))
-    for f in sorted(Path(pruning.__file__).parent.glob("*.py")):
+    for f in sorted(Path(pruning.__file__).parent.rglob("*.py")):
         hits = [f"{f.name}:{i}: {line.strip()}" for i, line in enumerate(f.read_text().splitlines(), 1)
                 if old.search(line)]
         assert not hits, "use ctx.<service>.<name> (see README 'Adding a method'):\n" + "\n".join(hits)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli import runner
-from kdprune_cli.config import ConfigError
+from kdprune_cli.experiment import job as runner
+from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
-from kdprune_cli.runner import CheckpointError, Interrupted, run_job
-from kdprune_cli.store import config_hash
+from kdprune_cli.experiment.job import CheckpointError, Interrupted, run_job
+from kdprune_cli.store.files import config_hash
 
 from conftest import SAFETY_S, hold_lock
 from fakedata import write_cifar
@@ -193,7 +193,7 @@ def test_sigterm_exits_143_and_sigusr1_138_from_the_cli(tmp_path):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGUSR1, 138)):
         run = tmp_path / sig.name
-        p = subprocess.Popen([sys.executable, "-m", "kdprune_cli.cli", "experiment=quickstart", "progress=false",
+        p = subprocess.Popen([sys.executable, "-m", "kdprune_cli.cli.main", "experiment=quickstart", "progress=false",
                               "teacher.train.epochs=50", f"hydra.run.dir={run}"], env=env, cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + SAFETY_S
@@ -248,7 +248,7 @@ def test_method_name_cannot_be_swapped_under_a_method_config(tiny_cfg, tmp_path)
 
 def _cli(args, tmp_path):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", "experiment=quickstart", "progress=false",
+    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", "experiment=quickstart", "progress=false",
                            *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
 
 
@@ -300,7 +300,7 @@ def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
 def test_storage_errors_are_one_line_in_the_systems_words():
     import errno
 
-    from kdprune_cli.cli import storage_error
+    from kdprune_cli.cli.main import storage_error
 
     assert storage_error(OSError(errno.ENOSPC, "No space left on device", "/store/x.pt")) == \
         "cannot write /store/x.pt: No space left on device"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdprune_cli.data import DataError, DeviceData, load_cached, read_raw
+from kdprune_cli.data.loading import DataError, DeviceData, load_cached, read_raw
 
 from fakedata import write_cifar, write_tiny_imagenet
 
@@ -52,7 +52,7 @@ def _pil_reference(paths):
 
 def test_tiny_imagenet_parallel_decode_is_pil_bit_for_bit(tmp_path, monkeypatch):
     from PIL import Image
-    import kdprune_cli.data as data_mod
+    import kdprune_cli.data.loading as data_mod
     monkeypatch.setattr(data_mod, "_DECODE_CHUNK", 3)  # several chunks on the pool, and a ragged last one
     base = write_tiny_imagenet(tmp_path, per_class=5, val=7)
     rng = np.random.default_rng(1)

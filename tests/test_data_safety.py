@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdprune_cli import data as data_mod
-from kdprune_cli.data import DataError, dataset_fingerprint, load_cached, load_data, read_cifar_batch, read_raw
+from kdprune_cli.data import loading as data_mod
+from kdprune_cli.data.loading import DataError, dataset_fingerprint, load_cached, load_data, read_cifar_batch, read_raw
 
 from fakedata import write_cifar, write_tiny_imagenet
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli import runner
-from kdprune_cli.divergence import DivergedError, non_finite_metrics, non_finite_state
+from kdprune_cli.experiment import job as runner
+from kdprune_cli.errors import DivergedError, non_finite_metrics, non_finite_state
 from kdprune_cli.pruning.masks import assert_masked
-from kdprune_cli.runner import run_job
-from kdprune_cli.store import Store
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.store.files import Store
 
 from conftest import SAFETY_S, TINY
 
@@ -32,7 +32,7 @@ def _record(run: Path) -> dict:
 def test_cli_divergence_in_channel_retraining_is_one_line_exit_1_and_a_failed_record(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *TINY, *FAST, "print_config=false",
+    r = subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", *TINY, *FAST, "print_config=false",
                         "prune.granularity=channel", "method.retrain.lr=1e6", "max_batches=4",
                         f"hydra.run.dir={run}"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)

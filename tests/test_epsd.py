@@ -1,4 +1,4 @@
-"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/self_distillation.py)."""
+"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/distill/self_distillation.py)."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinyNet
-from kdprune_cli.pruning import get_method
-from kdprune_cli.pruning.epsd import prospr_scores
+from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.pruning.methods.epsd import prospr_scores
 from kdprune_cli.pruning.masks import prunable_params, sparsity_report
-from kdprune_cli.self_distillation import CSKD, DLB, PSKD
+from kdprune_cli.distill.self_distillation import CSKD, DLB, PSKD
 
 
 def ce64(model, x, y, idx):
@@ -319,7 +319,7 @@ def test_epsd_exact_count_and_masked_training(make_ctx, sd):
 
 
 def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
-    from kdprune_cli.config import ConfigError
+    from kdprune_cli.config.schema import ConfigError
 
     common = ("method.score_batch_size=32", "method.inner_steps=2")
     scores = {}
@@ -342,9 +342,9 @@ def test_inner_batches_option_reaches_the_saliency(make_ctx):
     """``inner_batches: same`` scores every inner step and the final loss on the first scoring batch."""
     import itertools
 
-    from kdprune_cli.config import ConfigError
-    from kdprune_cli.objectives import CrossEntropy
-    from kdprune_cli.pruning.epsd import cycle_batches
+    from kdprune_cli.config.schema import ConfigError
+    from kdprune_cli.distill.objectives import CrossEntropy
+    from kdprune_cli.pruning.methods.epsd import cycle_batches
 
     ctx = make_ctx("method=epg", "method.score_batch_size=16", "method.inner_steps=2", "method.inner_batches=same")
     m = get_method("epg")(ctx.cfg.method)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kdprune_cli.evaluate import classification_metrics
+from kdprune_cli.training.evaluate import classification_metrics
 
 
 def test_metrics_by_hand():

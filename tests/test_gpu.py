@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_augmentation_on_gpu_is_a_crop_of_the_padded_batch():
-    from kdprune_cli.data import DeviceData
+    from kdprune_cli.data.loading import DeviceData
     dev = torch.device("cuda")
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     blob = {"x_train": x, "y_train": torch.arange(16) % 10, "x_test": x[:4], "y_test": torch.arange(4)}
@@ -24,7 +24,7 @@ def test_augmentation_on_gpu_is_a_crop_of_the_padded_batch():
 
 
 def test_tiny_job_on_cuda_with_amp(tiny_cfg, tmp_path):
-    from kdprune_cli.runner import run_job
+    from kdprune_cli.experiment.job import run_job
     cfg = tiny_cfg("device=cuda", "amp=true", "method.finetune.epochs=1", "method.retrain.epochs=2")
     rec = run_job(cfg, tmp_path / "r", summary=False)
     assert rec["status"] == "ok" and rec["device"].startswith("cuda")

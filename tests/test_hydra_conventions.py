@@ -13,11 +13,11 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from kdprune_cli.cli import config_dir
-from kdprune_cli.config import ConfigError, recipe
-from kdprune_cli.runner import validate
-from kdprune_cli.runner import job_id
-from kdprune_cli.train import train
+from kdprune_cli.cli.main import config_dir
+from kdprune_cli.config.schema import ConfigError, recipe
+from kdprune_cli.experiment.job import validate
+from kdprune_cli.experiment.identity import job_id
+from kdprune_cli.training.loop import train
 
 from conftest import SAFETY_S, TinyNet, compose_cfg, require_extra
 
@@ -129,7 +129,7 @@ def test_max_batches_caps_the_optimizer_steps_of_every_epoch(make_ctx):
 def _cli(args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     env.pop("KDPRUNE_STORE", None)  # debug keeps its own store under ./outputs/debug
-    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=SAFETY_S)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdprune_cli.config import ConfigError
-from kdprune_cli.data import Split
-from kdprune_cli.pruning import get_method
-from kdprune_cli.pruning.colt import partition_classes, partition_data
-from kdprune_cli.pruning.gmp import schedule
-from kdprune_cli.pruning.imp import clone_state
+from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.data.loading import Split
+from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.pruning.methods.colt import partition_classes, partition_data
+from kdprune_cli.pruning.methods.gmp import schedule
+from kdprune_cli.pruning.methods.imp import clone_state
 from kdprune_cli.pruning.masks import assert_masked, prunable_modules, prunable_params, select
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0"]

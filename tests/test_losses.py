@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdprune_cli import losses
+from kdprune_cli.distill import losses
 
 ZS = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
 ZT = np.array([[2.0, 1.0, 0.0], [1.0, 1.0, 4.0]])
@@ -68,8 +68,8 @@ def test_cakld_method_threads_logit_std_from_its_config(tiny_cfg):
     from types import SimpleNamespace
 
     from conftest import TinyNet
-    from kdprune_cli.config import ConfigError
-    from kdprune_cli.pruning import get_method
+    from kdprune_cli.config.schema import ConfigError
+    from kdprune_cli.pruning.methods import get_method
 
     for name in ("cakld", "cakld_ce"):
         assert tiny_cfg(f"method={name}").method.logit_std == "unbiased"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdprune_cli.divergence import DivergedError
+from kdprune_cli.errors import DivergedError
 from kdprune_cli.models import build_model
-from kdprune_cli.pruning import nuteprune as N
-from kdprune_cli.pruning.structured import ChannelGroups
-from kdprune_cli.runner import run_job
+from kdprune_cli.pruning.methods import nuteprune as N
+from kdprune_cli.pruning.structure.channels import ChannelGroups
+from kdprune_cli.experiment.job import run_job
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 
@@ -201,7 +201,7 @@ FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "me
 
 @pytest.mark.parametrize("extra", [[], ["method.lora=false", "method.teachers=intact"]])
 def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extra):
-    from kdprune_cli.modelfile import load_pruned
+    from kdprune_cli.models.modelfile import load_pruned
 
     rec = run_job(tiny_cfg(*FAST, "sparsity=0.5", *extra), tmp_path / "r", summary=False)
     assert rec["status"] == "ok" and rec["granularity"] == "channel"
@@ -232,7 +232,7 @@ def test_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, extr
                                       "+student.kwargs.patch_size=4",
                                       "+student.kwargs.global_pool=map"]])  # attention pooling
 def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, student):
-    from kdprune_cli.config import ConfigError
+    from kdprune_cli.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="nuteprune"):
         run_job(tiny_cfg("method=nuteprune", *student), tmp_path / "r", summary=False)

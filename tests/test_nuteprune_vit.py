@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from conftest import torch_macs
-from kdprune_cli.evaluate import count_flops
-from kdprune_cli.modelfile import build_from, model_file
+from kdprune_cli.training.evaluate import count_flops
+from kdprune_cli.models.modelfile import build_from, model_file
 from kdprune_cli.models import build_model
-from kdprune_cli.pruning import nuteprune as N
+from kdprune_cli.pruning.methods import nuteprune as N
 from kdprune_cli.pruning.masks import prunable_params
-from kdprune_cli.pruning.vit import ViTGates
-from kdprune_cli.runner import run_job
+from kdprune_cli.pruning.structure.vit import ViTGates
+from kdprune_cli.experiment.job import run_job
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 VIT = "timm/vit_tiny_patch16_224"
@@ -245,7 +245,7 @@ FAST = ["method=nuteprune", "method.prune.epochs=2", "method.ramp_epochs=1", "me
 
 
 def test_a_vit_runs_end_to_end_and_the_exported_model_reloads(tiny_cfg, tmp_path, request):
-    from kdprune_cli.modelfile import load_pruned
+    from kdprune_cli.models.modelfile import load_pruned
 
     rec = run_job(tiny_cfg(*FAST, "sparsity=0.5", "prune.granularity=channel", "prune.target=macs"), tmp_path / "r",
                   summary=False)
@@ -289,7 +289,7 @@ def test_prune_exclude_keeps_the_structures_an_excluded_layer_produces():
 @pytest.mark.parametrize("bad", [["+teacher.kwargs.patch_size=4"],  # kwargs on a non-timm model
                                  ["student=timm", f"student.name={VIT}", "+student.kwargs.bogus=1"]])
 def test_bad_model_kwargs_fail_with_one_line_before_any_training(tiny_cfg, tmp_path, bad):
-    from kdprune_cli.config import ConfigError
+    from kdprune_cli.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="kwargs|timm model") as e:
         run_job(tiny_cfg("method=magnitude", *bad), tmp_path / "r", summary=False)

@@ -20,10 +20,10 @@ def test_wheel_contains_every_config(tmp_path):
     confs = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
     missing = [c for c in confs if f"kdprune_cli/conf/{c}" not in names]
     assert not missing, missing
-    assert "kdprune_cli/pruning/cakld.py" in names
+    assert "kdprune_cli/pruning/methods/cakld.py" in names
     entry = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry[0]).decode()
-    assert "kdprune = kdprune_cli.cli:main" in text and "kdprune-report = kdprune_cli.report:main" in text
+    assert "kdprune = kdprune_cli.cli.main:main" in text and "kdprune-report = kdprune_cli.report.main:main" in text
 
 
 def test_installed_wheel_finds_its_own_configs(tmp_path):
@@ -32,7 +32,7 @@ def test_installed_wheel_finds_its_own_configs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "w").glob("kdprune-*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")  # a wheel is a zip laid out as site-packages
-    code = ("from kdprune_cli.cli import config_dir; import sys; d = config_dir(); "
+    code = ("from kdprune_cli.cli.main import config_dir; import sys; d = config_dir(); "
             "assert d.startswith(sys.argv[1]), d; print(d)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True,
                        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}, timeout=SAFETY_S)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli.config import ConfigError
-from kdprune_cli.runner import CheckpointError, run_job
+from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.experiment.job import CheckpointError, run_job
 from conftest import SAFETY_S
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=1", "method.score_batches=2", "method.gamma_batches=2"]
@@ -21,7 +21,7 @@ REQUIRED = ["status", "dataset", "teacher", "student", "method", "seed", "sparsi
 
 def kdprune(args, tmp_path, env_extra=None):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", *args,
+    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", *args,
                            f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multi"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
 

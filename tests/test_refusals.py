@@ -18,11 +18,12 @@ import pytest
 from conftest import SAFETY_S
 import torch
 
-from kdprune_cli import eval_cli, report
-from kdprune_cli.config import ConfigError
+from kdprune_cli.cli import eval as eval_cli
+from kdprune_cli.report import main as report
+from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
-from kdprune_cli.modelfile import model_file
-from kdprune_cli.runner import CheckpointError, run_job
+from kdprune_cli.models.modelfile import model_file
+from kdprune_cli.experiment.job import CheckpointError, run_job
 
 
 def _record(run_dir: Path) -> dict:
@@ -97,7 +98,7 @@ def test_a_timm_checkpoint_path_holding_python_objects_is_one_line(tiny_cfg, tmp
 def _cli(args, tmp_path, **kw):
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     env.pop("KDPRUNE_TEST_NOT_SET", None)
-    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli", "experiment=quickstart", "progress=false",
+    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", "experiment=quickstart", "progress=false",
                            "print_config=false", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=SAFETY_S, **kw)
 
@@ -203,7 +204,7 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
 
 
 def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
-    from kdprune_cli.data import DataError, DeviceData
+    from kdprune_cli.data.loading import DataError, DeviceData
     from test_data import _blob
 
     for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdprune_cli.report import main
+from kdprune_cli.report.main import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)

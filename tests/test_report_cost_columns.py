@@ -9,8 +9,8 @@ import copy
 import numpy as np
 import pytest
 
-from kdprune_cli import report
-from kdprune_cli.report import main
+from kdprune_cli.report import main as report
+from kdprune_cli.report.main import main
 
 from test_report import ACC, SEEDS, SPARSITIES, _job, _label, _record, _seconds, _stats, write_grid
 from test_report_latency import PLOT, _row

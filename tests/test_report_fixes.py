@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kdprune_cli.report import main
+from kdprune_cli.report.main import main
 
 from test_report import _record
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from kdprune_cli.report import Setting, cost_axis, group, main
+from kdprune_cli.report.main import Setting, cost_axis, group, main
 
 from test_report import ACC, SEEDS, SPARSITIES, _check_png, _job, _label, _record, _stats, write_grid
 

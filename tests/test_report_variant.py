@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 
-from kdprune_cli import report
-from kdprune_cli.report import main
+from kdprune_cli.report import main as report
+from kdprune_cli.report.main import main
 
 from test_report import _check_png, _job, _stats
 from test_report_latency import _channel_record, _row

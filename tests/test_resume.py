@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kdprune_cli import runner
-from kdprune_cli.runner import run_job
+from kdprune_cli.experiment import job as runner
+from kdprune_cli.experiment.job import run_job
 from conftest import SAFETY_S
 
 ARGS = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
@@ -68,7 +68,7 @@ def test_sigkill_mid_retraining_then_the_same_command_resumes(tmp_path):
             "method.score_batches=2", "method.gamma_batches=2"]
 
     def cmd(run):
-        return [sys.executable, "-m", "kdprune_cli.cli", *args, f"hydra.run.dir={run}"]
+        return [sys.executable, "-m", "kdprune_cli.cli.main", *args, f"hydra.run.dir={run}"]
 
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd(tmp_path / "killed"), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdprune_cli.pruning import get_method
-from kdprune_cli.pruning.base import params_for_scoring
-from kdprune_cli.pruning.scoring import accumulate_, accumulate_saliency_, scoring_autocast
-from kdprune_cli.pruning.snip import snip_scores
+from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.pruning.methods.base import params_for_scoring
+from kdprune_cli.pruning.scores.batches import accumulate_, accumulate_saliency_, scoring_autocast
+from kdprune_cli.pruning.methods.snip import snip_scores
 
 
 def tensors(gen, shapes):

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from kdprune_cli import runner
-from kdprune_cli.pruning import get_method
-from kdprune_cli.runner import run_job
+from kdprune_cli.experiment import job as runner
+from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.experiment.job import run_job
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0", "max_batches=2"]
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli import store, train
-from kdprune_cli.runner import Interrupted, run_job, signals_interrupt
-from kdprune_cli.store import atomic_save, defer_while_writing, writing
+from kdprune_cli.store import files as store
+from kdprune_cli.training import loop as train
+from kdprune_cli.experiment.job import Interrupted, run_job, signals_interrupt
+from kdprune_cli.store.files import atomic_save, defer_while_writing, writing
 
 from conftest import SAFETY_S, TINY
 
@@ -142,8 +143,9 @@ def test_sigterm_inside_a_checkpoint_write_resumes_to_the_same_numbers(tiny_cfg,
 DRIVER = """
 import os, signal, sys
 from pathlib import Path
-from kdprune_cli.cli import main
-from kdprune_cli import store, train
+from kdprune_cli.cli.main import main
+from kdprune_cli.store import files as store
+from kdprune_cli.training import loop as train
 
 real_save, real_write, armed, sent = train.atomic_save, store._write_all, [], []
 

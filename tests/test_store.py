@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from kdprune_cli.store import Store, atomic_write_json, config_hash
+from kdprune_cli.store.files import Store, atomic_write_json, config_hash
 
 
 def test_key_is_the_hash_of_the_spec_and_order_free():

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import hold_lock
-from kdprune_cli import store
-from kdprune_cli.store import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
+from kdprune_cli.store import files as store
+from kdprune_cli.store.files import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
 
 
 @pytest.fixture
@@ -107,9 +107,9 @@ def test_clean_orphans_removes_dead_writers_files_only(tmp_path):
 
 def test_a_killed_writer_leaves_a_temp_file_that_is_recognised(tmp_path):
     """A writer killed between creating its temp file and the rename: its file goes at the next start."""
-    code = ("import os, sys; from pathlib import Path; from kdprune_cli import store; "
+    code = ("import os, sys; from pathlib import Path; from kdprune_cli.store import files as store; "
             "t = store._tmp_path(Path(sys.argv[1])); t.write_bytes(b'half'); os._exit(9)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(store.__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(store.__file__).parents[2]),
                                                          os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "artifact.pt")], env=env)
     assert r.returncode == 9

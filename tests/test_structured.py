@@ -12,14 +12,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdprune_cli.config import ConfigError
-from kdprune_cli.evaluate import count_flops
-from kdprune_cli.modelfile import ModelFileError, load_pruned
+from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.training.evaluate import count_flops
+from kdprune_cli.models.modelfile import ModelFileError, load_pruned
 from kdprune_cli.models import build_model
 from kdprune_cli.models.cifar import BasicBlock
 from kdprune_cli.pruning.masks import prunable_params
-from kdprune_cli.pruning.structured import ChannelGroups
-from kdprune_cli.runner import run_job
+from kdprune_cli.pruning.structure.channels import ChannelGroups
+from kdprune_cli.experiment.job import run_job
 from conftest import SAFETY_S
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
@@ -155,7 +155,7 @@ def test_run_retrains_the_smaller_model_and_the_file_reloads(tiny_cfg, tmp_path)
         assert widths[root] == w  # retraining kept the smaller shape
     assert rec["model_file"]["bytes"] == (run_dir / "model.pt").stat().st_size
     # kdprune-eval in a fresh process gives the record's final metrics exactly
-    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--json"],
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.cli.eval", str(run_dir), "--json"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
@@ -175,7 +175,7 @@ def test_weight_granularity_file_reloads_masked(tiny_cfg, tmp_path):
 def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
     pytest.importorskip("onnxruntime")
     rec, run_dir = run(tiny_cfg, tmp_path, "sparsity=0.4", "prune.round_to=4")
-    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(run_dir), "--onnx",
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.cli.eval", str(run_dir), "--onnx",
                           str(tmp_path / "m.onnx"), "--latency", "--latency-batch", "4", "--iters", "3"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 0, out.stderr
@@ -184,7 +184,7 @@ def test_onnx_export_matches_and_damaged_file_is_one_line(tiny_cfg, tmp_path):
     assert "batch    4 eager" in out.stdout
     bad = tmp_path / "bad.pt"
     bad.write_bytes((run_dir / "model.pt").read_bytes()[:2000])
-    out = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(bad)],
+    out = subprocess.run([sys.executable, "-m", "kdprune_cli.cli.eval", str(bad)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "damaged" in out.stderr
     with pytest.raises(ModelFileError, match="does not fit"):  # weights of another architecture
@@ -209,8 +209,8 @@ def test_bad_structured_options_fail_before_work(tiny_cfg, tmp_path, overrides, 
 def test_structured_presets_compose_and_validate(ds):
     from hydra import compose, initialize_config_dir
 
-    from kdprune_cli.cli import config_dir
-    from kdprune_cli.runner import validate
+    from kdprune_cli.cli.main import config_dir
+    from kdprune_cli.experiment.job import validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
@@ -278,7 +278,7 @@ def test_iterative_methods_prune_channel_groups_round_by_round(tiny_cfg, tmp_pat
 
 
 def test_a_method_without_channel_granularity_is_refused_before_work(tiny_cfg, tmp_path, monkeypatch):
-    from kdprune_cli.pruning import get_method
+    from kdprune_cli.pruning.methods import get_method
 
     monkeypatch.setattr(get_method("colt"), "granularities", ("weight",))
     with pytest.raises(ConfigError, match="does not prune at prune.granularity=channel"):

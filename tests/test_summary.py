@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdprune_cli.runner import print_summary, run_job
+from kdprune_cli.experiment.job import print_summary, run_job
 
 
 def _record(**over):

@@ -52,7 +52,7 @@ def test_wandb_offline_one_run_per_job_one_group_no_secret(tmp_path):
 
 def test_paper_presets_are_multiruns_over_the_papers_grid():
     for ds in ("cifar10", "cifar100", "tinyimagenet"):
-        with __import__("hydra").initialize_config_dir(config_dir=str(__import__("kdprune_cli.cli").cli.config_dir()),
+        with __import__("hydra").initialize_config_dir(config_dir=str(__import__("kdprune_cli.cli.main").cli.main.config_dir()),
                                                        version_base="1.3"):
             cfg = __import__("hydra").compose("config", overrides=[f"experiment=paper_{ds}"], return_hydra_config=True)
         assert cfg.data.name == ds and cfg.hydra.mode.name == "MULTIRUN"
@@ -66,8 +66,8 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
     """experiment=structured_<ds>: 7 methods × 3 MACs targets × 3 seeds = 63 jobs; nuteprune_intact is method
     nuteprune with teachers=intact, recorded as the variant "intact teacher" (its own report row)."""
     from hydra import compose, initialize_config_dir
-    from kdprune_cli.cli import config_dir
-    from kdprune_cli.pruning import get_method
+    from kdprune_cli.cli.main import config_dir
+    from kdprune_cli.pruning.methods import get_method
     for ds in ("cifar10", "cifar100", "tinyimagenet"):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
@@ -90,7 +90,7 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
 def test_submitit_launcher_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
     from hydra import compose, initialize_config_dir
-    from kdprune_cli.cli import config_dir
+    from kdprune_cli.cli.main import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=kdprune_slurm", "experiment=paper_cifar10"],
                       return_hydra_config=True)
@@ -102,7 +102,7 @@ def test_submitit_launcher_config_composes_when_installed():
 def test_optuna_sweeper_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_optuna_sweeper", "optuna")
     from hydra import compose, initialize_config_dir
-    from kdprune_cli.cli import config_dir
+    from kdprune_cli.cli.main import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=cakld_optuna", "experiment=quickstart"],
                       return_hydra_config=True)

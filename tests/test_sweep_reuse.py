@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import SAFETY_S
 
-from kdprune_cli import reuse
-from kdprune_cli.report import main as report_main
+from kdprune_cli.experiment import reuse
+from kdprune_cli.report.main import main as report_main
 
 from test_pipeline import kdprune
 from test_report_latency import _row
@@ -47,7 +47,7 @@ def test_a_reused_job_in_a_sweep_is_a_complete_job_folder(tmp_path):
         assert rec["model_file"]["path"] == rec["checkpoint"] == str(folder / "model.pt")
         assert rec["model_file"]["sha256"] == reuse.sha256_file(folder / "model.pt")
     assert reused["model_file"]["sha256"] == single["model_file"]["sha256"]
-    ev = subprocess.run([sys.executable, "-m", "kdprune_cli.eval_cli", str(multi / "0"), "--json"],
+    ev = subprocess.run([sys.executable, "-m", "kdprune_cli.cli.eval", str(multi / "0"), "--json"],
                         capture_output=True, text=True, cwd=tmp_path, timeout=SAFETY_S)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["record_matches"] is True
@@ -117,7 +117,7 @@ def test_a_model_file_gone_or_not_matching_its_record_is_not_usable(tmp_path):
 
 def test_a_job_reused_in_its_own_folder_keeps_its_model_and_log(tiny_cfg, tmp_path):
     from test_pipeline import FAST
-    from kdprune_cli.runner import run_job
+    from kdprune_cli.experiment.job import run_job
 
     cfg = tiny_cfg(*FAST)
     first = run_job(cfg, tmp_path / "r", summary=False)

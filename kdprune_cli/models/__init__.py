@@ -13,8 +13,8 @@ from typing import Callable, Dict, Optional
 
 from torch import nn
 
-from .cifar import cifar_resnet, wide_resnet
-from .torchvision_zoo import tv_mobilenet_v2, tv_resnet, tv_vgg
+from kdprune_cli.models.cifar import cifar_resnet, wide_resnet
+from kdprune_cli.models.torchvision_zoo import tv_mobilenet_v2, tv_resnet, tv_vgg
 
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
 

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..divergence import DivergedError, describe, non_finite_tensors
+from kdprune_cli.errors import DivergedError, describe, non_finite_tensors
 
 Masks = Dict[str, torch.Tensor]
 Scores = Dict[str, torch.Tensor]
@@ -147,7 +147,7 @@ def mask_grads(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def assert_masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """The final check: every pruned weight is exactly zero. Weights that are NaN or infinite (a diverged
-    training: a pruned NaN stays NaN when masked) raise :class:`~kdprune_cli.divergence.DivergedError` instead."""
+    training: a pruned NaN stays NaN when masked) raise :class:`~kdprune_cli.errors.DivergedError` instead."""
     params = _params(model, masks)
     broken = non_finite_tensors(params)
     if broken:

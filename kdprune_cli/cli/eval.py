@@ -1,0 +1,201 @@
+"""``kdprune-eval RUN_DIR``: reload a saved model in a fresh process, evaluate it, time it, export it.
+
+    kdprune-eval outputs/runs/<date>/<time>                      # top-1, top-5, NLL, ECE on the test split
+    kdprune-eval outputs/runs/<date>/<time> --latency            # + batch 1 / large-batch latency
+    kdprune-eval outputs/runs/<date>/<time> --onnx model.onnx    # + ONNX export checked with onnxruntime
+    kdprune-eval outputs/runs/<date>/<time> --model teacher      # the dense teacher (or dense_student)
+
+The model is rebuilt from ``model.pt`` alone (:func:`kdprune_cli.load_pruned`); the dataset from the data
+config saved in it (``--data-root`` when the data moved). When the run folder holds the record, the row is
+compared with the record's. Bad input: one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdprune_cli.models.modelfile import ModelFileError, _model_path, build_from, read_model_file
+
+RECORD_KEYS = {"final": "final", "teacher": "teacher", "dense_student": "dense_student"}
+
+
+class EvalError(ValueError):
+    """Bad input to kdprune-eval (one line)."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="kdprune-eval", description="Evaluate, time and export a saved kdprune model.")
+    p.add_argument("path", help="a run folder (with model.pt) or a model.pt file")
+    p.add_argument("--model", choices=sorted(RECORD_KEYS), default="final",
+                   help="which model of the run: the final pruned model (default) or a dense artifact")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--data-root", help="where the dataset is now (default: the path the run used)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
+    p.add_argument("--latency", action="store_true", help="time batch 1 and --latency-batch")
+    p.add_argument("--latency-batch", type=positive_int, default=256)
+    p.add_argument("--iters", type=positive_int, default=100, help="timed iterations per setting")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                   help="also time the torch.compile'd model (auto: on CUDA)")
+    p.add_argument("--onnx", metavar="PATH", help="export to ONNX and check it with onnxruntime on a test batch")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p.parse_args(argv)
+
+
+def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
+    """The chosen model, the model file's contents and the run's record (if the folder has one)."""
+    path = _model_path(args.path)
+    if not path.is_file():
+        raise EvalError(f"{args.path}: no model.pt there (a run folder of kdprune or a model.pt file)")
+    obj = read_model_file(path)
+    record = None
+    rec_path = path.parent / "results.json"
+    if rec_path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            record = json.loads(rec_path.read_text())
+    if args.model == "final":
+        return build_from(obj, path), obj, record
+    from kdprune_cli.models import build_model
+    from kdprune_cli.experiment.job import load_checkpoint
+
+    role = "teacher" if args.model == "teacher" else "student"
+    source = (obj.get("artifacts") or {}).get(role)
+    name = obj.get("teacher") if role == "teacher" else obj["arch"]["name"]
+    if not source or not name:
+        raise EvalError(f"{path} does not name its {args.model} artifact (runs with store.enabled=false keep none)")
+    a = obj["arch"]
+    kwargs = obj.get("teacher_kwargs") if role == "teacher" else a.get("kwargs")
+    model = build_model(name, int(a["num_classes"]), int(a["in_channels"]), int(a["image_size"]), kwargs)
+    load_checkpoint(source, model, f"{name} ({args.model})")
+    return model, obj, record
+
+
+def data_for(obj: dict, args, device: torch.device):
+    from omegaconf import OmegaConf
+
+    from kdprune_cli.config.schema import DataConfig
+    from kdprune_cli.data.loading import load_data
+
+    saved = dict(obj.get("data") or {})
+    if args.data_root:
+        saved["root"] = args.data_root
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), saved)
+    except Exception as e:
+        raise EvalError(f"the data config saved in the model file does not fit: {str(e).splitlines()[0]}") from None
+    return load_data(cfg, device)
+
+
+ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
+
+
+def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
+    """Export with ``torch.onnx.export`` (dynamic batch), run the file in onnxruntime on ``x``, compare."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EvalError("--onnx needs onnx, onnxscript and onnxruntime: pip install 'kdprune[onnx]'") from None
+    model = model.float().eval().cpu()
+    x = x.float().cpu()
+    # one self-contained file; ONNX's protobuf cannot hold more than 2 GB, so a larger model keeps its weights
+    # in a side file PATH.data beside it
+    side = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > ONNX_SINGLE_FILE_BYTES
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          verbose=False, external_data=side)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        diff = float((got - model(x)).abs().max())
+    ok = "matches" if diff <= 1e-4 else "DOES NOT match"
+    path = f"{path} (weights in {path}.data)" if side else path
+    return f"onnx: {path} written; onnxruntime's output on {x.shape[0]} test images {ok} the model's (max |Δ| {diff:.2e})"
+
+
+def run(args) -> int:
+    from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
+    from kdprune_cli.experiment.job import resolve_device
+
+    device = resolve_device(args.device)
+    model, obj, record = load(args)
+    model = model.to(device).eval()
+    data = data_for(obj, args, device)
+    if args.split == "val" and data.val is None:
+        raise EvalError("--split val: this run held out no validation split (data.val_split=0)")
+    ev = (record or {}).get("config", {}).get("eval", {}) if record else {}
+    splits = (args.split, "val") if args.split == "test" and data.val is not None else (args.split,)  # as recorded
+    metrics = evaluate_splits(model, data, splits, int(ev.get("batch_size", 1000)),
+                              int(ev.get("ece_bins", 15)))[args.split]
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_flops(model, (data.channels, data.image_size, data.image_size))["dense"]
+    arch = obj.get("teacher") if args.model == "teacher" else obj["arch"]["name"]
+    out = {"path": str(_model_path(args.path)), "model": args.model, "architecture": arch,
+           "dataset": data.name, "split": args.split, "metrics": metrics, "params": params, "macs": macs}
+    lines = [f"kdprune-eval: {args.model} {out['architecture']} on {data.name} ({args.split}), "
+             f"{params:,} parameters, {macs:,} MACs",
+             f"  {'':<14}{'top1':>8}{'top5':>8}{'nll':>8}{'ece':>8}",
+             f"  {args.model:<14}" + "".join(f"{metrics[k]:>8.{2 if k.startswith('top') else 3}f}"
+                                             for k in ("top1", "top5", "nll", "ece"))]
+    key = "metrics" if args.split == "test" else "metrics_val"
+    recorded = ((record or {}).get(key) or {}).get(RECORD_KEYS[args.model])
+    if recorded:
+        same = all(abs(recorded[k] - metrics[k]) <= 1e-9 for k in ("top1", "top5", "nll", "ece"))
+        out["record_matches"] = same
+        lines.append(f"  {'record':<14}" + "".join(f"{recorded[k]:>8.{2 if k.startswith('top') else 3}f}"
+                                                    for k in ("top1", "top5", "nll", "ece"))
+                     + ("   (same)" if same else "   (differs: another device or data?)"))
+    if args.latency:
+        shape = (data.channels, data.image_size, data.image_size)
+        out["latency"] = latency_record({args.model: model}, shape, args.latency_batch, args.iters, args.compile)
+        lines.append(f"  latency on {out['latency']['device']} ({out['latency']['dtype']}), "
+                     f"median [p10, p90] of {args.iters}:")
+        for r in out["latency"][args.model]:
+            extra = f", compiled in {r['compile_seconds']:.1f}s" if "compile_seconds" in r else ""
+            lines.append(f"    batch {r['batch']:>4} {r['mode']:<8} {r['median_ms']:8.3f} ms "
+                         f"[{r['p10_ms']:.3f}, {r['p90_ms']:.3f}]  {r['images_per_s']:,.0f} img/s{extra}")
+    if args.onnx:
+        x = next(iter(data.batches(args.split, 16)))[0]
+        line = onnx_check(model, x, args.onnx)
+        out["onnx"] = line
+        lines.append("  " + line)
+    print(json.dumps(out, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    from kdprune_cli.data.loading import DataError
+    from kdprune_cli.experiment.job import CheckpointError
+    from kdprune_cli.config.schema import ConfigError
+
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (EvalError, ModelFileError, DataError, CheckpointError, ConfigError) as e:
+        print(f"kdprune-eval: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"kdprune-eval: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

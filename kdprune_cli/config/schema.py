@@ -1,0 +1,336 @@
+"""Structured configs (the Hydra schema) and the validation every run passes before any work.
+
+The schema types every top-level field, so Hydra rejects a wrong type at composition; :func:`validate`
+checks what types cannot (ranges, names, files) and raises :class:`ConfigError` with one clear line.
+Method nodes are free-form (each method reads its own fields); their training recipes are checked
+against :class:`TrainRecipe` here.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line that says what to change."""
+
+
+@dataclass
+class TrainRecipe:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: str = "cosine"  # cosine | multistep | constant
+    milestones: List[int] = field(default_factory=list)
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    augment: bool = True
+    eval_every: int = 1  # evaluate on the test split every n epochs for the log (0 = never)
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adamw (β defaults; momentum and nesterov unused)
+
+
+@dataclass
+class KDRecipe(TrainRecipe):
+    kd: bool = True  # retrain with the distillation loss (true) or CE only (false)
+
+
+def follow_student() -> TrainRecipe:
+    """A recipe whose every field follows ``student.train`` by interpolation: the training budget the papers
+    leave open is the dense student's (change ``student.train`` and it carries over; override a field with
+    ``method.retrain.<field>=...``)."""
+    return TrainRecipe(**{f: f"${{student.train.{f}}}" for f in TrainRecipe.__dataclass_fields__})
+
+
+@dataclass
+class MethodConfig:
+    """Typed config of a method: each method file subclasses it (field types, and defaults only where a
+    value follows another part of the config); the values live in ``conf/method/<name>.yaml``, whose
+    defaults list starts with ``/schema/method/<name>@_here_``, so a wrong type or an unknown key fails at composition."""
+    name: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "./data"
+    download: bool = False
+    verify_checksums: bool = True  # CIFAR: check the official md5 sums (false for re-packed subsets)
+    cache_dir: str = "${store.root}/data"
+    val_split: float = 0.0
+    split_seed: int = 0
+    crop_padding: int = 4
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm models only: passed to timm.create_model (e.g. patch_size)
+    checkpoint: Optional[str] = None  # load instead of training
+    seed: int = 0
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+
+@dataclass
+class PruneConfig:
+    scope: str = "global"  # global | layer
+    exclude: List[str] = field(default_factory=list)
+    granularity: str = "weight"  # weight (masks) | channel (coupled channel groups, physically removed)
+    target: str = "params"  # channel: sparsity is the fraction of prunable weights (params) or of MACs removed
+    reduce: str = "mean"  # channel: a channel's importance is the mean | sum of its weights' scores
+    normalize: str = "mean"  # channel: each group's importances / their mean | max | sum, standarization, none
+    max_group_ratio: float = 0.9  # channel: no group loses more than this fraction of its channels
+    min_channels: int = 4  # channel: no group keeps fewer channels (a group with fewer keeps all)
+    round_to: int = 1  # channel: keep a multiple of this many channels in every group (e.g. 8 or 16)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # none | csv | wandb
+    project: str = "kdprune"
+    entity: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled (wandb)
+    group: Optional[str] = None  # default: the sweep folder's name, else the experiment name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    """Machine-specific folders (conf/paths/, overridden per machine by conf/local/default.yaml)."""
+    data_dir: str = "${oc.env:KDPRUNE_DATA,./data}"  # datasets (data.root of cifar10/100, tinyimagenet)
+    store_dir: str = "${oc.env:KDPRUNE_STORE,outputs/store}"  # content-addressed artifacts (store.root)
+    output_dir: str = "outputs"  # run and multirun folders (hydra.run.dir, hydra.sweep.dir)
+
+
+@dataclass
+class StoreConfig:
+    root: str = "${paths.store_dir}"
+    enabled: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+    ece_bins: int = 15
+    latency: bool = False  # time the dense student and the final model (batch 1 and latency_batch)
+    latency_batch: int = 256  # the large batch of the latency measurement
+    latency_iters: int = 100  # timed iterations per setting (after warm-up)
+    latency_compile: str = "auto"  # also time torch.compile'd models: auto (on CUDA) | true | false
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet56"))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # a method's typed config (MethodConfig subclass), selected by the method group
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sparsity: float = 0.9
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast on CUDA
+    compile: Any = "auto"  # auto | true | false: torch.compile the training forward (auto: on CUDA)
+    progress: Any = "auto"  # auto: progress bars on a terminal only | true: always | false: never
+    threads: Any = "auto"  # torch CPU threads: auto (the usable cores, or OMP_NUM_THREADS) | an integer > 0
+    fail_fast: bool = False  # multirun: stop at the first failing job
+    resume: bool = True  # continue killed jobs from their last epoch; a finished job is not run again
+    experiment: Optional[str] = None  # a name for the run's group (set by experiment configs)
+    print_config: bool = True  # print the resolved config as a tree once it is valid (a sweep: once)
+    max_batches: Optional[int] = None  # at most this many batches per training epoch (null = all; debug)
+    detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly(True) for the run (slow; debug)
+    optimized_metric: str = "metrics_val.final.top1"  # what a job returns to a search: a dotted path of the record
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="kdprune_schema", node=RunConfig)
+
+
+NOT_RECIPE = ("kd",)  # switches that live beside a recipe in a method's node
+
+
+def recipe(node: Any, where: str) -> DictConfig:
+    """A training recipe from a (possibly partial) node, type-checked against :class:`TrainRecipe`."""
+    node = {k: v for k, v in (node or {}).items() if k not in NOT_RECIPE}
+    try:
+        r = OmegaConf.merge(OmegaConf.structured(TrainRecipe), node)
+    except Exception as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    _check_recipe(r, where)
+    return r
+
+
+def _check_recipe(r, where: str) -> None:
+    if r.epochs < 0:
+        raise ConfigError(f"{where}.epochs must be >= 0, got {r.epochs}")
+    if r.batch_size <= 0:
+        raise ConfigError(f"{where}.batch_size must be > 0, got {r.batch_size}")
+    if not (math.isfinite(r.lr) and r.lr > 0):
+        raise ConfigError(f"{where}.lr must be a finite number > 0, got {r.lr}")
+    if not (math.isfinite(r.weight_decay) and r.weight_decay >= 0) or not 0 <= r.momentum < 1:
+        raise ConfigError(f"{where}: weight_decay must be a finite number >= 0 and momentum in [0, 1)")
+    if not (math.isfinite(r.lr_decay) and r.lr_decay >= 0) or not (math.isfinite(r.warmup_epochs)
+                                                                    and r.warmup_epochs >= 0):
+        raise ConfigError(f"{where}: lr_decay and warmup_epochs must be finite numbers >= 0")
+    if r.schedule not in ("cosine", "multistep", "constant"):
+        raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
+    if r.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise ConfigError(f"{where}.optimizer must be sgd or adamw, got {r.optimizer!r}")
+
+
+# Training images of each dataset's training split (before data.val_split holds some out).
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000, "digits": 1437}
+
+
+def split_sizes(n: int, val_split: float) -> tuple[int, int]:
+    """``(training, validation)`` images when ``val_split`` of ``n`` training images are held out."""
+    n_val = int(round(val_split * n)) if val_split > 0 else 0
+    return n - n_val, n_val
+
+
+def check_val_split(data) -> None:
+    """A held-out split must leave at least one training batch (one image) and hold at least one image."""
+    n = TRAIN_IMAGES.get(data.name)
+    if n is None or data.val_split <= 0:
+        return
+    train, val = split_sizes(n, data.val_split)
+    if train < 1 or val < 1:
+        raise ConfigError(f"data.val_split={data.val_split} leaves {train} of the {n} {data.name} training images "
+                          f"for training and {val} for validation; both need at least one")
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation resolves (``${oc.env:UNSET}`` does not), said with the key it sits under."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key, msg = getattr(e, "full_key", None), (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """What the config itself can tell (ranges, choices, files); raises :class:`ConfigError`.
+
+    Names that only the registries know (datasets, models, methods, module names) are checked by
+    :func:`kdprune_cli.experiment.job.validate`, which calls this first: the config layer imports nothing above it.
+    """
+    check_resolves(cfg)
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
+    if not 0.0 <= cfg.data.val_split < 1.0:
+        raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
+    check_val_split(cfg.data)
+    for role in ("teacher", "student"):
+        m = cfg[role]
+        if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
+            raise ConfigError(f"{role}.checkpoint {m.checkpoint} does not exist")
+        _check_recipe(m.train, f"{role}.train")
+    if cfg.prune.scope not in ("global", "layer"):
+        raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
+    choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("mean", "sum"),
+               "normalize": ("mean", "max", "sum", "standarization", "none")}
+    for key, allowed in choices.items():
+        if cfg.prune[key] not in allowed:
+            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {cfg.prune[key]!r}")
+    if not 0.0 < cfg.prune.max_group_ratio <= 1.0:
+        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {cfg.prune.max_group_ratio}")
+    if cfg.prune.min_channels < 1:
+        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {cfg.prune.min_channels}")
+    if cfg.prune.round_to < 1:
+        raise ConfigError(f"prune.round_to must be an integer >= 1, got {cfg.prune.round_to}")
+    if cfg.prune.granularity == "weight" and (cfg.prune.target != "params" or cfg.prune.round_to != 1):
+        raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
+    if cfg.eval.latency_batch <= 0 or cfg.eval.latency_iters <= 0:
+        raise ConfigError("eval.latency_batch and eval.latency_iters must be integers > 0")
+    if str(cfg.eval.latency_compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"eval.latency_compile must be auto, true or false, got {cfg.eval.latency_compile!r}")
+    if cfg.logger.name not in ("none", "csv", "wandb"):
+        raise ConfigError(f"logger must be none, csv or wandb, got {cfg.logger.name!r}")
+    if cfg.logger.mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
+    if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
+        raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
+    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
+        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
+    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_run_options(cfg)
+    check_method_node(cfg.method, "method")
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """``progress`` and ``threads``: how the run uses the console and the CPU."""
+    if str(cfg.get("progress", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
+    t = cfg.get("threads", "auto")
+    if str(t).lower() != "auto" and not (isinstance(t, int) and not isinstance(t, bool) and t > 0):
+        raise ConfigError(f"threads must be auto or an integer > 0, got {t!r}")
+
+
+RECIPE_KEYS = set(TrainRecipe.__dataclass_fields__)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_method_node(node, where: str) -> None:
+    """Range checks every method option by its name, so that bad values fail before any training.
+
+    A sub-node with training-recipe keys is a recipe (checked whole by :func:`recipe`); ``*batch_size`` must
+    be a positive integer, ``*batches`` / ``*_per_class`` / ``rounds`` / ``chunk_size`` a positive integer
+    (``*batches`` and ``chunk_size`` may be null), ``*epochs`` / ``*_epoch`` / ``*steps`` an integer >= 0,
+    ``*lr`` a finite number > 0, ``*rate`` / ``*alpha`` / ``*_weight`` (loss weights) finite numbers >= 0,
+    ``lora_r`` an integer >= 1 and ``*temperature`` a finite number > 0. Method-specific rules live in each method's ``validate()``.
+    """
+    for key, v in (node or {}).items():
+        name, k = f"{where}.{key}", str(key)
+        if isinstance(v, DictConfig):
+            if RECIPE_KEYS & set(v.keys()):
+                recipe(v, name)
+            else:
+                check_method_node(v, name)
+            continue
+        nullable = k.endswith("batches") or k == "chunk_size"
+        if isinstance(v, str) and k.endswith("batches"):
+            continue  # a choice such as EPSD's inner_batches: fresh | same, checked by the method
+        if k.endswith("batch_size") or k.endswith("_per_class") or k == "rounds" or nullable:
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (nullable and v is None):
+                raise ConfigError(f"{name} must be an integer > 0{' or null' if nullable else ''}, got {v!r}")
+        elif k.endswith("epochs") or k.endswith("steps") or k.endswith("_epoch"):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+        elif k.endswith("lr"):
+            if not (_number(v) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        elif k == "lora_r":
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{name} (the LoRA rank) must be an integer >= 1, got {v!r}")
+        elif (k.endswith("rate") or k.endswith("alpha") or k.endswith("_weight")
+              or k in ("lam", "weight_decay", "momentum")):
+            if not (_number(v) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        elif k.endswith("temperature"):
+            if not (_number(v) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+def model_kwargs(model_cfg) -> dict:
+    """``<role>.kwargs`` as a plain dict (``{}`` when absent)."""
+    kw = model_cfg.get("kwargs") if hasattr(model_cfg, "get") else None
+    return OmegaConf.to_container(kw, resolve=True) if isinstance(kw, DictConfig) else dict(kw or {})

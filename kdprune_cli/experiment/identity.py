@@ -1,0 +1,66 @@
+"""A job's identity: its config minus what changes no result, with data and checkpoints named by content."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdprune_cli import __version__
+from kdprune_cli.data.loading import dataset_fingerprint
+from kdprune_cli.store.files import config_hash, file_digest
+
+
+def checkpoint_digest(cfg: DictConfig, path: str) -> str:
+    """The sha256 of a checkpoint file's bytes (hashed once per path, size and mtime; cached in the store)."""
+    cache = Path(cfg.store.root) / "digests" if cfg.store.enabled else None
+    return file_digest(Path(path).expanduser(), cache_dir=cache)
+
+
+def versions() -> dict:
+    import hydra
+    import timm
+    import torchvision
+
+    return {"kdprune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "hydra": hydra.__version__}
+
+
+def content_ids(cfg: DictConfig) -> dict:
+    """The content behind the paths of a config: the dataset's fingerprint and each checkpoint's sha256."""
+    ids = {"data": dataset_fingerprint(cfg.data)}
+    for role in ("teacher", "student"):
+        if cfg[role].checkpoint is not None:
+            ids[f"{role}_checkpoint"] = checkpoint_digest(cfg, cfg[role].checkpoint)
+    return ids
+
+
+# What changes no result of a job, so it is not part of the job's identity: where and how it is logged, stored and
+# shown, whether it is resumed, how fast it runs, and where its inputs lie (their content is identified instead).
+IGNORED_KEYS = ("logger", "progress", "store", "experiment", "resume", "fail_fast", "paths", "print_config",
+                "detect_anomaly", "compile", "threads", "optimized_metric")
+IGNORED_SUBKEYS = {"eval": ("latency_batch", "latency_iters", "latency_compile"),
+                   "data": ("root", "cache_dir", "download", "verify_checksums"),
+                   "teacher": ("checkpoint",), "student": ("checkpoint",)}
+
+
+def identity_config(c: dict) -> dict:
+    """A resolved config (a plain dict) without the keys that change no result (:data:`IGNORED_KEYS`)."""
+    c = {k: v for k, v in c.items() if k not in IGNORED_KEYS}
+    for k, sub in IGNORED_SUBKEYS.items():
+        if isinstance(c.get(k), dict):
+            c[k] = {kk: v for kk, v in c[k].items() if kk not in sub}
+    if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
+        c.pop("max_batches", None)
+    if isinstance(c.get("prune"), dict) and c["prune"].get("granularity") == "weight":
+        # the channel options change no result of weight granularity: ids stay those of configs before channel pruning
+        c["prune"] = {k: v for k, v in c["prune"].items() if k not in (
+            "granularity", "target", "reduce", "normalize", "max_group_ratio", "min_channels", "round_to")}
+    return c
+
+
+def job_id(cfg: DictConfig, ids: dict) -> str:
+    """Deterministic job identity: the resolved config minus what does not change results, with the
+    dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
+    return config_hash({"config": identity_config(OmegaConf.to_container(cfg, resolve=True)), "content": ids})

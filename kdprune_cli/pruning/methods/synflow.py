@@ -1,0 +1,135 @@
+"""SynFlow: iterative synaptic flow pruning, data-free (Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020,
+arXiv 2006.05467).
+
+Synaptic saliency with the data-free objective ``R = 1ᵀ (∏_l |W^[l]|) 1`` (the paper's eq. 2/Algorithm 1):
+every parameter (and buffer) of the network is replaced by its absolute value, BatchNorm is put in eval
+mode, an all-ones input of the dataset's shape (``1×C×H×W``) is passed forward and ``R`` is the sum of the
+outputs; the score is ``|θ ⊙ ∂R/∂θ|``. Pruning is iterative: after round ``k = 1..rounds`` the density is
+``(1−s)^(k/rounds)`` (the exponential schedule), the scores are recomputed on the masked network every
+round, and already-pruned weights stay pruned (``masks.select(..., keep=previous)``).
+
+Implementation: the absolute values are taken on a float64 copy of the network (float32 where the device
+has no float64, e.g. MPS), so the network that is pruned keeps its signs and dtype untouched — equivalent
+to linearising in place and restoring the signs afterwards. No training data is read.
+
+Precision (docs/methods.md §4): ``R`` grows like the product of the layers' weight sums, so the scores of
+deep networks overflow float32 (largest ~4e67 on ResNet-56 and ~2e136 on ResNet-110 at 32×32, ~4e51 on
+ResNet-34 at 64×64). :func:`~kdprune_cli.pruning.masks.select` ranks them in float64, their own precision;
+a score that is still inf or NaN (e.g. ``double: false``) is an error naming the layer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
+from kdprune_cli.pruning.methods.base import Result, params_for_scoring
+from kdprune_cli.pruning.masks import Masks, Scores, apply_masks, select
+from kdprune_cli.pruning.methods.snip import PruneAtInit
+from kdprune_cli.pruning.structure.channels import Plan
+
+
+def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
+    """A copy of ``model`` with every floating parameter and buffer replaced by its absolute value,
+    BatchNorm (and everything else) in eval mode, in float64 where the device supports it."""
+    m = copy.deepcopy(model)
+    device = next(m.parameters()).device
+    if double and device.type != "mps":
+        m = m.double()
+    m.eval()
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def synflow_scores(model: nn.Module, params: dict, input_shape) -> Scores:
+    """One round of ``|θ ⊙ ∂R/∂θ|`` on an already linearised network (``params`` are its weights)."""
+    p0 = next(iter(params.values()))
+    ones = torch.ones((1, *input_shape), dtype=p0.dtype, device=p0.device)
+    model.zero_grad(set_to_none=True)
+    r = model(ones).sum()
+    r.backward()
+    with torch.no_grad():
+        out = {n: (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def schedule(sparsity: float, rounds: int) -> list[float]:
+    """Sparsity after each round: ``1 − (1−s)^(k/rounds)``, the last exactly ``s``."""
+    return [1.0 - (1.0 - sparsity) ** (k / rounds) for k in range(1, rounds)] + [sparsity]
+
+
+@dataclass
+class SynFlowConfig(MethodConfig):
+    rounds: int = MISSING
+    double: bool = MISSING  # score in float64
+    retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
+
+class SynFlow(PruneAtInit):
+    """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
+
+    granularities = ("weight", "channel")  # channel: each round re-plans channel groups (docs/methods.md §7)
+
+    name = "synflow"
+    Config = SynFlowConfig
+
+    def validate(self) -> None:
+        if int(self.cfg.rounds) < 1:
+            raise ConfigError(f"method.rounds must be >= 1, got {self.cfg.rounds}")
+        if not isinstance(self.cfg.double, bool):
+            raise ConfigError(f"method.double must be true or false, got {self.cfg.double!r}")
+
+    def prune(self, ctx, model: nn.Module) -> Masks:
+        """The iterative schedule; returns the final masks (``model`` itself is not changed)."""
+        rounds = int(self.cfg.rounds)
+        lin = linearised_copy(model, bool(self.cfg.double))
+        params = params_for_scoring(ctx, lin)
+        shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
+        masks: Masks | None = None
+        channel = ctx.pruner.granularity == "channel"
+        if channel:
+            cg, self.plan = ctx.pruner.channel_groups(lin), None
+        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, rounds), start=1):
+            t = time.perf_counter()
+            with ctx.costs.count(lin):
+                scores = synflow_scores(lin, params, shape)
+            if channel:  # the same rounds over channel groups; removed channels stay removed
+                self.plan = ctx.pruner.plan(cg, scores, s_k, keep_removed=self.plan)
+                masks = cg.masks(self.plan.removed)
+            else:
+                masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
+            apply_masks(lin, masks)
+            ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
+        return masks
+
+    def score(self, ctx, model):
+        """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
+        lin = linearised_copy(model, bool(self.cfg.double))
+        with ctx.costs.count(lin):
+            return synflow_scores(lin, params_for_scoring(ctx, lin),
+                                  (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
+
+    def run(self, ctx):
+        model = self.base_model(ctx)
+        with ctx.costs.count(stage="score"):
+            masks = self.prune(ctx, model)
+        if ctx.pruner.granularity == "channel":  # remove the planned channels from the model itself
+            cg = ctx.pruner.channel_groups(model)
+            cg.remove(Plan(cg.groups, self.plan.removed, self.plan.facts))
+            ctx.evaluator.record_metrics("pruned", model)
+            ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain")
+            return Result(model, {}, {"structure": self.plan.facts})
+        apply_masks(model, masks)
+        ctx.evaluator.record_metrics("pruned", model)
+        ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
+        return Result(model, masks)

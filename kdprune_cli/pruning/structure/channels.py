@@ -1,0 +1,419 @@
+"""Channel granularity (docs/methods.md §7): whole coupled channel groups, physically removed.
+
+Torch-Pruning's dependency graph (``torch_pruning.DependencyGraph``) finds the coupled channels: a
+convolution's output channels together with its BatchNorm, every consumer's input channels, and, through
+residual additions, every layer that writes into the same sum; a depthwise convolution follows its input.
+Each group's root channel ``c`` gets the importance
+
+    I(c) = reduce_{w ∈ W(c)} S(w),   reduce = mean (default) | sum
+
+over ``W(c)``, the weights of every Conv2d/Linear in the group that channel ``c`` owns (output rows of
+its producers, input columns of its consumers), where ``S`` is the method's per-weight score (``|θ|`` for
+magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Each group's importances are
+then divided by their mean (``prune.normalize=mean``, Torch-Pruning's ``GroupMagnitudeImportance``
+default; ``max`` | ``sum`` | ``standarization`` | ``none``), so groups of different sizes and depths
+compare on one scale. Channels are removed in ascending importance, one global ranking
+(``prune.scope=global``) or the same fraction of every group (``layer``), until the removed fraction of
+the prunable weights (``prune.target=params``, the meaning ``sparsity`` has everywhere) or of the
+multiply-accumulates (``macs``: Conv2d/Linear and, for ViTs, the attention products, which channel
+removal leaves as they are) is closest to ``sparsity``. No group loses more than
+``prune.max_group_ratio`` of its channels or keeps fewer than ``prune.min_channels`` (a group that has no
+more keeps all of them); ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group
+(hardware-friendly widths; fewer channels go). The classifier's outputs, the input channels,
+``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v) are never
+removed. The counts are exact (computed from the kept widths, not estimated).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+from torch import nn
+
+from kdprune_cli.models.matmuls import MatmulCounter
+
+TARGETS = ("params", "macs")
+REDUCE = ("mean", "sum")
+NORMALIZE = ("mean", "max", "sum", "standarization", "none")
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class _Item:
+    """One Conv2d/Linear weight in a group: which dimension the group's channels index there."""
+    module: str
+    kind: str  # "out" (weight rows) | "in" (weight columns)
+    local: torch.Tensor  # local index of each entry
+    root: torch.Tensor  # the group's root channel each entry belongs to
+
+
+@dataclass
+class _Group:
+    root: nn.Module
+    channels: int
+    items: List[_Item] = field(default_factory=list)
+    norms: List[_Item] = field(default_factory=list)  # the BatchNorms over the group's channels (kind "bn")
+
+
+@dataclass
+class Plan:
+    """Which root channels of which group go, and the exact counts before and after."""
+    groups: List[_Group]
+    removed: List[torch.Tensor]  # per group: root channel indices to remove
+    facts: dict
+
+
+def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | None = None) -> torch.Tensor:
+    """One group's importances on a common scale (Torch-Pruning's ``GroupMagnitudeImportance`` normalisers):
+    divided by the mean, max or sum of their magnitudes, or mapped to ``[0, 1]`` by ``standarization``
+    (``(I − min) / (max − min)``); ``none`` leaves them. The statistics come from the channels ``present``
+    (default: all; channels an earlier plan removed do not count). Dividing by magnitudes keeps the order of
+    negative scores (GraSP); a group whose scale is 0 gets all zeros."""
+    if how not in NORMALIZE:
+        raise ValueError(f"prune.normalize must be one of {', '.join(NORMALIZE)}, got {how!r}")
+    v = imp if present is None else imp[present]
+    if how == "none" or v.numel() == 0:
+        return imp
+    if how == "standarization":
+        span = v.max() - v.min()
+        return (imp - v.min()) / span if span > 0 else torch.zeros_like(imp)
+    scale = {"mean": torch.mean, "max": torch.max, "sum": torch.sum}[how](v.abs())
+    return imp / scale if scale > 0 else torch.zeros_like(imp)
+
+
+def layer_outputs(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Dict[str, int]]:
+    """One forward: the Conv2d/Linear whose output is the model's output (the classifier), and the output
+    positions per sample of every Conv2d/Linear (H·W, or tokens)."""
+    outs, tokens, hooks = {}, {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, _LAYERS):
+            dim = 1 if isinstance(m, nn.Conv2d) else -1
+
+            def hook(m, i, o, n=n, dim=dim):
+                outs[id(o)] = (m, o)  # the output kept alive: its id cannot be reused by a later tensor
+                tokens[n] = o.numel() // (o.shape[0] * o.shape[dim])
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            y = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    if id(y) not in outs:
+        raise ValueError("channel granularity needs a model whose output comes straight from a Linear or Conv2d")
+    return outs[id(y)][0], tokens
+
+
+def _never_pruned(model: nn.Module, head: nn.Module, exclude: Iterable[str]) -> list:
+    """Modules whose output channels stay: the classifier, ``prune.exclude``, and for timm ViTs the patch
+    embedding (hence the embedding width shared by every block) and q/k/v (the attention heads)."""
+    named = dict(model.named_modules())
+    keep = [head] + [named[e] for e in exclude]
+    for m in model.modules():
+        if hasattr(m, "qkv") and isinstance(m.qkv, nn.Linear):
+            keep.append(m.qkv)
+        if type(m).__name__ == "PatchEmbed" and isinstance(getattr(m, "proj", None), nn.Conv2d):
+            keep.append(m.proj)
+    return keep
+
+
+class ChannelGroups:
+    """The coupled channel groups of ``model`` (traced once with ``example``) and their exact costs."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()):
+        import torch_pruning as tp
+
+        was_training = model.training
+        model.eval()
+        example = example.to(next(model.parameters()).device)
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        with MatmulCounter() as products:
+            self.head, self.tokens = layer_outputs(model, example)
+        # attention's products between activations, per sample: fixed, as q/k/v are never removed
+        self.products = products.macs // example.shape[0]
+        unwrapped = [(p, p.dim() - 1) for n, p in model.named_parameters()
+                     if n.split(".")[-1] in ("cls_token", "pos_embed", "dist_token", "reg_token")]
+        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                           unwrapped_parameters=unwrapped or None)
+        model.train(was_training)
+        ignored = _never_pruned(model, self.head, exclude)
+        self.groups: List[_Group] = []
+        for g in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=_LAYERS):
+            group = _Group(root=g[0].dep.target.module, channels=len(g[0].idxs))
+            seen = set()
+            for i, (dep, idxs) in enumerate(g):
+                m = dep.target.module
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m, "bn") not in seen:
+                    seen.add((m, "bn"))
+                    group.norms.append(_Item(self.names[m], "bn", torch.as_tensor(list(idxs), dtype=torch.long),
+                                             torch.as_tensor(list(g[i].root_idxs), dtype=torch.long)))
+                if not isinstance(m, _LAYERS):
+                    continue
+                kind = "out" if self.graph.is_out_channel_pruning_fn(dep.handler) else "in"
+                if kind == "in" and isinstance(m, nn.Conv2d) and m.groups > 1:
+                    kind = "out"  # depthwise: input and output channels are one, counted once as rows
+                if (m, kind) in seen:
+                    continue
+                seen.add((m, kind))
+                group.items.append(_Item(self.names[m], kind, torch.as_tensor(list(idxs), dtype=torch.long),
+                                         torch.as_tensor(list(g[i].root_idxs), dtype=torch.long)))
+            self.groups.append(group)
+        if not self.groups:
+            raise ValueError("channel granularity found no channel group to remove in this model")
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+
+    # --- importance ---------------------------------------------------------------------------------
+    def importance(self, scores: Mapping[str, torch.Tensor], reduce: str = "mean") -> List[torch.Tensor]:
+        """Per group, per root channel: the mean (or sum) of the scores of the weights the channel owns
+        (not normalised: :meth:`plan` puts the groups on one scale with :func:`normalize_importance`).
+
+        Scores are accumulated in float64 (SynFlow-sized scores keep their order); weights without a
+        score (``prune.exclude``d modules) do not contribute."""
+        if reduce not in REDUCE:
+            raise ValueError(f"prune.reduce must be one of {', '.join(REDUCE)}, got {reduce!r}")
+        out = []
+        for g in self.groups:
+            total = torch.zeros(g.channels, dtype=torch.float64)
+            count = torch.zeros(g.channels, dtype=torch.float64)
+            for it in g.items:
+                s = scores.get(f"{it.module}.weight")
+                if s is None:
+                    continue
+                s = s.detach().to("cpu", torch.float64)
+                per = s.flatten(1) if it.kind == "out" else s.transpose(0, 1).flatten(1)
+                picked = per[it.local]
+                total.index_add_(0, it.root, picked.sum(1))
+                count.index_add_(0, it.root, torch.full((len(it.local),), float(picked.shape[1]), dtype=torch.float64))
+            bad = int((~torch.isfinite(total)).sum())
+            if bad:
+                raise ValueError(f"channel importance of the group rooted at {self.names[g.root]} has {bad} "
+                                 "non-finite values")
+            out.append(total if reduce == "sum" else total / count.clamp(min=1))
+        return out
+
+    # --- exact counts -------------------------------------------------------------------------------
+    def counts(self, removed: List[int] | List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
+        """Prunable weights and MACs (per sample: Conv2d/Linear, plus the fixed attention products) after
+        removing, from each group, its ``removed[g]`` root channels (a count: the lowest-ranked ones in
+        ``self.order``; or indices)."""
+        gone_out: Dict[str, set] = {}
+        gone_in: Dict[str, set] = {}
+        for gi, (g, r) in enumerate(zip(self.groups, removed)):
+            if not torch.is_tensor(r) and r == 0:
+                continue
+            roots = r if torch.is_tensor(r) else self.order[gi][:r]
+            sel = torch.zeros(g.channels, dtype=torch.bool)
+            sel[roots] = True
+            for it in g.items:
+                target = gone_out if it.kind == "out" else gone_in
+                target.setdefault(it.module, set()).update(it.local[sel[it.root]].tolist())
+        exclude = set(exclude)
+        params, macs = 0, self.products
+        for n, m in self.layers.items():
+            w = m.weight
+            o = w.shape[0] - len(gone_out.get(n, ()))
+            i = w.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1) - len(gone_in.get(n, ()))
+            depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
+            k = w[0, 0].numel()
+            size = o * k if depthwise else o * i * k
+            if n not in exclude:
+                params += size
+            macs += size * self.tokens[n]
+        return {"params": params, "macs": macs}
+
+    def expected(self, probs: List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
+        """Expected prunable weights and MACs when root channel ``c`` of group ``g`` is kept with probability
+        ``probs[g][c]`` (groups independent): per layer ``E[out]·E[in]·k``; differentiable in ``probs``."""
+        e_out: Dict[str, torch.Tensor] = {}
+        e_in: Dict[str, torch.Tensor] = {}
+        for g, p in zip(self.groups, probs):
+            for it in g.items:
+                (e_out if it.kind == "out" else e_in)[it.module] = p[it.root.to(p.device)].sum()
+        exclude = set(exclude)
+        params, macs = 0.0, float(self.products)
+        for n, m in self.layers.items():
+            w = m.weight
+            o = e_out.get(n, w.shape[0])
+            k = w[0, 0].numel()
+            if isinstance(m, nn.Conv2d) and m.groups > 1:
+                size = o * k
+            else:
+                size = o * e_in.get(n, w.shape[1]) * k
+            if n not in exclude:
+                params = params + size
+            macs = macs + size * self.tokens[n]
+        return {"params": params, "macs": macs}
+
+    # --- selection ----------------------------------------------------------------------------------
+    def removable(self, max_group_ratio: float = 0.9, min_channels: int = 4, round_to: int = 1) -> List[int]:
+        """The most root channels each group may lose: at most ``max_group_ratio`` of them, keeping at least
+        ``min_channels`` (all of a group that has no more) and at least one, the kept width a multiple of
+        ``round_to`` (or the whole group)."""
+        out = []
+        for g in self.groups:
+            n = g.channels
+            keep = max(min(int(min_channels), n), n - math.floor(max_group_ratio * n + 1e-9), 1)
+            out.append(n - min(n, math.ceil(keep / round_to) * round_to))
+        return out
+
+    def reachable(self, target: str = "params", exclude: Iterable[str] = (), **caps) -> float:
+        """The largest removed fraction of ``target`` the caps (:meth:`removable`) allow."""
+        dense = self.counts([0] * len(self.groups), exclude)[target]
+        most = [torch.arange(r) for r in self.removable(**caps)]
+        return 1.0 - self.counts(most, exclude)[target] / dense
+
+    def plan(self, scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global",
+             target: str = "params", reduce: str = "mean", normalize: str = "mean", max_group_ratio: float = 0.9,
+             min_channels: int = 4, round_to: int = 1, exclude: Iterable[str] = (),
+             keep_removed: List[torch.Tensor] | None = None) -> Plan:
+        """The channels to remove so that the removed fraction of ``target`` is closest to ``sparsity``
+        within the per-group caps (:meth:`removable`); ``keep_removed`` (an earlier plan's ``removed``) stay
+        removed (iterative methods). ``facts["reachable"]`` is the most the caps allow."""
+        if target not in TARGETS:
+            raise ValueError(f"prune.target must be one of {', '.join(TARGETS)}, got {target!r}")
+        imp = self.importance(scores, reduce)
+        forced = [0] * len(self.groups)
+        gone = list(keep_removed or ())
+        gone += [torch.zeros(0, dtype=torch.long)] * (len(self.groups) - len(gone))
+        for g, r in enumerate(gone):
+            present = torch.ones(self.groups[g].channels, dtype=torch.bool)
+            present[r] = False
+            imp[g] = normalize_importance(imp[g], normalize, present)  # on the channels still there
+            imp[g][r] = -math.inf  # ranked first: they go again
+            forced[g] = len(r)
+        self.order = [torch.sort(v, stable=True).indices for v in imp]  # ascending: first = least important
+        dense = self.counts([0] * len(self.groups), exclude)
+        sizes = [g.channels for g in self.groups]
+        caps = self.removable(max_group_ratio, min_channels, round_to)
+
+        def rounded(r: int, n: int, cap: int) -> int:
+            kept = min(n, math.ceil((n - min(r, cap)) / round_to) * round_to)
+            return n - kept
+
+        if scope == "global":
+            flat = torch.cat(imp)
+            owner = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+            ranked = owner[torch.sort(flat, stable=True).indices]  # the group of each channel, least first
+            steps = len(ranked)
+
+            def removal(k: int) -> list:
+                per = torch.bincount(ranked[:k], minlength=len(sizes)).tolist()
+                return [max(f, rounded(r, n, c)) for r, n, c, f in zip(per, sizes, caps, forced)]
+        elif scope == "layer":
+            steps = max(sizes)
+
+            def removal(k: int) -> list:
+                return [max(f, rounded(int(round(k / steps * n)), n, c)) for n, c, f in zip(sizes, caps, forced)]
+        else:
+            raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
+
+        def frac(k: int) -> float:
+            return 1.0 - self.counts(removal(k), exclude)[target] / dense[target]
+
+        lo, hi = (sum(forced) if scope == "global" else 0), steps  # smallest k with frac(k) >= sparsity
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if frac(mid) >= sparsity:
+                hi = mid
+            else:
+                lo = mid + 1
+        above, below = frac(lo), (frac(lo - 1) if lo > 0 else None)
+        k = lo if below is None or abs(above - sparsity) <= abs(below - sparsity) else lo - 1
+        # the plan's tolerance: the step between the two removals around the target (no closer one exists)
+        tolerance = 0.0 if below is None else max(0.0, above - below)
+        per = removal(k)
+        removed = [o[:r] for o, r in zip(self.order, per)]
+        facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, normalize=normalize,
+                              max_group_ratio=max_group_ratio, min_channels=min_channels, round_to=round_to,
+                              tolerance=tolerance)
+        facts["reachable"] = frac(steps)  # every group at its cap
+        return Plan(self.groups, removed, facts)
+
+    def describe(self, removed: List[torch.Tensor], sparsity: float, target: str, exclude: Iterable[str] = (),
+                 **options) -> dict:
+        """The record's ``structure`` for removing ``removed`` (root channels per group) against ``sparsity``."""
+        return structure_facts(self.counts, [g.channels for g in self.groups],
+                               [self.names[g.root] for g in self.groups], removed, sparsity, target, exclude, **options)
+
+    def masks(self, removed: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Weight masks (``True`` = keep) of every Conv2d/Linear that zero the rows and columns the removed
+        root channels own: the masked model computes what the physically smaller one will."""
+        out = {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in self.layers.items()}
+        for g, r in zip(self.groups, removed):
+            sel = torch.zeros(g.channels, dtype=torch.bool)
+            sel[r] = True
+            for it in g.items:
+                idx = it.local[sel[it.root]].to(out[f"{it.module}.weight"].device)
+                if it.kind == "out":
+                    out[f"{it.module}.weight"][idx] = False
+                else:
+                    out[f"{it.module}.weight"][:, idx] = False
+        return out
+
+    def remove(self, plan: Plan) -> nn.Module:
+        """Physically remove the planned channels (in place) through the dependency graph."""
+        for g, roots in zip(plan.groups, plan.removed):
+            if len(roots):
+                fn = self.graph.get_pruner_of_module(g.root).prune_out_channels
+                self.graph.get_pruning_group(g.root, fn, sorted(roots.tolist())).prune()
+        return self.model
+
+
+def structure_facts(counts, sizes: List[int], labels: List[str], removed: List[torch.Tensor], sparsity: float,
+                    target: str, exclude: Iterable[str] = (), **options) -> dict:
+    """The record's ``structure``: removing ``removed[g]`` of group ``g``'s ``sizes[g]`` units, with the exact
+    costs ``counts(removed, exclude)`` (``{"params", "macs"}``), against ``sparsity`` of ``target``."""
+    dense = counts([0] * len(sizes), exclude)
+    after = counts(removed, exclude)
+    achieved = 1.0 - after[target] / dense[target]
+    return {"granularity": "channel", "target": target, **options, "requested": sparsity, "achieved": achieved,
+            "off_target": achieved - sparsity,
+            "params_removed": 1.0 - after["params"] / dense["params"],
+            "macs_removed": 1.0 - after["macs"] / dense["macs"],
+            "channels_removed": int(sum(len(r) for r in removed)), "channels": int(sum(sizes)), "groups": len(sizes),
+            "widths": {lab: n - len(r) for lab, n, r in zip(labels, sizes, removed)}}
+
+
+# --- a model file that carries its own widths ----------------------------------------------------------
+_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),
+                nn.BatchNorm2d: ("num_features",), nn.LayerNorm: ("normalized_shape",)}
+
+
+def module_shapes(model: nn.Module) -> Dict[str, dict]:
+    """The width attributes of every layer (ints and int lists only: safe to load with weights_only)."""
+    out = {}
+    for n, m in model.named_modules():
+        for cls, attrs in _SHAPE_ATTRS.items():
+            if isinstance(m, cls):
+                out[n] = {a: (list(getattr(m, a)) if isinstance(getattr(m, a), tuple) else int(getattr(m, a)))
+                          for a in attrs}
+        if hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            out.setdefault(n, {}).update(num_heads=int(m.num_heads), head_dim=int(m.head_dim))
+            if hasattr(m, "attn_dim"):  # timm's Attention reshapes its output to attn_dim (heads removed)
+                out[n]["attn_dim"] = int(m.attn_dim)
+    return out
+
+
+def reshape_to(model: nn.Module, shapes: Mapping[str, dict], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Give a freshly built ``model`` the saved widths: set the attributes and re-create every parameter
+    and buffer whose saved tensor has another shape (its values come from ``load_state_dict`` next)."""
+    named = dict(model.named_modules())
+    unknown = [n for n in shapes if n not in named]
+    if unknown:
+        raise KeyError(f"the model has no module {unknown[0]}")
+    for n, attrs in shapes.items():
+        m = named[n]
+        for a, v in attrs.items():
+            setattr(m, a, tuple(v) if isinstance(v, list) else v)
+    for n, m in named.items():
+        prefix = f"{n}." if n else ""
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                saved = state.get(prefix + k)
+                if t is not None and saved is not None and saved.shape != t.shape:
+                    new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+                    store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return model
