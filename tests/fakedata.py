@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def write_cifar(root: Path, classes: int = 10, per_batch: int = 20, test: int = 30, seed: int = 0) -> dict:
@@ -59,3 +60,8 @@ def write_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"
         lines.append(f"val_{i}.JPEG\t{wnids[i % len(wnids)]}\t0\t0\t63\t63")
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return base
+
+
+def _blob(n=10, c=3, s=8):
+    x = torch.randint(0, 256, (n, c, s, s), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    return {"x_train": x, "y_train": torch.arange(n) % 3, "x_test": x[:4], "y_test": torch.arange(4) % 3}

@@ -6,7 +6,7 @@ import json
 
 from kdprune_cli.pruning.methods import method_names
 
-from test_pipeline import kdprune
+from runs import kdprune
 
 
 def test_quickstart_multirun_over_every_method(tmp_path):

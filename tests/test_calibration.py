@@ -14,8 +14,8 @@ from kdprune_cli.cli.eval import main as eval_main
 from kdprune_cli.training.evaluate import classification_metrics, evaluate_splits, fit_temperature, reliability_bins, temperature_scaled
 from kdprune_cli.report.main import main, reliability_data
 from kdprune_cli.experiment.job import run_job
-from test_report import _check_png, _job, _record, write_grid
-from test_report_latency import _row
+from records import _check_png, _job, _record, write_grid
+from records import _row
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=1", "method.score_batches=2", "method.gamma_batches=2"]
 

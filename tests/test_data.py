@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from kdprune_cli.data.loading import DataError, DeviceData, load_cached, read_raw
 
-from fakedata import write_cifar, write_tiny_imagenet
+from fakedata import _blob, write_cifar, write_tiny_imagenet
 
 
 @pytest.mark.parametrize("classes,name", [(10, "cifar10"), (100, "cifar100")])
@@ -51,8 +50,8 @@ def _pil_reference(paths):
 
 
 def test_tiny_imagenet_parallel_decode_is_pil_bit_for_bit(tmp_path, monkeypatch):
-    from PIL import Image
     import kdprune_cli.data.loading as data_mod
+    from PIL import Image
     monkeypatch.setattr(data_mod, "_DECODE_CHUNK", 3)  # several chunks on the pool, and a ragged last one
     base = write_tiny_imagenet(tmp_path, per_class=5, val=7)
     rng = np.random.default_rng(1)
@@ -94,11 +93,6 @@ def test_cache_is_written_once_and_reused(tmp_path):
     shutil.rmtree(base)  # the source is gone: the cache answers
     b = load_cached("tinyimagenet", base, False, tmp_path / "cache")
     assert torch.equal(a["x_train"], b["x_train"])
-
-
-def _blob(n=10, c=3, s=8):
-    x = torch.randint(0, 256, (n, c, s, s), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    return {"x_train": x, "y_train": torch.arange(n) % 3, "x_test": x[:4], "y_test": torch.arange(4) % 3}
 
 
 def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors():

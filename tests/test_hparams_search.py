@@ -16,7 +16,7 @@ from conftest import require_extra
 from kdprune_cli.cli.callbacks import SweepSummary
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.experiment.search import BEST, objective, search_problem, write_best
-from test_pipeline import kdprune
+from runs import kdprune
 
 OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 CONF = Path(config_dir())

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import require_extra
-from test_pipeline import kdprune
+from runs import kdprune
 
 # debug=default: digits, ResNet-20 pair, 2 batches an epoch, seconds per job on CPU
 JOBS = ["experiment=quickstart", "debug=default", "progress=false", "print_config=false", "sparsity=0.5,0.9"]

@@ -244,7 +244,7 @@ def test_quickstart_nuteprune_ends_physically_smaller_and_accurate(tmp_path):
     (the teacher cut to a 2-epoch ResNet-20: NutePrune's teachers are the student's own snapshots)."""
     import json
 
-    from test_pipeline import kdprune
+    from runs import kdprune
 
     r = kdprune(["experiment=quickstart", "progress=false", "method=nuteprune", "sparsity=0.5", "teacher=resnet20",
                  "teacher.train.epochs=2"], tmp_path)

@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.job import CheckpointError, run_job
-from conftest import SAFETY_S
 
-FAST = ["method.finetune.epochs=1", "method.retrain.epochs=1", "method.score_batches=2", "method.gamma_batches=2"]
+from runs import FAST, kdprune
+
 REQUIRED = ["status", "dataset", "teacher", "student", "method", "seed", "sparsity_target", "sparsity_actual",
             "retrain_kd", "metrics", "params", "flops", "cost", "versions", "device"]
-
-
-def kdprune(args, tmp_path, env_extra=None):
-    env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "kdprune_cli.cli.main", *args,
-                           f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multi"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
 
 
 def test_quickstart_end_to_end(tmp_path):

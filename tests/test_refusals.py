@@ -186,7 +186,7 @@ WRONG_TYPES = [("metrics", [1, 2]), ("sparsity_target", "0.5"), ("cost", {"stage
 
 @pytest.mark.parametrize("field,value", WRONG_TYPES, ids=[f"{f}={v}" for f, v in WRONG_TYPES])
 def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, field, value):
-    from test_report import _job, _record as ok_record
+    from records import _job, _record as ok_record
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -205,7 +205,7 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
 
 def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
     from kdprune_cli.data.loading import DataError, DeviceData
-    from test_data import _blob
+    from fakedata import _blob
 
     for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out
         with pytest.raises(DataError, match="val_split"):

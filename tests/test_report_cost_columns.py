@@ -12,8 +12,8 @@ import pytest
 from kdprune_cli.report import main as report
 from kdprune_cli.report.main import main
 
-from test_report import ACC, SEEDS, SPARSITIES, _job, _label, _record, _seconds, _stats, write_grid
-from test_report_latency import PLOT, _row
+from records import ACC, SEEDS, SPARSITIES, _job, _label, _record, _seconds, _stats, write_grid
+from records import PLOT, _row
 
 
 def _masked(method, kd, sparsity, seed, job):

@@ -11,7 +11,7 @@ import pytest
 
 from kdprune_cli.report.main import main
 
-from test_report import _record
+from records import _record
 
 CONFIG = {"seed": 0, "sparsity": 0.9, "device": "auto", "progress": False, "resume": True, "fail_fast": False,
           "data": {"name": "cifar10", "root": "./data", "download": False, "cache_dir": "${store.root}/data"},

@@ -7,56 +7,26 @@ import csv
 import json
 
 import pytest
-
 from kdprune_cli.report.main import Setting, cost_axis, group, main
 
-from test_report import ACC, SEEDS, SPARSITIES, _check_png, _job, _label, _record, _stats, write_grid
-
-DENSE_MACS = 40_000_000
-SETTINGS = [(1, "eager"), (256, "eager"), (1, "compiled")]
-PLOT = "accuracy_vs_latency_cifar10_resnet56_resnet20.png"
-
-
-def _executed(method, sparsity, seed):
-    """Channel pruning: executed MACs shrink with the sparsity, a little differently per seed."""
-    return int(DENSE_MACS * (1 - sparsity + 0.01 * seed + (0.02 if method == "cakld" else 0.0)))
-
-
-def _dense_ms(seed, batch, mode):
-    return (2.0 + 0.1 * seed) * (40 if batch == 256 else 1) * (0.5 if mode == "compiled" else 1.0)
-
-
-def _final_ms(method, sparsity, seed, batch, mode):
-    return _dense_ms(seed, batch, mode) * (1 - sparsity) * (1.2 + 0.05 * seed + (0.1 if mode == "compiled" else 0))
-
-
-def _entries(ms_of):
-    out = []
-    for batch, mode in SETTINGS:
-        ms = ms_of(batch, mode)
-        e = {"batch": batch, "mode": mode, "median_ms": ms, "p10_ms": 0.9 * ms, "p90_ms": 1.1 * ms,
-             "images_per_s": batch * 1000.0 / ms}
-        if mode == "compiled":
-            e["compile_seconds"] = 12.5
-        out.append(e)
-    return out
-
-
-def _channel_record(method, kd, sparsity, seed, job, latency=True):
-    rec = _record(method, kd, sparsity, seed, job)
-    rec["granularity"] = "channel"
-    rec["flops"] = {"dense": DENSE_MACS, "sparse": int(DENSE_MACS * (1 - sparsity)),
-                    "executed": _executed(method, sparsity, seed)}
-    rec["params"]["total_dense"] = 1100
-    rec["model_file"] = {"path": f"/runs/{job}/model.pt", "bytes": 12345}
-    if latency:
-        rec["latency"] = {
-            "device": "cpu", "dtype": "float32", "channels_last": False, "torch": "2.14.1", "iters": 100,
-            "warmup": 20,
-            "dense_student": _entries(lambda b, m: _dense_ms(seed, b, m)),
-            "final": _entries(lambda b, m: _final_ms(method, sparsity, seed, b, m)),
-        }
-    return rec
+from records import (
+    ACC,
+    DENSE_MACS,
+    PLOT,
+    SEEDS,
+    SPARSITIES,
+    _channel_record,
+    _check_png,
+    _dense_ms,
+    _executed,
+    _final_ms,
+    _job,
+    _label,
+    _record,
+    _row,
+    _stats,
+    write_grid,
+)
 
 
 @pytest.fixture
@@ -65,15 +35,6 @@ def channel_sweep(tmp_path):
     sweep = tmp_path / "multirun" / "2026-02-01" / "10-00-00"
     write_grid(sweep, _channel_record)
     return sweep
-
-
-def _row(md: str, label: str) -> list:
-    """The cells of the table row whose first cell is ``label``."""
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] == label:
-            return cells[1:]
-    raise AssertionError(f"no row {label!r} in\n{md}")
 
 
 def test_cost_all_markdown_csv_tex_and_plot(channel_sweep, tmp_path):

@@ -7,8 +7,8 @@ import csv
 from kdprune_cli.report import main as report
 from kdprune_cli.report.main import main
 
-from test_report import _check_png, _job, _stats
-from test_report_latency import _channel_record, _row
+from records import _check_png, _job, _stats
+from records import _channel_record, _row
 
 ACC = {None: {0: 90.0, 1: 91.0}, "intact teacher": {0: 88.0, 1: 88.5}}
 

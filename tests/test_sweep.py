@@ -6,10 +6,7 @@ import json
 import pytest
 
 from conftest import compose_cfg, require_extra
-from test_pipeline import FAST, kdprune
-
-TINY_CLI = ["experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=1",
-            "student.train.epochs=1", *FAST]
+from runs import TINY_CLI, kdprune
 
 
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
