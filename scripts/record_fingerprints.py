@@ -6,6 +6,8 @@ A refactoring that should not change behaviour is checked with it: run once befo
 
     python scripts/record_fingerprints.py --out before.json [--jobs 2]
     python scripts/record_fingerprints.py --compare before.json after.json
+    python scripts/record_fingerprints.py --out some.json --methods imp colt   (then --compare ... --methods x: only
+                                                                              the jobs both files hold)
 """
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ def run_one(method: str, granularity: str, out: Path) -> tuple[str, dict]:
     return key, {"exit": p.returncode, "record": strip(json.loads(rec.read_text()))}
 
 
-def collect(out_file: Path, jobs: int) -> None:
-    methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+def collect(out_file: Path, jobs: int, only: list | None = None) -> None:
+    methods = only or sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
     pairs = [(m, g) for m in methods for g in ("weight", "channel")]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
         res = dict(pool.map(lambda mg: run_one(*mg, Path(tmp)), pairs))
@@ -60,10 +62,11 @@ def collect(out_file: Path, jobs: int) -> None:
         print(f"{k:28s} exit {v['exit']}", v.get("refused", ""))
 
 
-def compare(a: Path, b: Path) -> int:
+def compare(a: Path, b: Path, only_common: bool = False) -> int:
     x, y = json.loads(a.read_text()), json.loads(b.read_text())
     bad = 0
-    for k in sorted(set(x) | set(y)):
+    keys = sorted(set(x) & set(y)) if only_common else sorted(set(x) | set(y))
+    for k in keys:
         if x.get(k) != y.get(k):
             bad += 1
             print(f"DIFFERS {k}")
@@ -76,7 +79,7 @@ def compare(a: Path, b: Path) -> int:
                 print(f"   refused: {xa.get('refused')!r} vs {ya.get('refused')!r}")
         else:
             print(f"same    {k}")
-    print(f"{len(set(x) | set(y)) - bad} identical, {bad} differ")
+    print(f"{len(keys) - bad} identical, {bad} differ")
     return 1 if bad else 0
 
 
@@ -84,13 +87,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", help="only these methods (default: every conf/method/*.yaml)")
     ap.add_argument("--compare", nargs=2, type=Path)
     a = ap.parse_args()
     if a.compare:
-        return compare(*a.compare)
+        return compare(*a.compare, only_common=bool(a.methods))
     if not a.out:
         ap.error("give --out FILE or --compare A B")
-    collect(a.out.resolve(), a.jobs)
+    collect(a.out.resolve(), a.jobs, a.methods)
     return 0
 
 
