@@ -27,13 +27,13 @@ def _record(method, kd, sparsity, seed, job):
     return {
         "status": "ok", "error": None, "job_id": f"job{job:03d}",
         "dataset": "cifar10", "teacher": "resnet56", "student": "resnet20", "method": method, "seed": seed,
-        "sparsity_target": sparsity, "sparsity_actual": sparsity, "retrain_kd": kd,
+        "sparsity_target": sparsity, "sparsity_actual": sparsity, "retrain_kd": kd, "granularity": "weight",
         "sparsity_per_layer": {"conv1.weight": 0.2, "layer1.0.conv1.weight": sparsity,
                                "layer2.0.conv1.weight": min(1.0, sparsity + 0.05), "fc.weight": 0.1},
         "metrics": {"teacher": _metrics(TEACHER_TOP1), "dense_student": _metrics(DENSE_TOP1[seed]),
                     "pruned": _metrics(10.0), "final": _metrics(acc)},
         "params": {"prunable": 1000, "nonzero": int(1000 * (1 - sparsity)), "total": 1100},
-        "flops": {"dense": 100, "sparse": int(100 * (1 - sparsity))},
+        "flops": {"dense": 100, "sparse": int(100 * (1 - sparsity)), "executed": 100},
         "cost": {"stages": _stages(method, kd, sparsity, seed), "total_seconds": _seconds(method, kd, sparsity, seed)},
         "versions": {}, "device": "cpu", "config": {},
     }
@@ -166,4 +166,4 @@ def _stages(method, kd, sparsity, seed):
 
 
 def _metrics(top1):
-    return {"top1": top1, "top5": 99.0, "nll": 0.3, "ece": 0.02}
+    return {"top1": top1, "top5": 99.0, "nll": 0.3, "ece": 0.02, "mce": 0.1, "rmsce": 0.03}

@@ -1,5 +1,5 @@
 """Calibration in the record: MCE and RMSCE beside ECE, temperature scaling fitted on held-out data only,
-reliability bins, and what kdprune-report makes of them (``--metric ece_ts``, ``--reliability``)."""
+reliability bins (what kdprune-report makes of them: tests/report/test_calibration_report.py)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,9 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from kdprune_cli.cli.eval import main as eval_main
 from kdprune_cli.training.evaluate import classification_metrics, evaluate_splits, fit_temperature, reliability_bins, temperature_scaled
-from kdprune_cli.report.main import main, reliability_data
+from kdprune_cli.report.cli import main
 from kdprune_cli.experiment.job import run_job
-from records import _check_png, _job, _record, write_grid
-from records import _row
+from records import _check_png
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=1", "method.score_batches=2", "method.gamma_batches=2"]
 
@@ -140,90 +139,3 @@ def test_record_without_validation_split_has_no_temperature(tiny_cfg, tmp_path):
         m = rec["metrics"][model]
         assert {"mce", "rmsce", "reliability"} <= set(m)
         assert not {"temperature", "ece_ts", "nll_ts"} & set(m)
-
-
-# --- kdprune-report ------------------------------------------------------------------------------------------
-def _with_ts(method, kd, sparsity, seed, job):
-    """A synthetic record with the calibration fields; ECE after scaling = ECE / (10 + seed)."""
-    rec = _record(method, kd, sparsity, seed, job)
-    for key, m in rec["metrics"].items():
-        m.update(mce=0.1 + seed / 100, rmsce=0.03, ece_ts=m["ece"] / (10 + seed), temperature=1.5)
-    return rec
-
-
-def test_report_metric_ece_ts_table(tmp_path, capsys):
-    sweep = tmp_path / "sweep"
-    n = write_grid(sweep, _with_ts)
-    old = _record("magnitude", None, 0.5, 0, n)  # a run that held out no validation split: no ece_ts
-    old["job_id"] = "old"
-    _job(sweep, n, old)
-    out = tmp_path / "report"
-    assert main([str(sweep), "--out", str(out), "--metric", "ece_ts"]) == 0
-    md = (out / "report.md").read_text()
-    assert "ECE after temperature scaling (T fit on validation, 15 bins)" in md
-    mean = sum(0.02 / (10 + s) for s in (0, 1, 2)) / 3
-    row = _row(md, "magnitude")
-    assert row[0].startswith(f"{mean:.4f} ± ") and row[0].endswith("(n=3)")  # the run without it is not in n
-    assert f"Dense references (ece_ts): teacher {mean:.4f}" in md
-    assert "mean" in (out / "report.csv").read_text().splitlines()[0]
-    _check_png(out / "accuracy_vs_sparsity_cifar10_resnet56_resnet20.png")
-
-
-def test_report_metric_missing_everywhere_shows_a_dash(tmp_path):
-    sweep = tmp_path / "sweep"
-    write_grid(sweep, _record)  # records without any calibration field beyond ECE
-    out = tmp_path / "report"
-    assert main([str(sweep), "--out", str(out), "--metric", "mce"]) == 0
-    md = (out / "report.md").read_text()
-    assert "MCE, largest bin gap (15 bins)" in md
-    assert all(c == "—" for c in _row(md, "magnitude")[:2])
-    assert "teacher —, dense student —" in md
-    assert "--" in (out / "report.tex").read_text()
-    assert main([str(sweep), "--out", str(out), "--metric", "rmsce"]) == 0
-
-
-def _reliability(count, conf, acc):
-    return {"count": count, "confidence": conf, "accuracy": acc}
-
-
-def _bins_record():
-    rec = _record("cakld", True, 0.5, 0, 7)
-    dense = _reliability([0] * 13 + [10, 30], [None] * 13 + [0.9, 0.97], [None] * 13 + [0.8, 0.9])
-    final = _reliability([0] * 12 + [5, 10, 25], [None] * 12 + [0.82, 0.9, 0.98], [None] * 12 + [0.6, 0.7, 0.96])
-    rec["metrics"]["dense_student"].update(reliability=dense, ece=0.05)
-    rec["metrics"]["final"].update(reliability=final, ece=0.08, ece_ts=0.02, temperature=1.7)
-    return rec, dense, final
-
-
-def test_reliability_diagram_from_the_record(tmp_path, capsys):
-    rec, dense, final = _bins_record()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(rec))
-    data = reliability_data(rec)
-    assert data["dense_student"] == {**dense, "ece": 0.05, "ece_ts": None, "temperature": None}
-    assert data["final"] == {**final, "ece": 0.08, "ece_ts": 0.02, "temperature": 1.7}
-    out = tmp_path / "figs"
-    assert main(["--reliability", str(run_dir), "--out", str(out)]) == 0
-    _check_png(out / "reliability_job007.png")
-    assert str(out / "reliability_job007.png") in capsys.readouterr().out
-    # beside a report: into its --out
-    del rec["metrics"]["dense_student"]["reliability"]  # a dense student cached without bins: its panel says so
-    (run_dir / "results.json").write_text(json.dumps(rec))
-    assert reliability_data(rec)["dense_student"] is None
-    assert main([str(run_dir), "--reliability", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
-    _check_png(tmp_path / "rep" / "reliability_job007.png")
-    assert (tmp_path / "rep" / "report.md").is_file()
-
-
-def test_reliability_without_bins_is_one_line_and_exit_2(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(_record("cakld", True, 0.5, 0, 1)))
-    assert main(["--reliability", str(run_dir)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("kdprune-report: error: ") and "reliability" in err
-    assert list(run_dir.iterdir()) == [run_dir / "results.json"]  # nothing written
-    assert main([str(run_dir), "--reliability", str(run_dir), "--out", str(tmp_path / "rep")]) == 2
-    assert not (tmp_path / "rep").exists()
-    assert main(["--reliability", str(tmp_path / "nowhere")]) == 2

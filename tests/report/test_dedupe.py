@@ -1,15 +1,13 @@
-"""Issue #7: kdprune-report counts each job once (also failures before the job_id) and says in one line, with
-exit status 2, when --out is a file or cannot be written."""
+"""kdprune-report counts each job once: reruns of a job (the same job_id) and failures before the job_id was
+computed (matched by the config without the keys that change no result, else by the sweep job's overrides)
+keep their newest record; the others are listed as superseded."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
 
-import pytest
-
-from kdprune_cli.report.main import main
+from kdprune_cli.report.cli import main
 
 from records import _record
 
@@ -30,12 +28,6 @@ def _write(path: Path, rec: dict, mtime: float) -> Path:
     (path / "results.json").write_text(json.dumps(rec))
     os.utime(path / "results.json", (mtime, mtime))
     return path
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_failures_without_job_id_count_once_per_job(tmp_path, capsys):
@@ -87,30 +79,29 @@ def test_failures_without_job_id_or_config_group_by_sweep_overrides(tmp_path):
     assert "0 ok, 2 failed" in md and "1 superseded" in md
 
 
-@pytest.fixture
-def one_ok(tmp_path) -> Path:
-    return _write(tmp_path / "runs" / "a", _record("magnitude", None, 0.5, 0, 1), 1_000_000)
-
-
-def test_out_is_a_file(tmp_path, one_ok, capsys):
-    target = tmp_path / "report.txt"
-    target.write_text("keep me")
-    assert main([str(one_ok), "--out", str(target)]) == 2
-    assert _one_line(capsys) == f"kdprune-report: error: --out {target} is a file, not a folder"
-    assert target.read_text() == "keep me"
-    assert main([str(one_ok), "--out", str(target / "sub")]) == 2  # a file on the way
-    line = _one_line(capsys)
-    assert line.startswith("kdprune-report: error: cannot create the --out folder") and "Not a directory" in line
-
-
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
-def test_unwritable_out_is_one_line(tmp_path, one_ok, capsys, monkeypatch, code):
-    def fail(self, *a, **k):
-        raise OSError(code, os.strerror(code), str(self))
-
-    monkeypatch.setattr(Path, "write_text", fail)
+def test_rerun_of_same_job_supersedes_failed_record(tmp_path):
+    """A job re-run after a failure (same job_id): the newer record counts, the old one is not a failure."""
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    old = _record("cakld", True, 0.9, 0, 1)
+    old.update(status="failed", error="KeyboardInterrupt")
+    (a / "results.json").write_text(json.dumps(old))
+    (b / "results.json").write_text(json.dumps(_record("cakld", True, 0.9, 0, 1)))
+    os.utime(a / "results.json", (1_000_000, 1_000_000))
     out = tmp_path / "out"
-    assert main([str(one_ok), "--out", str(out)]) == 2
-    line = _one_line(capsys)
-    assert line.startswith(f"kdprune-report: error: cannot write the report into {out}: {os.strerror(code)}")
-    assert "Traceback" not in line
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Superseded" in md and "(n=1)" in md and "Failed jobs" not in md
+
+
+def test_config_keys_that_change_no_result_are_those_the_job_id_leaves_out():
+    """Records are matched on the job id's own list of ignored keys (``identity_config``): threads, paths,
+    compilation, where the data lies and its checkpoints' paths change no result."""
+    from kdprune_cli.report.collect import config_key
+
+    base = {**CONFIG, "threads": 1, "compile": False, "paths": {"output_dir": "a"}, "teacher": {"checkpoint": "t.pt"}}
+    other = {**base, "threads": 4, "compile": True, "paths": {"output_dir": "b"}, "teacher": {"checkpoint": "u.pt"},
+             "data": {**CONFIG["data"], "root": "/elsewhere"}}
+    assert config_key({"config": other}) == config_key({"config": base})
+    assert config_key({"config": {**base, "sparsity": 0.5}}) != config_key({"config": base})

@@ -1,11 +1,11 @@
-"""Issue #11: a method's variant (``method_variant``, e.g. NutePrune's ``teachers=intact`` ablation) is its own
+"""A method's variant (``method_variant``, e.g. NutePrune's ``teachers=intact`` ablation) is its own
 row in every output of kdprune-report: markdown, LaTeX, CSV and the plots' legends."""
 from __future__ import annotations
 
 import csv
 
-from kdprune_cli.report import main as report
-from kdprune_cli.report.main import main
+from kdprune_cli.report import plots
+from kdprune_cli.report.cli import main
 
 from records import _check_png, _job, _stats
 from records import _channel_record, _row
@@ -33,13 +33,13 @@ def test_variants_are_rows_of_their_own(tmp_path, monkeypatch):
             _job(runs, num, _nute(variant, seed, num), hydra=False)
             num += 1
     legends = []
-    finish = report._finish
+    finish = plots.finish
 
     def spy(fig, ax, *a, **k):
         legends.append(ax.get_legend_handles_labels()[1])
         return finish(fig, ax, *a, **k)
 
-    monkeypatch.setattr(report, "_finish", spy)
+    monkeypatch.setattr(plots, "finish", spy)
     out = tmp_path / "out"
     assert main([str(runs), "--out", str(out), "--cost", "all"]) == 0
 

@@ -1,11 +1,14 @@
-"""kdprune-report on synthetic results.json records (no training): tables, CSV, LaTeX, plots, exit status."""
+"""kdprune-report on synthetic results.json records (no training): tables, CSV, LaTeX, plots, failed and missing jobs."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
+import numpy as np
+
 import pytest
-from kdprune_cli.report.main import main
+from kdprune_cli.report.cli import main
 
 from records import (
     ACC,
@@ -17,6 +20,7 @@ from records import (
     _job,
     _label,
     _record,
+    _row,
     _seconds,
     _stages,
     _stats,
@@ -145,31 +149,36 @@ def test_failed_layers_run_is_reported(sweep, tmp_path, capsys):
     assert not list(out.glob("layers_*.png"))
 
 
-def test_exit_2_empty_or_missing(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main([str(empty)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no results.json found" in err[0]
-    assert not (empty / "report.md").exists()
-    assert main([str(tmp_path / "nope")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not exist" in err[0]
-
-
-def test_rerun_of_same_job_supersedes_failed_record(tmp_path):
-    """A job re-run after a failure (same job_id): the newer record counts, the old one is not a failure."""
-    import os
-
-    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    a.mkdir(parents=True)
-    b.mkdir(parents=True)
-    old = _record("cakld", True, 0.9, 0, 1)
-    old.update(status="failed", error="KeyboardInterrupt")
-    (a / "results.json").write_text(json.dumps(old))
-    (b / "results.json").write_text(json.dumps(_record("cakld", True, 0.9, 0, 1)))
-    os.utime(a / "results.json", (1_000_000, 1_000_000))
+def test_reused_runs_are_counted_apart_from_the_seconds_per_run(tmp_path):
+    """A sweep whose runs of magnitude at 0.5 reused jobs finished earlier: their seconds (the earlier runs')
+    are not averaged as new work; samples count what the result cost (the original run's)."""
+    sweep = tmp_path / "multi"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    num = 0
+    for sp in SPARSITIES:
+        for seed in SEEDS:
+            rec = _record("magnitude", None, sp, seed, num)
+            if sp == 0.5 and seed != 0:  # reused: booked as such, with the original run's cost kept
+                rec["cost"] = {"reused": True, "stages": {}, "total_seconds": 0.25,
+                               "original": copy.deepcopy(rec["cost"])}
+                rec["cost"]["original"]["total_seconds"] = 387.0
+                rec["reused_from"] = f"/store/jobs/job{num:03d}/results.json"
+            _job(sweep, num, rec)
+            num += 1
     out = tmp_path / "out"
-    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert main([str(sweep), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
-    assert "Superseded" in md and "(n=1)" in md and "Failed jobs" not in md
+    own = [_seconds("magnitude", None, sp, s) for sp in SPARSITIES for s in SEEDS if not (sp == 0.5 and s != 0)]
+    cells = _row(md, "magnitude")
+    assert cells[-2] == f"{np.mean(own):.1f} (2 reused)"
+    assert "387" not in md and "0.2" not in cells[-2]
+    assert "`N reused`" in md
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["runs_reused"] for r in rows] == ["2", "0"]
+    assert float(rows[0]["seconds_mean"]) == pytest.approx(_seconds("magnitude", None, 0.5, 0))
+    with open(out / "report.csv", newline="") as f:
+        rows_samples = [float(r["samples_mean"]) for r in csv.DictReader(f)]
+    assert rows_samples[0] > 30000  # the reused runs count what their original runs cost, not 0
+    assert "(2 reused)" in (out / "report.tex").read_text()

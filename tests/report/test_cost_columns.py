@@ -1,13 +1,12 @@
-"""Issue #10 (part 5): kdprune-report --cost (executed MACs ratio, speed-up over the dense student) and the
-accuracy-vs-latency plot, on synthetic results.json records with the new fields (granularity, flops.executed,
-latency); old records without them report as before."""
+"""kdprune-report --cost: the executed-MACs ratio and the speed-up over the dense student beside each sparsity
+(Markdown, CSV, LaTeX), the latency setting they use, and a cost column shown only with numbers behind it (else
+one line says how to get them)."""
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
-from kdprune_cli.report.main import Setting, cost_axis, group, main
+from kdprune_cli.report.cli import main
 
 from records import (
     ACC,
@@ -103,32 +102,6 @@ def test_latency_setting_picks_batch_and_mode(channel_sweep, tmp_path):
         assert cells[2 * i + 1] == f"{speed:.2f}×"
 
 
-def test_plot_axis_latency_or_macs(channel_sweep, tmp_path):
-    recs = [json.loads(p.read_text()) for p in sorted(channel_sweep.glob("*/results.json"))]
-    (t,) = group(recs, "top1")
-    kind, fx, fdense, xlabel = cost_axis(t, Setting(256, "eager"))
-    assert kind == "latency" and "batch 256, eager" in xlabel and "cpu float32" in xlabel
-    assert fx(recs[0]) == pytest.approx(_final_ms("magnitude", 0.5, 0, 256, "eager"))
-    assert fdense(recs[0]) == pytest.approx(_dense_ms(0, 256, "eager"))
-    # a setting nobody measured: x falls back to executed MACs, and the label says why
-    kind, fx, fdense, xlabel = cost_axis(t, Setting(64, "eager"))
-    assert kind == "macs" and "executed MACs" in xlabel and "no latency measured at batch 64, eager" in xlabel
-    assert fx(recs[0]) == pytest.approx(_executed("magnitude", 0.5, 0) / 1e6) and fdense(recs[0]) == 40.0
-    # records without latency: MACs on x, the plot is still written
-    for r in recs:
-        del r["latency"]
-    (t,) = group(recs, "top1")
-    assert cost_axis(t, Setting())[3].endswith("(no latency measured)")
-    runs = tmp_path / "runs"
-    for i, r in enumerate(recs):
-        _job(runs, i, r, hydra=False)
-    out = tmp_path / "out"
-    assert main([str(runs), "--out", str(out), "--cost", "all"]) == 0
-    _check_png(out / PLOT)
-    md = (out / "report.md").read_text()
-    assert "MACs 0.5" in md and "speed-up 0.5" not in md and "Speed-up column left out" in md  # no latency
-
-
 def test_partial_latency_shows_n_and_weight_rows_run_dense(tmp_path):
     """One seed without latency: speed-up over the two that have it, (n=2). A weight-granularity (masked)
     run executes all of its MACs: 1.00×, and it gets its own row beside the channel one."""
@@ -154,30 +127,10 @@ def test_partial_latency_shows_n_and_weight_rows_run_dense(tmp_path):
     assert grans == ["weight", "channel"]
 
 
-def test_legacy_latency_ms_is_batch_1_eager(tmp_path):
-    runs = tmp_path / "runs"
-    pruned = {0: 1.0, 1: 1.25, 2: 0.8}
-    for seed in SEEDS:
-        rec = _record("cakld", True, 0.5, seed, seed)
-        rec["latency_ms"] = {"pruned": pruned[seed], "dense": 2.0}
-        _job(runs, seed, rec, hydra=False)
-    out = tmp_path / "out"
-    assert main([str(runs), "--out", str(out), "--cost", "all"]) == 0
-    md = (out / "report.md").read_text()
-    speed = sum(2.0 / pruned[x] for x in SEEDS) / 3
-    assert _row(md, "cakld +KD")[1] == f"{speed:.2f}×"  # no flops.executed in old records: no MACs column
-    assert "MACs column left out: no run recorded the MACs its final model executes" in md
-    assert "2.000 ms median (batch 1, eager, n=3; cpu (legacy latency_ms))" in md
-    _check_png(out / PLOT)
-    assert main([str(runs), "--out", str(tmp_path / "o2"), "--cost", "latency", "--latency-batch", "2"]) == 0
-    md2 = (tmp_path / "o2" / "report.md").read_text()
-    assert "speed-up 0.5" not in md2 and "no run measured latency at batch 2, eager; measured: batch 1, eager" in md2
-
-
-def test_old_records_report_as_before(tmp_path):
-    """Records without the new fields: without --cost the same table, CSV and LaTeX header as before (and
-    no accuracy-vs-latency plot); --cost none is the default; --cost all adds no empty column, only a line
-    each saying how to get it."""
+def test_cost_none_is_the_default_and_all_adds_no_empty_column(tmp_path):
+    """Weight-granularity runs without latency: without --cost the basic table, CSV and LaTeX header (and no
+    accuracy-vs-latency plot); --cost none is the default; --cost all adds no empty column, only a line each
+    saying how to get it."""
     runs = tmp_path / "runs"
     num = 0
     for (method, kd) in ACC:
@@ -209,7 +162,26 @@ def test_old_records_report_as_before(tmp_path):
     assert "Speed-up column left out: no run measured latency at batch 1, eager; run with `eval.latency=true`" in md_all
 
 
-def test_bad_latency_batch_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(tmp_path), "--latency-batch", "0"])
-    assert e.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+def _masked(method, kd, sparsity, seed, job):
+    """A weight-granularity run as run_job records it: it executes every MAC of the dense student."""
+    rec = _record(method, kd, sparsity, seed, job)
+    rec["granularity"] = "weight"
+    rec["flops"] = {"dense": 40_000_000, "sparse": int(40_000_000 * (1 - sparsity)), "executed": 40_000_000}
+    return rec
+
+
+def test_weight_granularity_sweep_gets_lines_not_empty_cost_columns_nor_a_latency_plot(tmp_path):
+    sweep = tmp_path / "multi"
+    write_grid(sweep, _masked)
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out), "--cost", "all"]) == 0
+    md = (out / "report.md").read_text()
+    assert "| method | sparsity 0.5 | sparsity 0.9 | seconds / run | samples / run¹ |" in md
+    assert "1.00×" not in md and "—." not in md and "Cost of inference" not in md
+    assert "Dense student cost: 40.00 M MACs per input." in md
+    assert ("MACs column left out: every run executes all of the dense student's MACs (weight granularity zeroes "
+            "weights but removes none); `prune.granularity=channel` removes channels and executes fewer.") in md
+    assert ("Speed-up column left out: no run measured latency at batch 1, eager; run with `eval.latency=true` "
+            "(or time a saved model: `kdprune-eval RUN_DIR --latency`).") in md
+    assert not (out / PLOT).exists()  # every point at the dense MACs: a vertical line, not drawn
+    assert "\\begin{tabular}{lccrr}" in (out / "report.tex").read_text()

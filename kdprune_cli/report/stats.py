@@ -1,0 +1,257 @@
+"""The numbers of a report: records grouped into tables and rows, per-cell statistics over seeds, the cost of a
+run (samples, seconds) and the cost of inference (executed MACs, latency)."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Optional
+
+MINUS = "\u2212"
+WEIGHT = "weight"
+METRICS = ("top1", "top5", "nll", "ece", "mce", "rmsce", "ece_ts", "nll_ts", "temperature")
+# Recorded only by runs that held out a validation split (temperature scaling is fit there): a run without one
+# is still a run, its cell shows "—".
+OPTIONAL_METRICS = ("ece_ts", "nll_ts", "temperature")
+
+
+def num(x) -> Optional[float]:
+    """A finite JSON number as a float; None for anything else (booleans included)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def metric_of(rec: dict, key: str, metric: str) -> Optional[float]:
+    m = (rec.get("metrics") or {}).get(key) or {}
+    return num(m.get(metric)) if isinstance(m, dict) else None
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+
+def stat(values: list) -> Optional[Stat]:
+    """Mean and sample std (ddof=1; 0 for one value) of the values that are not None; None when none is."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Stat(statistics.fmean(values), std, len(values))
+
+
+def mean(values: list) -> Optional[float]:
+    """The mean of the values that are not None; None when none is."""
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+# --- the cost of a run ----------------------------------------------------------------------------------------
+def is_reused(rec: dict) -> bool:
+    """A run that reused a job finished earlier (``cost.reused``): no work of its own."""
+    c = rec.get("cost")
+    return isinstance(c, dict) and c.get("reused") is True
+
+
+def run_samples(rec: dict) -> int:
+    """Samples the result really cost: all stages (network + teacher), cached stages by their artifact cost;
+    a reused run's by its original run's cost."""
+    total = 0
+    c = rec.get("cost") if isinstance(rec.get("cost"), dict) else {}
+    if is_reused(rec):
+        c = c.get("original") if isinstance(c.get("original"), dict) else {}
+    for st in (c.get("stages") or {}).values():
+        if not isinstance(st, dict):
+            continue
+        total += int(st.get("samples") or 0) + int(st.get("teacher_samples") or 0)
+        art = st.get("artifact")
+        if st.get("cached") and isinstance(art, dict):
+            total += int(art.get("samples") or 0) + int(art.get("teacher_samples") or 0)
+    return total
+
+
+def run_seconds(rec: dict) -> Optional[float]:
+    """The run's own wall-clock; None for a reused run (its seconds are not work, see :func:`is_reused`)."""
+    return None if is_reused(rec) else num((rec.get("cost") or {}).get("total_seconds"))
+
+
+def cost(recs: list) -> tuple:
+    """Mean seconds (over the runs that did their own work) and mean samples per run."""
+    return mean([run_seconds(r) for r in recs]), mean([float(run_samples(r)) for r in recs])
+
+
+def n_reused(recs: list) -> int:
+    return sum(is_reused(r) for r in recs)
+
+
+# --- the cost of inference: executed MACs and latency ----------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """Which latency measurement counts: batch size and mode (``eager``, ``compiled``)."""
+    batch: int = 1
+    mode: str = "eager"
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, {self.mode}"
+
+
+def macs(rec: dict, key: str) -> Optional[float]:
+    """``flops.<key>``: ``dense``, ``sparse`` or ``executed`` (MACs for one input); None when not recorded."""
+    f = rec.get("flops")
+    return num(f.get(key)) if isinstance(f, dict) else None
+
+
+def macs_ratio(rec: dict) -> Optional[float]:
+    """Executed MACs of the final model as a fraction of the dense student's."""
+    ex, dense = macs(rec, "executed"), macs(rec, "dense")
+    return ex / dense if ex is not None and dense else None
+
+
+def macs_differ(rec: dict) -> bool:
+    """The run executes fewer (or other) MACs than the dense student: a physically smaller model."""
+    ex, dense = macs(rec, "executed"), macs(rec, "dense")
+    return ex is not None and dense is not None and ex != dense
+
+
+def latency_entries(rec: dict, which: str) -> list:
+    """The latency measurements (``latency.<which>``) of ``final`` or ``dense_student``."""
+    lat = rec.get("latency")
+    entries = lat.get(which) if isinstance(lat, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def latency_of(rec: dict, which: str, setting: Setting) -> Optional[float]:
+    """Median milliseconds of ``which`` for the setting; None when it was not measured."""
+    for e in latency_entries(rec, which):
+        if num(e.get("batch")) == setting.batch and e.get("mode") == setting.mode:
+            ms = num(e.get("median_ms"))
+            if ms is not None and ms > 0:
+                return ms
+    return None
+
+
+def speedup(rec: dict, setting: Setting) -> Optional[float]:
+    """Dense student median ms / final model median ms, both measured by the same run."""
+    final, dense = latency_of(rec, "final", setting), latency_of(rec, "dense_student", setting)
+    return dense / final if final is not None and dense is not None else None
+
+
+def latency_where(recs: list) -> str:
+    """Where the latencies of ``recs`` were measured: device and dtype, as recorded."""
+    seen = []
+    for r in recs:
+        lat = r.get("latency")
+        if not isinstance(lat, dict):
+            continue
+        where = " ".join([str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
+                         + (["channels_last"] if lat.get("channels_last") else []))
+        if where not in seen:
+            seen.append(where)
+    return "; ".join(seen)
+
+
+def measured_settings(recs: list) -> list:
+    """The latency settings some run measured (final model), in order of appearance."""
+    seen = []
+    for r in recs:
+        for e in latency_entries(r, "final"):
+            if num(e.get("batch")) is not None and isinstance(e.get("mode"), str):
+                st = Setting(int(e["batch"]), e["mode"])
+                if st not in seen:
+                    seen.append(st)
+    return seen
+
+
+def cost_stat(recs: list, col: str, setting: Setting) -> Optional[Stat]:
+    """Over seeds: the executed-MACs ratio (``macs``) or the speed-up at the setting (``speedup``)."""
+    return stat([macs_ratio(r) if col == "macs" else speedup(r, setting) for r in recs])
+
+
+# --- grouping -------------------------------------------------------------------------------------------------
+KD_ORDER = {None: 0, True: 1, False: 2}
+
+
+def label(method: str, kd, granularity: str = WEIGHT, variant: Optional[str] = None, minus: str = MINUS,
+          esc=str) -> str:
+    """``cakld +KD [variant] (channel)``; ``esc`` escapes the recorded names (LaTeX), ``minus`` writes −KD."""
+    name = esc(method) if kd is None else f"{esc(method)} {'+' if kd else minus}KD"
+    name = name if variant is None else f"{name} [{esc(variant)}]"
+    return name if granularity == WEIGHT else f"{name} ({esc(granularity)})"
+
+
+def granularity(rec: dict) -> str:
+    """``prune.granularity`` of the record: ``weight`` (masked) or ``channel`` (a physically smaller model)."""
+    return str(rec.get("granularity"))
+
+
+def variant(rec: dict) -> Optional[str]:
+    """``method_variant`` of the record (``Method.variant()``, e.g. ``intact teacher``); None (recorded as null)
+    for the method as it is."""
+    v = rec.get("method_variant")
+    return v if isinstance(v, str) and v else None
+
+
+def retrain_kd(rec: dict) -> Optional[bool]:
+    x = rec.get("retrain_kd")
+    return x if isinstance(x, bool) else None
+
+
+def record_label(rec: dict) -> str:
+    return label(str(rec.get("method")), retrain_kd(rec), granularity(rec), variant(rec))
+
+
+@dataclass
+class Row:
+    method: str
+    kd: Optional[bool]
+    granularity: str = WEIGHT
+    variant: Optional[str] = None
+    cells: dict = field(default_factory=dict)  # sparsity -> list of records
+    runs: list = field(default_factory=list)
+
+    def label(self, minus: str = MINUS, esc=str) -> str:
+        return label(self.method, self.kd, self.granularity, self.variant, minus, esc)
+
+
+@dataclass
+class Table:
+    dataset: str
+    teacher: str
+    student: str
+    rows: dict = field(default_factory=dict)  # (method, kd, granularity, variant) -> Row
+    runs: list = field(default_factory=list)
+
+    @property
+    def sparsities(self) -> list:
+        return sorted({s for r in self.rows.values() for s in r.cells})
+
+    def sorted_rows(self) -> list:
+        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3), k[2] != WEIGHT,
+                                                                        k[2], k[3] is not None, k[3] or ""))]
+
+    def dense(self, key: str, metric: str) -> Optional[Stat]:
+        return stat([metric_of(r, key, metric) for r in self.runs])
+
+
+def group(records: list) -> list:
+    """One :class:`Table` per (dataset, teacher, student), one :class:`Row` per (method, retrain_kd,
+    granularity, variant), one cell per target sparsity."""
+    tables: dict = {}
+    for rec in records:
+        tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
+        t = tables.setdefault(tkey, Table(*tkey))
+        t.runs.append(rec)
+        rkey = (str(rec.get("method")), retrain_kd(rec), granularity(rec), variant(rec))
+        row = t.rows.setdefault(rkey, Row(*rkey))
+        row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
+        row.runs.append(rec)
+    return [tables[k] for k in sorted(tables)]
+
+
+def cell_stat(recs: list, metric: str) -> Optional[Stat]:
+    """Over the runs that recorded ``metrics.final.<metric>``; None when none did."""
+    return stat([metric_of(r, "final", metric) for r in recs])

@@ -1,0 +1,328 @@
+"""The report's tables, built once (:func:`build`) and written three ways: Markdown, LaTeX (booktabs) and CSV."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from kdprune_cli.report.collect import RESULTS
+from kdprune_cli.report.stats import (MINUS, OPTIONAL_METRICS, WEIGHT, Row, Setting, Stat, Table, cell_stat, cost,
+                                      cost_stat, is_reused, latency_of, latency_where, macs, macs_differ, mean,
+                                      measured_settings, n_reused, speedup)
+
+COSTS = ("none", "macs", "latency", "all")
+COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}
+SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
+                "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
+                "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
+                "really cost, not only what the run itself recomputed. Seconds per run are the run's own "
+                "wall-clock (`cost.total_seconds`), in which cached stages cost ~0. A run that reused a job "
+                "finished earlier (`cost.reused`) trained nothing: it counts the samples its original run "
+                "cost (`cost.original`) and is left out of the seconds per run (counted apart: `N reused`).")
+METRIC_DESC = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll": "NLL (nats)",
+               "ece": "ECE (15 bins)", "mce": "MCE, largest bin gap (15 bins)",
+               "rmsce": "RMS calibration error (15 bins)",
+               "ece_ts": "ECE after temperature scaling (T fit on validation, 15 bins)",
+               "nll_ts": "NLL after temperature scaling (T fit on validation, nats)",
+               "temperature": "temperature T fit on validation"}
+
+
+# --- the model: what every writer shows -------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One (row, sparsity): its runs, the metric over seeds, each asked-for cost column over seeds."""
+    recs: list
+    metric: Optional[Stat]
+    costs: dict  # "macs" / "speedup" -> Optional[Stat]
+
+
+@dataclass
+class Line:
+    row: Row
+    cells: dict  # sparsity -> Cell, where the row has runs
+    seconds: Optional[float]
+    samples: Optional[float]
+
+
+@dataclass
+class Model:
+    table: Table
+    sparsities: list
+    cols: tuple  # the cost columns shown: asked for, with numbers behind them
+    notes: list  # a line for each cost column left out, saying how to get it
+    dense_cost: Optional[str]
+    lines: list
+
+
+def shown_cost_columns(t: Table, cols: tuple, setting: Setting) -> tuple:
+    """The asked-for cost columns a table has numbers for, and a line for each left out saying how to get it:
+    MACs when some run executes other MACs than the dense student, speed-up when some run measured latency
+    at the setting."""
+    shown, notes = [], []
+    for c in cols:
+        if c == "macs" and any(macs_differ(r) for r in t.runs) or (
+                c == "speedup" and any(speedup(r, setting) is not None for r in t.runs)):
+            shown.append(c)
+        elif c == "macs":
+            notes.append("MACs column left out: every run executes all of the dense student's MACs (weight "
+                         "granularity zeroes weights but removes none); `prune.granularity=channel` removes "
+                         "channels and executes fewer.")
+        else:
+            other = measured_settings(t.runs)
+            notes.append(f"Speed-up column left out: no run measured latency at {setting}; "
+                         + (f"measured: {'; '.join(map(str, other))} (choose with --latency-batch and "
+                            "--latency-mode)." if other else
+                            "run with `eval.latency=true` (or time a saved model: `kdprune-eval RUN_DIR "
+                            "--latency`)."))
+    return tuple(shown), notes
+
+
+def _fmt_macs(x: float) -> str:
+    return f"{x / 1e6:,.2f} M" if x >= 1e6 else f"{x:,.0f}"
+
+
+def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> Optional[str]:
+    """The dense student's cost: MACs and, for the latency setting, median ms (means over the runs that
+    recorded them); None when the runs recorded neither."""
+    bits = []
+    dense = mean([macs(r, "dense") or None for r in t.runs])
+    if "macs" in cols and dense is not None:
+        bits.append(f"{_fmt_macs(dense)} MACs per input")
+    ms = [v for v in (latency_of(r, "dense_student", setting) for r in t.runs) if v is not None]
+    if "speedup" in cols and ms:
+        where = latency_where(t.runs)
+        bits.append(f"{mean(ms):.3f} ms median ({setting}, n={len(ms)}" + (f"; {where}" if where else "") + ")")
+    return "Dense student cost: " + ", ".join(bits) + "." if bits else None
+
+
+def build(tables: list, metric: str, asked: tuple, setting: Setting) -> list:
+    """One :class:`Model` per table: every number the writers show, computed once."""
+    models = []
+    for t in tables:
+        cols, notes = shown_cost_columns(t, asked, setting)
+        lines = [Line(row, {s: Cell(recs, cell_stat(recs, metric), {c: cost_stat(recs, c, setting) for c in asked})
+                            for s, recs in sorted(row.cells.items())}, *cost(row.runs))
+                 for row in t.sorted_rows()]
+        models.append(Model(t, t.sparsities, cols, notes, dense_cost_line(t, asked, setting) if asked else None,
+                            lines))
+    return models
+
+
+# --- how numbers are written -----------------------------------------------------------------------------------
+TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(TEX_ESC.get(c, c) for c in str(s))
+
+
+@dataclass(frozen=True)
+class Style:
+    """The characters a format writes numbers with."""
+    pm: str = "±"
+    dash: str = "—"  # no number
+    times: str = "×"
+    minus: str = MINUS
+    comma: str = ","  # thousands
+    esc: Callable = str
+
+
+MD = Style()
+TEX = Style(r"$\pm$", "--", r"$\times$", "$-$", "{,}", tex_escape)
+
+
+def digits(metric: str) -> int:
+    return 2 if metric in ("top1", "top5") else 4
+
+
+def fmt_stat(s: Optional[Stat], nd: int, st: Style = MD) -> str:
+    return st.dash if s is None else f"{s.mean:.{nd}f} {st.pm} {s.std:.{nd}f} (n={s.n})"
+
+
+def fmt_sp(s: float) -> str:
+    return f"{s:g}"
+
+
+def fmt_times(s: Optional[Stat], runs: int, st: Style) -> str:
+    """``0.48×``: the mean over seeds; ``(n=k)`` when fewer runs than the cell's have the number."""
+    return st.dash if s is None else f"{s.mean:.2f}{st.times}" + (f" (n={s.n})" if s.n < runs else "")
+
+
+def fmt_run_secs(recs: list, secs: Optional[float], st: Style) -> str:
+    """The seconds / run cell: the mean over runs that did their own work, ``(N reused)`` beside it."""
+    n = n_reused(recs)
+    return (st.dash if secs is None else f"{secs:.1f}") + (f" ({n} reused)" if n else "")
+
+
+def row_texts(m: Model, line: Line, nd: int, st: Style) -> list:
+    """A table row as text: label, per sparsity the metric and the shown cost columns, seconds, samples."""
+    cells = []
+    for s in m.sparsities:
+        c = line.cells.get(s)
+        cells.append(fmt_stat(c.metric, nd, st) if c else st.dash)
+        cells += [fmt_times(c.costs[col], len(c.recs), st) if c else st.dash for col in m.cols]
+    samples = st.dash if line.samples is None else f"{line.samples:,.0f}".replace(",", st.comma)
+    return [line.row.label(st.minus, st.esc), *cells, fmt_run_secs(line.row.runs, line.seconds, st), samples]
+
+
+# --- Markdown -------------------------------------------------------------------------------------------------
+COST_HEAD = {"macs": "MACs", "speedup": "speed-up"}
+
+
+def cost_note(cols: tuple, setting: Setting) -> str:
+    bits = []
+    if "macs" in cols:
+        bits.append("MACs = executed MACs of the final model for one input as it actually runs "
+                    "(`flops.executed`) / the dense student's (`flops.dense`): below 1× only for a physically "
+                    "smaller model, a masked (weight-granularity) model runs all of its MACs")
+    if "speedup" in cols:
+        bits.append(f"speed-up = dense student median ms / final model median ms, both measured by the same run "
+                    f"({setting}; `latency`)")
+    return ("Cost of inference: " + "; ".join(bits) + ". Both are means over the runs that recorded them "
+            "(n shown when fewer than the cell's runs); — where no run did.")
+
+
+def _md_head(metric: str, counts: dict, n_superseded: int) -> list:
+    out = ["# kdprune report", "",
+           f"Metric: `metrics.final.{metric}`, {METRIC_DESC.get(metric, metric)} on the test split; cells are "
+           "mean ± sample std (ddof=1) over seeds, n = number of runs (± 0.00 when n=1). Every number "
+           "here is a test-split number; validation-split numbers (`metrics_val`, runs with "
+           "`data.val_split > 0`, what a search selects on) are in the records and a search's `best.yaml`."]
+    if metric in OPTIONAL_METRICS:
+        out += ["", f"A run that did not record `{metric}` counts among the runs but not in n; a cell is — where "
+                "no run did (`ece_ts`, `nll_ts` and `temperature` need a held-out validation split, "
+                "`data.val_split>0`)."]
+    return out + ["", f"Records: {counts['files']} `{RESULTS}` read, {counts['ok']} ok, {counts['failed']} failed, "
+                      f"{counts['missing']} job folders missing a record"
+                      + (f", {n_superseded} superseded by a newer run of the same job" if n_superseded else "")
+                      + "."]
+
+
+def _md_table(m: Model, metric: str, nd: int) -> list:
+    t, sps = m.table, m.sparsities
+    out = ["", f"## {t.dataset} · {t.teacher} → {t.student}", "",
+           f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
+           f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}."]
+    for line in ([m.dense_cost] if m.dense_cost else []) + m.notes:
+        out += ["", line]
+    out += ["", "| method | " + " | ".join(f"sparsity {fmt_sp(s)}" + "".join(
+        f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in m.cols) for s in sps) + " | seconds / run | samples / run¹ |",
+        "|---|" + "---:|" * (len(sps) * (1 + len(m.cols)) + 2)]
+    return out + ["| " + " | ".join(row_texts(m, line, nd, MD)) + " |" for line in m.lines]
+
+
+def _where(rec: Optional[dict]) -> str:
+    bits = [f"{k}={rec.get(k)}" for k in ("method", "method_variant", "sparsity_target", "seed", "dataset")
+            if rec.get(k) is not None] if rec else []
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+def _problem_lines(problems: list, where: bool) -> list:
+    return [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") + (_where(p.record) if where else "")
+            for p in problems]
+
+
+def markdown(models: list, metric: str, problems: list, superseded: list, layer_notes: list, counts: dict,
+             setting: Setting = Setting()) -> str:
+    nd = digits(metric)
+    out = _md_head(metric, counts, len(superseded))
+    anywhere = [c for c in ("macs", "speedup") if any(c in m.cols for m in models)]
+    if anywhere:
+        out += ["", cost_note(tuple(anywhere), setting)]
+    for m in models:
+        out += _md_table(m, metric, nd)
+    if models:
+        out += ["", "¹ " + SAMPLES_NOTE]
+    if problems:
+        out += ["", "## Failed jobs", ""] + _problem_lines(problems, True)
+    if layer_notes:
+        out += ["", "## Per-layer plots not drawn", ""] + _problem_lines(layer_notes, False)
+    if superseded:
+        out += ["", "## Superseded records (same job, newer record used)", ""]
+        out += [f"- `{old}` → `{new}`" for old, new in superseded]
+    return "\n".join(out) + "\n"
+
+
+# --- LaTeX ----------------------------------------------------------------------------------------------------
+def _tex_caption(m: Model, metric: str, setting: Setting) -> str:
+    t = m.table
+    cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
+           f"{tex_escape(METRIC_DESC.get(metric, metric))} on the test split, mean {TEX.pm} sample std over seeds "
+           "(n runs). Samples per run include the recorded cost of cached stages (teacher, dense student, ...); "
+           "seconds are the run's own wall-clock.")
+    if "macs" in m.cols:
+        cap += " MACs: executed MACs of the final model as a fraction of the dense student's."
+    if "speedup" in m.cols:
+        cap += (f" Speed-up: dense student / final model median latency ({tex_escape(str(setting))}), "
+                "measured by the same run.")
+    return cap + (" Cost columns are means over seeds." if m.cols else "")
+
+
+def latex(models: list, metric: str, setting: Setting = Setting()) -> str:
+    nd = digits(metric)
+    out = ["% kdprune-report: one booktabs tabular per (dataset, teacher, student); needs \\usepackage{booktabs}",
+           ""]
+    for m in models:
+        sps, cols = m.sparsities, m.cols
+        head = {"macs": "MACs", "speedup": "Speed-up"}
+        out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_caption(m, metric, setting)}}}",
+                r"\begin{tabular}{l" + ("c" + "r" * len(cols)) * len(sps) + "rr}", r"\toprule",
+                "Method & " + " & ".join(f"$s={fmt_sp(s)}$" + "".join(f" & {head[c]}" for c in cols) for s in sps)
+                + r" & Seconds & Samples \\", r"\midrule"]
+        for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
+            out.append(f"{name} & \\multicolumn{{{len(sps) * (1 + len(cols))}}}{{c}}"
+                       f"{{{fmt_stat(m.table.dense(key, metric), nd, TEX)}}}" r" & & \\")
+        out.append(r"\midrule")
+        out += [" & ".join(row_texts(m, line, nd, TEX)) + r" \\" for line in m.lines]
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out) + "\n"
+
+
+# --- CSV ------------------------------------------------------------------------------------------------------
+CSV_COLUMNS = ["dataset", "teacher", "student", "method", "retrain_kd", "sparsity", "mean", "std", "n",
+               "seconds_mean", "samples_mean"]
+CSV_COST_COLUMNS = {
+    "macs": ["macs_executed_mean", "macs_ratio_mean", "macs_ratio_n"],
+    "speedup": ["latency_batch", "latency_mode", "latency_ms_mean", "speedup_mean", "speedup_std", "speedup_n"],
+}
+
+
+def _r(x) -> str:
+    return "" if x is None else repr(x)
+
+
+def _csv_cost_cells(c: Cell, col: str, setting: Setting) -> list:
+    st = c.costs[col]
+    if col == "macs":
+        return [_r(mean([macs(r, "executed") for r in c.recs])), _r(st and st.mean), st.n if st else 0]
+    ms = mean([latency_of(r, "final", setting) for r in c.recs])
+    return [setting.batch, setting.mode, _r(ms), _r(st and st.mean), _r(st and st.std), st.n if st else 0]
+
+
+def write_csv(models: list, path: Path, asked: tuple = (), setting: Setting = Setting()) -> None:
+    """One row per (table, row, sparsity), full precision. A ``granularity`` column is appended when some row is
+    not weight-granularity or cost columns are asked for, a ``variant`` column (empty for the method as it is)
+    when some row is a variant, then the asked-for cost columns and, where some run reused a finished job,
+    ``runs_reused``."""
+    rows = [line.row for m in models for line in m.lines]
+    gran = bool(asked) or any(row.granularity != WEIGHT for row in rows)
+    var = any(row.variant is not None for row in rows)
+    reused = any(is_reused(r) for m in models for r in m.table.runs)  # seconds_mean leaves them out
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + (["variant"] if var else [])
+                   + [c for k in asked for c in CSV_COST_COLUMNS[k]] + (["runs_reused"] if reused else []))
+        for m in models:
+            t = m.table
+            for line in m.lines:
+                row = line.row
+                for s, c in line.cells.items():
+                    secs, samples = cost(c.recs)
+                    w.writerow([t.dataset, t.teacher, t.student, row.method, "" if row.kd is None else
+                                str(row.kd).lower(), repr(s), _r(c.metric and c.metric.mean),
+                                _r(c.metric and c.metric.std), c.metric.n if c.metric else 0, _r(secs), _r(samples)]
+                               + ([row.granularity] if gran else []) + ([row.variant or ""] if var else [])
+                               + [x for k in asked for x in _csv_cost_cells(c, k, setting)]
+                               + ([n_reused(c.recs)] if reused else []))
