@@ -1,43 +1,18 @@
-"""``kdprune-report``: collect ``results.json`` records into paper-style tables, CSV, LaTeX and plots.
+"""``kdprune-report``: ``results.json`` records into paper-style tables (Markdown, CSV, LaTeX) and plots.
 
     kdprune-report PATH... [--out DIR] [--metric top1] [--cost none|macs|latency|all]
                    [--latency-batch 1] [--latency-mode eager] [--layers RUN_DIR ...] [--reliability RUN_DIR ...]
     kdprune-report --reliability RUN_DIR... [--out DIR]
 
-Every ``results.json`` under the PATHs (searched recursively; a PATH may also be a ``results.json``) is read.
-Records with ``status: ok`` are grouped by (dataset, teacher, student, method, retrain_kd, granularity,
-method_variant); each (dataset, teacher, student) gets one table: rows are methods (a variant, e.g. NutePrune's
-``teachers=intact`` ablation, is its own row ``nuteprune [intact teacher]``), columns the target sparsities, cells the
-mean ± sample std (ddof=1) of ``metrics.final.<metric>`` over seeds with n, plus the dense references and
-the cost per run. Written to ``--out`` (default: the first PATH if it is a folder): ``report.md``,
-``report.csv``, ``report.tex`` (booktabs), ``accuracy_vs_sparsity_<dataset>_<teacher>_<student>.png``,
-``accuracy_vs_latency_<dataset>_<teacher>_<student>.png`` where some run recorded its latency or executes
-fewer MACs than the dense student, and, for each ``--layers`` run, ``layers_<job>.png``. Plots draw what the
-tables give: mean ± sample std over seeds.
-
-``--metric`` is one of top1, top5, nll, ece, and the calibration fields mce, rmsce, ece_ts, nll_ts,
-temperature (docs/calibration.md); a run that did not record ``ece_ts``, ``nll_ts`` or ``temperature`` (they
-need a held-out validation split) counts among the runs but not in n, and a cell where none did shows ``—``.
-
-``--reliability RUN_DIR...`` draws ``reliability_<job>.png`` per run: accuracy against confidence per bin
-(``metrics.<model>.reliability``), the dense student beside the final model, ECE in the titles; into
-``--out``, or, without PATHs, into the run folder. A run whose record has no bins for the final model is bad
-input (exit 2, nothing written).
-
-``--cost macs|latency|all`` adds cost-of-inference columns beside each sparsity: the final model's executed
-MACs as a fraction of the dense student's (``flops.executed / flops.dense``) and its speed-up over the dense
-student (dense median ms / final median ms of one run) for the latency setting ``--latency-batch`` (1) and
-``--latency-mode`` (eager); means over seeds, ``—`` where no run of a cell recorded them. A table gets a
-column only when some run has its numbers (MACs: some run executes other MACs than the dense student); in
-place of one left out, a line says how to get it (``prune.granularity=channel``, ``eval.latency=true``).
-A run that reused a job finished earlier (``cost.reused``) is left out of the seconds per run and counted
-apart (``N reused``).
-
-Failed records and job folders without ``results.json`` are listed (stdout and ``report.md``); reruns of
-one job count once (the newest record): records are matched by ``job_id``, or, when a job failed before
-its id was computed, by its config. Exit status: 0 all ok, 1 some job failed or is missing (the report is
-still written), 2 bad input (a PATH does not exist, no ``results.json`` was found at all, ``--out`` is a
-file, or the report cannot be written there), reported in one line on stderr.
+Every ``results.json`` under the PATHs is read; reruns of a job count once (the newest record). The ok records
+make one table per (dataset, teacher, student): a row per (method, retrain_kd, granularity, method_variant), a
+column per target sparsity, cells the mean ± sample std of ``metrics.final.<metric>`` over seeds with n, the
+dense references, the cost per run and, with ``--cost``, the executed-MACs ratio and the speed-up over the dense
+student at one latency setting (a column only where some run has its numbers; else a line says how to get
+them). Written to ``--out`` (default: the first PATH if it is a folder) with the accuracy-vs-sparsity and
+accuracy-vs-latency plots, per-layer bar charts (``--layers``) and reliability diagrams (``--reliability``).
+Failed records and job folders without a record are listed. Exit status: 0 all ok, 1 some job failed or is
+missing (the report is still written), 2 bad input (one line on stderr, nothing written).
 """
 from __future__ import annotations
 
@@ -48,9 +23,9 @@ from typing import Optional
 
 from kdprune_cli.report.collect import RESULTS, InputError, Problem, collect, find_results, run_record
 from kdprune_cli.report.plots import (layer_sparsities, plot_cost, plot_layers, plot_table, reliability_data,
-                                      write_reliability)
+                                      run_name, write_reliability)
 from kdprune_cli.report.stats import METRICS, OPTIONAL_METRICS, Setting, group, metric_of, num
-from kdprune_cli.report.tables import COST_COLUMNS, COSTS, build, latex, markdown, write_csv
+from kdprune_cli.report.tables import COST_COLUMNS, COSTS, latex, markdown, write_csv
 
 
 def _positive_int(text: str) -> int:
@@ -114,8 +89,7 @@ def _layers(paths: list, out: Path, written: list) -> list:
         if problem is not None:
             notes.append(problem)
             continue
-        name = rec.get("job_id") or (rfile.parent.name if rfile.parent.name else "run")
-        written.append(plot_layers(rec, str(name), out))
+        written.append(plot_layers(rec, run_name(rfile, rec), out))
     return notes
 
 
@@ -156,19 +130,19 @@ def _incomplete(metric: str):
 def _write(args, out: Path, got, diagrams: list) -> tuple:
     """Plots, ``report.md``, ``report.csv``, ``report.tex`` into ``out``; (markdown, written, layer notes)."""
     asked, setting = COST_COLUMNS[args.cost], Setting(args.latency_batch, args.latency_mode)
-    models = build(group(got.ok), args.metric, asked, setting)
+    tables = group(got.ok, args.metric, asked, setting)
     written: list = []
     layer_notes = _layers(args.layers, out, written)
     written += write_reliability(diagrams, out)
-    for m in models:
-        written.append(plot_table(m, args.metric, out))
-        cost_png = plot_cost(m.table, args.metric, out, setting)
+    for t in tables:
+        written.append(plot_table(t, args.metric, out))
+        cost_png = plot_cost(t, args.metric, out, setting)
         if cost_png is not None:
             written.append(cost_png)
-    md = markdown(models, args.metric, got.problems, got.superseded, layer_notes, got.counts, setting)
+    md = markdown(tables, args.metric, got.problems, got.superseded, layer_notes, got.counts, asked, setting)
     (out / "report.md").write_text(md, encoding="utf-8")
-    write_csv(models, out / "report.csv", asked, setting)
-    (out / "report.tex").write_text(latex(models, args.metric, setting), encoding="utf-8")
+    write_csv(tables, out / "report.csv", asked, setting)
+    (out / "report.tex").write_text(latex(tables, args.metric, asked, setting), encoding="utf-8")
     return md, [out / "report.md", out / "report.csv", out / "report.tex", *written], layer_notes
 
 

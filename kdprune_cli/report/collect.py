@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from kdprune_cli.experiment.identity import identity_config
-
 RESULTS = "results.json"
 
 
@@ -140,6 +138,10 @@ def config_key(rec: dict) -> Optional[str]:
     c = rec.get("config")
     if not isinstance(c, dict) or not c:
         return None
+    # imported here for speed: the identity module imports torch (a job id names the data by content), which a
+    # report of records that all have their job id need not wait for
+    from kdprune_cli.experiment.identity import identity_config
+
     return hashlib.sha256(json.dumps(identity_config(c), sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -176,11 +178,12 @@ def _mtime(path: Path) -> float:
 
 def dedupe(loaded: list) -> tuple:
     """Keep the newest record per job (see :func:`job_identity`); return (kept, superseded)."""
-    jobs_by_config: dict = {}
-    for _, rec in loaded:
-        jid, ck = rec.get("job_id"), config_key(rec)
-        if isinstance(jid, str) and jid and ck is not None:
-            jobs_by_config.setdefault(ck, set()).add(jid)
+    jobs_by_config: dict = {}  # only records without a job id are matched by their config
+    has_id = [isinstance(rec.get("job_id"), str) and rec["job_id"] != "" for _, rec in loaded]
+    for (_, rec), jid in zip(loaded, has_id):
+        ck = config_key(rec) if jid and not all(has_id) else None
+        if ck is not None:
+            jobs_by_config.setdefault(ck, set()).add(rec["job_id"])
     ids = [job_identity(path, rec, jobs_by_config) for path, rec in loaded]
     newest: dict = {}
     for i, ((path, _), ident) in enumerate(zip(loaded, ids)):

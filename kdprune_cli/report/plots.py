@@ -8,8 +8,8 @@ from typing import Optional
 
 from kdprune_cli.report.collect import InputError
 from kdprune_cli.report.stats import (WEIGHT, Setting, Table, label, latency_entries, latency_of, latency_where,
-                                      macs, macs_differ, metric_of, num, record_label, stat, variant)
-from kdprune_cli.report.tables import METRIC_DESC, Model, fmt_sp
+                                      macs, macs_differ, metric_of, num, row_key, stat)
+from kdprune_cli.report.tables import METRIC_DESC, fmt_sp
 
 
 def _plt():
@@ -23,6 +23,11 @@ def _plt():
 
 def safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+
+
+def run_name(rfile: Path, rec: dict) -> str:
+    """What a run's plots are named after: its job id, else its folder."""
+    return str(rec.get("job_id") or rfile.parent.name or "run")
 
 
 def _stem(t: Table) -> str:
@@ -46,26 +51,26 @@ def finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_table(m: Model, metric: str, out: Path) -> Path:
+def plot_table(t: Table, metric: str, out: Path) -> Path:
     """Accuracy against target sparsity: a series per row, the cells' mean ± sample std, the dense teacher and
     student as lines."""
     fig, ax = _plt().subplots(figsize=(6.4, 4.4))
-    for line in m.lines:
-        pts = [(s, c.metric) for s, c in line.cells.items() if c.metric is not None]
+    for row in t.rows:
+        pts = [(s, c.metric) for s, c in row.cells.items() if c.metric is not None]
         if not pts:
             continue
         xs, means, stds = [s for s, _ in pts], [st.mean for _, st in pts], [st.std for _, st in pts]
-        bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=line.row.label())
+        bars = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=row.label())
         if len(xs) > 1 and any(st.n > 1 for _, st in pts):
             ax.fill_between(xs, [a - d for a, d in zip(means, stds)], [a + d for a, d in zip(means, stds)],
                             color=bars.lines[0].get_color(), alpha=0.15, linewidth=0)
     for key, name, style in (("teacher", "teacher (dense)", ":"), ("dense_student", "student (dense)", "--")):
-        d = m.table.dense(key, metric)
+        d = t.dense(key, metric)
         if d is not None:
             ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel("target sparsity")
-    return finish(fig, ax, m.table, metric, "mean ± sample std over seeds, as in the tables",
-                  out / f"accuracy_vs_sparsity_{_stem(m.table)}.png")
+    return finish(fig, ax, t, metric, "mean ± sample std over seeds, as in the tables",
+                  out / f"accuracy_vs_sparsity_{_stem(t)}.png")
 
 
 def cost_axis(t: Table, setting: Setting):
@@ -100,8 +105,8 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
         return None
     kind, fx, fdense, xlabel = axis
     fig, ax = _plt().subplots(figsize=(6.4, 4.4))
-    for row in t.sorted_rows():
-        pts = [(s, xy) for s, xy in ((s, _xy(row.cells[s], fx, metric, "final")) for s in sorted(row.cells))
+    for row in t.rows:
+        pts = [(s, xy) for s, xy in ((s, _xy(c.recs, fx, metric, "final")) for s, c in row.cells.items())
                if xy is not None]
         if not pts:
             continue
@@ -149,7 +154,7 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     act = num(rec.get("sparsity_actual"))
     if act is not None:
         sub.append(f"global {act:.4f}")
-    ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, variant(rec))} · {rec.get('dataset')} · "
+    ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, row_key(rec)[3])} · {rec.get('dataset')} · "
                  f"{rec.get('student')} · seed {rec.get('seed')}" + (f"\n{', '.join(sub)}" if sub else ""),
                  fontsize=10)
     return _save(fig, out / f"layers_{safe(name)}.png")
@@ -241,8 +246,7 @@ def write_reliability(items: list, out: Optional[Path]) -> list:
     for rfile, rec, data in items:
         where = out if out is not None else rfile.parent
         where.mkdir(parents=True, exist_ok=True)
-        name = rec.get("job_id") or (rfile.parent.name if rfile.parent.name else "run")
-        heading = (f"{record_label(rec)} · {rec.get('dataset')} · {rec.get('student')} · sparsity "
+        heading = (f"{label(*row_key(rec))} · {rec.get('dataset')} · {rec.get('student')} · sparsity "
                    f"{rec.get('sparsity_target')} · seed {rec.get('seed')} (test split)")
-        written.append(plot_reliability(data, heading, where / f"reliability_{safe(str(name))}.png"))
+        written.append(plot_reliability(data, heading, where / f"reliability_{safe(run_name(rfile, rec))}.png"))
     return written

@@ -84,10 +84,6 @@ def cost(recs: list) -> tuple:
     return mean([run_seconds(r) for r in recs]), mean([float(run_samples(r)) for r in recs])
 
 
-def n_reused(recs: list) -> int:
-    return sum(is_reused(r) for r in recs)
-
-
 # --- the cost of inference: executed MACs and latency ----------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
@@ -103,12 +99,6 @@ def macs(rec: dict, key: str) -> Optional[float]:
     """``flops.<key>``: ``dense``, ``sparse`` or ``executed`` (MACs for one input); None when not recorded."""
     f = rec.get("flops")
     return num(f.get(key)) if isinstance(f, dict) else None
-
-
-def macs_ratio(rec: dict) -> Optional[float]:
-    """Executed MACs of the final model as a fraction of the dense student's."""
-    ex, dense = macs(rec, "executed"), macs(rec, "dense")
-    return ex / dense if ex is not None and dense else None
 
 
 def macs_differ(rec: dict) -> bool:
@@ -142,33 +132,24 @@ def speedup(rec: dict, setting: Setting) -> Optional[float]:
 
 def latency_where(recs: list) -> str:
     """Where the latencies of ``recs`` were measured: device and dtype, as recorded."""
-    seen = []
-    for r in recs:
-        lat = r.get("latency")
-        if not isinstance(lat, dict):
-            continue
-        where = " ".join([str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
-                         + (["channels_last"] if lat.get("channels_last") else []))
-        if where not in seen:
-            seen.append(where)
-    return "; ".join(seen)
+    lats = [r["latency"] for r in recs if isinstance(r.get("latency"), dict)]
+    return "; ".join(dict.fromkeys(" ".join([str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
+                                            + (["channels_last"] if lat.get("channels_last") else [])) for lat in lats))
 
 
 def measured_settings(recs: list) -> list:
     """The latency settings some run measured (final model), in order of appearance."""
-    seen = []
-    for r in recs:
-        for e in latency_entries(r, "final"):
-            if num(e.get("batch")) is not None and isinstance(e.get("mode"), str):
-                st = Setting(int(e["batch"]), e["mode"])
-                if st not in seen:
-                    seen.append(st)
-    return seen
+    return list(dict.fromkeys(Setting(int(e["batch"]), e["mode"]) for r in recs for e in latency_entries(r, "final")
+                              if num(e.get("batch")) is not None and isinstance(e.get("mode"), str)))
 
 
 def cost_stat(recs: list, col: str, setting: Setting) -> Optional[Stat]:
-    """Over seeds: the executed-MACs ratio (``macs``) or the speed-up at the setting (``speedup``)."""
-    return stat([macs_ratio(r) if col == "macs" else speedup(r, setting) for r in recs])
+    """Over seeds: executed MACs of the final model as a fraction of the dense student's (``macs``), or the
+    speed-up at the setting (``speedup``)."""
+    if col == "speedup":
+        return stat([speedup(r, setting) for r in recs])
+    pairs = [(macs(r, "executed"), macs(r, "dense")) for r in recs]
+    return stat([ex / dense if ex is not None and dense else None for ex, dense in pairs])
 
 
 # --- grouping -------------------------------------------------------------------------------------------------
@@ -183,25 +164,21 @@ def label(method: str, kd, granularity: str = WEIGHT, variant: Optional[str] = N
     return name if granularity == WEIGHT else f"{name} ({esc(granularity)})"
 
 
-def granularity(rec: dict) -> str:
-    """``prune.granularity`` of the record: ``weight`` (masked) or ``channel`` (a physically smaller model)."""
-    return str(rec.get("granularity"))
+def row_key(rec: dict) -> tuple:
+    """The row of a record: method, ``retrain_kd`` (None when not a boolean), ``prune.granularity`` (``weight``:
+    masked, ``channel``: a physically smaller model) and ``method_variant`` (``Method.variant()``, e.g. ``intact
+    teacher``; None, recorded as null, for the method as it is)."""
+    kd, v = rec.get("retrain_kd"), rec.get("method_variant")
+    return (str(rec.get("method")), kd if isinstance(kd, bool) else None, str(rec.get("granularity")),
+            v if isinstance(v, str) and v else None)
 
 
-def variant(rec: dict) -> Optional[str]:
-    """``method_variant`` of the record (``Method.variant()``, e.g. ``intact teacher``); None (recorded as null)
-    for the method as it is."""
-    v = rec.get("method_variant")
-    return v if isinstance(v, str) and v else None
-
-
-def retrain_kd(rec: dict) -> Optional[bool]:
-    x = rec.get("retrain_kd")
-    return x if isinstance(x, bool) else None
-
-
-def record_label(rec: dict) -> str:
-    return label(str(rec.get("method")), retrain_kd(rec), granularity(rec), variant(rec))
+@dataclass
+class Cell:
+    """One (row, sparsity): its runs, the metric over seeds and each asked-for cost column over seeds."""
+    recs: list = field(default_factory=list)
+    metric: Optional[Stat] = None
+    costs: dict = field(default_factory=dict)  # "macs" / "speedup" -> Optional[Stat]
 
 
 @dataclass
@@ -210,7 +187,7 @@ class Row:
     kd: Optional[bool]
     granularity: str = WEIGHT
     variant: Optional[str] = None
-    cells: dict = field(default_factory=dict)  # sparsity -> list of records
+    cells: dict = field(default_factory=dict)  # sparsity -> Cell, in order
     runs: list = field(default_factory=list)
 
     def label(self, minus: str = MINUS, esc=str) -> str:
@@ -222,33 +199,37 @@ class Table:
     dataset: str
     teacher: str
     student: str
-    rows: dict = field(default_factory=dict)  # (method, kd, granularity, variant) -> Row
+    rows: list = field(default_factory=list)  # in the order the tables show them
     runs: list = field(default_factory=list)
 
     @property
     def sparsities(self) -> list:
-        return sorted({s for r in self.rows.values() for s in r.cells})
-
-    def sorted_rows(self) -> list:
-        return [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], KD_ORDER.get(k[1], 3), k[2] != WEIGHT,
-                                                                        k[2], k[3] is not None, k[3] or ""))]
+        return sorted({s for r in self.rows for s in r.cells})
 
     def dense(self, key: str, metric: str) -> Optional[Stat]:
         return stat([metric_of(r, key, metric) for r in self.runs])
 
 
-def group(records: list) -> list:
+def group(records: list, metric: str = "top1", asked: tuple = (), setting: Setting = Setting()) -> list:
     """One :class:`Table` per (dataset, teacher, student), one :class:`Row` per (method, retrain_kd,
-    granularity, variant), one cell per target sparsity."""
-    tables: dict = {}
+    granularity, variant), one :class:`Cell` per target sparsity with the metric and the ``asked`` cost columns
+    (``macs``, ``speedup`` at the latency ``setting``) over seeds."""
+    tables, rows = {}, {}
     for rec in records:
         tkey = (str(rec.get("dataset")), str(rec.get("teacher")), str(rec.get("student")))
-        t = tables.setdefault(tkey, Table(*tkey))
-        t.runs.append(rec)
-        rkey = (str(rec.get("method")), retrain_kd(rec), granularity(rec), variant(rec))
-        row = t.rows.setdefault(rkey, Row(*rkey))
-        row.cells.setdefault(float(rec["sparsity_target"]), []).append(rec)
+        tables.setdefault(tkey, Table(*tkey)).runs.append(rec)
+        row = rows.setdefault((tkey, row_key(rec)), Row(*row_key(rec)))
+        row.cells.setdefault(float(rec["sparsity_target"]), Cell()).recs.append(rec)
         row.runs.append(rec)
+    def order(key):  # table; method, no KD before +KD before -KD, weight granularity first, the method as it is first
+        tkey, (method, kd, gran, var) = key
+        return tkey, method, KD_ORDER.get(kd, 3), gran != WEIGHT, gran, var is not None, var or ""
+
+    for key in sorted(rows, key=order):
+        row, tkey = rows[key], key[0]
+        row.cells = {s: Cell(c.recs, cell_stat(c.recs, metric), {k: cost_stat(c.recs, k, setting) for k in asked})
+                     for s, c in sorted(row.cells.items())}
+        tables[tkey].rows.append(row)
     return [tables[k] for k in sorted(tables)]
 
 

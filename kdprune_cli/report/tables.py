@@ -1,4 +1,4 @@
-"""The report's tables, built once (:func:`build`) and written three ways: Markdown, LaTeX (booktabs) and CSV."""
+"""The report's tables (:func:`stats.group`) written three ways: Markdown, LaTeX (booktabs) and CSV."""
 from __future__ import annotations
 
 import csv
@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdprune_cli.report.collect import RESULTS
-from kdprune_cli.report.stats import (MINUS, OPTIONAL_METRICS, WEIGHT, Row, Setting, Stat, Table, cell_stat, cost,
-                                      cost_stat, is_reused, latency_of, latency_where, macs, macs_differ, mean,
-                                      measured_settings, n_reused, speedup)
+from kdprune_cli.report.stats import (MINUS, OPTIONAL_METRICS, WEIGHT, Cell, Row, Setting, Stat, Table, cost,
+                                      is_reused, latency_of, latency_where, macs, macs_differ, mean, measured_settings,
+                                      speedup)
 
 COSTS = ("none", "macs", "latency", "all")
 COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}
@@ -28,33 +28,7 @@ METRIC_DESC = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll"
                "temperature": "temperature T fit on validation"}
 
 
-# --- the model: what every writer shows -------------------------------------------------------------------------
-@dataclass
-class Cell:
-    """One (row, sparsity): its runs, the metric over seeds, each asked-for cost column over seeds."""
-    recs: list
-    metric: Optional[Stat]
-    costs: dict  # "macs" / "speedup" -> Optional[Stat]
-
-
-@dataclass
-class Line:
-    row: Row
-    cells: dict  # sparsity -> Cell, where the row has runs
-    seconds: Optional[float]
-    samples: Optional[float]
-
-
-@dataclass
-class Model:
-    table: Table
-    sparsities: list
-    cols: tuple  # the cost columns shown: asked for, with numbers behind them
-    notes: list  # a line for each cost column left out, saying how to get it
-    dense_cost: Optional[str]
-    lines: list
-
-
+# --- what a table shows ---------------------------------------------------------------------------------------
 def shown_cost_columns(t: Table, cols: tuple, setting: Setting) -> tuple:
     """The asked-for cost columns a table has numbers for, and a line for each left out saying how to get it:
     MACs when some run executes other MACs than the dense student, speed-up when some run measured latency
@@ -78,35 +52,18 @@ def shown_cost_columns(t: Table, cols: tuple, setting: Setting) -> tuple:
     return tuple(shown), notes
 
 
-def _fmt_macs(x: float) -> str:
-    return f"{x / 1e6:,.2f} M" if x >= 1e6 else f"{x:,.0f}"
-
-
 def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> Optional[str]:
     """The dense student's cost: MACs and, for the latency setting, median ms (means over the runs that
     recorded them); None when the runs recorded neither."""
     bits = []
     dense = mean([macs(r, "dense") or None for r in t.runs])
     if "macs" in cols and dense is not None:
-        bits.append(f"{_fmt_macs(dense)} MACs per input")
+        bits.append((f"{dense / 1e6:,.2f} M" if dense >= 1e6 else f"{dense:,.0f}") + " MACs per input")
     ms = [v for v in (latency_of(r, "dense_student", setting) for r in t.runs) if v is not None]
     if "speedup" in cols and ms:
         where = latency_where(t.runs)
         bits.append(f"{mean(ms):.3f} ms median ({setting}, n={len(ms)}" + (f"; {where}" if where else "") + ")")
     return "Dense student cost: " + ", ".join(bits) + "." if bits else None
-
-
-def build(tables: list, metric: str, asked: tuple, setting: Setting) -> list:
-    """One :class:`Model` per table: every number the writers show, computed once."""
-    models = []
-    for t in tables:
-        cols, notes = shown_cost_columns(t, asked, setting)
-        lines = [Line(row, {s: Cell(recs, cell_stat(recs, metric), {c: cost_stat(recs, c, setting) for c in asked})
-                            for s, recs in sorted(row.cells.items())}, *cost(row.runs))
-                 for row in t.sorted_rows()]
-        models.append(Model(t, t.sparsities, cols, notes, dense_cost_line(t, asked, setting) if asked else None,
-                            lines))
-    return models
 
 
 # --- how numbers are written -----------------------------------------------------------------------------------
@@ -145,26 +102,21 @@ def fmt_sp(s: float) -> str:
     return f"{s:g}"
 
 
-def fmt_times(s: Optional[Stat], runs: int, st: Style) -> str:
-    """``0.48×``: the mean over seeds; ``(n=k)`` when fewer runs than the cell's have the number."""
-    return st.dash if s is None else f"{s.mean:.2f}{st.times}" + (f" (n={s.n})" if s.n < runs else "")
-
-
-def fmt_run_secs(recs: list, secs: Optional[float], st: Style) -> str:
-    """The seconds / run cell: the mean over runs that did their own work, ``(N reused)`` beside it."""
-    n = n_reused(recs)
-    return (st.dash if secs is None else f"{secs:.1f}") + (f" ({n} reused)" if n else "")
-
-
-def row_texts(m: Model, line: Line, nd: int, st: Style) -> list:
-    """A table row as text: label, per sparsity the metric and the shown cost columns, seconds, samples."""
+def row_texts(row: Row, sparsities: list, cols: tuple, nd: int, st: Style) -> list:
+    """A table row as text: label; per sparsity the metric and the shown cost columns (``0.48×``, the mean over
+    seeds, with n when fewer runs than the cell's have it); seconds per run over the runs that did their own
+    work (``(N reused)`` beside it); samples per run."""
     cells = []
-    for s in m.sparsities:
-        c = line.cells.get(s)
+    for s in sparsities:
+        c = row.cells.get(s)
         cells.append(fmt_stat(c.metric, nd, st) if c else st.dash)
-        cells += [fmt_times(c.costs[col], len(c.recs), st) if c else st.dash for col in m.cols]
-    samples = st.dash if line.samples is None else f"{line.samples:,.0f}".replace(",", st.comma)
-    return [line.row.label(st.minus, st.esc), *cells, fmt_run_secs(line.row.runs, line.seconds, st), samples]
+        for x in ([c.costs[col] for col in cols] if c else [None] * len(cols)):
+            cells.append(st.dash if x is None else f"{x.mean:.2f}{st.times}"
+                         + (f" (n={x.n})" if x.n < len(c.recs) else ""))
+    (secs, samples), reused = cost(row.runs), sum(map(is_reused, row.runs))
+    return [row.label(st.minus, st.esc), *cells,
+            (st.dash if secs is None else f"{secs:.1f}") + (f" ({reused} reused)" if reused else ""),
+            st.dash if samples is None else f"{samples:,.0f}".replace(",", st.comma)]
 
 
 # --- Markdown -------------------------------------------------------------------------------------------------
@@ -200,17 +152,18 @@ def _md_head(metric: str, counts: dict, n_superseded: int) -> list:
                       + "."]
 
 
-def _md_table(m: Model, metric: str, nd: int) -> list:
-    t, sps = m.table, m.sparsities
+def _md_table(t: Table, metric: str, nd: int, asked: tuple, setting: Setting) -> list:
+    sps, (cols, notes) = t.sparsities, shown_cost_columns(t, asked, setting)
+    dense_cost = dense_cost_line(t, asked, setting) if asked else None
     out = ["", f"## {t.dataset} · {t.teacher} → {t.student}", "",
            f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
            f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}."]
-    for line in ([m.dense_cost] if m.dense_cost else []) + m.notes:
+    for line in ([dense_cost] if dense_cost else []) + notes:
         out += ["", line]
     out += ["", "| method | " + " | ".join(f"sparsity {fmt_sp(s)}" + "".join(
-        f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in m.cols) for s in sps) + " | seconds / run | samples / run¹ |",
-        "|---|" + "---:|" * (len(sps) * (1 + len(m.cols)) + 2)]
-    return out + ["| " + " | ".join(row_texts(m, line, nd, MD)) + " |" for line in m.lines]
+        f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in cols) for s in sps) + " | seconds / run | samples / run¹ |",
+        "|---|" + "---:|" * (len(sps) * (1 + len(cols)) + 2)]
+    return out + ["| " + " | ".join(row_texts(row, sps, cols, nd, MD)) + " |" for row in t.rows]
 
 
 def _where(rec: Optional[dict]) -> str:
@@ -224,16 +177,17 @@ def _problem_lines(problems: list, where: bool) -> list:
             for p in problems]
 
 
-def markdown(models: list, metric: str, problems: list, superseded: list, layer_notes: list, counts: dict,
-             setting: Setting = Setting()) -> str:
+def markdown(tables: list, metric: str, problems: list, superseded: list, layer_notes: list, counts: dict,
+             asked: tuple = (), setting: Setting = Setting()) -> str:
     nd = digits(metric)
     out = _md_head(metric, counts, len(superseded))
-    anywhere = [c for c in ("macs", "speedup") if any(c in m.cols for m in models)]
+    shown = [shown_cost_columns(t, asked, setting)[0] for t in tables]
+    anywhere = tuple(c for c in asked if any(c in cols for cols in shown))
     if anywhere:
-        out += ["", cost_note(tuple(anywhere), setting)]
-    for m in models:
-        out += _md_table(m, metric, nd)
-    if models:
+        out += ["", cost_note(anywhere, setting)]
+    for t in tables:
+        out += _md_table(t, metric, nd, asked, setting)
+    if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
     if problems:
         out += ["", "## Failed jobs", ""] + _problem_lines(problems, True)
@@ -246,36 +200,35 @@ def markdown(models: list, metric: str, problems: list, superseded: list, layer_
 
 
 # --- LaTeX ----------------------------------------------------------------------------------------------------
-def _tex_caption(m: Model, metric: str, setting: Setting) -> str:
-    t = m.table
+def _tex_caption(t: Table, cols: tuple, metric: str, setting: Setting) -> str:
     cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
            f"{tex_escape(METRIC_DESC.get(metric, metric))} on the test split, mean {TEX.pm} sample std over seeds "
            "(n runs). Samples per run include the recorded cost of cached stages (teacher, dense student, ...); "
            "seconds are the run's own wall-clock.")
-    if "macs" in m.cols:
+    if "macs" in cols:
         cap += " MACs: executed MACs of the final model as a fraction of the dense student's."
-    if "speedup" in m.cols:
+    if "speedup" in cols:
         cap += (f" Speed-up: dense student / final model median latency ({tex_escape(str(setting))}), "
                 "measured by the same run.")
-    return cap + (" Cost columns are means over seeds." if m.cols else "")
+    return cap + (" Cost columns are means over seeds." if cols else "")
 
 
-def latex(models: list, metric: str, setting: Setting = Setting()) -> str:
+def latex(tables: list, metric: str, asked: tuple = (), setting: Setting = Setting()) -> str:
     nd = digits(metric)
     out = ["% kdprune-report: one booktabs tabular per (dataset, teacher, student); needs \\usepackage{booktabs}",
            ""]
-    for m in models:
-        sps, cols = m.sparsities, m.cols
+    for t in tables:
+        sps, (cols, _) = t.sparsities, shown_cost_columns(t, asked, setting)
         head = {"macs": "MACs", "speedup": "Speed-up"}
-        out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_caption(m, metric, setting)}}}",
+        out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_caption(t, cols, metric, setting)}}}",
                 r"\begin{tabular}{l" + ("c" + "r" * len(cols)) * len(sps) + "rr}", r"\toprule",
                 "Method & " + " & ".join(f"$s={fmt_sp(s)}$" + "".join(f" & {head[c]}" for c in cols) for s in sps)
                 + r" & Seconds & Samples \\", r"\midrule"]
         for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
             out.append(f"{name} & \\multicolumn{{{len(sps) * (1 + len(cols))}}}{{c}}"
-                       f"{{{fmt_stat(m.table.dense(key, metric), nd, TEX)}}}" r" & & \\")
+                       f"{{{fmt_stat(t.dense(key, metric), nd, TEX)}}}" r" & & \\")
         out.append(r"\midrule")
-        out += [" & ".join(row_texts(m, line, nd, TEX)) + r" \\" for line in m.lines]
+        out += [" & ".join(row_texts(row, sps, cols, nd, TEX)) + r" \\" for row in t.rows]
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out) + "\n"
 
@@ -301,28 +254,24 @@ def _csv_cost_cells(c: Cell, col: str, setting: Setting) -> list:
     return [setting.batch, setting.mode, _r(ms), _r(st and st.mean), _r(st and st.std), st.n if st else 0]
 
 
-def write_csv(models: list, path: Path, asked: tuple = (), setting: Setting = Setting()) -> None:
+def write_csv(tables: list, path: Path, asked: tuple = (), setting: Setting = Setting()) -> None:
     """One row per (table, row, sparsity), full precision. A ``granularity`` column is appended when some row is
     not weight-granularity or cost columns are asked for, a ``variant`` column (empty for the method as it is)
     when some row is a variant, then the asked-for cost columns and, where some run reused a finished job,
     ``runs_reused``."""
-    rows = [line.row for m in models for line in m.lines]
-    gran = bool(asked) or any(row.granularity != WEIGHT for row in rows)
-    var = any(row.variant is not None for row in rows)
-    reused = any(is_reused(r) for m in models for r in m.table.runs)  # seconds_mean leaves them out
+    rows = [(t, row) for t in tables for row in t.rows]
+    gran = bool(asked) or any(row.granularity != WEIGHT for _, row in rows)
+    var = any(row.variant is not None for _, row in rows)
+    reused = any(is_reused(r) for t in tables for r in t.runs)  # seconds_mean leaves them out
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + (["variant"] if var else [])
                    + [c for k in asked for c in CSV_COST_COLUMNS[k]] + (["runs_reused"] if reused else []))
-        for m in models:
-            t = m.table
-            for line in m.lines:
-                row = line.row
-                for s, c in line.cells.items():
-                    secs, samples = cost(c.recs)
-                    w.writerow([t.dataset, t.teacher, t.student, row.method, "" if row.kd is None else
-                                str(row.kd).lower(), repr(s), _r(c.metric and c.metric.mean),
-                                _r(c.metric and c.metric.std), c.metric.n if c.metric else 0, _r(secs), _r(samples)]
-                               + ([row.granularity] if gran else []) + ([row.variant or ""] if var else [])
-                               + [x for k in asked for x in _csv_cost_cells(c, k, setting)]
-                               + ([n_reused(c.recs)] if reused else []))
+        for t, row in rows:
+            for s, c in row.cells.items():
+                w.writerow([t.dataset, t.teacher, t.student, row.method, "" if row.kd is None else str(row.kd).lower(),
+                            repr(s), _r(c.metric and c.metric.mean), _r(c.metric and c.metric.std),
+                            c.metric.n if c.metric else 0, *map(_r, cost(c.recs))]
+                           + ([row.granularity] if gran else []) + ([row.variant or ""] if var else [])
+                           + [x for k in asked for x in _csv_cost_cells(c, k, setting)]
+                           + ([sum(map(is_reused, c.recs))] if reused else []))
