@@ -33,7 +33,8 @@ def _write(path: Path, rec: dict, mtime: float) -> Path:
 def test_failures_without_job_id_count_once_per_job(tmp_path, capsys):
     runs = tmp_path / "multirun"
     # the same job, failed in three reruns (the switches that do not change the job differ)
-    for i, extra in enumerate([{}, {"resume": False}, {"progress": True, "data": {**CONFIG["data"], "download": True}}]):
+    reruns = [{}, {"resume": False}, {"progress": True, "data": {**CONFIG["data"], "download": True}}]
+    for i, extra in enumerate(reruns):
         _write(runs / f"sweep{i}" / "0", _early_failure({**CONFIG, **extra}), 1_000_000 + i)
     # another job (other sparsity) that also failed early, twice
     other = {**CONFIG, "sparsity": 0.5}

@@ -1,4 +1,5 @@
-"""kdprune-report on synthetic results.json records (no training): tables, CSV, LaTeX, plots, failed and missing jobs."""
+"""kdprune-report on synthetic results.json records (no training): tables, CSV, LaTeX, plots, failed and
+missing jobs."""
 from __future__ import annotations
 
 import copy
@@ -50,16 +51,19 @@ def sweep(tmp_path):
     return root, sweep, num
 
 
-def test_report_tables_csv_tex_plots(sweep, tmp_path, capsys):
-    root, sweep_dir, nfail = sweep
+@pytest.fixture
+def report(sweep, tmp_path, capsys):
+    """The report of the sweep with two per-layer plots: (out folder, stdout, report.md, report.tex)."""
+    root, sweep_dir, _ = sweep
     out = tmp_path / "report"
     rc = main([str(root), "--out", str(out), "--layers", str(sweep_dir / "0"), str(sweep_dir / "7")])
     assert rc == 1  # one failed, two missing
-    stdout = capsys.readouterr().out
-    md = (out / "report.md").read_text()
-    tex = (out / "report.tex").read_text()
+    return out, capsys.readouterr().out, (out / "report.md").read_text(), (out / "report.tex").read_text()
 
-    # --- the table: mean ± std (n) per method and sparsity; the cost column per method
+
+def test_markdown_and_latex_tables(report):
+    _, stdout, md, tex = report
+    # the table: mean ± std (n) per method and sparsity; the cost column per method
     assert "## cifar10 · resnet56 → resnet20" in md
     assert "| method | sparsity 0.5 | sparsity 0.9 | seconds / run | samples / run¹ |" in md
     for (method, kd), per_sp in ACC.items():
@@ -80,7 +84,7 @@ def test_report_tables_csv_tex_plots(sweep, tmp_path, capsys):
     # the samples footnote says cached stages count with what they cost when made
     assert "¹ Samples per run" in md and "artifact" in md and "really cost" in md
 
-    # --- dense references: teacher and dense student top-1 over the ok runs
+    # dense references: teacher and dense student top-1 over the ok runs
     t_m, t_s, t_n = _stats([TEACHER_TOP1] * 18)
     d_m, d_s, d_n = _stats([DENSE_TOP1[seed] for _ in range(6) for seed in SEEDS])
     assert (f"teacher {t_m:.2f} ± {t_s:.2f} (n={t_n}), dense student {d_m:.2f} ± {d_s:.2f} (n={d_n})") in md
@@ -88,7 +92,10 @@ def test_report_tables_csv_tex_plots(sweep, tmp_path, capsys):
     assert f"Student (dense) & \\multicolumn{{2}}{{c}}{{{d_m:.2f} $\\pm$ {d_s:.2f} (n={d_n})}}" in tex
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "\\begin{tabular}{lccrr}" in tex
 
-    # --- failed and missing jobs are listed, in report.md and on stdout
+
+def test_failed_and_missing_jobs_are_listed(sweep, report):
+    _, sweep_dir, nfail = sweep
+    _, stdout, md, _ = report
     for text in (md, stdout):
         assert "## Failed jobs" in text
         assert f"{sweep_dir / str(nfail) / 'results.json'}`: failed: RuntimeError: boom at step 3" in text
@@ -96,7 +103,9 @@ def test_report_tables_csv_tex_plots(sweep, tmp_path, capsys):
         assert f"`{sweep_dir / str(nfail + 2)}`: missing (no results.json)" in text
     assert "18 ok, 1 failed, 2 job folders missing a record" in md
 
-    # --- CSV: one row per group × sparsity, full precision
+
+def test_csv_has_one_row_per_cell_in_full_precision(report):
+    out = report[0]
     with open(out / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["dataset", "teacher", "student", "method", "retrain_kd", "sparsity", "mean", "std",
@@ -115,7 +124,9 @@ def test_report_tables_csv_tex_plots(sweep, tmp_path, capsys):
             assert float(r["samples_mean"]) == pytest.approx(
                 sum(_expected_samples(method, kd, sp, x) for x in SEEDS) / 3)
 
-    # --- plots: valid, non-trivial PNGs
+
+def test_plots_are_valid_pictures(report):
+    out = report[0]
     acc_png = out / "accuracy_vs_sparsity_cifar10_resnet56_resnet20.png"
     _check_png(acc_png)
     _check_png(out / "layers_job000.png")

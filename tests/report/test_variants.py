@@ -60,7 +60,8 @@ def test_variants_are_rows_of_their_own(tmp_path, monkeypatch):
 
     rows_in_legend = [[lab for lab in labels if lab.startswith("nuteprune")] for labels in legends]
     assert rows_in_legend == [["nuteprune (channel)", "nuteprune [intact teacher] (channel)"]] * 2  # both plots
-    for png in ("accuracy_vs_sparsity_cifar10_resnet56_resnet20.png", "accuracy_vs_latency_cifar10_resnet56_resnet20.png"):
+    for png in ("accuracy_vs_sparsity_cifar10_resnet56_resnet20.png",
+                "accuracy_vs_latency_cifar10_resnet56_resnet20.png"):
         _check_png(out / png)
 
 
