@@ -21,9 +21,9 @@ def _with_ts(method, kd, sparsity, seed, job):
 def test_report_metric_ece_ts_table(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     n = write_grid(sweep, _with_ts)
-    old = _record("magnitude", None, 0.5, 0, n)  # a run that held out no validation split: no ece_ts
-    old["job_id"] = "old"
-    _job(sweep, n, old)
+    no_val = _record("magnitude", None, 0.5, 0, n)  # a run that held out no validation split: no ece_ts
+    no_val["job_id"] = "no-val"
+    _job(sweep, n, no_val)
     out = tmp_path / "report"
     assert main([str(sweep), "--out", str(out), "--metric", "ece_ts"]) == 0
     md = (out / "report.md").read_text()
