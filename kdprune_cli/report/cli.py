@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -117,14 +118,11 @@ def _check_inputs(args) -> Optional[Path]:
     return args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
 
 
-def _incomplete(metric: str):
-    def what(rec: dict) -> Optional[str]:
-        if ((metric_of(rec, "final", metric) is None and metric not in OPTIONAL_METRICS)
-                or num(rec.get("sparsity_target")) is None):
-            return f"no metrics.final.{metric} or sparsity_target"
-        return None
-
-    return what
+def _incomplete(metric: str, rec: dict) -> Optional[str]:
+    """What an ok record lacks to be in a table: the metric (unless it needs a validation split), the sparsity."""
+    lacks = metric_of(rec, "final", metric) is None and metric not in OPTIONAL_METRICS
+    return f"no metrics.final.{metric} or sparsity_target" if lacks or num(rec.get("sparsity_target")) is None \
+        else None
 
 
 def _write(args, out: Path, got, diagrams: list) -> tuple:
@@ -163,7 +161,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the --out folder {out}: {_os_error(e)}") from None
-    got = collect(found, _incomplete(args.metric))
+    got = collect(found, partial(_incomplete, args.metric))
     try:
         md, written, layer_notes = _write(args, out, got, diagrams)
     except OSError as e:  # read-only, full, or not ours

@@ -168,17 +168,14 @@ def _bins(m) -> Optional[dict]:
     """``metrics.<model>.reliability`` checked: equal-length ``count``, ``confidence``, ``accuracy``; None when
     absent or malformed."""
     r = m.get("reliability") if isinstance(m, dict) else None
-    if not isinstance(r, dict):
+    bins = {k: r.get(k) for k in ("count", "confidence", "accuracy")} if isinstance(r, dict) else {}
+    if not (bins and all(isinstance(v, list) for v in bins.values())
+            and 0 < len(bins["count"]) == len(bins["confidence"]) == len(bins["accuracy"])):
         return None
-    count, conf, acc = r.get("count"), r.get("confidence"), r.get("accuracy")
-    if not (isinstance(count, list) and isinstance(conf, list) and isinstance(acc, list)
-            and 0 < len(count) == len(conf) == len(acc)):
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in bins["count"]) or any(
+            n and (num(x) is None or num(a) is None) for n, x, a in zip(*bins.values())):
         return None
-    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in count):
-        return None
-    if any(n and (num(x) is None or num(a) is None) for n, x, a in zip(count, conf, acc)):
-        return None
-    return {"count": count, "confidence": conf, "accuracy": acc}
+    return bins
 
 
 def reliability_data(rec: dict) -> dict:
