@@ -172,9 +172,8 @@ def _where(rec: Optional[dict]) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
-def _problem_lines(problems: list, where: bool) -> list:
-    return [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") + (_where(p.record) if where else "")
-            for p in problems]
+def _problem_lines(problems: list) -> list:
+    return [f"- `{p.path}`: {p.what}" + (f": {p.error}" if p.error else "") + _where(p.record) for p in problems]
 
 
 def markdown(tables: list, metric: str, problems: list, superseded: list, layer_notes: list, counts: dict,
@@ -190,9 +189,9 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
     if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
     if problems:
-        out += ["", "## Failed jobs", ""] + _problem_lines(problems, True)
+        out += ["", "## Failed jobs", ""] + _problem_lines(problems)
     if layer_notes:
-        out += ["", "## Per-layer plots not drawn", ""] + _problem_lines(layer_notes, False)
+        out += ["", "## Per-layer plots not drawn", ""] + _problem_lines(layer_notes)
     if superseded:
         out += ["", "## Superseded records (same job, newer record used)", ""]
         out += [f"- `{old}` → `{new}`" for old, new in superseded]
