@@ -1,6 +1,6 @@
 """Self-distillation (SD) objectives for EPSD (docs/methods.md §3): CS-KD, PS-KD and DLB.
 
-Each class implements the objective interface of :mod:`kdprune_cli.distill.objectives`: it is called as
+Each class is a :class:`~kdprune_cli.training.objective.Objective`: it is called as
 ``objective(model, x, y, idx) -> (loss, logits)`` where ``x`` is the trainer's (augmented, normalised)
 batch, ``y`` its labels, ``idx`` the samples' indices in ``data.train``, and ``logits`` are the model's
 logits on ``x``. ``model`` is only ever called as ``model(inputs)``, so the same objective also serves
@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from kdprune_cli.distill import losses
+from kdprune_cli.training.objective import BaseObjective
 
 SD_NAMES = ("cs_kd", "ps_kd", "dlb")
 
 
-class _FromData:
+class _FromData(BaseObjective):
     """Shared helper: fetch training samples by index, augment (seeded) and normalise them on device."""
 
     def __init__(self, data, augment: bool, gen: Optional[torch.Generator]):
@@ -41,7 +42,7 @@ class _FromData:
         self.teacher_samples = 0
         self.extra_samples = 0
 
-    # resume (train.py checkpoints): the random stream; counters are accounted by the trainer
+    # resume (the loop's checkpoints): the random stream; the loop books the counters itself
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state()}
 
@@ -80,7 +81,6 @@ class CSKD(_FromData):
         counts = torch.bincount(y, minlength=n_cls)
         self._count = counts
         self._start = torch.cumsum(counts, 0) - counts
-        self.last_partner: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (partner idx, x′), for tests
 
     def partners(self, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Indices of same-class partners, uniform over the other members of each sample's class."""
@@ -102,13 +102,12 @@ class CSKD(_FromData):
         with torch.no_grad():
             zp = model(xp).detach()
         self.teacher_samples += xp.shape[0]
-        self.last_partner = (pidx, xp)
         logits = model(x)
         loss = F.cross_entropy(losses.upcast(logits), y) + self.lam * losses.kd_loss(logits, zp, self.temperature)
         return loss, logits
 
 
-class PSKD:
+class PSKD(BaseObjective):
     """PS-KD, progressive self-knowledge distillation (Kim et al., ICCV 2021, arXiv 2006.12000, Eq. 6–7).
 
     Targets ``(1 − α_t)·onehot(y) + α_t·p_prev(x)``, where ``p_prev`` is the model's own softmax (T = 1)
@@ -119,9 +118,6 @@ class PSKD:
     previous epoch (``drop_last``) keeps its last stored prediction, or its one-hot label if it was never
     seen. Loss: soft-target cross-entropy ``−Σ_c target_c·log softmax(z)_c``, batch mean.
     """
-
-    teacher_samples = 0
-    extra_samples = 0
 
     def __init__(self, data, *, epochs: int, alpha_T: float = 0.8):
         self.alpha_T, self.epochs = float(alpha_T), max(int(epochs), 1)
@@ -180,7 +176,6 @@ class DLB(_FromData):
         super().__init__(data, augment, gen)
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.last: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (idx, y, logits)
-        self.last_prev_x: Optional[torch.Tensor] = None  # the re-fetched view of B_{t−1}, for tests
 
     def state_dict(self) -> dict:
         last = {} if self.last is None else dict(zip(("idx", "y", "logits"), self.last))
@@ -198,7 +193,6 @@ class DLB(_FromData):
         else:
             pidx, py, plogits = self.last
             xp = self.fetch(pidx, x)
-            self.last_prev_x = xp
             zp = model(xp)
             self.extra_samples += xp.shape[0]
             ce = F.cross_entropy(torch.cat([losses.upcast(zp), losses.upcast(logits)]),

@@ -98,9 +98,7 @@ class Session:
         self.device = device
         self.channels_last = device.type == "cuda" and has_conv(model)
         self.model, self.objective = model, objective
-        self.teacher: Optional[nn.Module] = getattr(objective, "teacher", None)
-        if not isinstance(self.teacher, nn.Module):
-            self.teacher = None
+        self.teacher: Optional[nn.Module] = objective.teacher
         self.forward = Compiled(model, self.channels_last)
         self.teacher_forward = Compiled(self.teacher, self.channels_last) if self.teacher is not None else None
         self.start = (BACKEND.recompiles, _graph_breaks())
