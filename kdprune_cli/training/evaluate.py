@@ -12,6 +12,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from kdprune_cli.models.matmuls import MatmulCounter
 from kdprune_cli.pruning.masks import prunable_modules
+from kdprune_cli.training.compiling import wanted
 
 
 @torch.no_grad()
@@ -218,8 +219,6 @@ def latency_record(models: dict, input_shape: tuple, batch: int, iters: int, com
     """Each of ``models`` (on one device) timed by :func:`measure_latency` at batch 1 and ``batch``, eager and
     compiled where ``compile_setting`` (auto | true | false; auto: on CUDA) says, with the device, dtype and
     torch version (docs/methods.md §6)."""
-    from kdprune_cli.training.compiling import wanted
-
     dev = next(next(iter(models.values())).parameters()).device
     cuda = dev.type == "cuda"
     out = {"device": f"{dev} ({torch.cuda.get_device_name(dev)})" if cuda else str(dev),
