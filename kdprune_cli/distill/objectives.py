@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune_cli.distill import losses
-from kdprune_cli.training.objective import BaseObjective
+from kdprune_cli.training.objective import Objective
 
 LOGIT_STDS = ("unbiased", "population")
 
 
-class CrossEntropy(BaseObjective):
+class CrossEntropy(Objective):
     def __call__(self, model: nn.Module, x, y, idx):
         logits = model(x)
         return F.cross_entropy(logits.float(), y), logits
 
 
-class Distill(BaseObjective):
+class Distill(Objective):
     """``L_total = α·L_CA-KLD + (1−α)·CE`` against a frozen teacher (docs/methods.md §1).
 
     ``logit_std``: ``unbiased`` (N−1, the reference code's, default) or ``population`` (N) std in the

@@ -6,13 +6,8 @@ batch, ``y`` its labels, ``idx`` the samples' indices in ``data.train``, and ``l
 logits on ``x``. ``model`` is only ever called as ``model(inputs)``, so the same objective also serves
 the functional forward of the EPSD saliency (:mod:`kdprune_cli.pruning.methods.epsd`).
 
-No pretrained teacher is used: the network is its own teacher. Cost accounting:
-
-- ``teacher_samples`` counts forward-only passes of the network acting as its own teacher (the CS-KD
-  partner batch, pushed forward under ``no_grad``);
-- ``extra_samples`` counts samples pushed forward *and* backward beyond the trainer's ``x`` (DLB
-  re-forwards the previous batch with gradient); the method adds it to the stage's ``samples``, since
-  the trainer only counts ``x``.
+No pretrained teacher is used: the network is its own teacher. ``teacher_samples`` counts the CS-KD partner
+batches (forward only, under ``no_grad``), ``extra_samples`` DLB's previous batches (forward and backward).
 
 Where an SD loss draws other samples (CS-KD partners, DLB's previous batch), they are read from
 ``data.train`` (uint8 on the device), augmented with the objective's own seeded generator when
@@ -26,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from kdprune_cli.distill import losses
-from kdprune_cli.training.objective import BaseObjective
+from kdprune_cli.training.objective import Objective
 
 SD_NAMES = ("cs_kd", "ps_kd", "dlb")
 
 
-class _FromData(BaseObjective):
+class _FromData(Objective):
     """Shared helper: fetch training samples by index, augment (seeded) and normalise them on device."""
 
     def __init__(self, data, augment: bool, gen: Optional[torch.Generator]):
@@ -107,7 +102,7 @@ class CSKD(_FromData):
         return loss, logits
 
 
-class PSKD(BaseObjective):
+class PSKD(Objective):
     """PS-KD, progressive self-knowledge distillation (Kim et al., ICCV 2021, arXiv 2006.12000, Eq. 6–7).
 
     Targets ``(1 − α_t)·onehot(y) + α_t·p_prev(x)``, where ``p_prev`` is the model's own softmax (T = 1)
