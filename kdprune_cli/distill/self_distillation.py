@@ -73,8 +73,7 @@ class CSKD(_FromData):
         self._order = torch.sort(y, stable=True).indices                  # sample ids grouped by class
         self._pos = torch.empty_like(self._order)
         self._pos[self._order] = torch.arange(len(y), device=y.device)     # position of each id in _order
-        counts = torch.bincount(y, minlength=n_cls)
-        self._count = counts
+        self._count = counts = torch.bincount(y, minlength=n_cls)
         self._start = torch.cumsum(counts, 0) - counts
 
     def partners(self, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
