@@ -30,12 +30,10 @@ class _FromData(Objective):
     """Shared helper: fetch training samples by index, augment (seeded) and normalise them on device."""
 
     def __init__(self, data, augment: bool, gen: Optional[torch.Generator]):
-        self.data = data
-        self.augment = bool(augment)
+        self.data, self.augment = data, bool(augment)
         # on the data's device, so drawing partners/crops never copies from the host per batch
         self.gen = data.device_generator(gen if gen is not None else torch.Generator().manual_seed(0))
-        self.teacher_samples = 0
-        self.extra_samples = 0
+        self.teacher_samples = self.extra_samples = 0
 
     # resume (the loop's checkpoints): the random stream; the loop books the counters itself
     def state_dict(self) -> dict:
@@ -115,8 +113,7 @@ class PSKD(Objective):
 
     def __init__(self, data, *, epochs: int, alpha_T: float = 0.8):
         self.alpha_T, self.epochs = float(alpha_T), max(int(epochs), 1)
-        y = data.train.y
-        self.prev = F.one_hot(y, int(data.num_classes)).float()  # per-sample predictions of the last epoch
+        self.prev = F.one_hot(data.train.y, int(data.num_classes)).float()  # per-sample predictions of the last epoch
         self.epoch = 0
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -126,18 +123,13 @@ class PSKD(Objective):
         return {"prev": self.prev, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prev = state["prev"].to(self.prev.device)
-        self.epoch = int(state["epoch"])
-
-    @property
-    def alpha_t(self) -> float:
-        return self.alpha_T * (self.epoch + 1) / self.epochs
+        self.prev, self.epoch = state["prev"].to(self.prev.device), int(state["epoch"])
 
     def targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(y, self.prev.shape[1]).to(self.prev.dtype)
         if self.epoch == 0:
             return onehot
-        a = self.alpha_t
+        a = self.alpha_T * (self.epoch + 1) / self.epochs  # α_t, t the 1-based epoch
         return (1.0 - a) * onehot + a * self.prev[idx.to(self.prev.device)].to(onehot.device)
 
     def __call__(self, model, x, y, idx):

@@ -2,6 +2,7 @@
 temperature scaling on held-out data; reliability bins), FLOPs, latency."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -172,8 +173,6 @@ def measure_latency(model: nn.Module, input_shape: tuple, *, batches=(1, 256), i
 
     On CUDA the model runs in bf16 with channels_last (the fast inference path), on CPU in fp32; a copy is
     timed, ``model`` is left as it was."""
-    import copy
-
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
     m = copy.deepcopy(model).eval()
