@@ -31,8 +31,10 @@ $(EXTRAS_STAMP): pyproject.toml constraints.txt
 quickstart: $(STAMP)
 	$(VENV)/bin/kdprune experiment=quickstart
 
-# The main suite, then the sweep tools' tests in the extras environment.
+# Pyflakes and the size rules (pyproject.toml's [tool.ruff]), the main suite, then the sweep tools' tests in the
+# extras environment.
 test: $(STAMP)
+	$(VENV)/bin/ruff check kdprune_cli tests scripts
 	$(PY) -m pytest
 	$(MAKE) test-extras
 

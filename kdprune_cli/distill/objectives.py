@@ -1,8 +1,7 @@
-"""Training objectives: what the trainer calls with ``(model, x, y, idx)`` to get ``(loss, logits)``.
+"""Training objectives with a pretrained teacher or none: plain cross-entropy and CA-KLD distillation.
 
-An objective owns the student forward (and the teacher's, if any), so self-distillation losses that
-need other samples or earlier predictions fit the same trainer. ``teacher_samples`` counts the samples
-the objective pushed through a teacher, for cost accounting.
+Each is a :class:`~kdprune_cli.training.objective.Objective`: the loop calls it with ``(model, x, y, idx)`` to
+get ``(loss, logits)``; it owns the student's forward and the teacher's, and counts the teacher's samples.
 """
 from __future__ import annotations
 
@@ -11,19 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune_cli.distill import losses
+from kdprune_cli.training.objective import Objective
 
 LOGIT_STDS = ("unbiased", "population")
 
 
-class CrossEntropy:
-    teacher_samples = 0
-
+class CrossEntropy(Objective):
     def __call__(self, model: nn.Module, x, y, idx):
         logits = model(x)
         return F.cross_entropy(logits.float(), y), logits
 
 
-class Distill:
+class Distill(Objective):
     """``L_total = α·L_CA-KLD + (1−α)·CE`` against a frozen teacher (docs/methods.md §1).
 
     ``logit_std``: ``unbiased`` (N−1, the reference code's, default) or ``population`` (N) std in the

@@ -1,18 +1,13 @@
 """Self-distillation (SD) objectives for EPSD (docs/methods.md §3): CS-KD, PS-KD and DLB.
 
-Each class implements the objective interface of :mod:`kdprune_cli.distill.objectives`: it is called as
+Each class is a :class:`~kdprune_cli.training.objective.Objective`: it is called as
 ``objective(model, x, y, idx) -> (loss, logits)`` where ``x`` is the trainer's (augmented, normalised)
 batch, ``y`` its labels, ``idx`` the samples' indices in ``data.train``, and ``logits`` are the model's
 logits on ``x``. ``model`` is only ever called as ``model(inputs)``, so the same objective also serves
 the functional forward of the EPSD saliency (:mod:`kdprune_cli.pruning.methods.epsd`).
 
-No pretrained teacher is used: the network is its own teacher. Cost accounting:
-
-- ``teacher_samples`` counts forward-only passes of the network acting as its own teacher (the CS-KD
-  partner batch, pushed forward under ``no_grad``);
-- ``extra_samples`` counts samples pushed forward *and* backward beyond the trainer's ``x`` (DLB
-  re-forwards the previous batch with gradient); the method adds it to the stage's ``samples``, since
-  the trainer only counts ``x``.
+No pretrained teacher is used: the network is its own teacher. ``teacher_samples`` counts the CS-KD partner
+batches (forward only, under ``no_grad``), ``extra_samples`` DLB's previous batches (forward and backward).
 
 Where an SD loss draws other samples (CS-KD partners, DLB's previous batch), they are read from
 ``data.train`` (uint8 on the device), augmented with the objective's own seeded generator when
@@ -26,22 +21,21 @@ import torch
 import torch.nn.functional as F
 
 from kdprune_cli.distill import losses
+from kdprune_cli.training.objective import Objective
 
 SD_NAMES = ("cs_kd", "ps_kd", "dlb")
 
 
-class _FromData:
+class _FromData(Objective):
     """Shared helper: fetch training samples by index, augment (seeded) and normalise them on device."""
 
     def __init__(self, data, augment: bool, gen: Optional[torch.Generator]):
-        self.data = data
-        self.augment = bool(augment)
+        self.data, self.augment = data, bool(augment)
         # on the data's device, so drawing partners/crops never copies from the host per batch
         self.gen = data.device_generator(gen if gen is not None else torch.Generator().manual_seed(0))
-        self.teacher_samples = 0
-        self.extra_samples = 0
+        self.teacher_samples = self.extra_samples = 0
 
-    # resume (train.py checkpoints): the random stream; counters are accounted by the trainer
+    # resume (the loop's checkpoints): the random stream; the loop books the counters itself
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state()}
 
@@ -77,10 +71,8 @@ class CSKD(_FromData):
         self._order = torch.sort(y, stable=True).indices                  # sample ids grouped by class
         self._pos = torch.empty_like(self._order)
         self._pos[self._order] = torch.arange(len(y), device=y.device)     # position of each id in _order
-        counts = torch.bincount(y, minlength=n_cls)
-        self._count = counts
+        self._count = counts = torch.bincount(y, minlength=n_cls)
         self._start = torch.cumsum(counts, 0) - counts
-        self.last_partner: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (partner idx, x′), for tests
 
     def partners(self, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Indices of same-class partners, uniform over the other members of each sample's class."""
@@ -102,13 +94,12 @@ class CSKD(_FromData):
         with torch.no_grad():
             zp = model(xp).detach()
         self.teacher_samples += xp.shape[0]
-        self.last_partner = (pidx, xp)
         logits = model(x)
         loss = F.cross_entropy(losses.upcast(logits), y) + self.lam * losses.kd_loss(logits, zp, self.temperature)
         return loss, logits
 
 
-class PSKD:
+class PSKD(Objective):
     """PS-KD, progressive self-knowledge distillation (Kim et al., ICCV 2021, arXiv 2006.12000, Eq. 6–7).
 
     Targets ``(1 − α_t)·onehot(y) + α_t·p_prev(x)``, where ``p_prev`` is the model's own softmax (T = 1)
@@ -120,13 +111,9 @@ class PSKD:
     seen. Loss: soft-target cross-entropy ``−Σ_c target_c·log softmax(z)_c``, batch mean.
     """
 
-    teacher_samples = 0
-    extra_samples = 0
-
     def __init__(self, data, *, epochs: int, alpha_T: float = 0.8):
         self.alpha_T, self.epochs = float(alpha_T), max(int(epochs), 1)
-        y = data.train.y
-        self.prev = F.one_hot(y, int(data.num_classes)).float()  # per-sample predictions of the last epoch
+        self.prev = F.one_hot(data.train.y, int(data.num_classes)).float()  # per-sample predictions of the last epoch
         self.epoch = 0
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -136,18 +123,13 @@ class PSKD:
         return {"prev": self.prev, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prev = state["prev"].to(self.prev.device)
-        self.epoch = int(state["epoch"])
-
-    @property
-    def alpha_t(self) -> float:
-        return self.alpha_T * (self.epoch + 1) / self.epochs
+        self.prev, self.epoch = state["prev"].to(self.prev.device), int(state["epoch"])
 
     def targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         onehot = F.one_hot(y, self.prev.shape[1]).to(self.prev.dtype)
         if self.epoch == 0:
             return onehot
-        a = self.alpha_t
+        a = self.alpha_T * (self.epoch + 1) / self.epochs  # α_t, t the 1-based epoch
         return (1.0 - a) * onehot + a * self.prev[idx.to(self.prev.device)].to(onehot.device)
 
     def __call__(self, model, x, y, idx):
@@ -180,7 +162,6 @@ class DLB(_FromData):
         super().__init__(data, augment, gen)
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.last: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (idx, y, logits)
-        self.last_prev_x: Optional[torch.Tensor] = None  # the re-fetched view of B_{t−1}, for tests
 
     def state_dict(self) -> dict:
         last = {} if self.last is None else dict(zip(("idx", "y", "logits"), self.last))
@@ -198,7 +179,6 @@ class DLB(_FromData):
         else:
             pidx, py, plogits = self.last
             xp = self.fetch(pidx, x)
-            self.last_prev_x = xp
             zp = model(xp)
             self.extra_samples += xp.shape[0]
             ce = F.cross_entropy(torch.cat([losses.upcast(zp), losses.upcast(logits)]),

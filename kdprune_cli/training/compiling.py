@@ -60,10 +60,6 @@ class CountingBackend:
 BACKEND = CountingBackend()
 
 
-def has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
 class Compiled:
     """``module(x)`` through its compiled forward. On CUDA the input goes in channels_last (conv nets) and
     the output is cloned: a CUDA graph overwrites its output at the next replay, and objectives may keep
@@ -96,11 +92,9 @@ class Session:
     def __init__(self, model: nn.Module, objective, device: torch.device):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         self.device = device
-        self.channels_last = device.type == "cuda" and has_conv(model)
+        self.channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.model, self.objective = model, objective
-        self.teacher: Optional[nn.Module] = getattr(objective, "teacher", None)
-        if not isinstance(self.teacher, nn.Module):
-            self.teacher = None
+        self.teacher: Optional[nn.Module] = objective.teacher
         self.forward = Compiled(model, self.channels_last)
         self.teacher_forward = Compiled(self.teacher, self.channels_last) if self.teacher is not None else None
         self.start = (BACKEND.recompiles, _graph_breaks())

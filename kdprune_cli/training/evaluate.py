@@ -2,6 +2,7 @@
 temperature scaling on held-out data; reliability bins), FLOPs, latency."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -12,6 +13,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from kdprune_cli.models.matmuls import MatmulCounter
 from kdprune_cli.pruning.masks import prunable_modules
+from kdprune_cli.training.compiling import wanted
 
 
 @torch.no_grad()
@@ -171,8 +173,6 @@ def measure_latency(model: nn.Module, input_shape: tuple, *, batches=(1, 256), i
 
     On CUDA the model runs in bf16 with channels_last (the fast inference path), on CPU in fp32; a copy is
     timed, ``model`` is left as it was."""
-    import copy
-
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
     m = copy.deepcopy(model).eval()
@@ -218,8 +218,6 @@ def latency_record(models: dict, input_shape: tuple, batch: int, iters: int, com
     """Each of ``models`` (on one device) timed by :func:`measure_latency` at batch 1 and ``batch``, eager and
     compiled where ``compile_setting`` (auto | true | false; auto: on CUDA) says, with the device, dtype and
     torch version (docs/methods.md §6)."""
-    from kdprune_cli.training.compiling import wanted
-
     dev = next(next(iter(models.values())).parameters()).device
     cuda = dev.type == "cuda"
     out = {"device": f"{dev} ({torch.cuda.get_device_name(dev)})" if cuda else str(dev),

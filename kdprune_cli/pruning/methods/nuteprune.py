@@ -55,6 +55,7 @@ from torch import nn
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe
 from kdprune_cli.errors import DivergedError
 from kdprune_cli.training.loop import steps_per_epoch
+from kdprune_cli.training.objective import Objective
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.structure.channels import ChannelGroups, Plan
 from kdprune_cli.pruning.structure.vit import ViTGates, check_vit, is_vit
@@ -266,7 +267,7 @@ def hidden_modules(model: nn.Module) -> List[nn.Module]:
     return blocks or [m for m in model.modules() if isinstance(m, nn.ReLU)]
 
 
-class NuteObjective:
+class NuteObjective(Objective):
     """Student forward with sampled gates, teacher forward (same weights, a snapshot or intact), the loss, and
     the gates' and λ's own optimizer steps (called by the trainer after its step)."""
 

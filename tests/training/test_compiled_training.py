@@ -1,4 +1,4 @@
-"""The compiled trainer (compile: auto | true | false, issue #12): on CPU, a compiled run gives the same
+"""The compiled trainer (compile: auto | true | false): on CPU, a compiled run gives the same
 masks, exactly-zero pruned weights and the same loss trajectory as the eager run. The backend is dynamo's
 ``aot_eager`` (the same graphs, functionalisation and autograd as inductor, no C++ code generation), so the
 test exercises the trainer's compiled path in seconds."""
