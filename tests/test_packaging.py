@@ -43,7 +43,7 @@ def test_wheel_contains_every_module_and_config(wheel):
     assert not [n for n in names if n.startswith("kdprune_cli/conf/local/")]  # one machine's paths
     entry = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel[0]).read(entry[0]).decode()
-    assert "kdprune = kdprune_cli.cli.main:main" in text and "kdprune-report = kdprune_cli.report.main:main" in text
+    assert "kdprune = kdprune_cli.cli.main:main" in text and "kdprune-report = kdprune_cli.report.cli:main" in text
 
 
 def test_installed_wheel_finds_its_own_configs(wheel, tmp_path):

@@ -19,7 +19,7 @@ from conftest import SAFETY_S
 import torch
 
 from kdprune_cli.cli import eval as eval_cli
-from kdprune_cli.report import main as report
+from kdprune_cli.report import cli as report
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
 from kdprune_cli.models.modelfile import model_file

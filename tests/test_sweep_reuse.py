@@ -12,7 +12,7 @@ import pytest
 from conftest import SAFETY_S
 
 from kdprune_cli.experiment import reuse
-from kdprune_cli.report.main import main as report_main
+from kdprune_cli.report.cli import main as report_main
 
 from runs import kdprune
 from records import _row
