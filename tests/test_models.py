@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdprune_cli.data.loading import DATASETS
+from kdprune_cli.data import DATASETS
 from kdprune_cli.training.evaluate import count_flops
 from kdprune_cli.models import ZOO, build_model, is_known
 from kdprune_cli.pruning.masks import prunable_params

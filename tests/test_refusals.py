@@ -204,7 +204,7 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
 
 
 def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
-    from kdprune_cli.data.loading import DataError, DeviceData
+    from kdprune_cli.data import DataError, DeviceData
     from fakedata import _blob
 
     for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out

@@ -5,12 +5,15 @@
 - ``timm/<name>`` is any timm model, created with the dataset's classes and input channels (and, for models
   with a fixed input size such as ViTs, ``img_size`` = the dataset's image size).
 
-Classes, input channels and image size always come from the dataset.
+Classes, input channels and image size always come from the dataset. Each zoo entry is also an option of the
+``teacher`` and ``student`` config groups (``teacher=resnet56``, registered with Hydra's ConfigStore), so a new
+architecture is one entry here.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
 
+from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from kdprune_cli.models.cifar import cifar_resnet, wide_resnet
@@ -31,6 +34,10 @@ ZOO: Dict[str, Builder] = {
     "wrn28_10": lambda c, ch, s: wide_resnet(28, 10, c, ch),
     "mobilenetv2": lambda c, ch, s: tv_mobilenet_v2(c, ch),
 }
+
+# The config option ``timm``: any timm model, ``teacher=timm teacher.name=timm/<model name>`` (random init; no
+# weights are downloaded); this one unless ``.name`` says another.
+TIMM_OPTION = "timm/resnet18"
 
 
 def model_names() -> list[str]:
@@ -71,3 +78,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
     return ZOO[name](num_classes, in_channels, image_size)
+
+
+def register_options() -> None:
+    """``teacher=<arch>`` and ``student=<arch>`` for every zoo entry, and ``timm`` (:data:`TIMM_OPTION`)."""
+    for role in ("teacher", "student"):
+        for name in [*ZOO, "timm"]:
+            ConfigStore.instance().store(group=role, name=name, node={"name": TIMM_OPTION if name == "timm" else name})
+
+
+register_options()
