@@ -74,7 +74,7 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
     if args.model == "final":
         return build_from(obj, path), obj, record
     from kdprune_cli.models import build_model
-    from kdprune_cli.experiment.job import load_checkpoint
+    from kdprune_cli.models.checkpoint import load_checkpoint
 
     role = "teacher" if args.model == "teacher" else "student"
     source = (obj.get("artifacts") or {}).get(role)
@@ -183,7 +183,7 @@ def run(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     from kdprune_cli.data import DataError
-    from kdprune_cli.experiment.job import CheckpointError
+    from kdprune_cli.models.checkpoint import CheckpointError
     from kdprune_cli.config.schema import ConfigError
 
     args = parse_args(argv)

@@ -67,7 +67,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     record has no such number."""
     from kdprune_cli.data import DataError
     from kdprune_cli.errors import DivergedError
-    from kdprune_cli.experiment.job import CheckpointError, Interrupted, run_job
+    from kdprune_cli.experiment.job import Interrupted, run_job
+    from kdprune_cli.models.checkpoint import CheckpointError
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -33,7 +33,7 @@ from kdprune_cli.models import build_model, is_known, model_names
 from kdprune_cli.distill.objectives import CrossEntropy
 from kdprune_cli.pruning.methods import get_method, method_names
 from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint, read_error
+from kdprune_cli.models.checkpoint import load_checkpoint, read_error
 from kdprune_cli.pruning.masks import assert_masked, check_exclude, sparsity_report
 from kdprune_cli.pruning.structure.channels import ChannelGroups
 from kdprune_cli.experiment.reuse import describe_model_file, reuse
