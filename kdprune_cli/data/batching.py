@@ -1,8 +1,5 @@
-"""A dataset resident on the training device, batched and augmented there.
-
-The uint8 tensors sit on the training device; a batch is cropped (zero padding), flipped and normalised there,
-with no per-image Python work (the airbench idea).
-"""
+"""A dataset resident on the training device as uint8 tensors; a batch is cropped (zero padding), flipped and
+normalised there, with no per-image Python work (the airbench idea)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdprune_cli.data.cache import ensure_cache
-from kdprune_cli.data.sources import DATASETS, DataError
+from kdprune_cli.data.sources import DataError, get_source
 
 
 @dataclass
@@ -29,12 +26,11 @@ class DeviceData:
 
     def __init__(self, name: str, blob: dict, device: torch.device, crop_padding: int = 4, flip: bool = True,
                  val_split: float = 0.0, split_seed: int = 0):
-        if name not in DATASETS:
-            raise DataError(f"unknown dataset {name!r}")
         self.name = name
         self.fingerprint: Optional[str] = blob.get("fingerprint")  # content identity (see load_cached)
         self.waited = 0.0  # seconds load_data waited for another job building the same cache
-        self.num_classes, self.channels, self.image_size = DATASETS[name]
+        source = get_source(name)
+        self.num_classes, self.channels, self.image_size = source.classes, source.channels, source.size
         self.device = device
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
         xtr, ytr = blob["x_train"], blob["y_train"]

@@ -1,9 +1,4 @@
-"""The uint8 cache of a dataset and its content fingerprint.
-
-Each dataset is read once from its source files, turned into ``uint8`` tensors ``N×C×H×W`` and kept as
-``<cache_dir>/<name>-<key>.pt`` with a sidecar ``.json`` holding the content fingerprint and the signature of
-the source files; the cache is rebuilt when those files change.
-"""
+"""The uint8 cache of a dataset (read once from its source files) and its content fingerprint."""
 from __future__ import annotations
 
 import hashlib

@@ -103,12 +103,12 @@ def test_changed_source_rebuilds_the_cache(tmp_path, reads, capsys):
     np.testing.assert_array_equal(blob["x_train"][20:40].reshape(20, -1).numpy(), other)
 
 
-def test_old_cache_without_sidecar_is_rebuilt_from_present_source(tmp_path, reads):
+def test_cache_without_sidecar_is_rebuilt_from_present_source(tmp_path, reads):
     write_cifar(tmp_path / "a", seed=0)
     cache = tmp_path / "cache"
     load_cached("cifar10", tmp_path / "a", False, cache, verify=False)
     pt = next(cache.glob("*.pt"))
-    # a stale cache of an earlier version: other tensors, no sidecar
+    # a cache whose sidecar is gone, holding other tensors
     torch.save({"x_train": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "y_train": torch.zeros(1, dtype=torch.long),
                 "x_test": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "y_test": torch.zeros(1, dtype=torch.long)}, pt)
     pt.with_suffix(".json").unlink()

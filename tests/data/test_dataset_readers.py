@@ -46,7 +46,7 @@ def test_tiny_imagenet_layout(tmp_path):
 
 
 def _pil_reference(paths):
-    """What the reader gave before it decoded in parallel: PIL, one file at a time, converted to RGB."""
+    """The reference decoding: PIL, one file at a time, converted to RGB."""
     from PIL import Image
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths])
                             ).permute(0, 3, 1, 2).contiguous()

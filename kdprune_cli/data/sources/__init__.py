@@ -33,10 +33,5 @@ def read_raw(name: str, root: Path, download: bool, verify: bool = True) -> Spli
     return get_source(name).read(Path(root), download, verify)
 
 
-def register_options() -> None:
-    """``dataset=<name>`` for every source: its ``data`` node (name, root, download, crop_padding, flip)."""
-    for name, source in SOURCES.items():
-        ConfigStore.instance().store(group="dataset", name=name, package="data", node={"name": name, **source.config})
-
-
-register_options()
+for _name, _source in SOURCES.items():  # dataset=<name>: the data node (name, root, download, crop_padding, flip)
+    ConfigStore.instance().store(group="dataset", name=_name, package="data", node={"name": _name, **_source.config})

@@ -16,14 +16,15 @@ class DataError(RuntimeError):
 
 class Source(Protocol):
     """A dataset: its shape, its ``dataset=<name>`` option (``config``: the ``data`` node less ``name``) and
-    how to read it. ``uses_root`` is False for a dataset that ships with a library (its cache ignores data.root)."""
+    how to read it. ``uses_root`` is False for a dataset that ships with a library (its cache ignores data.root).
+    A source may subclass this class for the defaults of ``uses_root`` and ``check``."""
 
     name: str
     classes: int
     channels: int
     size: int  # images are size×size
     train_images: int  # the training split's images (before data.val_split holds some out)
-    uses_root: bool
+    uses_root: bool = True
     config: dict  # root, download, crop_padding, flip
 
     def read(self, root: Path, download: bool, verify: bool) -> Splits:
@@ -33,7 +34,7 @@ class Source(Protocol):
         """What a cache built from ``root`` depends on; None when the source is not (all) there."""
 
     def check(self, root: Path) -> None:
-        """Raise :class:`DataError` when the files fail their published checksums."""
+        """Raise :class:`DataError` when the files fail their published checksums (none published: nothing)."""
 
 
 def not_found(name: str, root: Path) -> str:

@@ -13,16 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdprune_cli.data.sources.base import DataError, Splits, files_signature, not_found
-
-
-def _numpy_global(candidates):
-    for module, name in candidates:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
+from kdprune_cli.data.sources.base import DataError, Source, Splits, files_signature, not_found
 
 
 def _latin1_encode(obj, encoding="utf-8", errors="strict"):
@@ -33,15 +24,15 @@ def _latin1_encode(obj, encoding="utf-8", errors="strict"):
 
 
 def _allowed_globals() -> dict:
-    reconstruct = _numpy_global([("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")])
-    frombuffer = _numpy_global([("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer")])
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickled by numpy 1.x and 2.x
-        if reconstruct is not None:
-            allowed[(mod, "_reconstruct")] = reconstruct
-    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
-        if frombuffer is not None:
-            allowed[(mod, "_frombuffer")] = frombuffer
+    for sub, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer")):
+        for core in ("numpy._core", "numpy.core"):  # the module of numpy 2.x, then of 1.x
+            try:
+                fn = getattr(importlib.import_module(f"{core}.{sub}"), name)
+            except (ImportError, AttributeError):
+                continue
+            allowed[(f"numpy.core.{sub}", name)] = allowed[(f"numpy._core.{sub}", name)] = fn  # pickled by either
+            break
     return allowed
 
 
@@ -111,9 +102,9 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-class Cifar:
+class Cifar(Source):
     """CIFAR-10 or CIFAR-100; torchvision's class (``CIFAR10``/``CIFAR100``) names its files, md5 sums and URL."""
-    channels, size, train_images, uses_root = 3, 32, 50000, True
+    channels, size, train_images = 3, 32, 50000
     config = {"root": "${paths.data_dir}", "download": False, "crop_padding": 4, "flip": True}
 
     def __init__(self, name: str, classes: int, torchvision_class: str):

@@ -8,10 +8,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdprune_cli.data.sources.base import Splits
+from kdprune_cli.data.sources.base import Source, Splits
 
 
-class Digits:
+class Digits(Source):
     name, classes, channels, size, train_images, uses_root = "digits", 10, 1, 8, 1437, False
     config = {"root": "./data", "download": False, "crop_padding": 1, "flip": False}
 
@@ -31,9 +31,6 @@ class Digits:
         import sklearn
 
         return {"sklearn": sklearn.__version__}
-
-    def check(self, root: Path) -> None:
-        """Nothing to check: scikit-learn ships the images."""
 
 
 SOURCES = [Digits()]

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdprune_cli.data.sources.base import DataError, Splits, files_signature, not_found
+from kdprune_cli.data.sources.base import DataError, Source, Splits, files_signature, not_found
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 DECODE_CHUNK = 256  # files per task of the decoding pool
@@ -114,8 +114,8 @@ def _present(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "val" / "val_annotations.txt").is_file()
 
 
-class TinyImageNet:
-    name, classes, channels, size, train_images, uses_root = "tinyimagenet", 200, 3, 64, 100000, True
+class TinyImageNet(Source):
+    name, classes, channels, size, train_images = "tinyimagenet", 200, 3, 64, 100000
     config = {"root": "${paths.data_dir}/tiny-imagenet-200", "download": False, "crop_padding": 8, "flip": True}
 
     def read(self, root: Path, download: bool, verify: bool) -> Splits:
@@ -163,9 +163,6 @@ class TinyImageNet:
             for d, _, names in os.walk(root / sub):
                 files += [Path(d) / n for n in names]
         return files_signature(root, files)
-
-    def check(self, root: Path) -> None:
-        """No published checksums."""
 
 
 SOURCES = [TinyImageNet()]
