@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdprune_cli.data.loading import read_raw  # noqa: E402
+from kdprune_cli.data import read_raw  # noqa: E402
 
 
 def write_layout(root: Path, n: int, classes: int = 20) -> Path:

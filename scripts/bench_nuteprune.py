@@ -91,7 +91,7 @@ def config(args, lora: bool):
 
 
 def synthetic_data(n_train: int, n_test: int, device: torch.device, seed: int):
-    from kdprune_cli.data.loading import DeviceData
+    from kdprune_cli.data import DeviceData
 
     g = torch.Generator().manual_seed(seed)
     blob = {"x_train": torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),

@@ -83,7 +83,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture
 def make_ctx(tiny_cfg):
     """``make_ctx(*overrides)``: a runner Context on digits (CPU) for method tests."""
-    from kdprune_cli.data.loading import load_data
+    from kdprune_cli.data import load_data
     from kdprune_cli.experiment.job import Context
 
     def make(*overrides):

@@ -15,7 +15,12 @@ CONF = Path(config_dir())
 
 
 def options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The group's options as Hydra lists them: YAML files and the ConfigStore's (datasets, the zoo)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
 
 
 def test_defaults_are_the_documented_ones():

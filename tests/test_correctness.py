@@ -21,7 +21,8 @@ import torch
 from kdprune_cli.experiment import job as runner
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
-from kdprune_cli.experiment.job import CheckpointError, Interrupted, run_job
+from kdprune_cli.experiment.job import Interrupted, run_job
+from kdprune_cli.models.checkpoint import CheckpointError
 from kdprune_cli.store.files import config_hash
 
 from conftest import SAFETY_S, hold_lock

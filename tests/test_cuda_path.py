@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_augmentation_on_gpu_is_a_crop_of_the_padded_batch():
-    from kdprune_cli.data.loading import DeviceData
+    from kdprune_cli.data import DeviceData
     dev = torch.device("cuda")
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     blob = {"x_train": x, "y_train": torch.arange(16) % 10, "x_test": x[:4], "y_test": torch.arange(4)}

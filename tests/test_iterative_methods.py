@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.data.loading import Split
+from kdprune_cli.data import Split
 from kdprune_cli.pruning.methods import get_method
 from kdprune_cli.pruning.methods.colt import partition_classes, partition_data
 from kdprune_cli.pruning.methods.gmp import schedule

@@ -23,7 +23,8 @@ from kdprune_cli.report import cli as report
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
 from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.experiment.job import CheckpointError, run_job
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.models.checkpoint import CheckpointError
 
 
 def _record(run_dir: Path) -> dict:
@@ -204,7 +205,7 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
 
 
 def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
-    from kdprune_cli.data.loading import DataError, DeviceData
+    from kdprune_cli.data import DataError, DeviceData
     from fakedata import _blob
 
     for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out

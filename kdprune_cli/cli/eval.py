@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdprune_cli.models.modelfile import ModelFileError, _model_path, build_from, read_model_file
+from kdprune_cli.models.modelfile import ModelFileError, build_from, model_path, read_model_file
 
 RECORD_KEYS = {"final": "final", "teacher": "teacher", "dense_student": "dense_student"}
 
@@ -62,7 +62,7 @@ def parse_args(argv):
 
 def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
     """The chosen model, the model file's contents and the run's record (if the folder has one)."""
-    path = _model_path(args.path)
+    path = model_path(args.path)
     if not path.is_file():
         raise EvalError(f"{args.path}: no model.pt there (a run folder of kdprune or a model.pt file)")
     obj = read_model_file(path)
@@ -74,7 +74,7 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
     if args.model == "final":
         return build_from(obj, path), obj, record
     from kdprune_cli.models import build_model
-    from kdprune_cli.experiment.job import load_checkpoint
+    from kdprune_cli.models.checkpoint import load_checkpoint
 
     role = "teacher" if args.model == "teacher" else "student"
     source = (obj.get("artifacts") or {}).get(role)
@@ -92,7 +92,7 @@ def data_for(obj: dict, args, device: torch.device):
     from omegaconf import OmegaConf
 
     from kdprune_cli.config.schema import DataConfig
-    from kdprune_cli.data.loading import load_data
+    from kdprune_cli.data import load_data
 
     saved = dict(obj.get("data") or {})
     if args.data_root:
@@ -148,7 +148,7 @@ def run(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     macs = count_flops(model, (data.channels, data.image_size, data.image_size))["dense"]
     arch = obj.get("teacher") if args.model == "teacher" else obj["arch"]["name"]
-    out = {"path": str(_model_path(args.path)), "model": args.model, "architecture": arch,
+    out = {"path": str(model_path(args.path)), "model": args.model, "architecture": arch,
            "dataset": data.name, "split": args.split, "metrics": metrics, "params": params, "macs": macs}
     lines = [f"kdprune-eval: {args.model} {out['architecture']} on {data.name} ({args.split}), "
              f"{params:,} parameters, {macs:,} MACs",
@@ -182,8 +182,8 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from kdprune_cli.data.loading import DataError
-    from kdprune_cli.experiment.job import CheckpointError
+    from kdprune_cli.data import DataError
+    from kdprune_cli.models.checkpoint import CheckpointError
     from kdprune_cli.config.schema import ConfigError
 
     args = parse_args(argv)

@@ -65,9 +65,10 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the record's ``optimized_metric`` (default: the final top-1 on the validation split),
     the objective a search such as Optuna's optimises, or None (a failed trial) when the job failed or the
     record has no such number."""
-    from kdprune_cli.data.loading import DataError
+    from kdprune_cli.data import DataError
     from kdprune_cli.errors import DivergedError
-    from kdprune_cli.experiment.job import CheckpointError, Interrupted, run_job
+    from kdprune_cli.experiment.job import Interrupted, run_job
+    from kdprune_cli.models.checkpoint import CheckpointError
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdprune_cli import __version__
-from kdprune_cli.data.loading import dataset_fingerprint
+from kdprune_cli.data import dataset_fingerprint
 from kdprune_cli.store.files import config_hash, file_digest
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from kdprune_cli.config import schema as config
 from kdprune_cli.config.schema import ConfigError, model_kwargs, recipe
-from kdprune_cli.data.loading import DATASETS, DeviceData, load_data
+from kdprune_cli.data import DATASETS, DeviceData, load_data
 from kdprune_cli.errors import DivergedError, config_path, non_finite_metrics
 from kdprune_cli.training.evaluate import count_flops, evaluate, evaluate_splits, latency_record
 from kdprune_cli.experiment.loggers import RunLogger
@@ -33,6 +33,7 @@ from kdprune_cli.models import build_model, is_known, model_names
 from kdprune_cli.distill.objectives import CrossEntropy
 from kdprune_cli.pruning.methods import get_method, method_names
 from kdprune_cli.models.modelfile import model_file
+from kdprune_cli.models.checkpoint import load_checkpoint, read_error
 from kdprune_cli.pruning.masks import assert_masked, check_exclude, sparsity_report
 from kdprune_cli.pruning.structure.channels import ChannelGroups
 from kdprune_cli.experiment.reuse import describe_model_file, reuse
@@ -42,10 +43,6 @@ from kdprune_cli.store.files import Store, atomic_save, atomic_write_json, check
 from kdprune_cli.training.loop import train
 from kdprune_cli.pruning.selection import check_reachable, Pruner, check_round_to
 from kdprune_cli.experiment.identity import versions, content_ids, job_id, checkpoint_digest
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -394,38 +391,6 @@ def job_dir(cfg: DictConfig, job_id: str) -> Path:
     return Path(cfg.store.root) / "jobs" / job_id
 
 
-def _read_error(e: Exception) -> str:
-    """What is wrong with a file torch could not load, in our words (never torch's advice to unpickle it)."""
-    text = str(e)
-    if "weights_only" in text or "Unsupported global" in text or isinstance(e, pickle.UnpicklingError):
-        return "it holds Python objects other than tensors, which kdprune refuses to unpickle"
-    if isinstance(e, (IsADirectoryError, PermissionError, FileNotFoundError)):
-        return e.strerror or type(e).__name__
-    return "it is truncated, damaged or not a PyTorch checkpoint"
-
-
-def load_checkpoint(path: str, model: nn.Module, what: str) -> None:
-    """Load a state dict (or ``{"state_dict"|"model": ...}``) with ``weights_only=True``; clear errors."""
-    try:
-        obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read: {_read_error(e)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
-        obj = obj.get("state_dict", obj.get("model"))
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in obj]
-    unexpected = [k for k in obj if k not in own]
-    shape = [k for k in own if k in obj and obj[k].shape != own[k].shape]
-    if missing or unexpected or shape:
-        raise CheckpointError(f"checkpoint {path} does not fit {what}: {len(missing)} missing keys "
-                              f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, "
-                              f"{len(shape)} of other shape {shape[:2]}")
-    model.load_state_dict(obj)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -541,7 +506,7 @@ def runnable_model(cfg: DictConfig, role: str) -> nn.Module:
     except Exception as e:  # timm's own failures, e.g. a checkpoint_path kwarg torch refuses to read
         if "checkpoint_path" in kwargs and isinstance(e, (OSError, RuntimeError, pickle.UnpicklingError)):
             raise ConfigError(f"{role}.kwargs.checkpoint_path {kwargs['checkpoint_path']} could not be read: "
-                              f"{_read_error(e)}") from None
+                              f"{read_error(e)}") from None
         raise ConfigError(f"{role} model {m.name} cannot be built for {at}: {_error_line(e)}") from None
     try:
         with torch.no_grad():

@@ -100,11 +100,3 @@ def _init(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(depth, num_classes, in_channels)
-
-
-def wide_resnet(depth: int, width: int, num_classes: int, in_channels: int = 3) -> nn.Module:
-    return WideResNet(depth, width, num_classes, in_channels)

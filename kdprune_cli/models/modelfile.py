@@ -10,10 +10,13 @@ with one line (:class:`ModelFileError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
+
+from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import read_error
 
 FORMAT = "kdprune-model/1"
 
@@ -26,28 +29,17 @@ def model_file(model: nn.Module, arch: dict, data: Optional[dict] = None, masks:
                **facts) -> dict:
     """What :func:`~kdprune_cli.store.atomic_save` writes: ``arch`` = ``{name, num_classes, in_channels,
     image_size}``; ``facts`` (e.g. ``role``, ``granularity``) are kept as they are."""
-    from kdprune_cli.pruning.structure.channels import module_shapes
-
     return {"format": FORMAT, "arch": dict(arch), "shapes": module_shapes(model),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "masks": {k: v.detach().cpu() for k, v in (masks or {}).items()}, "data": data or {}, **facts}
 
 
 def read_model_file(path: str | Path) -> dict:
-    """The file's contents (weights_only); earlier kdprune files (state dict + architecture name) too."""
-    from kdprune_cli.data.loading import DATASETS
-    from kdprune_cli.experiment.job import _read_error
-
+    """The file's contents (weights_only)."""
     try:
         obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelFileError(f"model file {path} could not be read: {_read_error(e)}") from None
-    if isinstance(obj, dict) and "format" not in obj and isinstance(obj.get("model"), str) \
-            and obj.get("dataset") in DATASETS:  # written before the format had a name: dense-shaped
-        classes, channels, size = DATASETS[obj["dataset"]]
-        obj = {"format": FORMAT, "arch": {"name": obj["model"], "num_classes": classes, "in_channels": channels,
-                                          "image_size": size}, "shapes": {}, "state_dict": obj.get("state_dict"),
-               "masks": obj.get("masks") or {}, "data": {"name": obj["dataset"]}}
+        raise ModelFileError(f"model file {path} could not be read: {read_error(e)}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("state_dict"), dict):
         raise ModelFileError(f"model file {path} is not a kdprune model file (format {FORMAT})")
     return obj
@@ -58,13 +50,10 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
 
     >>> model = kdprune_cli.load_pruned("outputs/runs/2026-11-23/10-00-00-000000")
     """
-    return build_from(read_model_file(_model_path(path)), _model_path(path)).to(device).eval()
+    return build_from(read_model_file(model_path(path)), model_path(path)).to(device).eval()
 
 
 def build_from(obj: dict, path: Path) -> nn.Module:
-    from kdprune_cli.models import build_model
-    from kdprune_cli.pruning.structure.channels import reshape_to
-
     arch = obj["arch"]
     try:
         model = build_model(arch["name"], int(arch["num_classes"]), int(arch["in_channels"]), int(arch["image_size"]),
@@ -107,6 +96,48 @@ def check_widths(model: nn.Module) -> None:
                 raise ValueError(f"{n}: {k} of shape {tuple(t.shape)} where its widths say {vector}")
 
 
-def _model_path(path: str | Path) -> Path:
+def model_path(path: str | Path) -> Path:
+    """``path`` itself, or the ``model.pt`` in it when it is a run folder."""
     path = Path(path).expanduser()
     return path / "model.pt" if path.is_dir() else path
+
+
+_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),
+                nn.BatchNorm2d: ("num_features",), nn.LayerNorm: ("normalized_shape",)}
+
+
+def module_shapes(model: nn.Module) -> Dict[str, dict]:
+    """The width attributes of every layer (ints and int lists only: safe to load with weights_only)."""
+    out = {}
+    for n, m in model.named_modules():
+        for cls, attrs in _SHAPE_ATTRS.items():
+            if isinstance(m, cls):
+                out[n] = {a: (list(getattr(m, a)) if isinstance(getattr(m, a), tuple) else int(getattr(m, a)))
+                          for a in attrs}
+        if hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            out.setdefault(n, {}).update(num_heads=int(m.num_heads), head_dim=int(m.head_dim))
+            if hasattr(m, "attn_dim"):  # timm's Attention reshapes its output to attn_dim (heads removed)
+                out[n]["attn_dim"] = int(m.attn_dim)
+    return out
+
+
+def reshape_to(model: nn.Module, shapes: Mapping[str, dict], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Give a freshly built ``model`` the saved widths: set the attributes and re-create every parameter
+    and buffer whose saved tensor has another shape (its values come from ``load_state_dict`` next)."""
+    named = dict(model.named_modules())
+    unknown = [n for n in shapes if n not in named]
+    if unknown:
+        raise KeyError(f"the model has no module {unknown[0]}")
+    for n, attrs in shapes.items():
+        m = named[n]
+        for a, v in attrs.items():
+            setattr(m, a, tuple(v) if isinstance(v, list) else v)
+    for n, m in named.items():
+        prefix = f"{n}." if n else ""
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                saved = state.get(prefix + k)
+                if t is not None and saved is not None and saved.shape != t.shape:
+                    new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+                    store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return model

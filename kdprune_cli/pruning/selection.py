@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.data.loading import DeviceData
+from kdprune_cli.data import DeviceData
 from kdprune_cli.pruning.methods.base import Result
 from kdprune_cli.pruning.masks import Scores, apply_masks, select
 from kdprune_cli.pruning.structure.channels import ChannelGroups, Plan

@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, model_kwargs, recipe
-from kdprune_cli.data.loading import Split
+from kdprune_cli.data import Split
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.methods.imp import clone_state, group_targets, magnitudes, next_count, removed, rewind, select_count

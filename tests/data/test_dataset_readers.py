@@ -1,12 +1,15 @@
-"""Loaders read tiny files in the real formats; on-device augmentation and splits behave."""
+"""The readers: tiny files in the real on-disk formats (CIFAR python batches, the tiny-imagenet-200 layout)
+come back as uint8 tensors, bit for bit; missing or corrupt files say how to fix them."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from kdprune_cli.data.loading import DataError, DeviceData, load_cached, read_raw
 
-from fakedata import _blob, write_cifar, write_tiny_imagenet
+from kdprune_cli.data import DataError, read_raw
+from kdprune_cli.data.sources import cifar, tinyimagenet
+
+from fakedata import write_cifar, write_tiny_imagenet
 
 
 @pytest.mark.parametrize("classes,name", [(10, "cifar10"), (100, "cifar100")])
@@ -43,16 +46,15 @@ def test_tiny_imagenet_layout(tmp_path):
 
 
 def _pil_reference(paths):
-    """What the reader gave before it decoded in parallel: PIL, one file at a time, converted to RGB."""
+    """The reference decoding: PIL, one file at a time, converted to RGB."""
     from PIL import Image
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths])
                             ).permute(0, 3, 1, 2).contiguous()
 
 
 def test_tiny_imagenet_parallel_decode_is_pil_bit_for_bit(tmp_path, monkeypatch):
-    import kdprune_cli.data.loading as data_mod
     from PIL import Image
-    monkeypatch.setattr(data_mod, "_DECODE_CHUNK", 3)  # several chunks on the pool, and a ragged last one
+    monkeypatch.setattr(tinyimagenet, "DECODE_CHUNK", 3)  # several chunks on the pool, and a ragged last one
     base = write_tiny_imagenet(tmp_path, per_class=5, val=7)
     rng = np.random.default_rng(1)
     extra = base / "train" / "n01443537" / "images"
@@ -84,50 +86,20 @@ def test_tiny_imagenet_bad_image_is_an_error_naming_the_file(tmp_path, bad):
         read_raw("tinyimagenet", base, download=False)
 
 
-def test_cache_is_written_once_and_reused(tmp_path):
-    base = write_tiny_imagenet(tmp_path)
-    a = load_cached("tinyimagenet", base, False, tmp_path / "cache")
-    files = list((tmp_path / "cache").glob("*.pt"))
-    assert len(files) == 1
-    import shutil
-    shutil.rmtree(base)  # the source is gone: the cache answers
-    b = load_cached("tinyimagenet", base, False, tmp_path / "cache")
-    assert torch.equal(a["x_train"], b["x_train"])
+def test_md5_mismatch_says_corrupt_and_missing_says_not_found(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
 
-
-def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
-    d = DeviceData("cifar10", _blob(s=32), torch.device("cpu"), crop_padding=4, flip=False)
-    x = d.train.x
-    g = torch.Generator().manual_seed(1)
-    out = d.augment(x, g)
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    for i in range(x.shape[0]):
-        found = any(torch.equal(out[i], padded[i, :, dy:dy + 32, dx:dx + 32]) for dy in range(9) for dx in range(9))
-        assert found
-    d2 = DeviceData("cifar10", _blob(s=32), torch.device("cpu"), crop_padding=0, flip=True)
-    out2 = d2.augment(x, torch.Generator().manual_seed(2))
-    for i in range(x.shape[0]):
-        assert torch.equal(out2[i], x[i]) or torch.equal(out2[i], x[i].flip(2))
-    assert not torch.equal(out2, x)  # some flipped with 10 images
-
-
-def test_batches_normalise_and_cover_the_split():
-    d = DeviceData("cifar10", _blob(n=10, s=32), torch.device("cpu"))
-    seen = []
-    for x, y, idx in d.batches("train", 4, shuffle=True, gen=torch.Generator().manual_seed(0)):
-        assert x.dtype == torch.float32
-        assert torch.allclose(x, d.normalise(d.train.x[idx]))
-        seen += idx.tolist()
-    assert sorted(seen) == list(range(10))
-    # normalisation uses the training set's own statistics
-    all_x = torch.cat([x for x, _, _ in d.batches("train", 10)])
-    assert torch.allclose(all_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
-
-
-def test_validation_split_is_held_out_of_training():
-    d = DeviceData("cifar10", _blob(n=10, s=32), torch.device("cpu"), val_split=0.3, split_seed=0)
-    assert len(d.train) == 7 and len(d.val) == 3
-    flat = lambda s: {tuple(v.flatten().tolist()) for v in s.x}
-    assert not (flat(d.train) & flat(d.val))
-    with pytest.raises(ValueError, match="val_split"):
-        DeviceData("cifar10", _blob(s=32), torch.device("cpu")).split("val")
+    write_cifar(tmp_path)
+    with pytest.raises(DataError, match="data_batch_1 is corrupt or modified \\(md5 mismatch") as info:
+        read_raw("cifar10", tmp_path, download=False, verify=True)
+    assert "not found" not in str(info.value) and "data.verify_checksums=false" in str(info.value)
+    # the official sums come from torchvision's class: with the fake files' sums, verification passes
+    base = tmp_path / "cifar-10-batches-py"
+    sums = {f: cifar.md5(base / f) for f, _ in [*CIFAR10.train_list, *CIFAR10.test_list]}
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, sums[f]] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[f, sums[f]] for f, _ in CIFAR10.test_list])
+    (xtr, _), (xte, _) = read_raw("cifar10", tmp_path, download=False, verify=True)
+    assert xtr.shape == (100, 3, 32, 32) and xte.shape == (30, 3, 32, 32)
+    (base / "test_batch").unlink()
+    with pytest.raises(DataError, match="not found under"):
+        read_raw("cifar10", tmp_path, download=False, verify=True)

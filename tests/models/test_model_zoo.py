@@ -1,13 +1,16 @@
-"""Every zoo model runs forward on every dataset shape; timm models by name; FLOPs of a known layer."""
+"""Every zoo model runs forward on every dataset shape and is a teacher and student option; timm models by name;
+FLOPs of a known layer."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kdprune_cli.data.loading import DATASETS
+from kdprune_cli.data import DATASETS
 from kdprune_cli.training.evaluate import count_flops
 from kdprune_cli.models import ZOO, build_model, is_known
 from kdprune_cli.pruning.masks import prunable_params
+
+from conftest import compose_cfg
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
@@ -27,6 +30,22 @@ def test_known_names_and_errors():
     assert is_known("resnet56") and is_known("timm/resnet18") and not is_known("resnet57")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet57", 10)
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_every_zoo_entry_is_a_config_option(role):
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdprune_cli.cli.main import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        assert GlobalHydra.instance().config_loader().get_group_options(role) == sorted([*ZOO, "timm"])
+    cfg = compose_cfg([f"{role}=wrn28_10"])
+    assert cfg[role].name == "wrn28_10" and cfg[role].train.epochs == 200  # the option names it; the recipe stays
+    cfg = compose_cfg([f"{role}=timm", f"{role}.name=timm/resnet10t"])  # any timm model
+    assert cfg[role].name == "timm/resnet10t"
+    assert compose_cfg([f"{role}=timm"])[role].name == "timm/resnet18"
 
 
 def test_cifar_resnet_sizes():

@@ -1,0 +1,168 @@
+"""CIFAR-10 and CIFAR-100: torchvision's python batches (``cifar-*-batches-py`` / ``cifar-100-python``) under
+``data.root``, read with our restricted unpickler and checked against torchvision's md5 sums unless
+``data.verify_checksums=false``. ``data.download=true`` fetches the official archive.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kdprune_cli.data.sources.base import DataError, Source, Splits, files_signature, not_found
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it, limited to latin-1 text."""
+    if not isinstance(obj, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError("only latin-1 text may be encoded")
+    return obj.encode("latin-1")
+
+
+def _allowed_globals() -> dict:
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for sub, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer")):
+        for core in ("numpy._core", "numpy.core"):  # the module of numpy 2.x, then of 1.x
+            try:
+                fn = getattr(importlib.import_module(f"{core}.{sub}"), name)
+            except (ImportError, AttributeError):
+                continue
+            allowed[(f"numpy.core.{sub}", name)] = allowed[(f"numpy._core.{sub}", name)] = fn  # pickled by either
+            break
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, strings, numbers, bytes and numpy arrays: no other global is looked up."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="latin1")  # the CIFAR files are Python 2 pickles, as torchvision reads them
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise DataError(f"{self.path} is not a CIFAR batch (refused pickle global {module}.{name})")
+        return obj
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.path} is not a CIFAR batch (refused pickle persistent id)")
+
+
+def read_cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, list]:
+    """``(data N×3072 uint8, labels)`` of one CIFAR python batch, read with a restricted unpickler."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, path).load()
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path} could not be read ({e.strerror or e})") from None
+    except Exception as e:  # truncated or not a pickle at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a CIFAR batch (unreadable pickle: {type(e).__name__}: {first})") from None
+    bad = f"{path} is not a CIFAR batch"
+    if not isinstance(obj, dict):
+        raise DataError(f"{bad} (a pickled {type(obj).__name__}, not a dict)")
+    obj = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    data = obj.get("data")
+    if isinstance(data, str):  # a Python 2 str read as latin-1
+        data = data.encode("latin-1")
+    if isinstance(data, (bytes, bytearray)):
+        if len(data) % 3072:
+            raise DataError(f"{bad} (data holds {len(data)} bytes, not N×3072)")
+        data = np.frombuffer(bytes(data), dtype=np.uint8).reshape(-1, 3072)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise DataError(f"{bad} (data is a {what}, not a uint8 array N×3072)")
+    labels = obj["labels"] if "labels" in obj else obj.get("fine_labels")
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)) or not all(type(v) is int for v in labels):
+        raise DataError(f"{bad} (labels / fine_labels is not a list of integers)")
+    if len(labels) != data.shape[0]:
+        raise DataError(f"{bad} ({data.shape[0]} images but {len(labels)} labels)")
+    if labels and not (0 <= min(labels) and max(labels) < classes):
+        raise DataError(f"{bad} (labels outside 0..{classes - 1})")
+    return data, list(labels)
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Cifar(Source):
+    """CIFAR-10 or CIFAR-100; torchvision's class (``CIFAR10``/``CIFAR100``) names its files, md5 sums and URL."""
+    channels, size, train_images = 3, 32, 50000
+    config = {"root": "${paths.data_dir}", "download": False, "crop_padding": 4, "flip": True}
+
+    def __init__(self, name: str, classes: int, torchvision_class: str):
+        self.name, self.classes, self.torchvision_class = name, classes, torchvision_class
+
+    def _tv(self):
+        return getattr(importlib.import_module("torchvision.datasets"), self.torchvision_class)
+
+    def files(self, root: Path) -> list:
+        """``[(path, md5), ...]``: the train batches, then the test batches (torchvision's lists)."""
+        cls = self._tv()
+        return [(root / cls.base_folder / f, digest) for f, digest in [*cls.train_list, *cls.test_list]]
+
+    def problem(self, root: Path, verify: bool) -> Optional[DataError]:
+        files = self.files(root)
+        if not all(path.is_file() for path, _ in files):
+            return DataError(not_found(self.name, root))
+        for path, want in files if verify else ():
+            got = md5(path)
+            if got != want:
+                return DataError(
+                    f"{self.name} file {path} is corrupt or modified (md5 mismatch: {got}, expected {want}): restore "
+                    f"the official file (remove it and set data.download=true), or set "
+                    f"data.verify_checksums=false for a re-packed copy")
+        return None
+
+    def check(self, root: Path) -> None:
+        problem = self.problem(root, True)
+        if problem is not None:
+            raise problem
+
+    def signature(self, root: Path) -> Optional[dict]:
+        files = [p for p, _ in self.files(root)]
+        return files_signature(root, files if all(p.is_file() for p in files) else None)
+
+    def read(self, root: Path, download: bool, verify: bool) -> Splits:
+        problem = self.problem(root, verify)
+        if problem is not None and download:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            cls = self._tv()
+            try:
+                download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+            except Exception as e:  # network failures, a corrupt archive
+                raise DataError(f"{self.name} download from {cls.url} into {root} failed: {e}") from e
+            problem = self.problem(root, verify)
+        if problem is not None:
+            raise problem
+        paths = [p for p, _ in self.files(root)]
+        n_train = len(self._tv().train_list)
+
+        def tensors(paths):
+            parts = [read_cifar_batch(p, self.classes) for p in paths]
+            x = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+            y = [v for _, labels in parts for v in labels]
+            return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(y, dtype=torch.long)
+
+        return tensors(paths[:n_train]), tensors(paths[n_train:])
+
+
+SOURCES = [Cifar("cifar10", 10, "CIFAR10"), Cifar("cifar100", 100, "CIFAR100")]
