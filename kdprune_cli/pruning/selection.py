@@ -51,6 +51,7 @@ class Pruner:
     scope = property(lambda self: self.cfg.prune.scope)
     exclude = property(lambda self: list(self.cfg.prune.exclude))
     granularity = property(lambda self: self.cfg.prune.granularity)
+    target = property(lambda self: self.cfg.prune.target)  # what sparsity counts: params | macs
 
     def example_input(self) -> torch.Tensor:
         """One all-zero input of the dataset's shape on the device (to trace a model's channel groups)."""
