@@ -1,10 +1,11 @@
 """Selection: scores → what is removed. The one place that knows ``prune.granularity``: weight granularity keeps
 the top scores (masks), channel granularity plans and removes coupled channel groups under the ``prune.*`` caps.
 
-One-shot methods call :meth:`Pruner.prune`. Methods that prune in rounds or steps hold a :class:`Progress`
-(:meth:`Pruner.progress`): what earlier rounds removed, the masks to train with meanwhile, and the moves that
-remove more (``round``, ``common_round``, ``prune_to``, ``select``) at either granularity; ``finish`` makes the
-model carry the selection (zeroed weights, or channels removed physically)."""
+One-shot methods call :meth:`Pruner.prune`. Methods that prune in rounds or steps hold a progress
+(:meth:`Pruner.progress`: :class:`WeightProgress` or :class:`ChannelProgress`): what earlier rounds removed,
+the masks to train with meanwhile, and the moves that remove more (``round``, ``common_round``, ``prune_to``,
+``select``) at either granularity; ``finish`` makes the model carry the selection (zeroed weights, or channels
+removed physically)."""
 from __future__ import annotations
 
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
@@ -88,7 +89,7 @@ class Pruner:
         groups.remove(plan)
         return Result(model, {}, {"structure": plan.facts})
 
-    def progress(self, model: nn.Module, members: Sequence[nn.Module] = (), convs_only: bool = False) -> "Progress":
+    def progress(self, model: nn.Module, members: Sequence[nn.Module] = (), convs_only: bool = False):
         """The selection of ``model`` across rounds or steps, nothing removed yet. ``members``: models of the
         same architecture trained and scored instead of ``model`` (COLT's partition models; they may differ in
         the classifier's outputs), a unit surviving only if every one keeps it. ``convs_only``: at weight
@@ -139,13 +140,9 @@ def select_count(scores: Mapping[str, torch.Tensor], names: List[str], count: in
     return out
 
 
-def full_step(prev: int, target: int, size: int, rate: float) -> Optional[int]:
-    """The count after an unclipped round (``rate`` of the survivors, at least one weight), or None when
-    this round is clipped for ``target`` (or the group is already there)."""
-    if prev >= target:
-        return None
-    nxt = prev + max(1, int(round(rate * (size - prev))))
-    return nxt if nxt <= target else None
+def full_step(prev: int, size: int, rate: float) -> int:
+    """The count after an unclipped round: ``rate`` of the survivors more, at least one weight."""
+    return prev + max(1, int(round(rate * (size - prev))))
 
 
 def intersect(masks_list: List[Masks], names: List[str]) -> Masks:
@@ -235,8 +232,11 @@ class WeightProgress:
     def full_round(self, rate: float) -> bool:
         """Whether the next round removes ``rate`` of the survivors everywhere (not clipped to this target):
         the same round for every target this far."""
-        return all(full_step(removed(self.masks, names), k, sum(self.masks[n].numel() for n in names), rate)
-                   is not None for names, k in self.groups)
+        return all(self._full(names, k, rate) for names, k in self.groups)
+
+    def _full(self, names: List[str], k: int, rate: float) -> bool:
+        prev = removed(self.masks, names)
+        return prev < k and full_step(prev, sum(self.masks[n].numel() for n in names), rate) <= k
 
     def round(self, scores: Scores, rate: float) -> bool:
         """Remove ``rate`` of the surviving weights of each group by ``scores`` (at least one; the last round
@@ -250,8 +250,8 @@ class WeightProgress:
         full, new = True, {}
         for names, k in self.groups:
             prev, size = removed(self.masks, names), sum(self.masks[n].numel() for n in names)
-            full &= full_step(prev, k, size, rate) is not None
-            count = prev if prev >= k else min(k, prev + max(1, int(round(rate * (size - prev)))))
+            full &= self._full(names, k, rate)
+            count = prev if prev >= k else min(k, full_step(prev, size, rate))
             _, inter, clipped = select_common(scores_list, names, count, k, self.masks)
             full &= not clipped
             new.update(inter)
@@ -310,19 +310,16 @@ class ChannelProgress:
         self.member_groups = [pruner.channel_groups(m) for m in members]  # the head's outputs may differ
         if any([g.channels for g in x.groups] != [g.channels for g in self.groups.groups] for x in self.member_groups):
             raise ValueError("models pruned together have other channel groups than the model")
-        self.removed: Optional[List[torch.Tensor]] = None
+        self.removed = [torch.zeros(0, dtype=torch.long) for _ in self.groups.groups]
         self.facts: dict = {}
-        self.masks = self.groups.masks([torch.zeros(0, dtype=torch.long)] * len(self.groups.groups))
+        self.masks = self.groups.masks(self.removed)
         self.rounds, self.done = 0, False
-
-    def _removed(self) -> List[torch.Tensor]:
-        return self.removed or [torch.zeros(0, dtype=torch.long) for _ in self.groups.groups]
 
     def log(self) -> dict:
         return {"sparsity": self.facts["achieved"]}
 
     def masks_for(self, i: int) -> Masks:
-        return self.member_groups[i].masks(self._removed()) if self.member_groups else self.masks
+        return self.member_groups[i].masks(self.removed) if self.member_groups else self.masks
 
     def full_round(self, rate: float) -> bool:
         return False  # rounds of channel groups are not shared between targets
@@ -337,7 +334,7 @@ class ChannelProgress:
         self.rounds += 1
         goal = min(s, 1 - (1 - rate) ** self.rounds)
         new = p.plan(self.groups, scores, goal, keep_removed=self.removed)
-        if self.removed is not None and goal < s and sum(map(len, new.removed)) == sum(map(len, self.removed)):
+        if self.rounds > 1 and goal < s and sum(map(len, new.removed)) == sum(map(len, self.removed)):
             goal = s
             new = p.plan(self.groups, scores, goal, keep_removed=self.removed)
         self._take(new)
@@ -350,7 +347,7 @@ class ChannelProgress:
         planned once on the models' summed scores (to the round's goal, or to ``sparsity``)."""
         p, s, c = self.pruner, self.pruner.sparsity, self.pruner.cfg.prune
         self.rounds += 1
-        goal, gone = min(s, 1 - (1 - rate) ** self.rounds), self._removed()
+        goal, gone = min(s, 1 - (1 - rate) ** self.rounds), self.removed
         plans = [p.plan(x, sc, goal, keep_removed=gone) for x, sc in zip(self.member_groups, scores_list)]
         union = [torch.unique(torch.cat([pl.removed[g] for pl in plans])) for g in range(len(self.groups.groups))]
         common = {n: sum(sc[n] for sc in scores_list) for n in scores_list[0]
@@ -374,13 +371,11 @@ class ChannelProgress:
         self.prune_to(scores, sparsity)
 
     def final_masks(self) -> Masks:
-        return self.groups.masks(self._removed())
+        return self.groups.masks(self.removed)
 
     def finish(self, model: nn.Module) -> Result:
         """Remove the planned channels from ``model`` (the model, or one of its architecture) physically."""
         groups = self.groups if model is self.model else self.pruner.channel_groups(model)
-        groups.remove(Plan(groups.groups, self._removed(), self.facts))
+        groups.remove(Plan(groups.groups, self.removed, self.facts))
         return Result(model, {}, {"structure": self.facts})
 
-
-Progress = WeightProgress | ChannelProgress

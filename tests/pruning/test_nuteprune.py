@@ -132,7 +132,8 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
-    gating = C.Gating(points)
+    gating = C.ConvGates(model, groups, x[:1])
+    gating.attach()
     model = G.add_lora(model, 4, 8)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -140,7 +141,7 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
                 p.normal_(0, 0.05)  # adapters that change the function
         gating.z = z
         gated = model(x)
-    gating.remove()
+    gating.remove_hooks()
     model = G.merge_lora(model)
     assert not G._lora_layers(model)
     facts = C.fold_and_remove(model, groups, points, z)
@@ -175,8 +176,9 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
+    gating = C.ConvGates(model, groups, x[:1])
     model = G.add_lora(model, 4, 8)
-    gating = C.Gating(points, model)  # a conv under an adapter is gated at the adapter's output
+    gating.attach()  # a conv under an adapter is gated at the adapter's output
     outs = []
     model.blocks[1].register_forward_hook(lambda m, i, o: outs.append(o))
     with torch.no_grad():
@@ -188,7 +190,7 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     stage = next(g for g, grp in enumerate(groups.groups) if any(it.module == "blocks.1.conv2" for it in grp.items))
     closed = torch.nonzero(z[stage] == 0).flatten()
     assert len(closed) and outs[0][:, closed].abs().max() == 0  # the stream is zero on closed channels
-    gating.remove()
+    gating.remove_hooks()
     model = G.merge_lora(model)
     facts = C.fold_and_remove(model, groups, points, z)
     with torch.no_grad():

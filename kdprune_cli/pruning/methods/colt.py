@@ -33,12 +33,8 @@ def partition_classes(num_classes: int, partitions: int) -> List[range]:
         raise ConfigError(f"method.partitions must be in [1, {num_classes}] for {num_classes} classes, "
                           f"got {partitions}")
     base, extra = divmod(num_classes, partitions)
-    out, lo = [], 0
-    for i in range(partitions):
-        hi = lo + base + (1 if i < extra else 0)
-        out.append(range(lo, hi))
-        lo = hi
-    return out
+    bounds = [i * base + min(i, extra) for i in range(partitions + 1)]
+    return [range(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def partition_data(data, classes: range):

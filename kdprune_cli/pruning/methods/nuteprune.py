@@ -37,10 +37,7 @@ as the source adapts q_proj and v_proj. For CNNs:
    merged, and the channels with z=0 are removed physically (Torch-Pruning), so the saved model is
    really smaller; its outputs equal the gated model's. ``retrain`` (epochs 0 by default, as the source's
    pruning run) optionally fine-tunes the exported model with CE (our choice, like the source's separate
-   LoRA fine-tuning step).
-
-Pre-activation networks (WRN) are gated at the BatchNorms that read each channel and at the convs that write
-into the residual additions (:func:`~kdprune_cli.pruning.structure.conv_gates.gate_points`); layers with no BatchNorm on their channels are refused.
+   LoRA fine-tuning step). Layers with no BatchNorm on their channels are refused.
 """
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ class SynFlow(PruneAtInit):
 
     def prune(self, ctx, model: nn.Module):
         """The iterative schedule on a linearised copy of ``model`` (not changed); returns the selection
-        (:class:`~kdprune_cli.pruning.selection.Progress`) to finish ``model`` with."""
+        (:meth:`~kdprune_cli.pruning.selection.Pruner.progress`) to finish ``model`` with."""
         lin = linearised_copy(model, bool(self.cfg.double))
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)

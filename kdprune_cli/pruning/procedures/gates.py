@@ -1,11 +1,7 @@
-"""NutePrune's procedure (arXiv 2402.09773; docs/methods.md §5): hard-concrete gates learn which structures
-to keep under a Lagrangian on the expected size, one copy of the weights serving as student (LoRA adapters, or
-the weights) and as every teacher (snapshots taken at each ``delta`` of expected sparsity, or the intact model);
-then the deterministic gates are folded in and the closed structures removed (the export).
-
-The gated structures are a CNN's channel groups (:class:`~kdprune_cli.pruning.structure.conv_gates.ConvGates`)
-or a timm ViT's width, heads and MLP channels (:class:`~kdprune_cli.pruning.structure.vit.ViTGates`).
-"""
+"""NutePrune's procedure (arXiv 2402.09773; docs/methods.md §5): hard-concrete gates on the gated structures
+(a CNN's :class:`~kdprune_cli.pruning.structure.conv_gates.ConvGates`, a ViT's
+:class:`~kdprune_cli.pruning.structure.vit.ViTGates`) learn under a Lagrangian, one copy of the weights serving
+as student and every teacher (snapshots); the export folds the gates in and removes the closed structures."""
 from __future__ import annotations
 
 import math
@@ -40,12 +36,9 @@ class HardConcrete(nn.Module):
         return [1 - torch.sigmoid(logit * self.beta - a).clamp(EPS, 1 - EPS) for a in self.log_alpha]
 
     def sample(self, gen: torch.Generator) -> List[torch.Tensor]:
-        out = []
-        for a in self.log_alpha:
-            u = torch.rand(a.shape, generator=gen).clamp(EPS, 1 - EPS).to(a.device)
-            s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + a) / self.beta)
-            out.append(F.hardtanh(s * (R - L) + L, 0, 1))
-        return out
+        us = [torch.rand(a.shape, generator=gen).clamp(EPS, 1 - EPS).to(a.device) for a in self.log_alpha]
+        return [F.hardtanh(torch.sigmoid((torch.log(u) - torch.log(1 - u) + a) / self.beta) * (R - L) + L, 0, 1)
+                for u, a in zip(us, self.log_alpha)]
 
     @torch.no_grad()
     def deterministic(self) -> List[torch.Tensor]:
@@ -239,11 +232,10 @@ class NuteObjective:
                               "steps_at_target": self.snapshots.steps_at_target}}
 
     def load_state_dict(self, st: dict) -> None:
-        self.gates.load_state_dict(st["gates"])
+        for part in ("gates", "gate_opt", "lambda_opt"):
+            getattr(self, part).load_state_dict(st[part])
         with torch.no_grad():
             self.lambdas.copy_(st["lambdas"])
-        self.gate_opt.load_state_dict(st["gate_opt"])
-        self.lambda_opt.load_state_dict(st["lambda_opt"])
         self.steps, self.teacher_samples = int(st["steps"]), int(st["teacher_samples"])
         self.gen.set_state(st["gen"].cpu())
         sn = st["snapshots"]

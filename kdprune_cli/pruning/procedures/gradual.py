@@ -1,10 +1,6 @@
-"""Gradual pruning while training, on the cubic schedule of Zhu & Gupta 2017 ("To prune, or not to prune",
-arXiv 1710.01878, Eq. 1; docs/methods.md §4): GMP's procedure.
-
-Every Δt steps from t₀ to t₀ + nΔt a step hook removes the lowest-scored units so that the sparsity follows
-``s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³``, earlier removals kept; the last pruning step lands exactly
-on the target. The trainer re-masks after every optimizer step.
-"""
+"""Gradual pruning while training, GMP's procedure (Zhu & Gupta 2017, arXiv 1710.01878, Eq. 1; docs/methods.md
+§4): every Δt steps from t₀ to t₀ + nΔt a step hook removes the lowest-scored units so that the sparsity follows
+``s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(nΔt))³``, earlier removals kept, the last step exactly on the target."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,8 +1,6 @@
-"""Rounds: the loop of the iterative methods (IMP, COLT; docs/methods.md §4). A method gives a round kernel
-(train, score, remove through its :class:`~kdprune_cli.pruning.selection.Progress`, rewind); :func:`run_rounds`
-repeats it until the target is reached, logs every round and shares full rounds through the store.
-
-Shared rounds (docs/methods.md §4 "Shared rounds").
+"""Rounds: the loop of the iterative methods (IMP, COLT; docs/methods.md §4 "Shared rounds"). A method gives a
+round kernel (train, score, remove through its :meth:`~kdprune_cli.pruning.selection.Pruner.progress`, rewind);
+:func:`run_rounds` repeats it until the target is reached, logs every round and shares full rounds.
 
 Every full round of IMP or COLT removes a fixed ``rate`` of the survivors, whatever the target; only the
 last round is clipped to the job's exact target. So the full rounds of a lower target are a prefix of those

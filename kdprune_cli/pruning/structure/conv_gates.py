@@ -59,52 +59,36 @@ def gate_points(model: nn.Module, groups: ChannelGroups, example: torch.Tensor) 
     return points
 
 
-class Gating:
-    """Forward hooks that multiply each gated module's output (BN, or a conv feeding an addition) by the
-    current gates (``None``: open). With ``model``, a module that a LoRA adapter wraps is gated at the
-    wrapper's output (base + adapter), so build it after the adapters are in."""
+class ConvGates:
+    """A CNN's gated structures: :class:`ChannelGroups` costs, forward hooks that multiply each gated module's
+    output (BN, or a conv feeding an addition) by the gates ``z`` (``None``: open), the export by
+    :func:`fold_and_remove`; the interface of :class:`~kdprune_cli.pruning.structure.vit.ViTGates`."""
 
-    def __init__(self, points: List[list], model: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, groups: ChannelGroups, example: torch.Tensor):
+        self.model, self.groups = model, groups
+        self.points = gate_points(model, groups, example)
+        self.sizes = [g.channels for g in groups.groups]
+        self.counts, self.expected = groups.counts, groups.expected
         self.z: Optional[List[torch.Tensor]] = None
-        self.handles = []
-        wrapped = {w.base_layer: w for w in (model.modules() if model is not None else ())
-                   if isinstance(getattr(w, "base_layer", None), nn.Module)}
-        for g, pts in enumerate(points):
+        self.handles: list = []
+
+    def attach(self) -> None:
+        """Put the gates in; a module that a LoRA adapter wraps is gated at the wrapper's output (base +
+        adapter), so call this once the adapters are in."""
+        wrapped = {w.base_layer: w for w in self.model.modules() if isinstance(getattr(w, "base_layer", None), nn.Module)}
+        for g, pts in enumerate(self.points):
             for m, index in pts:  # the index on the module's device once, not copied there every forward
                 index = index.to(next(m.parameters()).device)
                 self.handles.append(wrapped.get(m, m).register_forward_hook(self._hook(g, index)))
 
     def _hook(self, g: int, index: torch.Tensor):
         def hook(m, i, o):
-            if self.z is None:
-                return o
-            return o * self.z[g][index].view(1, -1, 1, 1).to(o.dtype)
+            return o if self.z is None else o * self.z[g][index].view(1, -1, 1, 1).to(o.dtype)
         return hook
 
-    def remove(self) -> None:
+    def remove_hooks(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-class ConvGates:
-    """A CNN's gated structures: :class:`ChannelGroups` costs, gates after the BatchNorms (:class:`Gating`),
-    the export by :func:`fold_and_remove`; the same interface as :class:`~.vit.ViTGates`. Built on the plain
-    model; :meth:`attach` puts the gates in once the adapters are."""
-
-    def __init__(self, model: nn.Module, groups: ChannelGroups, example: torch.Tensor):
-        self.model, self.groups = model, groups
-        self.points = gate_points(model, groups, example)
-        self.gating = Gating([])
-        self.sizes = [g.channels for g in groups.groups]
-        self.counts, self.expected = groups.counts, groups.expected
-
-    def attach(self) -> None:
-        self.gating = Gating(self.points, self.model)
-
-    z = property(lambda self: self.gating.z, lambda self, v: setattr(self.gating, "z", v))
-
-    def remove_hooks(self) -> None:
-        self.gating.remove()
 
     def export(self, z: List[torch.Tensor], sparsity: float, target: str, exclude=()) -> dict:
         return fold_and_remove(self.model, self.groups, self.points, z, sparsity, target, exclude)

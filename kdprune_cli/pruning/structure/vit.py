@@ -34,6 +34,7 @@ from kdprune_cli.models.matmuls import MatmulCounter
 from kdprune_cli.pruning.structure.channels import layer_outputs, structure_facts
 
 HIDDEN = 0
+TOKENS = ("cls_token", "reg_token", "pos_embed")  # the embedding's parameters over the width
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -141,17 +142,14 @@ class ViTGates:
         self.handles += [m.register_forward_hook(self._norm) for m in self.norms]
 
     # --- gates -----------------------------------------------------------------------------------------
-    @property
-    def z(self) -> Optional[List[torch.Tensor]]:
-        return self._z
-
-    @z.setter
-    def z(self, value: Optional[List[torch.Tensor]]) -> None:
+    def _set_z(self, value: Optional[List[torch.Tensor]]) -> None:
         """Set the gates; the kept width dims (None: all) are found once here, not in every LayerNorm."""
         self._z = value
         h = self.gate(HIDDEN)
         keep = None if h is None else torch.nonzero(h != 0).flatten()
         self._keep = None if keep is None or len(keep) == self.width else keep
+
+    z = property(lambda self: self._z, _set_z)
 
     def gate(self, g: int) -> Optional[torch.Tensor]:
         return None if self._z is None or g in self.fixed else self._z[g]
@@ -237,8 +235,7 @@ class ViTGates:
         pe.weight.mul_(on(h, pe.weight).view(-1, 1, 1, 1))
         if pe.bias is not None:
             pe.bias.mul_(on(h, pe.bias))
-        for name in ("cls_token", "reg_token", "pos_embed"):
-            p = getattr(model, name, None)
+        for p in (getattr(model, name, None) for name in TOKENS):
             if p is not None:
                 p.mul_(on(h, p))
         for b, blk in enumerate(self.blocks):
@@ -248,11 +245,10 @@ class ViTGates:
                     layer.bias.mul_(on(h, layer.bias))
         # slice: the width everywhere, then each block's heads and channels
         k = keep.to(dev)
-        pe.weight = nn.Parameter(pe.weight.data[k].clone())
-        if pe.bias is not None:
-            pe.bias = nn.Parameter(pe.bias.data[k].clone())
+        _slice_param(pe, "weight", k, 0)
+        _slice_param(pe, "bias", k, 0)
         pe.out_channels = len(k)
-        for name in ("cls_token", "reg_token", "pos_embed"):
+        for name in TOKENS:
             _slice_param(model, name, k)
         for ln in self.norms:
             _slice_param(ln, "weight", k, 0)
