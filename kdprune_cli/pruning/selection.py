@@ -212,9 +212,9 @@ class WeightProgress:
                               "in prune.exclude")
         share = pruner.sparsity if not convs_only else (k / self.part if self.part else 0.0)
         self.groups = group_targets(sizes, share, pruner.scope)
-        assert sum(g for _, g in self.groups) == k
+        assert not convs_only or sum(g for _, g in self.groups) == k
         self.masks: Masks = {n: torch.ones_like(mods[n[:-len(".weight")]].weight, dtype=torch.bool) for n in sizes}
-        self.members, self.steps = list(members), 0
+        self.steps = 0  # the members train and prune with the same masks
 
     @property
     def done(self) -> bool:

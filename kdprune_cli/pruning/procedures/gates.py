@@ -147,25 +147,19 @@ class NuteObjective:
     @torch.no_grad()
     def teacher_forward(self, x):
         which = None if self.c.teachers == "intact" else self.snapshots.teacher(self.total - self.steps)
-        saved = None
-        if which is None:
-            self.structures.z = None
-            for m in _lora_layers(self.model):
-                m.enable_adapters(False)
-            if not self.c.lora:  # the intact model: the dense student's weights
-                saved = self._swap(self.intact)
-        else:
-            z, params = self.snapshots.taken[which]
-            self.structures.z = z
-            saved = self._swap(params)
+        # the intact model: gates open, no adapters (or, without adapters, the dense student's weights)
+        intact = {} if self.c.lora else self.intact
+        self.structures.z, params = (None, intact) if which is None else self.snapshots.taken[which]
+        adapters = _lora_layers(self.model) if which is None else []
+        for m in adapters:
+            m.enable_adapters(False)
+        saved = self._swap(params)
         try:
             logits, hidden = self.forward(x)
         finally:
-            if which is None:
-                for m in _lora_layers(self.model):
-                    m.enable_adapters(True)
-            if saved is not None:
-                self._swap(saved)
+            for m in adapters:
+                m.enable_adapters(True)
+            self._swap(saved)
         self.teacher_samples += x.shape[0]
         return logits, hidden, -1 if which is None else which
 
