@@ -243,7 +243,7 @@ def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, stude
 
 
 def test_quickstart_nuteprune_ends_physically_smaller_and_accurate(tmp_path):
-    """The issue's acceptance, as a user runs it: `kdprune experiment=quickstart method=nuteprune sparsity=0.5`
+    """As a user runs it: `kdprune experiment=quickstart method=nuteprune sparsity=0.5`
     (the teacher cut to a 2-epoch ResNet-20: NutePrune's teachers are the student's own snapshots)."""
     import json
 

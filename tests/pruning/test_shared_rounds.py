@@ -55,7 +55,7 @@ def test_imp_rounds_are_shared_across_targets_bit_identically(tiny_cfg, tmp_path
     same_model(b, fresh)
     assert [r.get("cached", False) for r in imp_rounds(tmp_path / "b")] == [True, False, False, False]
 
-    # the same target again (resume=false: a new run): every full round is in the store now
+    # the same target again (resume=false: another run): every full round is in the store now
     c = run_job(tiny_cfg(*IMP, "sparsity=0.5", f"store.root={tmp_path}/shared", "resume=false"), tmp_path / "c",
                 summary=False)
     assert c["cost"]["stages"]["imp.reused"]["artifact"]["rounds"] == [1, 2, 3]
