@@ -58,14 +58,6 @@ class HardConcrete(nn.Module):
             a.clamp_(math.log(1e-2), math.log(1e2))
 
 
-def gated_structures(model: nn.Module, ctx):
-    """:class:`~.vit.ViTGates` for a timm ViT, else :class:`ConvGates` on the model's channel groups."""
-    example = ctx.pruner.example_input()
-    if is_vit(model):
-        return ViTGates(model, example, ctx.pruner.exclude)
-    return ConvGates(model, ctx.pruner.channel_groups(model), example)
-
-
 class Snapshots:
     """The source's IterativeDistillManager: snapshots at each ``delta`` of expected sparsity, and which one
     teaches now."""
@@ -79,12 +71,11 @@ class Snapshots:
     def update(self, sparsity: float, remaining: int, take) -> None:
         if self.reached:
             return
-        if len(self.taken) == len(self.marks):
-            if sparsity >= self.target:
-                self.reached, self.steps_at_target = True, remaining
-            return
-        if sparsity >= self.marks[len(self.taken)]:
-            self.taken.append(take())
+        if len(self.taken) < len(self.marks):
+            if sparsity >= self.marks[len(self.taken)]:
+                self.taken.append(take())
+        elif sparsity >= self.target:
+            self.reached, self.steps_at_target = True, remaining
 
     def teacher(self, remaining: int) -> Optional[int]:
         """Index of the teaching snapshot, or None for the intact model."""
@@ -283,7 +274,9 @@ def learn_gates(ctx, model: nn.Module, c, stage: str = "prune"):
     """Train the gates of ``model`` (the dense student) with the ``c.prune`` recipe under the Lagrangian towards
     the target; returns ``(model, structures, objective)``: the model with its adapters (``c.lora``), the gated
     structures (gates attached) and the objective holding the gates and the snapshots."""
-    structures = gated_structures(model, ctx)
+    example = ctx.pruner.example_input()  # the structures: a ViT's, else the channel groups'
+    structures = ViTGates(model, example, ctx.pruner.exclude) if is_vit(model) else \
+        ConvGates(model, ctx.pruner.channel_groups(model), example)
     gates = HardConcrete(structures.sizes, float(c.droprate_init), float(c.beta),
                          ctx.seeds.generator("nuteprune/init")).to(ctx.device)
     # lora=false: the intact teacher's weights (with adapters the frozen base is the intact model)

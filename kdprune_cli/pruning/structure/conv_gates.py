@@ -1,7 +1,5 @@
-"""Hard-concrete gates on a CNN's coupled channel groups, for NutePrune (docs/methods.md §5): where the gates
-multiply (after each BatchNorm over a group's channels, and at the convs that write into residual additions in
-pre-activation nets), the hooks that gate, and the export that folds the soft gates in and removes the closed
-channels. :class:`ConvGates` has the interface of :class:`~kdprune_cli.pruning.structure.vit.ViTGates`."""
+"""NutePrune's gates on a CNN's coupled channel groups (docs/methods.md §5): where they multiply, the hooks, and
+the export that folds the soft gates in and removes the closed channels."""
 from __future__ import annotations
 
 from typing import List, Optional

@@ -67,16 +67,13 @@ def check_vit(model: nn.Module) -> None:
 
 
 def _slice_linear(m: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> None:
-    w = m.weight.data
     if rows is not None:
-        w = w[rows]
-        if m.bias is not None:
-            m.bias = nn.Parameter(m.bias.data[rows].clone(), requires_grad=m.bias.requires_grad)
+        _slice_param(m, "weight", rows, 0)
+        _slice_param(m, "bias", rows, 0)
         m.out_features = len(rows)
     if cols is not None:
-        w = w[:, cols]
+        _slice_param(m, "weight", cols, 1)
         m.in_features = len(cols)
-    m.weight = nn.Parameter(w.clone(), requires_grad=m.weight.requires_grad)
 
 
 def _slice_param(owner: nn.Module, name: str, keep: torch.Tensor, dim: int = -1) -> None:
