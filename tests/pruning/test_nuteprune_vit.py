@@ -16,7 +16,6 @@ from kdprune_cli.training.evaluate import count_flops
 from kdprune_cli.models.modelfile import build_from, model_file
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.procedures import gates as G
-from kdprune_cli.pruning.structure import conv_gates as C
 from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.structure.vit import ViTGates
 from kdprune_cli.experiment.job import run_job

@@ -3,17 +3,18 @@ machinery is :mod:`~kdprune_cli.pruning.procedures.gates`.
 
 Vision adaptation for CNNs and timm ViTs (our mapping of the LLaMA source, Lucius-lsr/NutePrune, read for its
 constants). For ViTs the structures are attention heads, MLP channels and the hidden width shared by all
-blocks, with a LayerNorm over the kept dims (:mod:`~kdprune_cli.pruning.structure.vit`); LoRA adapts the q and v blocks of the fused qkv only,
-as the source adapts q_proj and v_proj. For CNNs:
+blocks, with a LayerNorm over the kept dims (:mod:`~kdprune_cli.pruning.structure.vit`); LoRA adapts the q and
+v blocks of the fused qkv only, as the source adapts q_proj and v_proj. For CNNs:
 
-1. **Hard-concrete (L0) gates** on every coupled channel group (:class:`~kdprune_cli.pruning.structure.channels.ChannelGroups`): the
-   inner channels of each residual block, one shared gate vector per residual stage for the channels the
-   additions carry, every conv's outputs in VGG, MobileNetV2's expanded and block channels. A gate multiplies
+1. **Hard-concrete (L0) gates** on every coupled channel group
+   (:class:`~kdprune_cli.pruning.structure.channels.ChannelGroups`): the inner channels of each residual block,
+   one shared gate vector per residual stage for the channels the additions carry, every conv's outputs in VGG,
+   MobileNetV2's expanded and block channels. A gate multiplies
    the output of every BatchNorm over its channels (after BN, before the activation; pre-activation nets also
    gate the convs that write into the additions, so the residual stream is zero on a closed channel). Constants
    as the source: β=2/3, l=−0.1, r=1.1, ``log α ~ N(log((1−d)/d), 0.01)`` with ``d = droprate_init``
-   (0.01 as the source's script: the gates start open; its code default is 0.5), clamped to ``[log 1e-2, log 1e2]`` (±4.6) after each
-   step; AdamW with lr 0.1 for ``log α``.
+   (0.01 as the source's script: the gates start open; its code default is 0.5), clamped to
+   ``[log 1e-2, log 1e2]`` (±4.6) after each step; AdamW with lr 0.1 for ``log α``.
 2. **Expected remaining size** from the gates' open probabilities ``P(z>0) = 1 − Q(0)`` with the
    architecture's real parameter (or MAC) counts, per layer ``E[out]·E[in]·k``, so ``sparsity`` means the
    fraction of prunable weights removed as everywhere (``prune.target=macs``: of MACs). Lagrangian
