@@ -130,6 +130,7 @@ def child(args, lora: bool) -> dict:
     from kdprune_cli.training.evaluate import count_flops
     from kdprune_cli.models.modelfile import model_file
     from kdprune_cli.pruning.methods import nuteprune as N
+    from kdprune_cli.pruning.procedures import gates as G
     from kdprune_cli.pruning.masks import prunable_params
     from kdprune_cli.experiment.job import Context
     from kdprune_cli.store.files import atomic_save
@@ -144,7 +145,7 @@ def child(args, lora: bool) -> dict:
     ctx.artifacts.dense_student = lambda: copy.deepcopy(dense)  # no dense training: the model built above
 
     held: dict = {}
-    step = N.NuteObjective.step
+    step = G.NuteObjective.step
 
     def spy(self):  # after the last step of training: what the method holds
         step(self)
@@ -164,7 +165,7 @@ def child(args, lora: bool) -> dict:
                     storages=len(everything), storage_bytes=sum(everything.values()),
                     expected_sparsity=float(self.expected_sparsity().detach()))
 
-    N.NuteObjective.step = spy
+    G.NuteObjective.step = spy
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)

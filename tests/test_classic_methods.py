@@ -303,7 +303,7 @@ def test_synflow_ignores_the_data(make_ctx):
     sa, sb = ma.score(ctx_a, model_a), mb.score(ctx_b, model_b)
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
     with ctx_a.stage("score"), ctx_b.stage("score"):
-        pa, pb = ma.prune(ctx_a, model_a), mb.prune(ctx_b, model_b)
+        pa, pb = ma.prune(ctx_a, model_a).masks, mb.prune(ctx_b, model_b).masks
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
@@ -325,7 +325,7 @@ def test_synflow_iterative_avoids_layer_collapse(make_ctx):
         m = method_of(ctx)
         model = m.base_model(ctx)
         with ctx.stage("score"):
-            masks = m.prune(ctx, model)
+            masks = m.prune(ctx, model).masks
         total = sum(v.numel() for v in masks.values())
         assert sum(int((~v).sum()) for v in masks.values()) == round(0.99 * total)
         assert [r["round"] for r in logged] == list(range(1, rounds + 1))
@@ -371,13 +371,15 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
     from kdprune_cli.models import build_model
     from kdprune_cli.pruning.masks import apply_masks
     from kdprune_cli.pruning.methods.synflow import SynFlow
+    from kdprune_cli.pruning.selection import Pruner
 
     torch.manual_seed(0)
     net = build_model(arch, 10, 3, size)
+    cfg = OmegaConf.create({"sparsity": 0.9, "prune": {"scope": "global", "exclude": [], "granularity": "weight"}})
     ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), log=lambda rec: None,
-                          pruner=SimpleNamespace(sparsity=0.9, scope="global", exclude=[], granularity="weight"),
+                          pruner=Pruner(cfg, None, torch.device("cpu")),
                           costs=SimpleNamespace(count=lambda *m, **k: contextlib.nullcontext()))
-    masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net)
+    masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net).masks
     want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)
     assert list(masks) == list(want)
     for n, m in masks.items():

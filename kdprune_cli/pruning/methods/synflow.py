@@ -6,7 +6,8 @@ every parameter (and buffer) of the network is replaced by its absolute value, B
 mode, an all-ones input of the dataset's shape (``1×C×H×W``) is passed forward and ``R`` is the sum of the
 outputs; the score is ``|θ ⊙ ∂R/∂θ|``. Pruning is iterative: after round ``k = 1..rounds`` the density is
 ``(1−s)^(k/rounds)`` (the exponential schedule), the scores are recomputed on the masked network every
-round, and already-pruned weights stay pruned (``masks.select(..., keep=previous)``).
+round, and already-pruned weights stay pruned (``masks.select(..., keep=previous)``; over channel groups each
+round re-plans, removed channels staying removed).
 
 Implementation: the absolute values are taken on a float64 copy of the network (float32 where the device
 has no float64, e.g. MPS), so the network that is pruned keeps its signs and dtype untouched — equivalent
@@ -29,9 +30,8 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
 from kdprune_cli.pruning.methods.base import Result, params_for_scoring
-from kdprune_cli.pruning.masks import Masks, Scores, apply_masks, select
+from kdprune_cli.pruning.masks import Scores, apply_masks
 from kdprune_cli.pruning.methods.snip import PruneAtInit
-from kdprune_cli.pruning.structure.channels import Plan
 
 
 def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
@@ -89,28 +89,21 @@ class SynFlow(PruneAtInit):
         if not isinstance(self.cfg.double, bool):
             raise ConfigError(f"method.double must be true or false, got {self.cfg.double!r}")
 
-    def prune(self, ctx, model: nn.Module) -> Masks:
-        """The iterative schedule; returns the final masks (``model`` itself is not changed)."""
-        rounds = int(self.cfg.rounds)
+    def prune(self, ctx, model: nn.Module):
+        """The iterative schedule on a linearised copy of ``model`` (not changed); returns the selection
+        (:meth:`~kdprune_cli.pruning.selection.Pruner.progress`) to finish ``model`` with."""
         lin = linearised_copy(model, bool(self.cfg.double))
         params = params_for_scoring(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
-        masks: Masks | None = None
-        channel = ctx.pruner.granularity == "channel"
-        if channel:
-            cg, self.plan = ctx.pruner.channel_groups(lin), None
-        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, rounds), start=1):
+        progress = ctx.pruner.progress(lin)
+        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, int(self.cfg.rounds)), start=1):
             t = time.perf_counter()
             with ctx.costs.count(lin):
                 scores = synflow_scores(lin, params, shape)
-            if channel:  # the same rounds over channel groups; removed channels stay removed
-                self.plan = ctx.pruner.plan(cg, scores, s_k, keep_removed=self.plan)
-                masks = cg.masks(self.plan.removed)
-            else:
-                masks = select(scores, s_k, ctx.pruner.scope, keep=masks)
-            apply_masks(lin, masks)
+            progress.select(scores, s_k)  # removed weights (channels) stay removed
+            apply_masks(lin, progress.masks)
             ctx.log({"stage": "score", "round": k, "sparsity": s_k, "seconds": time.perf_counter() - t})
-        return masks
+        return progress
 
     def score(self, ctx, model):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
@@ -119,17 +112,11 @@ class SynFlow(PruneAtInit):
             return synflow_scores(lin, params_for_scoring(ctx, lin),
                                   (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
 
-    def run(self, ctx):
+    def run(self, ctx) -> Result:
         model = self.base_model(ctx)
         with ctx.costs.count(stage="score"):
-            masks = self.prune(ctx, model)
-        if ctx.pruner.granularity == "channel":  # remove the planned channels from the model itself
-            cg = ctx.pruner.channel_groups(model)
-            cg.remove(Plan(cg.groups, self.plan.removed, self.plan.facts))
-            ctx.evaluator.record_metrics("pruned", model)
-            ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain")
-            return Result(model, {}, {"structure": self.plan.facts})
-        apply_masks(model, masks)
+            progress = self.prune(ctx, model)
+        pruned = progress.finish(model)
         ctx.evaluator.record_metrics("pruned", model)
-        ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=masks)
-        return Result(model, masks)
+        ctx.trainer.train(model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=pruned.masks)
+        return pruned

@@ -1,4 +1,6 @@
-"""Shared rounds of the iterative methods (IMP, COLT; docs/methods.md §4 "Shared rounds").
+"""Rounds: the loop of the iterative methods (IMP, COLT; docs/methods.md §4 "Shared rounds"). A method gives a
+round kernel (train, score, remove through its :meth:`~kdprune_cli.pruning.selection.Pruner.progress`, rewind);
+:func:`run_rounds` repeats it until the target is reached, logs every round and shares full rounds.
 
 Every full round of IMP or COLT removes a fixed ``rate`` of the survivors, whatever the target; only the
 last round is clipped to the job's exact target. So the full rounds of a lower target are a prefix of those
@@ -8,7 +10,7 @@ target. A sweep over sparsities trains each round once per seed; only the clippe
 training are per target. Rounds are computed under the store's lock, so jobs running at once wait for each
 other instead of training the same round twice.
 
-Cost: a computed round is booked to the method's stage (``imp``, ``colt``) as before; reused rounds are
+Cost: a computed round is booked to the method's stage (``imp``, ``colt``); reused rounds are
 booked together to ``<stage>.reused`` (``cached: true``; ``artifact`` holds the rounds' indices and what
 they cost when they were made). A reused round stands in for its trainings: the trainer's call counter is
 advanced (``ctx.trainer.skip_trainings``), so later rounds draw the generator streams (named by the round:
@@ -18,9 +20,13 @@ computing every round in the job.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+from torch import nn
 
 from kdprune_cli.config.schema import model_kwargs
+from kdprune_cli.pruning.masks import apply_masks
 
 
 def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:
@@ -35,13 +41,47 @@ def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:
             "amp": amp, **extra}
 
 
-def full_step(prev: int, target: int, size: int, rate: float) -> Optional[int]:
-    """The count after an unclipped round (``rate`` of the survivors, at least one weight), or None when
-    this round is clipped for ``target`` (or the group is already there)."""
-    if prev >= target:
-        return None
-    nxt = prev + max(1, int(round(rate * (size - prev))))
-    return nxt if nxt <= target else None
+def clone_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def rewind(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Reset every parameter and buffer to ``state``, then zero the pruned weights: θ ← θ_rewind ⊙ M."""
+    model.load_state_dict(state)
+    apply_masks(model, masks)
+
+
+def run_rounds(ctx, stage: str, progress, kernel: Callable[[], Optional[dict]], spec: dict, rate: float,
+               trainings: int, restore: Callable[[dict], None],
+               check: Callable[[dict], None] = lambda state: None) -> list[dict]:
+    """Run ``kernel`` (one round in this job: it returns the state to store, or None when the round was
+    clipped) until ``progress`` reaches the target. A round that removes ``rate`` of the survivors for
+    every target this far (``progress.full_round``) goes through the store (:func:`shared_round`); a stored
+    one is loaded into ``progress`` and handed to ``restore`` (rewind the models). Each round is logged as
+    ``{"stage", "round", "sparsity", "seconds"}`` (+ ``cached``); returns those lines."""
+    history, r = [], 0
+
+    def fits(state):
+        progress.check(state)
+        check(state)
+
+    while not progress.done:
+        r += 1
+        t = time.perf_counter()
+        cached = False
+        if progress.full_round(rate):  # the same round for every target this far: a shared artifact
+            state, cached = shared_round(ctx, stage, spec, r, kernel, trainings, check=fits, usable=progress.usable)
+            if cached:
+                progress.load(state)
+                restore(state)
+        else:  # clipped to this job's target
+            kernel()
+        line = {"stage": stage, "round": r, **progress.log(), "seconds": time.perf_counter() - t,
+                **({"cached": True} if cached else {})}
+        ctx.log(line)
+        history.append(line)
+    return history
 
 
 def shared_round(ctx, stage: str, spec: dict, r: int, make: Callable[[], Optional[dict]], trainings: int,

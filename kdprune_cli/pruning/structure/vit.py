@@ -34,6 +34,7 @@ from kdprune_cli.models.matmuls import MatmulCounter
 from kdprune_cli.pruning.structure.channels import layer_outputs, structure_facts
 
 HIDDEN = 0
+TOKENS = ("cls_token", "reg_token", "pos_embed")  # the embedding's parameters over the width
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -66,16 +67,13 @@ def check_vit(model: nn.Module) -> None:
 
 
 def _slice_linear(m: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> None:
-    w = m.weight.data
     if rows is not None:
-        w = w[rows]
-        if m.bias is not None:
-            m.bias = nn.Parameter(m.bias.data[rows].clone(), requires_grad=m.bias.requires_grad)
+        _slice_param(m, "weight", rows, 0)
+        _slice_param(m, "bias", rows, 0)
         m.out_features = len(rows)
     if cols is not None:
-        w = w[:, cols]
+        _slice_param(m, "weight", cols, 1)
         m.in_features = len(cols)
-    m.weight = nn.Parameter(w.clone(), requires_grad=m.weight.requires_grad)
 
 
 def _slice_param(owner: nn.Module, name: str, keep: torch.Tensor, dim: int = -1) -> None:
@@ -141,17 +139,14 @@ class ViTGates:
         self.handles += [m.register_forward_hook(self._norm) for m in self.norms]
 
     # --- gates -----------------------------------------------------------------------------------------
-    @property
-    def z(self) -> Optional[List[torch.Tensor]]:
-        return self._z
-
-    @z.setter
-    def z(self, value: Optional[List[torch.Tensor]]) -> None:
+    def _set_z(self, value: Optional[List[torch.Tensor]]) -> None:
         """Set the gates; the kept width dims (None: all) are found once here, not in every LayerNorm."""
         self._z = value
         h = self.gate(HIDDEN)
         keep = None if h is None else torch.nonzero(h != 0).flatten()
         self._keep = None if keep is None or len(keep) == self.width else keep
+
+    z = property(lambda self: self._z, _set_z)
 
     def gate(self, g: int) -> Optional[torch.Tensor]:
         return None if self._z is None or g in self.fixed else self._z[g]
@@ -237,8 +232,7 @@ class ViTGates:
         pe.weight.mul_(on(h, pe.weight).view(-1, 1, 1, 1))
         if pe.bias is not None:
             pe.bias.mul_(on(h, pe.bias))
-        for name in ("cls_token", "reg_token", "pos_embed"):
-            p = getattr(model, name, None)
+        for p in (getattr(model, name, None) for name in TOKENS):
             if p is not None:
                 p.mul_(on(h, p))
         for b, blk in enumerate(self.blocks):
@@ -248,11 +242,10 @@ class ViTGates:
                     layer.bias.mul_(on(h, layer.bias))
         # slice: the width everywhere, then each block's heads and channels
         k = keep.to(dev)
-        pe.weight = nn.Parameter(pe.weight.data[k].clone())
-        if pe.bias is not None:
-            pe.bias = nn.Parameter(pe.bias.data[k].clone())
+        _slice_param(pe, "weight", k, 0)
+        _slice_param(pe, "bias", k, 0)
         pe.out_channels = len(k)
-        for name in ("cls_token", "reg_token", "pos_embed"):
+        for name in TOKENS:
             _slice_param(model, name, k)
         for ln in self.norms:
             _slice_param(ln, "weight", k, 0)

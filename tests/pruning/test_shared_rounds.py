@@ -1,6 +1,6 @@
-"""Shared rounds of IMP and COLT (issue #12 part 4, docs/methods.md §4): the full rounds of a lower target are
-stored and reused by a higher one, bit-identically; only the clipped last round and the final training are
-per target. A killed job resumes."""
+"""Shared rounds of IMP and COLT (docs/methods.md §4): the full rounds of a lower target are stored and reused
+by a higher one, bit-identically; only the clipped last round and the final training are per target. A killed
+job resumes."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kdprune_cli.experiment import job as runner
-from kdprune_cli.pruning.methods import get_method
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.pruning import selection
+from kdprune_cli.pruning.methods import get_method
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0", "max_batches=2"]
 
@@ -54,7 +55,7 @@ def test_imp_rounds_are_shared_across_targets_bit_identically(tiny_cfg, tmp_path
     same_model(b, fresh)
     assert [r.get("cached", False) for r in imp_rounds(tmp_path / "b")] == [True, False, False, False]
 
-    # the same target again (resume=false: a new run): every full round is in the store now
+    # the same target again (resume=false: another run): every full round is in the store now
     c = run_job(tiny_cfg(*IMP, "sparsity=0.5", f"store.root={tmp_path}/shared", "resume=false"), tmp_path / "c",
                 summary=False)
     assert c["cost"]["stages"]["imp.reused"]["artifact"]["rounds"] == [1, 2, 3]
@@ -73,7 +74,7 @@ def test_imp_late_rewinding_rounds_are_shared(make_ctx, tmp_path):
     mb, masks_b = get_method("imp")(ctx_b.cfg.method).run(ctx_b)
     ctx_f = make_ctx(*args, "sparsity=0.5", f"store.root={tmp_path}/fresh")
     mf, masks_f = get_method("imp")(ctx_f.cfg.method).run(ctx_f)
-    assert ctx_b.cost["imp.reused"].artifact["rounds"] == [1] and "imp.reused" not in ctx_f.cost
+    assert ctx_b.costs.stages["imp.reused"].artifact["rounds"] == [1] and "imp.reused" not in ctx_f.costs.stages
     assert all(torch.equal(masks_b[n], masks_f[n]) for n in masks_f)
     sb, sf = mb.state_dict(), mf.state_dict()
     assert all(torch.equal(sb[k], sf[k]) for k in sf)
@@ -83,55 +84,64 @@ def test_no_sharing_without_a_store(make_ctx, tmp_path):
     for s in ("0.3", "0.5"):
         ctx = make_ctx(*IMP, f"sparsity={s}", "store.enabled=false")
         get_method("imp")(ctx.cfg.method).run(ctx)
-        assert "imp.reused" not in ctx.cost
+        assert "imp.reused" not in ctx.costs.stages
     assert not (tmp_path / "store" / "imp_round").exists()
 
 
 def test_colt_rounds_are_shared_across_targets_bit_identically(make_ctx, tmp_path):
     def run(*extra):
         ctx = make_ctx(*COLT, *extra)
-        method = get_method("colt")(ctx.cfg.method)
-        model, masks = method.run(ctx)
-        return ctx, method, model, masks
+        logs = []
+        ctx.log = logs.append
+        model, masks = get_method("colt")(ctx.cfg.method).run(ctx)
+        return ctx, len([x for x in logs if x.get("stage") == "colt" and "round" in x]), model, masks
 
     run("sparsity=0.3")
-    ctx_b, mb, model_b, masks_b = run("sparsity=0.5")
-    ctx_f, mf, model_f, masks_f = run("sparsity=0.5", f"store.root={tmp_path}/fresh")
-    assert mb.rounds == mf.rounds >= 3
-    reused = ctx_b.cost["colt.reused"]
+    ctx_b, rounds_b, model_b, masks_b = run("sparsity=0.5")
+    ctx_f, rounds_f, model_f, masks_f = run("sparsity=0.5", f"store.root={tmp_path}/fresh")
+    assert rounds_b == rounds_f >= 3
+    cost_b, cost_f = ctx_b.costs.stages, ctx_f.costs.stages
+    reused = cost_b["colt.reused"]
     assert reused.cached and reused.artifact["rounds"] and reused.artifact["rounds"][0] == 1
-    assert reused.artifact["samples"] > 0 and "colt.reused" not in ctx_f.cost
+    assert reused.artifact["samples"] > 0 and "colt.reused" not in cost_f
     n_reused = len(reused.artifact["rounds"])
-    assert ctx_b.cost["colt"].samples + reused.artifact["samples"] == ctx_f.cost["colt"].samples
-    assert ctx_b.cost["colt"].samples < ctx_f.cost["colt"].samples and n_reused < mb.rounds
+    assert cost_b["colt"].samples + reused.artifact["samples"] == cost_f["colt"].samples
+    assert cost_b["colt"].samples < cost_f["colt"].samples and n_reused < rounds_b
     assert all(torch.equal(masks_b[n], masks_f[n]) for n in masks_f)
     sb, sf = model_b.state_dict(), model_f.state_dict()
     assert all(torch.equal(sb[k], sf[k]) for k in sf)
-    assert ctx_b.metrics == ctx_f.metrics
+    assert ctx_b.evaluator.metrics == ctx_f.evaluator.metrics
 
 
-def test_colt_stored_round_that_passes_a_lower_target_is_not_used(make_ctx, tmp_path):
+def test_colt_stored_round_that_passes_a_lower_target_is_not_used(make_ctx, tmp_path, monkeypatch):
     """A round stored as full by a higher target can overshoot a lower target (the intersection removes more
     than the per-model count): that job computes its clipped round itself, as a fresh run does."""
-    def run(*extra, history=False):
+    def run(*extra):
         ctx = make_ctx(*COLT, *extra)
-        method = get_method("colt")(ctx.cfg.method)
-        method.history = [] if history else None
-        return ctx, method, method.run(ctx)
+        return ctx, get_method("colt")(ctx.cfg.method).run(ctx)
 
-    _, high, (model, _) = run("sparsity=0.6", history=True)
+    first, real = [], selection.select_common
+
+    def select_common(*args):  # round 1's per-model masks and intersection
+        out = real(*args)
+        first.append(out)
+        return out
+
+    monkeypatch.setattr(selection, "select_common", select_common)
+    _, (model, _) = run("sparsity=0.6")
+    monkeypatch.setattr(selection, "select_common", real)
     total = sum(p.numel() for n, p in model.named_parameters()
                 if n.endswith("weight") and p.dim() in (2, 4))
-    h = high.history[0]
-    each, inter = (sum(int((~m[n]).sum()) for n in m) for m in (h["per_model"][0], h["mask"]))
+    per_model, mask, _ = first[0]
+    each, inter = (sum(int((~m[n]).sum()) for n in m) for m in (per_model[0], mask))
     assert each < inter  # the partition models disagree
     s = (each + inter) / 2 / total  # round 1 unclipped per model, but its intersection overshoots
-    ctx, _, (model, masks) = run(f"sparsity={s}")
-    ctx_f, _, (model_f, masks_f) = run(f"sparsity={s}", f"store.root={tmp_path}/fresh")
-    assert "colt.reused" not in ctx.cost
-    assert ctx.cost["colt"].samples == ctx_f.cost["colt"].samples
+    ctx, (model, masks) = run(f"sparsity={s}")
+    ctx_f, (model_f, masks_f) = run(f"sparsity={s}", f"store.root={tmp_path}/fresh")
+    assert "colt.reused" not in ctx.costs.stages
+    assert ctx.costs.stages["colt"].samples == ctx_f.costs.stages["colt"].samples
     assert all(torch.equal(masks[n], masks_f[n]) for n in masks_f)
-    assert ctx.metrics == ctx_f.metrics
+    assert ctx.evaluator.metrics == ctx_f.evaluator.metrics
 
 
 class Killed(Exception):

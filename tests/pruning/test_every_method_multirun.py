@@ -1,5 +1,5 @@
-"""Issue 3's acceptance: a quickstart multirun over every method completes, each at the exact target
-sparsity and well above chance (10% on digits). Epochs are cut further than the quickstart's to fit CI."""
+"""A quickstart multirun over every method completes, each at the exact target sparsity and well above
+chance (10% on digits). Epochs are cut further than the quickstart's to fit CI."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ def test_quickstart_multirun_over_every_method(tmp_path):
     methods = method_names()
     assert {"cakld", "epg", "epsd", "colt", "snip", "grasp", "synflow", "magnitude", "random", "imp",
             "gmp"} <= set(methods)
-    # NutePrune learns its sparsity (a Lagrangian, not an exact count): tests/test_nuteprune.py checks it
+    # NutePrune learns its sparsity (a Lagrangian, not an exact count): tests/pruning/test_nuteprune.py checks it
     methods = [m for m in methods if m != "nuteprune"]
     choices = sorted(p.stem for p in __import__("pathlib").Path(__import__("kdprune_cli.cli.main").cli.main.config_dir())
                      .joinpath("method").glob("*.yaml") if not p.stem.startswith("nuteprune"))  # and nuteprune_intact

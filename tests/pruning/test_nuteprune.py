@@ -11,7 +11,8 @@ from torch import nn
 
 from kdprune_cli.errors import DivergedError
 from kdprune_cli.models import build_model
-from kdprune_cli.pruning.methods import nuteprune as N
+from kdprune_cli.pruning.procedures import gates as G
+from kdprune_cli.pruning.structure import conv_gates as C
 from kdprune_cli.pruning.structure.channels import ChannelGroups
 from kdprune_cli.experiment.job import run_job
 
@@ -21,7 +22,7 @@ warnings.filterwarnings("ignore", message="Unwrapped parameters")
 def test_open_probability_is_the_sampled_frequency_of_open_gates():
     """P(z>0) from the stretched-concrete CDF equals how often sampled gates are non-zero (per log α)."""
     gen = torch.Generator().manual_seed(0)
-    gates = N.HardConcrete([5], droprate_init=0.5, beta=2 / 3, gen=gen)
+    gates = G.HardConcrete([5], droprate_init=0.5, beta=2 / 3, gen=gen)
     with torch.no_grad():
         gates.log_alpha[0].copy_(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]))
     draws = torch.stack([gates.sample(gen)[0] for _ in range(20000)])
@@ -29,7 +30,7 @@ def test_open_probability_is_the_sampled_frequency_of_open_gates():
     torch.testing.assert_close(freq, gates.open_prob()[0].detach(), atol=0.012, rtol=0)
     assert draws.min() == 0 and draws.max() == 1  # hard: stretched to (−0.1, 1.1), clipped to [0, 1]
     # the source's initialisation and clamp
-    g2 = N.HardConcrete([1000], droprate_init=0.01, beta=2 / 3, gen=gen)
+    g2 = G.HardConcrete([1000], droprate_init=0.01, beta=2 / 3, gen=gen)
     assert float(g2.log_alpha[0].detach().mean()) == pytest.approx(math.log(99), abs=0.01)
     with torch.no_grad():
         g2.log_alpha[0].mul_(10)
@@ -39,7 +40,7 @@ def test_open_probability_is_the_sampled_frequency_of_open_gates():
 
 def test_deterministic_gates_zero_the_expected_number_and_keep_soft_values():
     gen = torch.Generator().manual_seed(1)
-    gates = N.HardConcrete([64], 0.5, 2 / 3, gen)
+    gates = G.HardConcrete([64], 0.5, 2 / 3, gen)
     with torch.no_grad():
         gates.log_alpha[0].copy_(torch.linspace(-4, 4, 64))
     z = gates.deterministic()[0]
@@ -72,7 +73,7 @@ def test_expected_size_matches_exact_counts_on_resnet56():
 
 
 def test_teacher_schedule_follows_the_source():
-    s = N.Snapshots(target=0.1, delta=0.01, ahead=3)
+    s = G.Snapshots(target=0.1, delta=0.01, ahead=3)
     assert s.marks == pytest.approx([0.01 * i for i in range(1, 10)])
     total = 1000
     taken = iter(range(100))
@@ -100,10 +101,10 @@ def test_the_lagrangian_target_ramps_over_its_steps_and_without_a_ramp_is_full_f
 
     cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1)
     structures = SimpleNamespace(sizes=[4], counts=lambda removed, exclude: {"params": 100.0})
-    gates = N.HardConcrete([4], 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    gates = G.HardConcrete([4], 0.01, 2 / 3, torch.Generator().manual_seed(0))
 
     def targets(ramp, steps):
-        obj = N.NuteObjective(SimpleNamespace(cfg=cfg), nn.Linear(2, 2), structures, gates, 100, ramp, 0.6,
+        obj = G.NuteObjective(cfg, nn.Linear(2, 2), structures, gates, 100, ramp, 0.6,
                               "params", (), torch.Generator(), lambda row: None, {})
         out = []
         for s in steps:
@@ -125,24 +126,25 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
             m.bias.data.uniform_(-0.2, 0.2)
     x = torch.randn(4, 3, 32, 32)
     groups = ChannelGroups(model, x[:1])
-    points = N.gate_points(model, groups, x[:1])
+    points = C.gate_points(model, groups, x[:1])
     assert sum(len(p) for p in points) == sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     gen = torch.Generator().manual_seed(3)
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
-    gating = N.Gating(points)
-    model = N.add_lora(model, 4, 8)
+    gating = C.ConvGates(model, groups, x[:1])
+    gating.attach()
+    model = G.add_lora(model, 4, 8)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)  # adapters that change the function
         gating.z = z
         gated = model(x)
-    gating.remove()
-    model = N.merge_lora(model)
-    assert not N._lora_layers(model)
-    facts = N.fold_and_remove(model, groups, points, z)
+    gating.remove_hooks()
+    model = G.merge_lora(model)
+    assert not G._lora_layers(model)
+    facts = C.fold_and_remove(model, groups, points, z)
     with torch.no_grad():
         out = model(x)
     torch.testing.assert_close(out, gated, atol=1e-4, rtol=1e-4)
@@ -165,7 +167,7 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
                 m.bias.uniform_(-0.2, 0.2)
     x = torch.randn(4, 3, 32, 32)
     groups = ChannelGroups(model, x[:1])
-    points = N.gate_points(model, groups, x[:1])
+    points = C.gate_points(model, groups, x[:1])
     gated_modules = [m for pts in points for m, _ in pts]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in gated_modules) == \
         sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -174,8 +176,9 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
-    model = N.add_lora(model, 4, 8)
-    gating = N.Gating(points, model)  # a conv under an adapter is gated at the adapter's output
+    gating = C.ConvGates(model, groups, x[:1])
+    model = G.add_lora(model, 4, 8)
+    gating.attach()  # a conv under an adapter is gated at the adapter's output
     outs = []
     model.blocks[1].register_forward_hook(lambda m, i, o: outs.append(o))
     with torch.no_grad():
@@ -187,9 +190,9 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     stage = next(g for g, grp in enumerate(groups.groups) if any(it.module == "blocks.1.conv2" for it in grp.items))
     closed = torch.nonzero(z[stage] == 0).flatten()
     assert len(closed) and outs[0][:, closed].abs().max() == 0  # the stream is zero on closed channels
-    gating.remove()
-    model = N.merge_lora(model)
-    facts = N.fold_and_remove(model, groups, points, z)
+    gating.remove_hooks()
+    model = G.merge_lora(model)
+    facts = C.fold_and_remove(model, groups, points, z)
     with torch.no_grad():
         torch.testing.assert_close(model(x), gated, atol=1e-4, rtol=1e-4)
     assert facts["channels_removed"] == sum(int((zg == 0).sum()) for zg in z) and facts["params_removed"] > 0.2
@@ -240,7 +243,7 @@ def test_unsupported_students_fail_before_any_training(tiny_cfg, tmp_path, stude
 
 
 def test_quickstart_nuteprune_ends_physically_smaller_and_accurate(tmp_path):
-    """The issue's acceptance, as a user runs it: `kdprune experiment=quickstart method=nuteprune sparsity=0.5`
+    """As a user runs it: `kdprune experiment=quickstart method=nuteprune sparsity=0.5`
     (the teacher cut to a 2-epoch ResNet-20: NutePrune's teachers are the student's own snapshots)."""
     import json
 
@@ -262,12 +265,12 @@ def test_a_non_finite_loss_stops_with_one_line():
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3, 32).eval()
     x = torch.randn(2, 3, 32, 32)
-    structures = N.ConvGates(model, ChannelGroups(model, x[:1]), x[:1])
+    structures = C.ConvGates(model, ChannelGroups(model, x[:1]), x[:1])
     structures.attach()
-    gates = N.HardConcrete(structures.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    gates = G.HardConcrete(structures.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
     cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1, teachers="intact", lora=False,
                           temperature=2 / 3, kd_weight=0.1, hidden_weight=0.9)
-    obj = N.NuteObjective(SimpleNamespace(cfg=cfg), model, structures, gates, 10, 5, 0.5, "params", (),
+    obj = G.NuteObjective(cfg, model, structures, gates, 10, 5, 0.5, "params", (),
                           torch.Generator().manual_seed(0), lambda r: None, {})
     obj(model, x, None, None)  # finite
     with torch.no_grad():

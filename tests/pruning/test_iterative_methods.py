@@ -9,10 +9,11 @@ import torch
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data import Split
-from kdprune_cli.pruning.methods import get_method
+from kdprune_cli.pruning import selection
+from kdprune_cli.pruning.methods import get_method, gmp
 from kdprune_cli.pruning.methods.colt import partition_classes, partition_data
-from kdprune_cli.pruning.methods.gmp import schedule
-from kdprune_cli.pruning.methods.imp import clone_state
+from kdprune_cli.pruning.procedures.gradual import schedule
+from kdprune_cli.pruning.procedures.rounds import clone_state
 from kdprune_cli.pruning.masks import assert_masked, prunable_modules, prunable_params, select
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0"]
@@ -24,10 +25,10 @@ def shrink(ctx, n):
 
 
 def spy(ctx):
-    """Record every ctx.train call (model state, masks, data at call time), the model given to
-    record_metrics("pruned"), and the ctx.log lines."""
+    """Record every trainer.train call (model state, masks, data at call time), the model given to
+    evaluator.record_metrics("pruned"), and the ctx.log lines."""
     calls, pruned, logs = [], {}, []
-    train, record = ctx.train, ctx.record_metrics
+    train, record = ctx.trainer.train, ctx.evaluator.record_metrics
 
     def train_spy(model, node, objective, stage, masks=None, step_hook=None, record=True, data=None):
         d = data if data is not None else ctx.data
@@ -41,9 +42,28 @@ def spy(ctx):
             pruned["state"] = clone_state(model)
         return record(key, model, cached)
 
-    ctx.train, ctx.record_metrics = train_spy, record_spy
+    ctx.trainer.train, ctx.evaluator.record_metrics = train_spy, record_spy
     ctx.log = logs.append
     return calls, pruned, logs
+
+
+def spy_common(monkeypatch):
+    """Record every call of the selection's ``select_common`` (the masks before, each model's scores and
+    masks, their intersection): one per round with ``prune.scope=global``."""
+    hist, real = [], selection.select_common
+
+    def select_common(scores_list, names, count, cap, keep):
+        per_model, inter, clipped = real(scores_list, names, count, cap, keep)
+        hist.append({"before": {n: keep[n].clone() for n in names}, "per_model": per_model, "mask": inter,
+                     "scores": [{n: s[n].cpu().clone() for n in names} for s in scores_list]})
+        return per_model, inter, clipped
+
+    monkeypatch.setattr(selection, "select_common", select_common)
+    return hist
+
+
+def round_lines(logs, stage):
+    return [r for r in logs if r.get("stage") == stage and "round" in r]
 
 
 def n_removed(masks, names=None):
@@ -89,15 +109,16 @@ def colt_ctx(make_ctx, *extra):
     return ctx
 
 
-def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx):
+def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx, monkeypatch):
     ctx = colt_ctx(make_ctx)
     calls, pruned, logs = spy(ctx)
+    hist = spy_common(monkeypatch)
     method = get_method("colt")(ctx.cfg.method)
     method.validate()
-    method.history = []
     model, masks = method.run(ctx)
+    rounds = round_lines(logs, "colt")
 
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     mods = prunable_modules(model)
     P = prunable_params(model)
     convs = [f"{n}.weight" for n, m in mods.items() if isinstance(m, torch.nn.Conv2d)]
@@ -107,8 +128,7 @@ def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx):
     assert masks["fc.weight"].all()  # only convolutions are pruned
     assert_masked(model, masks)
 
-    hist = method.history
-    assert len(hist) == method.rounds >= 2
+    assert len(hist) == len(rounds) >= 2
     prev = 0
     for h in hist:
         pm, inter = h["per_model"], h["mask"]
@@ -130,26 +150,27 @@ def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx):
 
     # every round trains each partition model on its relabelled classes, from θ₀_i ⊙ M (same convs θ₀)
     colt_calls = [c for c in calls if c["stage"] == "colt"]
-    assert len(colt_calls) == 2 * method.rounds
-    parts = method.parts
+    assert len(colt_calls) == 2 * len(rounds)
+    parts = partition_classes(10, 2)
     assert [list(p) for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    # θ₀_i of each partition model, built again (its head's stream is named by the partition)
+    thetas = [clone_state(method.partition_model(ctx, theta0, "fc", len(p), i)) for i, p in enumerate(parts)]
     for j, c in enumerate(colt_calls):
         r, i = divmod(j, 2)
         assert c["num_classes"] == 5 and set(c["labels"].tolist()) == set(range(5))
         before = hist[r]["before"]
         assert all(torch.equal(c["masks"][n], before[n]) for n in convs) and set(c["masks"]) == set(convs)
-        assert_rewound(c["state"], method.thetas[i], before)
-    for th in method.thetas:
+        assert_rewound(c["state"], thetas[i], before)
+    for th in thetas:
         assert th["fc.weight"].shape == (5, 64)
         assert all(torch.equal(th[n], theta0[n]) for n in theta0 if not n.startswith("fc."))
-    assert not torch.equal(method.thetas[0]["fc.weight"], method.thetas[1]["fc.weight"])
+    assert not torch.equal(thetas[0]["fc.weight"], thetas[1]["fc.weight"])
     # the ticket: θ₀ ⊙ M with θ₀'s own full-class head
     assert_rewound(pruned["state"], theta0, masks)
-    rounds = [r for r in logs if r.get("stage") == "colt" and "round" in r]
-    assert [r["round"] for r in rounds] == list(range(1, method.rounds + 1))
+    assert [r["round"] for r in rounds] == list(range(1, len(hist) + 1))
     assert rounds[-1]["sparsity"] == k / total and all(r["seconds"] > 0 for r in rounds)
     halves = [int((ctx.data.train.y < 5).sum()), int((ctx.data.train.y >= 5).sum())]
-    assert ctx.cost["colt"].samples == method.rounds * sum(h // 64 * 64 for h in halves)
+    assert ctx.costs.stages["colt"].samples == len(rounds) * sum(h // 64 * 64 for h in halves)
 
 
 def test_colt_cannot_reach_target_with_convs_only(make_ctx):
@@ -174,7 +195,7 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
     method = get_method("imp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     P = prunable_params(model)
     total = sum(p.numel() for p in P.values())
     assert set(masks) == set(P) and n_removed(masks) == round(0.5 * total)
@@ -183,7 +204,7 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
         assert {n: n_removed(masks, [n]) for n in P} == {n: n_removed(ref, [n]) for n in P}
     assert_masked(model, masks)
     rounds = [c for c in calls if c["stage"] == "imp"]
-    assert len(rounds) == method.rounds == 2  # 30% then clipped from 51% to 50%
+    assert len(rounds) == len(round_lines(logs, "imp")) == 2  # 30% then clipped from 51% to 50%
     assert n_removed(rounds[0]["masks"]) == 0
     r1 = rounds[1]["masks"]
     if scope == "global":
@@ -195,7 +216,7 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
     assert_rewound(pruned["state"], theta0, masks)
     lines = [r for r in logs if r.get("stage") == "imp" and "round" in r]
     assert [r["round"] for r in lines] == [1, 2] and lines[-1]["sparsity"] == round(0.5 * total) / total
-    assert ctx.cost["imp"].samples == 2 * 192 and ctx.cost["retrain"].samples == 192
+    assert ctx.costs.stages["imp"].samples == 2 * 192 and ctx.costs.stages["retrain"].samples == 192
 
 
 def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
@@ -203,7 +224,7 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
     calls, pruned, logs = spy(ctx)
     seen = {}
     spe = 192 // 64
-    inner = ctx.train
+    inner = ctx.trainer.train
 
     def train(model, node, objective, stage, masks=None, step_hook=None, record=True):
         def hook(step, total):
@@ -215,11 +236,11 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
         seen.setdefault("end", clone_state(model))
         return out
 
-    ctx.train = train
+    ctx.trainer.train = train
     method = get_method("imp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     assert n_removed(masks) == round(0.5 * sum(p.numel() for p in prunable_params(model).values()))
     assert_rewound(pruned["state"], seen["epoch1"], masks)
     rounds = [c for c in calls if c["stage"] == "imp"]
@@ -231,7 +252,7 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
 
 
 # --- GMP -------------------------------------------------------------------------------------------
-def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
+def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx, monkeypatch):
     s_i, s_f = 0.1, 0.6
     ctx = make_ctx(*QUIET, "method=gmp", f"sparsity={s_f}", f"method.initial_sparsity={s_i}",
                    "method.start_from=init", "method.start=0.2", "method.end=0.9", "method.frequency=2",
@@ -239,8 +260,8 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
                    "++method.retrain.epochs=1", "++method.retrain.batch_size=64", "++method.retrain.lr=0.05", "++method.retrain.eval_every=0")
     shrink(ctx, 320)  # 5 steps per epoch, T = 10: pruning at t = 2, 4, 6, 8 (t₀ = 2, Δt = 2, n = 3)
     calls, pruned, logs = spy(ctx)
-    measured = []
-    inner = ctx.train
+    measured, followed = [], []
+    inner = ctx.trainer.train
 
     def train(model, node, objective, stage, masks=None, step_hook=None, record=True):
         def hook(step, total):
@@ -250,13 +271,22 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
         return inner(model, node, objective, stage, masks=masks,
                      step_hook=hook if step_hook is not None else None, record=record)
 
-    ctx.train = train
+    ctx.trainer.train = train
+    real = gmp.prune_gradually
+
+    def prune_gradually(*args, **kw):  # the schedule the procedure followed
+        progress, history = real(*args, **kw)
+        followed.append(history)
+        return progress, history
+
+    monkeypatch.setattr(gmp, "prune_gradually", prune_gradually)
     method = get_method("gmp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
     N = sum(p.numel() for p in prunable_params(model).values())
     t0, dt, n = 2, 2, 3
-    assert method.schedule == (t0, n, dt, 10)
+    assert followed[0].schedule == (t0, n, dt, 10)
+    assert [x["step"] for x in followed[0].steps] == [2, 4, 6, 8]
     assert [m[0] for m in measured] == list(range(10))
     for step, rem, zeros in measured:
         if step < t0:
@@ -269,7 +299,7 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
     assert measured[2][1] == round(s_i * N) and measured[-1][1] == round(s_f * N)
     assert n_removed(masks) == round(s_f * N)
     assert_masked(model, masks)
-    assert "pruned" in ctx.metrics and "state" in pruned
+    assert "pruned" in ctx.evaluator.metrics and "state" in pruned
     assert [r["step"] for r in logs if r.get("stage") == "gmp" and "step" in r] == [2, 4, 6, 8]
 
 

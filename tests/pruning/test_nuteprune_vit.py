@@ -15,7 +15,7 @@ from conftest import torch_macs
 from kdprune_cli.training.evaluate import count_flops
 from kdprune_cli.models.modelfile import build_from, model_file
 from kdprune_cli.models import build_model
-from kdprune_cli.pruning.methods import nuteprune as N
+from kdprune_cli.pruning.procedures import gates as G
 from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.structure.vit import ViTGates
 from kdprune_cli.experiment.job import run_job
@@ -103,7 +103,7 @@ def test_export_removes_heads_channels_and_width_exactly_and_the_file_reloads():
                 m.bias.uniform_(-0.3, 0.3)
     x = torch.randn(4, 3, 32, 32)
     g = ViTGates(model, x[:1])
-    model = N.add_lora(model, 4, 8)
+    model = G.add_lora(model, 4, 8)
     g.attach()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -114,7 +114,7 @@ def test_export_removes_heads_channels_and_width_exactly_and_the_file_reloads():
     with torch.no_grad():
         gated = model(x)
     g.remove_hooks()
-    model = N.merge_lora(model)
+    model = G.merge_lora(model)
     facts = g.export(z)
     with torch.no_grad():
         out = model(x)
@@ -153,7 +153,7 @@ def test_the_hidden_layernorm_normalises_over_the_kept_dims_only():
 
 
 def test_lora_adapts_q_and_v_only_as_two_rank_r_adapters():
-    model = N.add_lora(vit(depth=2), r=4, alpha=8)
+    model = G.add_lora(vit(depth=2), r=4, alpha=8)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".attn.qkv.lora_" in n for n in trainable)  # only q/v adapters train
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -162,7 +162,7 @@ def test_lora_adapts_q_and_v_only_as_two_rank_r_adapters():
         opt.zero_grad()
         model(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
         opt.step()
-    merged = N.merge_lora(model)
+    merged = G.merge_lora(model)
     for b, blk in enumerate(merged.blocks):
         delta = blk.attn.qkv.weight.detach() - before[f"blocks.{b}.attn.qkv.base_layer.weight"]
         q, k, v = delta.split(192)
@@ -175,9 +175,9 @@ def objective(model, g, gates, lora=True, target=0.5, total=100, ramp=50, teache
                           lora=lora, temperature=2 / 3, kd_weight=0.1, hidden_weight=0.9)
     intact = {n: p.detach().clone() for n, p in model.named_parameters()}
     if lora:
-        model = N.add_lora(model, 4, 8)
+        model = G.add_lora(model, 4, 8)
     g.attach()
-    obj = N.NuteObjective(SimpleNamespace(cfg=cfg), model, g, gates, total, ramp, target, "params", (),
+    obj = G.NuteObjective(cfg, model, g, gates, total, ramp, target, "params", (),
                           torch.Generator().manual_seed(0), lambda row: None, intact)
     return model, obj
 
@@ -186,7 +186,7 @@ def test_a_snapshot_teacher_reproduces_the_model_at_the_snapshot_on_one_copy_of_
     model = vit(depth=2).eval()
     x = torch.randn(4, 3, 32, 32)
     g = ViTGates(model, x[:1])
-    gates = N.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    gates = G.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for a in gates.log_alpha:
             a.uniform_(-2, 3)
@@ -227,7 +227,7 @@ def test_the_lagrangian_drives_expected_sparsity_to_the_target():
     model = vit(depth=2).eval()
     x = torch.randn(8, 3, 32, 32)
     g = ViTGates(model, x[:1])
-    gates = N.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
+    gates = G.HardConcrete(g.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
     model, obj = objective(model, g, gates, total=400, ramp=150, target=0.5)
     for _ in range(400):
         loss, _ = obj(model, x, None, None)
