@@ -16,7 +16,7 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.methods.magnitude import magnitude_scores as magnitudes
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 from kdprune_cli.pruning.masks import Masks, _removal_counts, apply_masks, dense_masks, prunable_params, select
 from kdprune_cli.pruning.procedures.rounds import full_step, round_spec, shared_round
 

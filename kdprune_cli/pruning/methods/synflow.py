@@ -28,9 +28,10 @@ from omegaconf import MISSING
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
-from kdprune_cli.pruning.methods.base import Result, params_for_scoring
+from kdprune_cli.pruning.methods.base import Result
 from kdprune_cli.pruning.masks import Masks, Scores, apply_masks, select
-from kdprune_cli.pruning.methods.snip import PruneAtInit
+from kdprune_cli.pruning.procedures.one_shot import OneShot
+from kdprune_cli.pruning.procedures.one_shot import scoring_params as params_for_scoring
 from kdprune_cli.pruning.structure.channels import Plan
 
 
@@ -75,13 +76,14 @@ class SynFlowConfig(MethodConfig):
     double: bool = MISSING  # score in float64
     retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
 
-class SynFlow(PruneAtInit):
+class SynFlow(OneShot):
     """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
 
     granularities = ("weight", "channel")  # channel: each round re-plans channel groups (docs/methods.md §7)
 
     name = "synflow"
     Config = SynFlowConfig
+    at_init = True
 
     def validate(self) -> None:
         if int(self.cfg.rounds) < 1:
