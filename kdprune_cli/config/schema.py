@@ -138,7 +138,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm models only: passed to timm.create_model (e.g. patch_size)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm only: timm.create_model's kwargs (e.g. patch_size)
     checkpoint: Optional[str] = None  # load instead of training
     seed: int = 0
     train: TrainRecipe = field(default_factory=TrainRecipe)
@@ -304,21 +304,38 @@ def validate(cfg: DictConfig) -> None:
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
             raise ConfigError(f"{role}.checkpoint {m.checkpoint} does not exist")
         _check_recipe(m.train, f"{role}.train")
-    if cfg.prune.scope not in ("global", "layer"):
-        raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
+    check_prune(cfg.prune)
+    check_outputs(cfg)
+    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
+        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
+    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_run_options(cfg)
+
+
+def check_prune(p) -> None:
+    """``prune.*``: the selection's options."""
+    if p.scope not in ("global", "layer"):
+        raise ConfigError(f"prune.scope must be global or layer, got {p.scope!r}")
     choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("mean", "sum"),
                "normalize": ("mean", "max", "sum", "standarization", "none")}
     for key, allowed in choices.items():
-        if cfg.prune[key] not in allowed:
-            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {cfg.prune[key]!r}")
-    if not 0.0 < cfg.prune.max_group_ratio <= 1.0:
-        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {cfg.prune.max_group_ratio}")
-    if cfg.prune.min_channels < 1:
-        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {cfg.prune.min_channels}")
-    if cfg.prune.round_to < 1:
-        raise ConfigError(f"prune.round_to must be an integer >= 1, got {cfg.prune.round_to}")
-    if cfg.prune.granularity == "weight" and (cfg.prune.target != "params" or cfg.prune.round_to != 1):
+        if p[key] not in allowed:
+            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {p[key]!r}")
+    if not 0.0 < p.max_group_ratio <= 1.0:
+        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {p.max_group_ratio}")
+    if p.min_channels < 1:
+        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {p.min_channels}")
+    if p.round_to < 1:
+        raise ConfigError(f"prune.round_to must be an integer >= 1, got {p.round_to}")
+    if p.granularity == "weight" and (p.target != "params" or p.round_to != 1):
         raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
+
+
+def check_outputs(cfg: DictConfig) -> None:
+    """``eval.*`` and ``logger.*``: what the run measures and where it logs."""
     if cfg.eval.latency_batch <= 0 or cfg.eval.latency_iters <= 0:
         raise ConfigError("eval.latency_batch and eval.latency_iters must be integers > 0")
     if str(cfg.eval.latency_compile).lower() not in ("auto", "true", "false"):
@@ -329,13 +346,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
-    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
-        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
-    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    check_run_options(cfg)
 
 
 def check_run_options(cfg: DictConfig) -> None:

@@ -59,8 +59,9 @@ class EPSD(OneShot):
     Step 1 (prune at initialisation): a fresh student ``ctx.seeds.new_model("student")`` is scored with the
     ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: masks multiply the initial
     weights once (``θ₀ ⊙ m``), ``inner_steps`` (3) differentiable SGD steps (lr ``inner_lr`` = 0.1) on
-    ``L_SD`` update the weights, then ``S = |∂L_SD(θ_i)/∂m|`` at m = 1 (:func:`~kdprune_cli.pruning.scores.prospr.prospr_scores`,
-    ``inner_batches``); the top ``(1−s)·|P|`` scores are kept (``prune.scope``, exact count).
+    ``L_SD`` update the weights, then ``S = |∂L_SD(θ_i)/∂m|`` at m = 1
+    (:func:`~kdprune_cli.pruning.scores.prospr.prospr_scores`, ``inner_batches``); the top ``(1−s)·|P|``
+    scores are kept (``prune.scope``, exact count).
     Step 2: the sparse network is trained with the same SD loss and the mask fixed (``retrain``).
 
     ``method.sd``: ``cs_kd`` (default; arXiv 2003.13964), ``ps_kd`` (arXiv 2006.12000) or ``dlb``
