@@ -51,18 +51,18 @@ def follow_student() -> TrainRecipe:
     return TrainRecipe(**{f: f"${{student.train.{f}}}" for f in TrainRecipe.__dataclass_fields__})
 
 
-def _integer(v) -> bool:
+def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _int(v) or isinstance(v, float) and math.isfinite(v)
 
 
 RULES = {  # an option's rule: (accepts the value, what the refusal says it must be)
-    "count": (lambda v: _integer(v) and v > 0, "an integer > 0"),
-    "count_or_null": (lambda v: v is None or (_integer(v) and v > 0), "an integer > 0 or null"),
-    "steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "count": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "count_or_null": (lambda v: v is None or (_int(v) and v > 0), "an integer > 0 or null"),
+    "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
     "positive": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "nonnegative": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "unit": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
@@ -70,8 +70,7 @@ RULES = {  # an option's rule: (accepts the value, what the refusal says it must
 
 
 def option(rule: str, default: Any = MISSING) -> Any:
-    """A method option whose value must satisfy ``rule`` (a key of :data:`RULES`), e.g.
-    ``batch_size: int = option("count")``; the value itself lives in the method's YAML."""
+    """A method option that must satisfy ``rule`` (:data:`RULES`): ``batch_size: int = option("count")``."""
     return field(default=default, metadata={"rule": rule})
 
 

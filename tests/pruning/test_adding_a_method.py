@@ -1,5 +1,5 @@
-"""A new method is one file (its typed config, which scorer, which procedure) plus one YAML, and pruning channel
-groups comes with it: a toy method defined in a temporary module runs through ``debug=default`` at both
+"""Adding a method takes one file (its typed config, which scorer, which procedure) plus one YAML, and pruning
+channel groups comes with it: a toy method defined in a temporary module runs through ``debug=default`` at both
 granularities."""
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """The method interface: a :class:`Method` subclass with a ``name`` and a typed ``Config`` is a method.
 
-``Method(node)`` turns the composed ``method`` node into a checked ``Config`` instance (``self.cfg``);
-``run(ctx)`` returns a :class:`Result`: the final pruned model, its masks and the facts the record needs
-(e.g. CA-KLD's ``gamma``). ``ctx`` is the job's :class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and
-services (``costs``, ``seeds``, ``trainer``, ``evaluator``, ``artifacts``, ``pruner``) that book the cost of
-each stage. How a method runs is a procedure (:mod:`kdprune_cli.pruning.procedures`).
+``Method(node)`` makes the composed ``method`` node a checked ``Config`` instance (``self.cfg``); ``run(ctx)``
+returns a :class:`Result`: the pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``).
+``ctx`` is the job's :class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and services (``costs``,
+``seeds``, ``trainer``, ``evaluator``, ``artifacts``, ``pruner``); procedures/ hold how methods run.
 """
 from __future__ import annotations
 

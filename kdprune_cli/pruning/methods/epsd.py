@@ -1,10 +1,8 @@
 """EPSD and EPG: early pruning with a ProsPr-form saliency, then sparse training (docs/methods.md §3).
 
 Both score the fresh seeded initialisation with ProsPr's saliency (arXiv 2202.08132,
-:mod:`kdprune_cli.pruning.scores.prospr`): EPSD of its self-distillation loss, EPG of plain CE. Batches
-(``inner_batches``): ``fresh`` (default) draws a new training batch of ``score_batch_size`` for every inner
-step and one more for the final loss, from one seeded shuffle of the training set (cycling over passes if it
-is smaller); ``same`` uses one batch for every step and the final loss.
+:mod:`kdprune_cli.pruning.scores.prospr`; ``inner_batches``: ``fresh`` or ``same`` batches, drawn from one
+seeded shuffle of the training set): EPSD of its self-distillation loss, EPG of plain CE.
 """
 from __future__ import annotations
 

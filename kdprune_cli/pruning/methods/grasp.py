@@ -12,10 +12,7 @@ statistics, and the loss is the sum of the two halves' mean losses, ``L = L₁ +
 ``chunk_size`` (each chunk's loss weighted by its share; a memory knob, though with BN in train mode each
 chunk has its own statistics). BatchNorm scores in train mode by default (``bn_mode``), as the reference,
 which scores a copy of the freshly built network. The sparse network is then trained from that
-initialisation with CE for ``retrain``.
-
-Precision: float32 always, also with ``amp=true`` (no bf16 autocast, unlike the first-order saliencies): ``H g``
-is a second-order quantity of a loss whose logits are divided by ``T = 200`` (docs/methods.md §0).
+initialisation with CE for ``retrain``. Float32 always, also with ``amp=true`` (docs/methods.md §0).
 """
 from __future__ import annotations
 

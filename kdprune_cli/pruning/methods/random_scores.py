@@ -1,10 +1,8 @@
-"""Random pruning (docs/methods.md §4): the sanity baseline, i.i.d. uniform scores.
+"""Random pruning (docs/methods.md §4), the sanity baseline (:mod:`kdprune_cli.pruning.scores.random`).
 
-Random pruning at initialisation is the reference every pruning-at-initialisation paper compares
-against (SNIP arXiv 1810.02340, GraSP arXiv 2002.07376, SynFlow arXiv 2006.05467; Frankle et al. 2021,
-arXiv 2009.08576). Each weight gets an i.i.d. U[0,1) score drawn from the seeded generator ``random``;
-the selection then removes exactly ``round(s·|P|)`` weights, so in ``layer`` scope every tensor loses the
-same fraction and in ``global`` scope each weight survives with probability ≈ 1−s independently of its layer.
+Each weight gets an i.i.d. U[0,1) score drawn from the seeded generator ``random``; the selection then removes
+exactly ``round(s·|P|)`` weights, so in ``layer`` scope every tensor loses the same fraction and in ``global``
+scope each weight survives with probability ≈ 1−s independently of its layer.
 """
 from __future__ import annotations
 

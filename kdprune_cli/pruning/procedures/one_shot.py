@@ -59,7 +59,6 @@ def scoring_params(ctx, model: nn.Module) -> dict:
 
 
 def amp_autocast(ctx):
-    """``autocast()`` for a first-order scorer: bf16 on CUDA with ``amp=true``, else nothing
-    (as training does; GraSP and SynFlow score in full precision)."""
+    """``autocast()`` for a first-order scorer: bf16 on CUDA with ``amp=true`` as training, else nothing."""
     on = bool(ctx.cfg.get("amp", False)) and ctx.device.type == "cuda"
     return lambda: torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
