@@ -113,12 +113,17 @@ class MethodConfig:
 
 
 def method_config(cls: type, node: Any) -> Any:
-    """``node`` (the composed ``method`` node, or a mapping of all its options) as a checked ``cls`` instance."""
+    """``node`` (the composed ``method`` node, or a mapping of all its options) as a checked ``cls`` instance.
+    Its training recipes stay config nodes, so that the trainer's errors name them (``method.retrain.lr``)."""
     if isinstance(node, cls):
         return node
     if not (isinstance(node, DictConfig) and OmegaConf.get_type(node) is cls):
         node = OmegaConf.merge(OmegaConf.structured(cls), node)
-    return OmegaConf.to_object(node)
+    obj = OmegaConf.to_object(node)
+    for f in dataclasses.fields(obj):
+        if isinstance(getattr(obj, f.name), TrainRecipe):
+            setattr(obj, f.name, node[f.name])
+    return obj
 
 
 @dataclass

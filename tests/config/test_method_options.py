@@ -47,8 +47,16 @@ def make(**changes):
 
 def test_a_good_node_becomes_a_config_instance():
     c = make()
-    assert isinstance(c, Example) and isinstance(c.retrain, TrainRecipe) and c.retrain.epochs == 1
-    assert c.inner.rate == 0.0 and method_config(Example, c) is c
+    assert isinstance(c, Example) and isinstance(c.inner, Inner) and c.inner.rate == 0.0
+    assert OmegaConf.get_type(c.retrain) is TrainRecipe and c.retrain.epochs == 1  # a node: errors name it
+    assert method_config(Example, c) is c
+
+
+def test_a_composed_recipe_keeps_its_config_path():
+    from kdprune_cli.errors import config_path
+
+    method = get_method("snip")(compose_cfg(["method=snip", "student.train.epochs=7"]).method)
+    assert config_path(method.cfg.retrain) == "method.retrain" and method.cfg.retrain.epochs == 7
 
 
 @pytest.mark.parametrize("changes,message", [
