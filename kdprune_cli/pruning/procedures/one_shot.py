@@ -43,7 +43,7 @@ class OneShot(Method):
     def run(self, ctx) -> Result:
         model = self.base_model(ctx)
         t = time.perf_counter()
-        with ctx.costs.count(model, stage="score"):
+        with ctx.costs.count(stage="score"), ctx.costs.count(model):  # the stage; forwards through model and copies
             scores = self.score(ctx, model)
         pruned = ctx.pruner.prune(model, scores)
         ctx.log({"stage": "score", "round": 1, "sparsity": ctx.pruner.sparsity, "seconds": time.perf_counter() - t})
