@@ -3,7 +3,7 @@
 1–2. dense teacher and dense student (cached artifacts of the job);
 3.   teacher-guided fine-tuning of the dense student with ``L_total = α·L_CA-KLD + (1−α)·CE`` (§1);
 4.   importance ``S_j = Σ_b |θ_j · ∂L_total(x_b, y_b)/∂θ_j|`` over ``score_batches`` batches, BN in eval
-     mode, teacher in eval mode under no_grad (:func:`~kdprune_cli.pruning.scores.saliency.summed_saliency`);
+     mode, teacher in eval mode under no_grad (:func:`kdprune_cli.pruning.scores.saliency.summed_saliency`);
 5.   one global threshold keeps the top ``(1−s)·|P|`` scores;
 6.   sparsity-aware retraining with the mask fixed, with KD (``L_total``) or without (CE): ``retrain.kd``.
 """

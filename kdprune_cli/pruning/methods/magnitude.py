@@ -1,10 +1,8 @@
 """Magnitude pruning (docs/methods.md §4): score ``|θ|``, one shot, then retrain with the mask fixed.
 
-The classic baseline (Han et al. 2015, arXiv 1506.02626; as a one-shot score, e.g. Frankle & Carbin
-2019, arXiv 1803.03635, and Blalock et al. 2020, arXiv 2003.03033): keep the largest ``|θ_j|``.
-``at_init=false`` (default) prunes the trained dense student; ``at_init=true`` prunes the fresh seeded
-initialisation (the "magnitude at init" baseline of the pruning-at-initialisation papers), after which
-``retrain`` should be the full training budget.
+The classic baseline (Han et al. 2015, arXiv 1506.02626; as a one-shot score, e.g. Frankle & Carbin 2019,
+arXiv 1803.03635, and Blalock et al. 2020, arXiv 2003.03033). ``at_init=false`` (default) prunes the trained
+dense student; ``at_init=true`` the fresh seeded initialisation (the "magnitude at init" baseline).
 """
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 A one-shot method subclasses :class:`OneShot` and says which network it scores (``at_init``) and how its
 scorer (a pure function of :mod:`kdprune_cli.pruning.scores`) is fed (:meth:`OneShot.score`). The procedure
-books the scoring to the ``score`` stage, including every forward through the scored network and the copies
-the scorer makes of it; the selection alone knows ``prune.granularity``, so every one-shot method prunes
-weights and channel groups alike.
+books the scoring to the ``score`` stage (forwards through the scored network and its copies included); the
+selection alone knows ``prune.granularity``: every one-shot method prunes weights and channel groups alike.
 """
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | No
 
 
 def normalized(imp: List[torch.Tensor], normalize: str, keep_removed: List[torch.Tensor] | None = None):
-    """``(imp, forced)``: each group's importances normalised on the channels still there, the channels an earlier
-    plan removed (``keep_removed``) ranked first (−inf) so they go again, and how many those are per group."""
+    """``(imp, forced)``: importances normalised on the channels still there; those an earlier plan removed
+    (``keep_removed``, ``forced`` per group) ranked first, so they go again."""
     forced = [0] * len(imp)
     gone = list(keep_removed or ())
     gone += [torch.zeros(0, dtype=torch.long)] * (len(imp) - len(gone))
@@ -55,10 +55,8 @@ def normalized(imp: List[torch.Tensor], normalize: str, keep_removed: List[torch
 
 def removals(imp: List[torch.Tensor], forced: List[int], caps: List[int], round_to: int,
              scope: str) -> tuple[Callable[[int], list], int, int]:
-    """``(removal, first, steps)``: ``removal(k)`` is how many root channels each group loses at step ``k`` of
-    the ranking (``global``: the k least important channels of all groups; ``layer``: the fraction k/steps of
-    every group), within the caps, rounded to keep multiples of ``round_to`` and at least the ``forced``;
-    steps run from ``first`` to ``steps``."""
+    """``(removal, first, steps)``: ``removal(k)``, each group's lost root channels at step ``k`` (``global``: the
+    k least important of all; ``layer``: k/steps of each), capped, rounded (``round_to``), at least ``forced``."""
     sizes = [len(v) for v in imp]
 
     def rounded(r: int, n: int, cap: int) -> int:
