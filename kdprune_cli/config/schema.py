@@ -1,12 +1,12 @@
 """Structured configs (the Hydra schema) and the validation every run passes before any work.
 
-The schema types every top-level field, so Hydra rejects a wrong type at composition; :func:`validate`
-checks what types cannot (ranges, names, files) and raises :class:`ConfigError` with one clear line.
-Method nodes are free-form (each method reads its own fields); their training recipes are checked
-against :class:`TrainRecipe` here.
+The schema types every field, so Hydra rejects a wrong type at composition; :func:`validate` checks what
+types cannot (ranges, names, files) and raises :class:`ConfigError` with one clear line. A method's options
+are checked where its config dataclass is made (:class:`MethodConfig`, :func:`method_config`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,12 +51,79 @@ def follow_student() -> TrainRecipe:
     return TrainRecipe(**{f: f"${{student.train.{f}}}" for f in TrainRecipe.__dataclass_fields__})
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return _int(v) or isinstance(v, float) and math.isfinite(v)
+
+
+RULES = {  # an option's rule: (accepts the value, what the refusal says it must be)
+    "count": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "count_or_null": (lambda v: v is None or (_int(v) and v > 0), "an integer > 0 or null"),
+    "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "nonnegative": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "unit": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def option(rule: str, default: Any = MISSING) -> Any:
+    """A method option that must satisfy ``rule`` (:data:`RULES`): ``batch_size: int = option("count")``."""
+    return field(default=default, metadata={"rule": rule})
+
+
+def choice(*allowed: str, default: Any = MISSING) -> Any:
+    """A method option that is one of the strings ``allowed``."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def check_options(obj, where: str) -> None:
+    """Check every field of a config dataclass instance by its declared rule or choices; a training recipe
+    is checked whole, a nested dataclass field by field. Raises :class:`ConfigError` naming ``where.<field>``."""
+    for f in dataclasses.fields(obj):
+        v, name = getattr(obj, f.name), f"{where}.{f.name}"
+        if isinstance(v, TrainRecipe):
+            _check_recipe(v, name)
+        elif dataclasses.is_dataclass(v):
+            check_options(v, name)
+        elif "rule" in f.metadata:
+            accepts, what = RULES[f.metadata["rule"]]
+            if not accepts(v):
+                raise ConfigError(f"{name} must be {what}, got {v!r}")
+        elif "choices" in f.metadata and v not in f.metadata["choices"]:
+            allowed = f.metadata["choices"]
+            raise ConfigError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {v!r}")
+
+
 @dataclass
 class MethodConfig:
-    """Typed config of a method: each method file subclasses it (field types, and defaults only where a
-    value follows another part of the config); the values live in ``conf/method/<name>.yaml``, whose
-    defaults list starts with ``/schema/method/<name>@_here_``, so a wrong type or an unknown key fails at composition."""
+    """Typed config of a method: each method file subclasses it. Field types, each option's rule
+    (:func:`option`, :func:`choice`) and defaults only where a value follows another part of the config; the
+    values live in ``conf/method/<name>.yaml``, whose defaults list starts with
+    ``/schema/method/<name>@_here_``, so a wrong type or an unknown key fails at composition.
+
+    An instance is checked once, when it is made (``__post_init__``): every option by its rule, then the rules
+    between options that a subclass adds by extending ``__post_init__``."""
     name: str = MISSING
+
+    def __post_init__(self) -> None:
+        check_options(self, "method")
+
+
+def method_config(cls: type, node: Any) -> Any:
+    """``node`` (the composed ``method`` node, or a mapping of all its options) as a checked ``cls`` instance.
+    Its training recipes stay config nodes, so that the trainer's errors name them (``method.retrain.lr``)."""
+    if isinstance(node, cls):
+        return node
+    if not (isinstance(node, DictConfig) and OmegaConf.get_type(node) is cls):
+        node = OmegaConf.merge(OmegaConf.structured(cls), node)
+    obj = OmegaConf.to_object(node)
+    for f in dataclasses.fields(obj):
+        if isinstance(getattr(obj, f.name), TrainRecipe):
+            setattr(obj, f.name, node[f.name])
+    return obj
 
 
 @dataclass
@@ -75,7 +142,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet20"
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm models only: passed to timm.create_model (e.g. patch_size)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm only: timm.create_model's kwargs (e.g. patch_size)
     checkpoint: Optional[str] = None  # load instead of training
     seed: int = 0
     train: TrainRecipe = field(default_factory=TrainRecipe)
@@ -163,7 +230,10 @@ NOT_RECIPE = ("kd",)  # switches that live beside a recipe in a method's node
 
 
 def recipe(node: Any, where: str) -> DictConfig:
-    """A training recipe from a (possibly partial) node, type-checked against :class:`TrainRecipe`."""
+    """A training recipe from a (possibly partial) node or a recipe instance, type-checked against
+    :class:`TrainRecipe`."""
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
     node = {k: v for k, v in (node or {}).items() if k not in NOT_RECIPE}
     try:
         r = OmegaConf.merge(OmegaConf.structured(TrainRecipe), node)
@@ -187,7 +257,7 @@ def _check_recipe(r, where: str) -> None:
         raise ConfigError(f"{where}: lr_decay and warmup_epochs must be finite numbers >= 0")
     if r.schedule not in ("cosine", "multistep", "constant"):
         raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
-    if r.get("optimizer", "sgd") not in ("sgd", "adamw"):
+    if r.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"{where}.optimizer must be sgd or adamw, got {r.optimizer!r}")
 
 
@@ -238,21 +308,38 @@ def validate(cfg: DictConfig) -> None:
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
             raise ConfigError(f"{role}.checkpoint {m.checkpoint} does not exist")
         _check_recipe(m.train, f"{role}.train")
-    if cfg.prune.scope not in ("global", "layer"):
-        raise ConfigError(f"prune.scope must be global or layer, got {cfg.prune.scope!r}")
+    check_prune(cfg.prune)
+    check_outputs(cfg)
+    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
+        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
+    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_run_options(cfg)
+
+
+def check_prune(p) -> None:
+    """``prune.*``: the selection's options."""
+    if p.scope not in ("global", "layer"):
+        raise ConfigError(f"prune.scope must be global or layer, got {p.scope!r}")
     choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("mean", "sum"),
                "normalize": ("mean", "max", "sum", "standarization", "none")}
     for key, allowed in choices.items():
-        if cfg.prune[key] not in allowed:
-            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {cfg.prune[key]!r}")
-    if not 0.0 < cfg.prune.max_group_ratio <= 1.0:
-        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {cfg.prune.max_group_ratio}")
-    if cfg.prune.min_channels < 1:
-        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {cfg.prune.min_channels}")
-    if cfg.prune.round_to < 1:
-        raise ConfigError(f"prune.round_to must be an integer >= 1, got {cfg.prune.round_to}")
-    if cfg.prune.granularity == "weight" and (cfg.prune.target != "params" or cfg.prune.round_to != 1):
+        if p[key] not in allowed:
+            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {p[key]!r}")
+    if not 0.0 < p.max_group_ratio <= 1.0:
+        raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {p.max_group_ratio}")
+    if p.min_channels < 1:
+        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {p.min_channels}")
+    if p.round_to < 1:
+        raise ConfigError(f"prune.round_to must be an integer >= 1, got {p.round_to}")
+    if p.granularity == "weight" and (p.target != "params" or p.round_to != 1):
         raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
+
+
+def check_outputs(cfg: DictConfig) -> None:
+    """``eval.*`` and ``logger.*``: what the run measures and where it logs."""
     if cfg.eval.latency_batch <= 0 or cfg.eval.latency_iters <= 0:
         raise ConfigError("eval.latency_batch and eval.latency_iters must be integers > 0")
     if str(cfg.eval.latency_compile).lower() not in ("auto", "true", "false"):
@@ -263,14 +350,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
-    if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
-        raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
-    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    check_run_options(cfg)
-    check_method_node(cfg.method, "method")
 
 
 def check_run_options(cfg: DictConfig) -> None:
@@ -280,54 +359,6 @@ def check_run_options(cfg: DictConfig) -> None:
     t = cfg.get("threads", "auto")
     if str(t).lower() != "auto" and not (isinstance(t, int) and not isinstance(t, bool) and t > 0):
         raise ConfigError(f"threads must be auto or an integer > 0, got {t!r}")
-
-
-RECIPE_KEYS = set(TrainRecipe.__dataclass_fields__)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def check_method_node(node, where: str) -> None:
-    """Range checks every method option by its name, so that bad values fail before any training.
-
-    A sub-node with training-recipe keys is a recipe (checked whole by :func:`recipe`); ``*batch_size`` must
-    be a positive integer, ``*batches`` / ``*_per_class`` / ``rounds`` / ``chunk_size`` a positive integer
-    (``*batches`` and ``chunk_size`` may be null), ``*epochs`` / ``*_epoch`` / ``*steps`` an integer >= 0,
-    ``*lr`` a finite number > 0, ``*rate`` / ``*alpha`` / ``*_weight`` (loss weights) finite numbers >= 0,
-    ``lora_r`` an integer >= 1 and ``*temperature`` a finite number > 0. Method-specific rules live in each method's ``validate()``.
-    """
-    for key, v in (node or {}).items():
-        name, k = f"{where}.{key}", str(key)
-        if isinstance(v, DictConfig):
-            if RECIPE_KEYS & set(v.keys()):
-                recipe(v, name)
-            else:
-                check_method_node(v, name)
-            continue
-        nullable = k.endswith("batches") or k == "chunk_size"
-        if isinstance(v, str) and k.endswith("batches"):
-            continue  # a choice such as EPSD's inner_batches: fresh | same, checked by the method
-        if k.endswith("batch_size") or k.endswith("_per_class") or k == "rounds" or nullable:
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0) and not (nullable and v is None):
-                raise ConfigError(f"{name} must be an integer > 0{' or null' if nullable else ''}, got {v!r}")
-        elif k.endswith("epochs") or k.endswith("steps") or k.endswith("_epoch"):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        elif k.endswith("lr"):
-            if not (_number(v) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
-        elif k == "lora_r":
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ConfigError(f"{name} (the LoRA rank) must be an integer >= 1, got {v!r}")
-        elif (k.endswith("rate") or k.endswith("alpha") or k.endswith("_weight")
-              or k in ("lam", "weight_decay", "momentum")):
-            if not (_number(v) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
-        elif k.endswith("temperature"):
-            if not (_number(v) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def model_kwargs(model_cfg) -> dict:

@@ -1,28 +1,27 @@
-"""The method interface and the shared one-shot flow (score → global threshold → retrain).
+"""The method interface: a :class:`Method` subclass with a ``name`` and a typed ``Config`` is a method.
 
-A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns a :class:`Result`: the final
-pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``). ``ctx`` is the runner's
-:class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and services (``costs``, ``seeds``, ``trainer``, ``evaluator``,
-``artifacts``, ``pruner``) that book the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
+``Method(node)`` makes the composed ``method`` node a checked ``Config`` instance (``self.cfg``); ``run(ctx)``
+returns a :class:`Result`: the pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``).
+``ctx`` is the job's :class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and services (``costs``,
+``seeds``, ``trainer``, ``evaluator``, ``artifacts``, ``pruner``); procedures/ hold how methods run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
 from torch import nn
 
-from kdprune_cli.config.schema import MethodConfig
-from kdprune_cli.pruning.masks import Masks, Scores, prunable_params
+from kdprune_cli.config.schema import MethodConfig, method_config
+from kdprune_cli.pruning.masks import Masks
 
 REGISTRY: Dict[str, type["Method"]] = {}
 
 
 @dataclass
 class Result:
-    """What a method hands back to the runner (``model, masks = result`` unpacks the first two)."""
+    """What a method hands back to the job (``model, masks = result`` unpacks the first two)."""
 
     model: nn.Module
     masks: Masks
@@ -44,8 +43,9 @@ class Method:
             REGISTRY[cls.name] = cls
             ConfigStore.instance().store(group="schema/method", name=cls.name, node=cls.Config)
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: Any):
+        """``cfg``: the ``method`` node (or a ``Config`` instance); checked here, once (raises ConfigError)."""
+        self.cfg = method_config(self.Config, cfg)
 
     @property
     def retrain_kd(self) -> bool | None:
@@ -59,7 +59,7 @@ class Method:
         return None
 
     def validate(self) -> None:
-        """Check method-specific options; raise ConfigError."""
+        """Checks beyond the config's own (those live in ``Config.__post_init__``); raise ConfigError."""
 
     @classmethod
     def check_model(cls, model: nn.Module, example) -> None:
@@ -67,37 +67,3 @@ class Method:
 
     def run(self, ctx) -> Result:
         raise NotImplementedError
-
-
-class OneShot(Method):
-    """Score once, keep the top ``(1−s)·|P|`` scores (or remove the least important channel groups:
-    ``prune.granularity=channel``), retrain with the mask fixed (or the smaller model)."""
-
-    granularities = ("weight", "channel")
-
-    def base_model(self, ctx) -> nn.Module:
-        """The network to score and prune (default: the trained dense student)."""
-        return ctx.artifacts.dense_student()
-
-    def score(self, ctx, model: nn.Module) -> Scores:
-        raise NotImplementedError
-
-    def retrain_objective(self, ctx):
-        return ctx.trainer.objective()
-
-    def facts(self) -> dict:
-        """Facts of this run for the record (none by default)."""
-        return {}
-
-    def run(self, ctx) -> Result:
-        model = self.base_model(ctx)
-        with ctx.costs.count(stage="score"):
-            scores = self.score(ctx, model)
-        pruned = ctx.pruner.prune(model, scores)
-        ctx.evaluator.record_metrics("pruned", pruned.model)
-        ctx.trainer.train(pruned.model, self.cfg.retrain, self.retrain_objective(ctx), stage="retrain", masks=pruned.masks)
-        return Result(pruned.model, pruned.masks, {**pruned.facts, **self.facts()})
-
-
-def params_for_scoring(ctx, model: nn.Module) -> Dict[str, nn.Parameter]:
-    return prunable_params(model, ctx.pruner.exclude)

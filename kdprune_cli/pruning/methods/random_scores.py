@@ -1,22 +1,18 @@
-"""Random pruning (docs/methods.md §4): the sanity baseline, i.i.d. uniform scores.
+"""Random pruning (docs/methods.md §4), the sanity baseline (:mod:`kdprune_cli.pruning.scores.random`).
 
-Random pruning at initialisation is the reference every pruning-at-initialisation paper compares
-against (SNIP arXiv 1810.02340, GraSP arXiv 2002.07376, SynFlow arXiv 2006.05467; Frankle et al. 2021,
-arXiv 2009.08576). Each weight gets an i.i.d. U[0,1) score drawn from the seeded generator
-``ctx.seeds.generator("random")``; the shared selection then removes exactly ``round(s·|P|)`` weights, so in
-``layer`` scope every tensor loses the same fraction and in ``global`` scope each weight survives with
-probability ≈ 1−s independently of its layer.
+Each weight gets an i.i.d. U[0,1) score drawn from the seeded generator ``random``; the selection then removes
+exactly ``round(s·|P|)`` weights, so in ``layer`` scope every tensor loses the same fraction and in ``global``
+scope each weight survives with probability ≈ 1−s independently of its layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from omegaconf import MISSING
 
 from kdprune_cli.config.schema import MethodConfig, TrainRecipe, follow_student
-from kdprune_cli.pruning.methods.base import params_for_scoring
-from kdprune_cli.pruning.methods.magnitude import MaybeAtInit
+from kdprune_cli.pruning.procedures.one_shot import OneShot, scoring_params
+from kdprune_cli.pruning.scores.random import uniform
 
 
 @dataclass
@@ -24,15 +20,14 @@ class RandomConfig(MethodConfig):
     at_init: bool = MISSING
     retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
 
-class RandomPrune(MaybeAtInit):
+
+class RandomPrune(OneShot):
     """i.i.d. random scores; ``at_init`` (default true, our choice) prunes the fresh initialisation,
     ``at_init=false`` the trained dense student."""
 
     name = "random"
     Config = RandomConfig
+    at_init = property(lambda self: self.cfg.at_init)
 
-    @torch.no_grad()
     def score(self, ctx, model):
-        gen = ctx.seeds.generator("random")
-        return {n: torch.rand(p.shape, generator=gen).to(p.device)
-                for n, p in params_for_scoring(ctx, model).items()}
+        return uniform(scoring_params(ctx, model), ctx.seeds.generator("random"))

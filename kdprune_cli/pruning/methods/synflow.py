@@ -29,9 +29,9 @@ from omegaconf import MISSING
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
-from kdprune_cli.pruning.methods.base import Result, params_for_scoring
+from kdprune_cli.pruning.methods.base import Result
 from kdprune_cli.pruning.masks import Scores, apply_masks
-from kdprune_cli.pruning.methods.snip import PruneAtInit
+from kdprune_cli.pruning.procedures.one_shot import OneShot, scoring_params
 
 
 def linearised_copy(model: nn.Module, double: bool = True) -> nn.Module:
@@ -75,13 +75,15 @@ class SynFlowConfig(MethodConfig):
     double: bool = MISSING  # score in float64
     retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
 
-class SynFlow(PruneAtInit):
+
+class SynFlow(OneShot):
     """SynFlow (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1): iterative, data-free ``|θ ⊙ ∂R/∂θ|``."""
 
     granularities = ("weight", "channel")  # channel: each round re-plans channel groups (docs/methods.md §7)
 
     name = "synflow"
     Config = SynFlowConfig
+    at_init = True
 
     def validate(self) -> None:
         if int(self.cfg.rounds) < 1:
@@ -93,7 +95,7 @@ class SynFlow(PruneAtInit):
         """The iterative schedule on a linearised copy of ``model`` (not changed); returns the selection
         (:meth:`~kdprune_cli.pruning.selection.Pruner.progress`) to finish ``model`` with."""
         lin = linearised_copy(model, bool(self.cfg.double))
-        params = params_for_scoring(ctx, lin)
+        params = scoring_params(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         progress = ctx.pruner.progress(lin)
         for k, s_k in enumerate(schedule(ctx.pruner.sparsity, int(self.cfg.rounds)), start=1):
@@ -109,7 +111,7 @@ class SynFlow(PruneAtInit):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
         lin = linearised_copy(model, bool(self.cfg.double))
         with ctx.costs.count(lin):
-            return synflow_scores(lin, params_for_scoring(ctx, lin),
+            return synflow_scores(lin, scoring_params(ctx, lin),
                                   (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
 
     def run(self, ctx) -> Result:

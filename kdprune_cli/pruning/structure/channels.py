@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from kdprune_cli.models.matmuls import MatmulCounter
+from kdprune_cli.pruning.structure.plan import Plan, closest_step, normalized, removals, structure_facts
 
 TARGETS = ("params", "macs")
 REDUCE = ("mean", "sum")
-NORMALIZE = ("mean", "max", "sum", "standarization", "none")
 _LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -55,32 +55,6 @@ class _Group:
     channels: int
     items: List[_Item] = field(default_factory=list)
     norms: List[_Item] = field(default_factory=list)  # the BatchNorms over the group's channels (kind "bn")
-
-
-@dataclass
-class Plan:
-    """Which root channels of which group go, and the exact counts before and after."""
-    groups: List[_Group]
-    removed: List[torch.Tensor]  # per group: root channel indices to remove
-    facts: dict
-
-
-def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | None = None) -> torch.Tensor:
-    """One group's importances on a common scale (Torch-Pruning's ``GroupMagnitudeImportance`` normalisers):
-    divided by the mean, max or sum of their magnitudes, or mapped to ``[0, 1]`` by ``standarization``
-    (``(I − min) / (max − min)``); ``none`` leaves them. The statistics come from the channels ``present``
-    (default: all; channels an earlier plan removed do not count). Dividing by magnitudes keeps the order of
-    negative scores (GraSP); a group whose scale is 0 gets all zeros."""
-    if how not in NORMALIZE:
-        raise ValueError(f"prune.normalize must be one of {', '.join(NORMALIZE)}, got {how!r}")
-    v = imp if present is None else imp[present]
-    if how == "none" or v.numel() == 0:
-        return imp
-    if how == "standarization":
-        span = v.max() - v.min()
-        return (imp - v.min()) / span if span > 0 else torch.zeros_like(imp)
-    scale = {"mean": torch.mean, "max": torch.max, "sum": torch.sum}[how](v.abs())
-    return imp / scale if scale > 0 else torch.zeros_like(imp)
 
 
 def layer_outputs(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Dict[str, int]]:
@@ -274,58 +248,17 @@ class ChannelGroups:
         removed (iterative methods). ``facts["reachable"]`` is the most the caps allow."""
         if target not in TARGETS:
             raise ValueError(f"prune.target must be one of {', '.join(TARGETS)}, got {target!r}")
-        imp = self.importance(scores, reduce)
-        forced = [0] * len(self.groups)
-        gone = list(keep_removed or ())
-        gone += [torch.zeros(0, dtype=torch.long)] * (len(self.groups) - len(gone))
-        for g, r in enumerate(gone):
-            present = torch.ones(self.groups[g].channels, dtype=torch.bool)
-            present[r] = False
-            imp[g] = normalize_importance(imp[g], normalize, present)  # on the channels still there
-            imp[g][r] = -math.inf  # ranked first: they go again
-            forced[g] = len(r)
+        imp, forced = normalized(self.importance(scores, reduce), normalize, keep_removed)
         self.order = [torch.sort(v, stable=True).indices for v in imp]  # ascending: first = least important
         dense = self.counts([0] * len(self.groups), exclude)
-        sizes = [g.channels for g in self.groups]
         caps = self.removable(max_group_ratio, min_channels, round_to)
-
-        def rounded(r: int, n: int, cap: int) -> int:
-            kept = min(n, math.ceil((n - min(r, cap)) / round_to) * round_to)
-            return n - kept
-
-        if scope == "global":
-            flat = torch.cat(imp)
-            owner = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
-            ranked = owner[torch.sort(flat, stable=True).indices]  # the group of each channel, least first
-            steps = len(ranked)
-
-            def removal(k: int) -> list:
-                per = torch.bincount(ranked[:k], minlength=len(sizes)).tolist()
-                return [max(f, rounded(r, n, c)) for r, n, c, f in zip(per, sizes, caps, forced)]
-        elif scope == "layer":
-            steps = max(sizes)
-
-            def removal(k: int) -> list:
-                return [max(f, rounded(int(round(k / steps * n)), n, c)) for n, c, f in zip(sizes, caps, forced)]
-        else:
-            raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
+        removal, first, steps = removals(imp, forced, caps, round_to, scope)
 
         def frac(k: int) -> float:
             return 1.0 - self.counts(removal(k), exclude)[target] / dense[target]
 
-        lo, hi = (sum(forced) if scope == "global" else 0), steps  # smallest k with frac(k) >= sparsity
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if frac(mid) >= sparsity:
-                hi = mid
-            else:
-                lo = mid + 1
-        above, below = frac(lo), (frac(lo - 1) if lo > 0 else None)
-        k = lo if below is None or abs(above - sparsity) <= abs(below - sparsity) else lo - 1
-        # the plan's tolerance: the step between the two removals around the target (no closer one exists)
-        tolerance = 0.0 if below is None else max(0.0, above - below)
-        per = removal(k)
-        removed = [o[:r] for o, r in zip(self.order, per)]
+        k, tolerance = closest_step(frac, first, steps, sparsity)
+        removed = [o[:r] for o, r in zip(self.order, removal(k))]
         facts = self.describe(removed, sparsity, target, exclude, scope=scope, reduce=reduce, normalize=normalize,
                               max_group_ratio=max_group_ratio, min_channels=min_channels, round_to=round_to,
                               tolerance=tolerance)
@@ -360,18 +293,3 @@ class ChannelGroups:
                 fn = self.graph.get_pruner_of_module(g.root).prune_out_channels
                 self.graph.get_pruning_group(g.root, fn, sorted(roots.tolist())).prune()
         return self.model
-
-
-def structure_facts(counts, sizes: List[int], labels: List[str], removed: List[torch.Tensor], sparsity: float,
-                    target: str, exclude: Iterable[str] = (), **options) -> dict:
-    """The record's ``structure``: removing ``removed[g]`` of group ``g``'s ``sizes[g]`` units, with the exact
-    costs ``counts(removed, exclude)`` (``{"params", "macs"}``), against ``sparsity`` of ``target``."""
-    dense = counts([0] * len(sizes), exclude)
-    after = counts(removed, exclude)
-    achieved = 1.0 - after[target] / dense[target]
-    return {"granularity": "channel", "target": target, **options, "requested": sparsity, "achieved": achieved,
-            "off_target": achieved - sparsity,
-            "params_removed": 1.0 - after["params"] / dense["params"],
-            "macs_removed": 1.0 - after["macs"] / dense["macs"],
-            "channels_removed": int(sum(len(r) for r in removed)), "channels": int(sum(sizes)), "groups": len(sizes),
-            "widths": {lab: n - len(r) for lab, n, r in zip(labels, sizes, removed)}}

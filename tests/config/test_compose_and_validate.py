@@ -46,7 +46,7 @@ def test_quickstart_budget_applies_only_with_the_quickstart_experiment():
     assert compose_cfg(["experiment=quickstart", "method.retrain.epochs=7"]).method.retrain.epochs == 7
 
 
-def test_issue_override_spellings_compose():
+def test_documented_override_spellings_compose():
     cfg = compose_cfg(["dataset=cifar100", "teacher=resnet110", "student=resnet56", "sparsity=0.95",
                        "method.retrain.kd=false"])
     assert cfg.data.name == "cifar100" and cfg.teacher.name == "resnet110" and cfg.method.retrain.kd is False

@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from kdprune_cli.config.schema import TrainRecipe
 from kdprune_cli.distill.objectives import CrossEntropy
-from kdprune_cli.pruning.masks import apply_masks, assert_masked, check_exclude, prunable_params, select, sparsity_report
+from kdprune_cli.pruning.masks import (apply_masks, assert_masked, check_exclude, prunable_params, select,
+                                      sparsity_report)
 from kdprune_cli.training.loop import train
 
 
@@ -18,7 +19,8 @@ def removed(masks):
 @pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.9, 0.97, 0.999])
 def test_global_removes_exactly_round_s_p(s):
     g = torch.Generator().manual_seed(0)
-    scores = {"a": torch.rand(7, 3, generator=g), "b": torch.rand(50, generator=g), "c": torch.rand(2, 2, 3, generator=g)}
+    scores = {"a": torch.rand(7, 3, generator=g), "b": torch.rand(50, generator=g),
+              "c": torch.rand(2, 2, 3, generator=g)}
     total = 7 * 3 + 50 + 12
     masks = select(scores, s)
     assert removed(masks) == round(s * total)

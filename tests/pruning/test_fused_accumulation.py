@@ -1,14 +1,14 @@
-"""Scoring at training speed (issue #12 part 2, docs/methods.md §0): the fused torch._foreach_* accumulation
-gives exactly the numbers of the per-parameter loop it replaced (fp32, CPU)."""
+"""Scoring at training speed (docs/methods.md §0): the fused torch._foreach_* accumulation gives exactly the
+numbers of a per-parameter loop (fp32, CPU)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from kdprune_cli.pruning.methods import get_method
-from kdprune_cli.pruning.methods.base import params_for_scoring
-from kdprune_cli.pruning.scores.batches import accumulate_, accumulate_saliency_, scoring_autocast
-from kdprune_cli.pruning.methods.snip import snip_scores
+from kdprune_cli.pruning.procedures.one_shot import amp_autocast, scoring_params
+from kdprune_cli.pruning.scores.accumulate import accumulate_, accumulate_saliency_
+from kdprune_cli.pruning.scores.saliency import snip
 
 
 def tensors(gen, shapes):
@@ -27,7 +27,7 @@ def test_fused_accumulation_equals_the_per_parameter_loop_exactly():
             grads[3] = None  # a parameter without a gradient in this batch counts as zero
         accumulate_saliency_(fused_s, params, grads)
         accumulate_(fused_g, grads, params)
-        for s, g, p, gg in zip(loop_s, loop_g, params, grads):  # the loops the scorers used to run
+        for s, g, p, gg in zip(loop_s, loop_g, params, grads):  # one kernel per parameter
             if gg is not None:
                 s += (p * gg).abs()
                 g += gg
@@ -40,9 +40,9 @@ def test_snip_scores_equal_the_per_parameter_loop(tiny_net):
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
     params = dict(tiny_net.named_parameters())
-    got, samples = snip_scores(tiny_net, params, iter(batches), nn.functional.cross_entropy)
+    got, samples = snip(tiny_net, params, iter(batches), nn.functional.cross_entropy)
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y in batches:  # the former implementation
+    for x, y in batches:  # backward per batch, per-parameter sums
         tiny_net.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(tiny_net(x), y).backward()
         for n, p in params.items():
@@ -54,17 +54,17 @@ def test_snip_scores_equal_the_per_parameter_loop(tiny_net):
 def test_cakld_score_equals_the_per_parameter_loop(make_ctx):
     ctx = make_ctx("method=cakld", "method.score_batches=3", "method.gamma_batches=1", "method.gamma=0.5")
     method = get_method("cakld")(ctx.cfg.method)
-    model = ctx.new_model("student")
+    model = ctx.seeds.new_model("student")
     got = method.score(ctx, model)
     assert model.training  # left in train mode, no gradients kept
     assert all(p.grad is None for p in model.parameters())
 
     objective = method.distill_objective(ctx)
-    params = params_for_scoring(ctx, model)
+    params = scoring_params(ctx, model)
     want = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()
     for x, y, idx in ctx.data.batches("train", int(ctx.cfg.method.score_batch_size), shuffle=True,
-                                      gen=ctx.generator("score"), max_batches=3):
+                                      gen=ctx.seeds.generator("score"), max_batches=3):
         model.zero_grad(set_to_none=True)
         loss, _ = objective(model, x, y, idx)
         loss.backward()
@@ -76,5 +76,5 @@ def test_cakld_score_equals_the_per_parameter_loop(make_ctx):
 
 def test_no_autocast_on_cpu(make_ctx):
     ctx = make_ctx("amp=true")
-    with scoring_autocast(ctx):
+    with amp_autocast(ctx)():
         assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")

@@ -1,4 +1,5 @@
-"""EPSD / EPG (docs/methods.md §3) and the self-distillation objectives CS-KD, PS-KD, DLB (kdprune_cli/distill/self_distillation.py)."""
+"""EPSD / EPG (docs/methods.md §3): ProsPr's saliency and the self-distillation objectives CS-KD, PS-KD, DLB
+(kdprune_cli/distill/self_distillation.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ from torch import nn
 
 from conftest import TinyNet
 from kdprune_cli.pruning.methods import get_method
-from kdprune_cli.pruning.methods.epsd import prospr_scores
+from kdprune_cli.pruning.scores.prospr import prospr_scores
 from kdprune_cli.pruning.masks import prunable_params, sparsity_report
 from kdprune_cli.distill.self_distillation import CSKD, DLB, PSKD
 
@@ -70,7 +71,8 @@ def test_one_inner_step_matches_finite_differences():
             mm = {k: v.clone() for k, v in ones.items()}
             mp[n].view(-1)[j] += eps
             mm[n].view(-1)[j] -= eps
-            fd.view(-1)[j] = (unrolled_loss(theta0, mp, batches, lr) - unrolled_loss(theta0, mm, batches, lr)) / (2 * eps)
+            diff = unrolled_loss(theta0, mp, batches, lr) - unrolled_loss(theta0, mm, batches, lr)
+            fd.view(-1)[j] = diff / (2 * eps)
         torch.testing.assert_close(scores[n], fd.abs(), rtol=1e-5, atol=1e-8)
     # the inner step matters: the score is not the one-step-free SNIP score on the second batch
     snip, _ = prospr_scores(net, ce64, iter(batches[1:]), inner_steps=0, inner_lr=lr, names=names)
@@ -100,8 +102,8 @@ def closed_form_grad(w, x, t):
 
 def test_prospr_one_step_closed_form_with_fresh_batches():
     """mil-ad/prospr: W₀′ = W₀ ⊙ m, W₁ = W₀′ − lr·∇L_{B₀}(W₀′); S = |∂L_{B₁}(W₁)/∂m| at m = 1
-    = |W₀ ⊙ (G₁ − lr·G₁·A₀)| with G₁ = ∇L_{B₁}(W₁), A₀ = X₀ᵀX₀/n. Masking again at every step (kdprune's
-    former form) adds −2·lr·(G₀ ⊙ G₁) inside the absolute value."""
+    = |W₀ ⊙ (G₁ − lr·G₁·A₀)| with G₁ = ∇L_{B₁}(W₁), A₀ = X₀ᵀX₀/n. Masking again at every step (a
+    plausible misreading) adds −2·lr·(G₀ ⊙ G₁) inside the absolute value."""
     net, batches = linear_problem(2)
     lr = 0.3
     scores, samples = prospr_scores(net, half_mse, iter(batches), 1, lr, ["weight"])
@@ -113,8 +115,8 @@ def test_prospr_one_step_closed_form_with_fresh_batches():
     g1 = closed_form_grad(w1, x1, t1)
     want = w0 * (g1 - lr * g1 @ (x0.T @ x0 / 5))
     torch.testing.assert_close(scores["weight"], want.abs(), rtol=1e-12, atol=1e-14)
-    former = want - 2 * lr * g0 * g1
-    assert float((former.abs() - want.abs()).abs().max()) > 1e-3
+    remasked = want - 2 * lr * g0 * g1
+    assert float((remasked.abs() - want.abs()).abs().max()) > 1e-3
 
 
 def test_prospr_two_steps_closed_form_with_the_same_batch():
@@ -304,7 +306,6 @@ def test_dlb_consistency_uses_last_batch_predictions(digits):
 
 def _run(ctx):
     method = get_method(ctx.cfg.method.name)(ctx.cfg.method)
-    method.validate()
     return method, method.run(ctx)
 
 
@@ -312,7 +313,7 @@ def _run(ctx):
 def test_epsd_exact_count_and_masked_training(make_ctx, sd):
     ctx = make_ctx("method=epsd", f"method.sd={sd}", "method.score_batch_size=32", "method.retrain.epochs=1",
                    "++method.retrain.eval_every=0", "sparsity=0.8")
-    init = ctx.new_model("student")
+    init = ctx.seeds.new_model("student")
     _, (model, masks) = _run(ctx)
     sizes = sum(m.numel() for m in masks.values())
     k = round(0.8 * sizes)
@@ -322,13 +323,13 @@ def test_epsd_exact_count_and_masked_training(make_ctx, sd):
     rep = sparsity_report(model)
     assert rep["prunable"] - rep["nonzero"] == k
     assert not torch.equal(prunable_params(model)["fc.weight"], prunable_params(init)["fc.weight"])
-    st = ctx.cost["retrain"]
+    st = ctx.costs.stages["retrain"]
     n_train = ctx.data.num_batches("train", 64, drop_last=True) * 64
     if sd == "dlb":  # every step but the first re-forwards the last batch
         assert st.samples == 2 * n_train - 64
     else:  # CS-KD partners are forward-only self-teacher passes
         assert st.samples == n_train and st.teacher_samples == n_train
-    assert ctx.cost["score"].samples == 4 * 32 + (3 * 32 if sd == "dlb" else 0)
+    assert ctx.costs.stages["score"].samples == 4 * 32 + (3 * 32 if sd == "dlb" else 0)
 
 
 def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
@@ -340,15 +341,14 @@ def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
                       "cs_kd": ("method=epsd", "method.sd=cs_kd")}.items():
         ctx = make_ctx(*over, *common)
         m = get_method(ctx.cfg.method.name)(ctx.cfg.method)
-        m.validate()
-        with ctx.stage("score"):
+        with ctx.costs.stage("score"):
             scores[tag] = m.score(ctx, m.base_model(ctx))
     for n in scores["epg"]:  # PS-KD at initialisation is CE (our documented choice)
         torch.testing.assert_close(scores["epg"][n], scores["ps_kd"][n])
     assert any(not torch.allclose(scores["epg"][n], scores["cs_kd"][n]) for n in scores["epg"])
     ctx = make_ctx("method=epsd", "method.sd=kd")
-    with pytest.raises(ConfigError):
-        get_method("epsd")(ctx.cfg.method).validate()
+    with pytest.raises(ConfigError, match="method.sd"):
+        get_method("epsd")(ctx.cfg.method)
 
 
 def test_inner_batches_option_reaches_the_saliency(make_ctx):
@@ -357,23 +357,22 @@ def test_inner_batches_option_reaches_the_saliency(make_ctx):
 
     from kdprune_cli.config.schema import ConfigError
     from kdprune_cli.distill.objectives import CrossEntropy
-    from kdprune_cli.pruning.methods.epsd import cycle_batches
+    from kdprune_cli.pruning.scores.prospr import cycle_batches
 
     ctx = make_ctx("method=epg", "method.score_batch_size=16", "method.inner_steps=2", "method.inner_batches=same")
     m = get_method("epg")(ctx.cfg.method)
-    m.validate()
     model = m.base_model(ctx)
-    with ctx.stage("score"):
+    with ctx.costs.count(model, stage="score"):  # as the one-shot procedure books the scoring
         got = m.score(ctx, model)
-    assert ctx.cost["score"].samples == 3 * 16
-    first = next(cycle_batches(ctx.data, 16, True, ctx.generator("score")))
+    assert ctx.costs.stages["score"].samples == 3 * 16
+    first = next(cycle_batches(ctx.data, 16, True, ctx.seeds.generator("score")))
     names = list(prunable_params(model))
     want, _ = prospr_scores(model, CrossEntropy(), itertools.repeat(first), 2, 0.1, names)
-    fresh, _ = prospr_scores(model, CrossEntropy(), cycle_batches(ctx.data, 16, True, ctx.generator("score")), 2, 0.1,
-                             names)
+    fresh_batches = cycle_batches(ctx.data, 16, True, ctx.seeds.generator("score"))
+    fresh, _ = prospr_scores(model, CrossEntropy(), fresh_batches, 2, 0.1, names)
     for n in names:
         torch.testing.assert_close(got[n], want[n])
     assert any(not torch.allclose(got[n], fresh[n]) for n in names)
     ctx = make_ctx("method=epsd", "method.inner_batches=new")
     with pytest.raises(ConfigError, match="inner_batches"):
-        get_method("epsd")(ctx.cfg.method).validate()
+        get_method("epsd")(ctx.cfg.method)

@@ -16,7 +16,7 @@ from torch import nn
 from conftest import TinyNet
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.pruning.methods import get_method
-from kdprune_cli.pruning.methods.grasp import balanced_batch, hessian_gradient_product
+from kdprune_cli.pruning.scores.grasp import balanced_batch, hessian_gradient_product
 from kdprune_cli.pruning.masks import prunable_params, select, sparsity_report
 from kdprune_cli.pruning.methods.synflow import linearised_copy, schedule, synflow_scores
 
@@ -33,9 +33,16 @@ def one_thread():
 
 
 def method_of(ctx):
+    """The method as the job makes it: its config checked when it is made, then its own checks."""
     m = get_method(ctx.cfg.method.name)(ctx.cfg.method)
     m.validate()
     return m
+
+
+def scored(ctx, net):
+    """The method's scores of ``net``, the forwards booked as the one-shot procedure books them."""
+    with ctx.costs.count(net):
+        return method_of(ctx).score(ctx, net)
 
 
 # --- exact counts and scope ------------------------------------------------------------------------
@@ -61,7 +68,7 @@ def test_exact_count_and_scope(make_ctx, name, scope):
         ratios = [float((~m).float().mean()) for m in masks.values()]
         if name != "random":
             assert max(ratios) - min(ratios) > 0.05
-    assert "pruned" in ctx.metrics and ctx.cost["score"].samples >= 0
+    assert "pruned" in ctx.evaluator.metrics and ctx.costs.stages["score"].samples >= 0
 
 
 @pytest.mark.parametrize("name", ["snip", "synflow"])
@@ -72,7 +79,7 @@ def test_exclude_is_left_dense(make_ctx, name):
     assert "conv1.weight" not in masks and "fc.weight" not in masks
     assert bool((model.conv1.weight != 0).all()) and bool((model.fc.weight != 0).all())
     total = sum(m.numel() for m in masks.values())
-    assert sum(int((~m).sum()) for m in masks.values()) == round(ctx.sparsity * total)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(ctx.pruner.sparsity * total)
 
 
 # --- random and magnitude --------------------------------------------------------------------------
@@ -82,7 +89,7 @@ def test_random_is_seeded_and_layer_blind(make_ctx):
         ctx = make_ctx("method=random", f"seed={seed}")
         m = method_of(ctx)
         model = m.base_model(ctx)
-        return select(m.score(ctx, model), ctx.sparsity, "global")
+        return select(m.score(ctx, model), ctx.pruner.sparsity, "global")
 
     a, b, c = masks_for(0), masks_for(0), masks_for(1)
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -104,7 +111,7 @@ def test_magnitude_scores_and_base_model(make_ctx):
     keep = torch.cat([masks["conv.weight"].flatten(), masks["fc.weight"].flatten()])
     assert int((~keep).sum()) == round(0.5 * w.numel()) and w[keep].min() >= w[~keep].max()
     # at_init=false prunes the trained dense student, at_init=true the fresh initialisation
-    dense, init = ctx.dense_student(), ctx.new_model("student")
+    dense, init = ctx.artifacts.dense_student(), ctx.seeds.new_model("student")
     trained = m.base_model(ctx)
     assert torch.equal(trained.conv1.weight, dense.conv1.weight)
     assert not torch.equal(trained.conv1.weight, init.conv1.weight)
@@ -134,8 +141,8 @@ def test_snip_scores_match_hand_computation(make_ctx):
     ctx = make_ctx("method=snip", "method.batches=3", "method.batch_size=16")
     torch.manual_seed(1)
     net = TinyNet(in_ch=1, classes=10)
-    scores = method_of(ctx).score(ctx, net)
-    batches = [(x, y) for x, y, _ in ctx.data.batches("train", 16, shuffle=True, gen=ctx.generator("snip"),
+    scores = scored(ctx, net)
+    batches = [(x, y) for x, y, _ in ctx.data.batches("train", 16, shuffle=True, gen=ctx.seeds.generator("snip"),
                                                        max_batches=3)]
     assert len(batches) == 3
     grads = [tinynet_grads_by_hand(net, x, y) for x, y in batches]
@@ -144,7 +151,7 @@ def test_snip_scores_match_hand_computation(make_ctx):
         expected = (p.detach() * g).abs()
         torch.testing.assert_close(scores[n], expected, rtol=1e-4, atol=1e-7)
     assert set(scores) == {"conv.weight", "fc.weight"}
-    assert ctx.current_stage.samples == 48
+    assert ctx.costs.current.samples == 48
 
 
 def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
@@ -165,7 +172,7 @@ def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
     for mode in ("default", "train"):
         ctx = make_ctx("method=snip", "method.batch_size=8", *([] if mode == "default" else ["method.bn_mode=train"]))
         got[mode] = method_of(ctx).score(ctx, net)
-    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.generator("snip"), max_batches=1)))
+    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.seeds.generator("snip"), max_batches=1)))
     want = {"default": snip_by_hand(net, x, y, False), "train": snip_by_hand(net, x, y, True)}
     for mode in got:
         for n in want[mode]:
@@ -220,11 +227,11 @@ def test_grasp_hg_matches_finite_difference(temperature):
 def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     """The ``shuffled`` option: one shuffled class-balanced batch, the mean loss over it."""
     ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50", "method.batching=shuffled")
-    x, y = balanced_batch(ctx.data, 4, ctx.generator("grasp"))
+    x, y = balanced_batch(ctx.data, 4, ctx.seeds.generator("grasp"))
     assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 4))
     torch.manual_seed(3)
     net = TinyNet(in_ch=1, classes=10).double()
-    scores = method_of(ctx).score(ctx, net)
+    scores = scored(ctx, net)
     params = prunable_params(net)
     x = x.double()
     g = dict(zip(params, torch.autograd.grad(F.cross_entropy(net(x) / 50.0, y), list(params.values()))))
@@ -233,24 +240,24 @@ def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     scale = max(float((params[n].detach() * fd[n]).abs().max()) for n in fd)
     for n, p in params.items():  # higher = keep: +θ⊙Hg (GraSP removes the largest −θ⊙Hg)
         assert float((scores[n] - p.detach() * fd[n]).abs().max()) <= 1e-5 * scale, n
-    assert ctx.current_stage.samples == 2 * 40
+    assert ctx.costs.current.samples == 2 * 40
 
 
 def test_grasp_default_is_the_references_two_class_sorted_halves(make_ctx):
     """alecwangcq/GraSP: the class-balanced batch is concatenated class after class and split in two halves;
     each half is one forward (BN in train mode: its own batch statistics), ``g = ∇L₁ + ∇L₂`` and
-    ``Hg = Σ_h ∇(gᵀ∇L_h)``. Re-derived here on ResNet-56 (float64); one shuffled batch (the former
-    default) scores differently, beyond the constant factor that the ranking ignores."""
+    ``Hg = Σ_h ∇(gᵀ∇L_h)``. Re-derived here on ResNet-56 (float64); one shuffled batch (``batching:
+    shuffled``) scores differently, beyond the constant factor that the ranking ignores."""
     from kdprune_cli.models import build_model
 
     spc, T = 3, 200.0
     ctx = make_ctx("method=grasp", f"method.samples_per_class={spc}")
     torch.manual_seed(0)
     net = build_model("resnet56", 10, 1, 8).double()
-    got = method_of(ctx).score(ctx, net)
-    assert ctx.current_stage.samples == 2 * 10 * spc
+    got = scored(ctx, net)
+    assert ctx.costs.current.samples == 2 * 10 * spc
     # the same draws as the method's; sorted by class, the halves are classes 0–4 and 5–9
-    x, y = balanced_batch(ctx.data, spc, ctx.generator("grasp"))
+    x, y = balanced_batch(ctx.data, spc, ctx.seeds.generator("grasp"))
     order = torch.argsort(y, stable=True)
     x, y = x[order].double(), y[order]
     half = len(y) // 2
@@ -302,7 +309,7 @@ def test_synflow_ignores_the_data(make_ctx):
     model_a, model_b = ma.base_model(ctx_a), mb.base_model(ctx_b)
     sa, sb = ma.score(ctx_a, model_a), mb.score(ctx_b, model_b)
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
-    with ctx_a.stage("score"), ctx_b.stage("score"):
+    with ctx_a.costs.stage("score"), ctx_b.costs.stage("score"):
         pa, pb = ma.prune(ctx_a, model_a).masks, mb.prune(ctx_b, model_b).masks
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
@@ -324,12 +331,12 @@ def test_synflow_iterative_avoids_layer_collapse(make_ctx):
         ctx.log = logged.append
         m = method_of(ctx)
         model = m.base_model(ctx)
-        with ctx.stage("score"):
+        with ctx.costs.stage("score"):
             masks = m.prune(ctx, model).masks
         total = sum(v.numel() for v in masks.values())
         assert sum(int((~v).sum()) for v in masks.values()) == round(0.99 * total)
         assert [r["round"] for r in logged] == list(range(1, rounds + 1))
-        assert ctx.cost["score"].samples == rounds
+        assert ctx.costs.stages["score"].samples == rounds
         dens = [float(v.float().mean()) for v in masks.values()]
         return sum(d == 0 for d in dens), min(dens)
 
@@ -368,9 +375,10 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
 
     from omegaconf import OmegaConf
 
+    from kdprune_cli.config.schema import TrainRecipe
     from kdprune_cli.models import build_model
     from kdprune_cli.pruning.masks import apply_masks
-    from kdprune_cli.pruning.methods.synflow import SynFlow
+    from kdprune_cli.pruning.methods.synflow import SynFlow, SynFlowConfig
     from kdprune_cli.pruning.selection import Pruner
 
     torch.manual_seed(0)
@@ -379,7 +387,8 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
     ctx = SimpleNamespace(data=SimpleNamespace(channels=3, image_size=size), log=lambda rec: None,
                           pruner=Pruner(cfg, None, torch.device("cpu")),
                           costs=SimpleNamespace(count=lambda *m, **k: contextlib.nullcontext()))
-    masks = SynFlow(OmegaConf.create({"rounds": rounds, "double": True})).prune(ctx, net).masks
+    mcfg = SynFlowConfig(name="synflow", rounds=rounds, double=True, retrain=TrainRecipe())
+    masks = SynFlow(mcfg).prune(ctx, net).masks
     want = float64_synflow_masks(net, (3, size, size), 0.9, rounds)
     assert list(masks) == list(want)
     for n, m in masks.items():
@@ -408,8 +417,8 @@ def test_invalid_options_raise(make_ctx):
     bad = [("snip", "method.batches=0"), ("snip", "method.bn_mode=foo"), ("grasp", "method.temperature=0"),
            ("grasp", "method.samples_per_class=0"), ("grasp", "method.batching=sorted"),
            ("grasp", "method.chunk_size=8"), ("synflow", "method.rounds=0")]
-    # a wrong type (method.at_init=maybe) is refused by Hydra at composition: test_config's typed-config test
+    # a wrong type (method.at_init=maybe) is refused by Hydra at composition: test_compose_and_validate
     for name, override in bad:
         ctx = make_ctx(f"method={name}", override)
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
             method_of(ctx)
