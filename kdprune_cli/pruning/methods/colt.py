@@ -21,7 +21,7 @@ from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, mo
 from kdprune_cli.data import Split
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.methods.magnitude import magnitude_scores as magnitudes
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.procedures.rounds import clone_state, rewind, round_spec, run_rounds
 
@@ -71,6 +71,7 @@ class COLTConfig(MethodConfig):
     rate: float = MISSING  # fraction of each model's remaining conv weights pruned per round
     round: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
+
 
 class COLT(Method):
     """Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770).

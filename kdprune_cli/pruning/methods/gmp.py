@@ -9,7 +9,7 @@ from omegaconf import MISSING
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.methods.magnitude import magnitude_scores as magnitudes
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.procedures.gradual import prune_gradually
 
@@ -23,6 +23,7 @@ class GMPConfig(MethodConfig):
     frequency: int = MISSING  # Δt in optimizer steps
     train: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
+
 
 class GMP(Method):
     """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017, arXiv 1710.01878, Eq. 1).

@@ -50,6 +50,7 @@ class IMPConfig(MethodConfig):
     round: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
 
+
 class IMP(Method):
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019, arXiv 1803.03635, Strategy 1).
 

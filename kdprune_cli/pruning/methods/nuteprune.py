@@ -48,7 +48,7 @@ from typing import Optional
 from omegaconf import MISSING
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, option
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.procedures.gates import export, learn_gates
 from kdprune_cli.pruning.structure.channels import ChannelGroups
@@ -61,20 +61,20 @@ TEACHERS = ("snapshots", "intact")
 @dataclass
 class NutePruneConfig(MethodConfig):
     prune: TrainRecipe = MISSING  # the recipe of the adapters (or weights) while the gates learn
-    ramp_epochs: int = MISSING  # the target ramps linearly from 0 over this many epochs (0: full from the start)
-    mask_lr: float = MISSING
-    lambda_lr: float = MISSING
+    ramp_epochs: int = option("steps")  # the target ramps linearly from 0 over this many epochs (0: full from the start)
+    mask_lr: float = option("positive")
+    lambda_lr: float = option("positive")
     droprate_init: float = MISSING
     beta: float = MISSING  # hard-concrete temperature
     lora: bool = MISSING
-    lora_r: int = MISSING
-    lora_alpha: int = MISSING
+    lora_r: int = option("count")
+    lora_alpha: int = option("nonnegative")
     teachers: str = MISSING  # snapshots | intact
-    teacher_ahead: int = MISSING
+    teacher_ahead: int = option("steps")
     delta: float = MISSING
-    temperature: float = MISSING  # τ of the logit distillation
-    kd_weight: float = MISSING
-    hidden_weight: float = MISSING
+    temperature: float = option("positive")  # τ of the logit distillation
+    kd_weight: float = option("nonnegative")
+    hidden_weight: float = option("nonnegative")
     retrain: TrainRecipe = MISSING  # after export, CE retraining of the smaller model (epochs 0: none, as the source)
 
 
