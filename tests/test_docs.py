@@ -189,3 +189,14 @@ def test_the_docs_give_todays_reasons_not_history(page):
     body = re.sub(r"^```.*?^```", "", text(page), flags=re.M | re.S)
     hits = [line for line in body.splitlines() if HISTORY.search(line)]
     assert not hits, f"{rel(page)} tells the history of the code instead of today's reason:\n" + "\n".join(hits)
+
+
+def test_every_readme_section_the_code_cites_exists():
+    """A comment that sends the reader to "README, <section>" names a section the README has."""
+    headings = [h.lower() for h in re.findall(r"^#{2,3} (.+)$", text(README), re.M)]
+    for path in cited_files():
+        if path in PAGES:
+            continue
+        for section in re.findall(r"README,? '?([A-Z][A-Za-z ]*[a-z])", text(path)):
+            assert any(h.startswith(section.lower()) for h in headings), \
+                f"{rel(path)} cites README, {section}; the README has no such section (the manual is in docs/)"
