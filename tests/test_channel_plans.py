@@ -203,7 +203,7 @@ def test_bad_plan_options_fail_in_one_line_before_work(tiny_cfg, tmp_path, overr
 
 def test_nuteprune_is_not_held_to_the_plan_caps(tiny_cfg, tmp_path):
     """NutePrune's gates learn the widths: a sparsity past the plan caps is not refused for it."""
-    from kdprune_cli.experiment.job import validate
+    from kdprune_cli.experiment.validate import validate
 
     validate(tiny_cfg("method=nuteprune", "prune.granularity=channel", "sparsity=0.9", "prune.max_group_ratio=0.5"))
 

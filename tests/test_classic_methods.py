@@ -61,7 +61,7 @@ def test_exact_count_and_scope(make_ctx, name, scope):
         ratios = [float((~m).float().mean()) for m in masks.values()]
         if name != "random":
             assert max(ratios) - min(ratios) > 0.05
-    assert "pruned" in ctx.metrics and ctx.cost["score"].samples >= 0
+    assert "pruned" in ctx.evaluator.metrics and ctx.costs.stages["score"].samples >= 0
 
 
 @pytest.mark.parametrize("name", ["snip", "synflow"])
@@ -72,7 +72,7 @@ def test_exclude_is_left_dense(make_ctx, name):
     assert "conv1.weight" not in masks and "fc.weight" not in masks
     assert bool((model.conv1.weight != 0).all()) and bool((model.fc.weight != 0).all())
     total = sum(m.numel() for m in masks.values())
-    assert sum(int((~m).sum()) for m in masks.values()) == round(ctx.sparsity * total)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(ctx.pruner.sparsity * total)
 
 
 # --- random and magnitude --------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_random_is_seeded_and_layer_blind(make_ctx):
         ctx = make_ctx("method=random", f"seed={seed}")
         m = method_of(ctx)
         model = m.base_model(ctx)
-        return select(m.score(ctx, model), ctx.sparsity, "global")
+        return select(m.score(ctx, model), ctx.pruner.sparsity, "global")
 
     a, b, c = masks_for(0), masks_for(0), masks_for(1)
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -104,7 +104,7 @@ def test_magnitude_scores_and_base_model(make_ctx):
     keep = torch.cat([masks["conv.weight"].flatten(), masks["fc.weight"].flatten()])
     assert int((~keep).sum()) == round(0.5 * w.numel()) and w[keep].min() >= w[~keep].max()
     # at_init=false prunes the trained dense student, at_init=true the fresh initialisation
-    dense, init = ctx.dense_student(), ctx.new_model("student")
+    dense, init = ctx.artifacts.dense_student(), ctx.seeds.new_model("student")
     trained = m.base_model(ctx)
     assert torch.equal(trained.conv1.weight, dense.conv1.weight)
     assert not torch.equal(trained.conv1.weight, init.conv1.weight)
@@ -135,7 +135,7 @@ def test_snip_scores_match_hand_computation(make_ctx):
     torch.manual_seed(1)
     net = TinyNet(in_ch=1, classes=10)
     scores = method_of(ctx).score(ctx, net)
-    batches = [(x, y) for x, y, _ in ctx.data.batches("train", 16, shuffle=True, gen=ctx.generator("snip"),
+    batches = [(x, y) for x, y, _ in ctx.data.batches("train", 16, shuffle=True, gen=ctx.seeds.generator("snip"),
                                                        max_batches=3)]
     assert len(batches) == 3
     grads = [tinynet_grads_by_hand(net, x, y) for x, y in batches]
@@ -144,7 +144,7 @@ def test_snip_scores_match_hand_computation(make_ctx):
         expected = (p.detach() * g).abs()
         torch.testing.assert_close(scores[n], expected, rtol=1e-4, atol=1e-7)
     assert set(scores) == {"conv.weight", "fc.weight"}
-    assert ctx.current_stage.samples == 48
+    assert ctx.costs.current.samples == 48
 
 
 def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
@@ -165,7 +165,7 @@ def test_snip_scores_with_bn_in_eval_mode_by_default(make_ctx):
     for mode in ("default", "train"):
         ctx = make_ctx("method=snip", "method.batch_size=8", *([] if mode == "default" else ["method.bn_mode=train"]))
         got[mode] = method_of(ctx).score(ctx, net)
-    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.generator("snip"), max_batches=1)))
+    x, y, _ = next(iter(ctx.data.batches("train", 8, shuffle=True, gen=ctx.seeds.generator("snip"), max_batches=1)))
     want = {"default": snip_by_hand(net, x, y, False), "train": snip_by_hand(net, x, y, True)}
     for mode in got:
         for n in want[mode]:
@@ -220,7 +220,7 @@ def test_grasp_hg_matches_finite_difference(temperature):
 def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     """The ``shuffled`` option: one shuffled class-balanced batch, the mean loss over it."""
     ctx = make_ctx("method=grasp", "method.samples_per_class=4", "method.temperature=50", "method.batching=shuffled")
-    x, y = balanced_batch(ctx.data, 4, ctx.generator("grasp"))
+    x, y = balanced_batch(ctx.data, 4, ctx.seeds.generator("grasp"))
     assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 4))
     torch.manual_seed(3)
     net = TinyNet(in_ch=1, classes=10).double()
@@ -233,7 +233,7 @@ def test_grasp_score_is_theta_times_hg_on_a_balanced_batch(make_ctx):
     scale = max(float((params[n].detach() * fd[n]).abs().max()) for n in fd)
     for n, p in params.items():  # higher = keep: +θ⊙Hg (GraSP removes the largest −θ⊙Hg)
         assert float((scores[n] - p.detach() * fd[n]).abs().max()) <= 1e-5 * scale, n
-    assert ctx.current_stage.samples == 2 * 40
+    assert ctx.costs.current.samples == 2 * 40
 
 
 def test_grasp_default_is_the_references_two_class_sorted_halves(make_ctx):
@@ -248,9 +248,9 @@ def test_grasp_default_is_the_references_two_class_sorted_halves(make_ctx):
     torch.manual_seed(0)
     net = build_model("resnet56", 10, 1, 8).double()
     got = method_of(ctx).score(ctx, net)
-    assert ctx.current_stage.samples == 2 * 10 * spc
+    assert ctx.costs.current.samples == 2 * 10 * spc
     # the same draws as the method's; sorted by class, the halves are classes 0–4 and 5–9
-    x, y = balanced_batch(ctx.data, spc, ctx.generator("grasp"))
+    x, y = balanced_batch(ctx.data, spc, ctx.seeds.generator("grasp"))
     order = torch.argsort(y, stable=True)
     x, y = x[order].double(), y[order]
     half = len(y) // 2
@@ -324,12 +324,12 @@ def test_synflow_iterative_avoids_layer_collapse(make_ctx):
         ctx.log = logged.append
         m = method_of(ctx)
         model = m.base_model(ctx)
-        with ctx.stage("score"):
+        with ctx.costs.stage("score"):
             masks = m.prune(ctx, model)
         total = sum(v.numel() for v in masks.values())
         assert sum(int((~v).sum()) for v in masks.values()) == round(0.99 * total)
         assert [r["round"] for r in logged] == list(range(1, rounds + 1))
-        assert ctx.cost["score"].samples == rounds
+        assert ctx.costs.stages["score"].samples == rounds
         dens = [float(v.float().mean()) for v in masks.values()]
         return sum(d == 0 for d in dens), min(dens)
 

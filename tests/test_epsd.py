@@ -299,7 +299,7 @@ def _run(ctx):
 def test_epsd_exact_count_and_masked_training(make_ctx, sd):
     ctx = make_ctx("method=epsd", f"method.sd={sd}", "method.score_batch_size=32", "method.retrain.epochs=1",
                    "++method.retrain.eval_every=0", "sparsity=0.8")
-    init = ctx.new_model("student")
+    init = ctx.seeds.new_model("student")
     _, (model, masks) = _run(ctx)
     sizes = sum(m.numel() for m in masks.values())
     k = round(0.8 * sizes)
@@ -309,13 +309,13 @@ def test_epsd_exact_count_and_masked_training(make_ctx, sd):
     rep = sparsity_report(model)
     assert rep["prunable"] - rep["nonzero"] == k
     assert not torch.equal(prunable_params(model)["fc.weight"], prunable_params(init)["fc.weight"])
-    st = ctx.cost["retrain"]
+    st = ctx.costs.stages["retrain"]
     n_train = ctx.data.num_batches("train", 64, drop_last=True) * 64
     if sd == "dlb":  # every step but the first re-forwards the last batch
         assert st.samples == 2 * n_train - 64
     else:  # CS-KD partners are forward-only self-teacher passes
         assert st.samples == n_train and st.teacher_samples == n_train
-    assert ctx.cost["score"].samples == 4 * 32 + (3 * 32 if sd == "dlb" else 0)
+    assert ctx.costs.stages["score"].samples == 4 * 32 + (3 * 32 if sd == "dlb" else 0)
 
 
 def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
@@ -328,7 +328,7 @@ def test_epg_prunes_like_pskd_epsd_and_differs_from_cskd(make_ctx):
         ctx = make_ctx(*over, *common)
         m = get_method(ctx.cfg.method.name)(ctx.cfg.method)
         m.validate()
-        with ctx.stage("score"):
+        with ctx.costs.stage("score"):
             scores[tag] = m.score(ctx, m.base_model(ctx))
     for n in scores["epg"]:  # PS-KD at initialisation is CE (our documented choice)
         torch.testing.assert_close(scores["epg"][n], scores["ps_kd"][n])
@@ -350,13 +350,13 @@ def test_inner_batches_option_reaches_the_saliency(make_ctx):
     m = get_method("epg")(ctx.cfg.method)
     m.validate()
     model = m.base_model(ctx)
-    with ctx.stage("score"):
+    with ctx.costs.stage("score"):
         got = m.score(ctx, model)
-    assert ctx.cost["score"].samples == 3 * 16
-    first = next(cycle_batches(ctx.data, 16, True, ctx.generator("score")))
+    assert ctx.costs.stages["score"].samples == 3 * 16
+    first = next(cycle_batches(ctx.data, 16, True, ctx.seeds.generator("score")))
     names = list(prunable_params(model))
     want, _ = prospr_scores(model, CrossEntropy(), itertools.repeat(first), 2, 0.1, names)
-    fresh, _ = prospr_scores(model, CrossEntropy(), cycle_batches(ctx.data, 16, True, ctx.generator("score")), 2, 0.1,
+    fresh, _ = prospr_scores(model, CrossEntropy(), cycle_batches(ctx.data, 16, True, ctx.seeds.generator("score")), 2, 0.1,
                              names)
     for n in names:
         torch.testing.assert_close(got[n], want[n])

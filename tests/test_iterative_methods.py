@@ -24,10 +24,10 @@ def shrink(ctx, n):
 
 
 def spy(ctx):
-    """Record every ctx.train call (model state, masks, data at call time), the model given to
+    """Record every ctx.trainer.train call (model state, masks, data at call time), the model given to
     record_metrics("pruned"), and the ctx.log lines."""
     calls, pruned, logs = [], {}, []
-    train, record = ctx.train, ctx.record_metrics
+    train, record = ctx.trainer.train, ctx.evaluator.record_metrics
 
     def train_spy(model, node, objective, stage, masks=None, step_hook=None, record=True, data=None):
         d = data if data is not None else ctx.data
@@ -41,7 +41,7 @@ def spy(ctx):
             pruned["state"] = clone_state(model)
         return record(key, model, cached)
 
-    ctx.train, ctx.record_metrics = train_spy, record_spy
+    ctx.trainer.train, ctx.evaluator.record_metrics = train_spy, record_spy
     ctx.log = logs.append
     return calls, pruned, logs
 
@@ -97,7 +97,7 @@ def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx):
     method.history = []
     model, masks = method.run(ctx)
 
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     mods = prunable_modules(model)
     P = prunable_params(model)
     convs = [f"{n}.weight" for n, m in mods.items() if isinstance(m, torch.nn.Conv2d)]
@@ -149,7 +149,7 @@ def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx):
     assert [r["round"] for r in rounds] == list(range(1, method.rounds + 1))
     assert rounds[-1]["sparsity"] == k / total and all(r["seconds"] > 0 for r in rounds)
     halves = [int((ctx.data.train.y < 5).sum()), int((ctx.data.train.y >= 5).sum())]
-    assert ctx.cost["colt"].samples == method.rounds * sum(h // 64 * 64 for h in halves)
+    assert ctx.costs.stages["colt"].samples == method.rounds * sum(h // 64 * 64 for h in halves)
 
 
 def test_colt_cannot_reach_target_with_convs_only(make_ctx):
@@ -174,7 +174,7 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
     method = get_method("imp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     P = prunable_params(model)
     total = sum(p.numel() for p in P.values())
     assert set(masks) == set(P) and n_removed(masks) == round(0.5 * total)
@@ -195,7 +195,7 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
     assert_rewound(pruned["state"], theta0, masks)
     lines = [r for r in logs if r.get("stage") == "imp" and "round" in r]
     assert [r["round"] for r in lines] == [1, 2] and lines[-1]["sparsity"] == round(0.5 * total) / total
-    assert ctx.cost["imp"].samples == 2 * 192 and ctx.cost["retrain"].samples == 192
+    assert ctx.costs.stages["imp"].samples == 2 * 192 and ctx.costs.stages["retrain"].samples == 192
 
 
 def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
@@ -203,7 +203,7 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
     calls, pruned, logs = spy(ctx)
     seen = {}
     spe = 192 // 64
-    inner = ctx.train
+    inner = ctx.trainer.train
 
     def train(model, node, objective, stage, masks=None, step_hook=None, record=True):
         def hook(step, total):
@@ -215,11 +215,11 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
         seen.setdefault("end", clone_state(model))
         return out
 
-    ctx.train = train
+    ctx.trainer.train = train
     method = get_method("imp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
-    theta0 = clone_state(ctx.new_model("student", name="init"))
+    theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     assert n_removed(masks) == round(0.5 * sum(p.numel() for p in prunable_params(model).values()))
     assert_rewound(pruned["state"], seen["epoch1"], masks)
     rounds = [c for c in calls if c["stage"] == "imp"]
@@ -240,7 +240,7 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
     shrink(ctx, 320)  # 5 steps per epoch, T = 10: pruning at t = 2, 4, 6, 8 (t₀ = 2, Δt = 2, n = 3)
     calls, pruned, logs = spy(ctx)
     measured = []
-    inner = ctx.train
+    inner = ctx.trainer.train
 
     def train(model, node, objective, stage, masks=None, step_hook=None, record=True):
         def hook(step, total):
@@ -250,7 +250,7 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
         return inner(model, node, objective, stage, masks=masks,
                      step_hook=hook if step_hook is not None else None, record=record)
 
-    ctx.train = train
+    ctx.trainer.train = train
     method = get_method("gmp")(ctx.cfg.method)
     method.validate()
     model, masks = method.run(ctx)
@@ -269,7 +269,7 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx):
     assert measured[2][1] == round(s_i * N) and measured[-1][1] == round(s_f * N)
     assert n_removed(masks) == round(s_f * N)
     assert_masked(model, masks)
-    assert "pruned" in ctx.metrics and "state" in pruned
+    assert "pruned" in ctx.evaluator.metrics and "state" in pruned
     assert [r["step"] for r in logs if r.get("stage") == "gmp" and "step" in r] == [2, 4, 6, 8]
 
 

@@ -54,7 +54,7 @@ def test_snip_scores_equal_the_per_parameter_loop(tiny_net):
 def test_cakld_score_equals_the_per_parameter_loop(make_ctx):
     ctx = make_ctx("method=cakld", "method.score_batches=3", "method.gamma_batches=1", "method.gamma=0.5")
     method = get_method("cakld")(ctx.cfg.method)
-    model = ctx.new_model("student")
+    model = ctx.seeds.new_model("student")
     got = method.score(ctx, model)
     assert model.training  # left in train mode, no gradients kept
     assert all(p.grad is None for p in model.parameters())
@@ -64,7 +64,7 @@ def test_cakld_score_equals_the_per_parameter_loop(make_ctx):
     want = {n: torch.zeros_like(p) for n, p in params.items()}
     model.eval()
     for x, y, idx in ctx.data.batches("train", int(ctx.cfg.method.score_batch_size), shuffle=True,
-                                      gen=ctx.generator("score"), max_batches=3):
+                                      gen=ctx.seeds.generator("score"), max_batches=3):
         model.zero_grad(set_to_none=True)
         loss, _ = objective(model, x, y, idx)
         loss.backward()

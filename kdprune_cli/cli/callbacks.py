@@ -37,7 +37,7 @@ def check_output_folder(folder: str) -> None:
     """Create ``folder`` and write a probe file; an unwritable, full or impossible folder ends the program
     with one line and exit status 2 before Hydra or any job writes there."""
     from kdprune_cli.cli.main import storage_error
-    from kdprune_cli.store.files import check_writable
+    from kdprune_cli.store.atomic import check_writable
 
     try:
         check_writable(folder)

@@ -74,7 +74,7 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
     if args.model == "final":
         return build_from(obj, path), obj, record
     from kdprune_cli.models import build_model
-    from kdprune_cli.experiment.job import load_checkpoint
+    from kdprune_cli.experiment.checkpoint import load_checkpoint
 
     role = "teacher" if args.model == "teacher" else "student"
     source = (obj.get("artifacts") or {}).get(role)
@@ -133,7 +133,7 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
 
 def run(args) -> int:
     from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
-    from kdprune_cli.experiment.job import resolve_device
+    from kdprune_cli.experiment.validate import resolve_device
 
     device = resolve_device(args.device)
     model, obj, record = load(args)
@@ -183,7 +183,7 @@ def run(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     from kdprune_cli.data.loading import DataError
-    from kdprune_cli.experiment.job import CheckpointError
+    from kdprune_cli.experiment.checkpoint import CheckpointError
     from kdprune_cli.config.schema import ConfigError
 
     args = parse_args(argv)

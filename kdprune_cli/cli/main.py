@@ -67,7 +67,9 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     record has no such number."""
     from kdprune_cli.data.loading import DataError
     from kdprune_cli.errors import DivergedError
-    from kdprune_cli.experiment.job import CheckpointError, Interrupted, run_job
+    from kdprune_cli.experiment.checkpoint import CheckpointError
+    from kdprune_cli.experiment.job import run_job
+    from kdprune_cli.experiment.signals import Interrupted
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -209,7 +211,7 @@ def composition_error_line(e: BaseException) -> str:
 def record_refusal(argv: list, line: str) -> None:
     """A refused command that names an existing run folder (``hydra.run.dir=DIR``) leaves its ``failed``
     record there, so an earlier run's record does not speak for it."""
-    from kdprune_cli.store.files import atomic_write_json
+    from kdprune_cli.store.atomic import atomic_write_json
 
     if "-m" in argv or "--multirun" in argv:
         return

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdprune_cli.store.files import acquire, atomic_save, atomic_write_json, file_lock, warn, writing
+from kdprune_cli.log import warn
+from kdprune_cli.store.atomic import atomic_save, atomic_write_json, writing
+from kdprune_cli.store.locks import acquire, file_lock
 
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 

@@ -24,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdprune_cli.experiment.loggers import RunLogger
 from kdprune_cli.models.modelfile import ModelFileError, build_from, read_model_file
-from kdprune_cli.store.files import _fsync_dir, _hash_file as sha256_file, _tmp_path, config_hash, warn
+from kdprune_cli.log import warn
+from kdprune_cli.store.atomic import fsync_dir, tmp_path
+from kdprune_cli.store.digests import config_hash, sha256_file
 
 MODEL = "model.pt"
 
@@ -66,7 +68,7 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     linked = dst.exists() and os.path.samefile(src, dst)
     if not linked:
-        tmp = _tmp_path(dst)
+        tmp = tmp_path(dst)
         try:
             try:
                 os.link(src, tmp)
@@ -80,7 +82,7 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     if linked and digest is not None:  # the same bytes on disk: the source's digest is the copy's
         info = {"path": str(dst), "bytes": dst.stat().st_size, "sha256": digest}
     else:

@@ -36,12 +36,12 @@ def model_file(model: nn.Module, arch: dict, data: Optional[dict] = None, masks:
 def read_model_file(path: str | Path) -> dict:
     """The file's contents (weights_only); earlier kdprune files (state dict + architecture name) too."""
     from kdprune_cli.data.loading import DATASETS
-    from kdprune_cli.experiment.job import _read_error
+    from kdprune_cli.experiment.checkpoint import read_error
 
     try:
         obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelFileError(f"model file {path} could not be read: {_read_error(e)}") from None
+        raise ModelFileError(f"model file {path} could not be read: {read_error(e)}") from None
     if isinstance(obj, dict) and "format" not in obj and isinstance(obj.get("model"), str) \
             and obj.get("dataset") in DATASETS:  # written before the format had a name: dense-shaped
         classes, channels, size = DATASETS[obj["dataset"]]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from kdprune_cli.training import compiling
 from kdprune_cli.errors import describe, diverged, non_finite_tensors
 from kdprune_cli.pruning.masks import apply_masks, assert_masked, mask_grads
-from kdprune_cli.store.files import atomic_save
+from kdprune_cli.store.atomic import atomic_save
 
 
 NO_COMPILE = {"compile_seconds": 0.0, "recompiles": 0, "graph_breaks": 0, "fallbacks": 0}
@@ -200,7 +200,7 @@ def _check_finite(model: nn.Module, mean_loss: float, stage: str, epoch: int, wh
 def _resume(path, model, opt, gen, masks, objective):
     """Continue from a training checkpoint; ``None`` (one warning line, the file removed, nothing changed)
     when it cannot be read or does not fit this model, optimizer, masks or objective."""
-    from kdprune_cli.store.files import warn
+    from kdprune_cli.log import warn
 
     device = next(model.parameters()).device
     saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},

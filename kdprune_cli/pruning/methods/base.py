@@ -2,7 +2,7 @@
 
 A method is a subclass of :class:`Method` with a ``name``; ``run(ctx)`` returns a :class:`Result`: the final
 pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``). ``ctx`` is the runner's
-:class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and services (``costs``, ``seeds``, ``trainer``, ``evaluator``,
+:class:`~kdprune_cli.experiment.services.Context`: ``ctx.data`` and services (``costs``, ``seeds``, ``trainer``, ``evaluator``,
 ``artifacts``, ``pruner``) that book the cost of each stage. One-shot methods only implement :meth:`OneShot.score`.
 """
 from __future__ import annotations

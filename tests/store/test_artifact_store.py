@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from kdprune_cli.store.files import Store, atomic_write_json, config_hash
+from kdprune_cli.store.artifacts import Store
+from kdprune_cli.store.atomic import atomic_write_json
+from kdprune_cli.store.digests import config_hash
 
 
 def test_key_is_the_hash_of_the_spec_and_order_free():
