@@ -31,6 +31,8 @@ from kdprune_cli.training.loop import train
 
 @dataclass
 class StageCost:
+    """What one stage cost: a row of the record's ``cost.stages``."""
+
     seconds: float = 0.0
     samples: int = 0  # samples pushed forward and backward through the network being trained or scored
     teacher_samples: int = 0  # samples pushed forward through a teacher
@@ -267,10 +269,11 @@ class Artifacts:
             model = init()
             model.load_state_dict(self.models[stage])
             return model
+        d = self.store.dir(stage, self.store.key(spec))
         with self.costs.stage(stage) as st:
             def create():
                 model = init()
-                ckpt = self.store.dir(stage, self.store.key(spec)) / "partial.pt" if self.cfg.store.enabled else None
+                ckpt = d / "partial.pt" if self.cfg.store.enabled else None
                 if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
                     ckpt.unlink(missing_ok=True)
                 stats = fit(model, ckpt)
@@ -284,7 +287,7 @@ class Artifacts:
             state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
             if self.cfg.store.enabled:
-                self.files[stage] = str(self.store.dir(stage, self.store.key(spec)) / "artifact.pt")
+                self.files[stage] = str(d / "artifact.pt")
             if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
                 st.seconds -= self.store.waited
                 st.lock_wait_seconds += self.store.waited

@@ -8,6 +8,7 @@ readable under the usual umask), so a team can share a store. A signal whose han
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,17 +40,13 @@ def write_all(fd: int, data) -> None:
 
 
 def fsync_dir(d: Path) -> None:
-    """fsync a folder, so a rename in it is durable (best effort)."""
-    try:
+    """fsync a folder, so a rename in it is durable (best effort: some filesystems cannot fsync a folder)."""
+    with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # best effort: some filesystems cannot fsync a folder
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class _Writing:
@@ -97,29 +94,24 @@ def defer_while_writing(fire: Callable[[], None]) -> bool:
 def atomic_write(path: str | os.PathLike, write: Callable[[int], None]) -> None:
     """Create a temp file beside ``path``, ``write(fd)``, fsync, rename over ``path``, fsync the folder; a
     signal that arrives meanwhile is acted on once the file is in place (or the temp file removed)."""
+    path = Path(path)
     with writing():
-        _atomic_write(Path(path), write)
-
-
-def _atomic_write(path: Path, write: Callable[[int], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    # 0666 through the umask (0644 under umask 022), not mkstemp's 0600
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path(path)
+        # 0666 through the umask (0644 under umask 022), not mkstemp's 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
-            write(fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
+            try:
+                write(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
 
 
 class _Sink:
@@ -182,10 +174,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # someone else's live process
-    except OSError:
-        return True
+    except OSError:  # PermissionError: someone else's live process
+        pass
     return True
 
 

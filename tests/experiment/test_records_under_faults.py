@@ -301,7 +301,7 @@ def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
 def test_storage_errors_are_one_line_in_the_systems_words():
     import errno
 
-    from kdprune_cli.cli.main import storage_error
+    from kdprune_cli.errors import storage_error
 
     assert storage_error(OSError(errno.ENOSPC, "No space left on device", "/store/x.pt")) == \
         "cannot write /store/x.pt: No space left on device"
