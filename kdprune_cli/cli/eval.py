@@ -25,9 +25,9 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, DataConfig
 from kdprune_cli.data.loading import DataError, load_data
-from kdprune_cli.experiment.checkpoint import CheckpointError, load_checkpoint
 from kdprune_cli.experiment.validate import resolve_device
 from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
 from kdprune_cli.models.modelfile import ModelFileError, _model_path, build_from, read_model_file
 from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
 

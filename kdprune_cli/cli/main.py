@@ -24,11 +24,11 @@ from kdprune_cli.cli.printing import print_config
 from kdprune_cli.config.schema import ConfigError, register
 from kdprune_cli.data.loading import DataError
 from kdprune_cli.errors import DivergedError, storage_error
-from kdprune_cli.experiment.checkpoint import CheckpointError
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.search import is_search, objective
 from kdprune_cli.experiment.signals import Interrupted
 from kdprune_cli.log import say
+from kdprune_cli.models.checkpoint import CheckpointError
 from kdprune_cli.store.atomic import atomic_write_json
 
 

@@ -19,9 +19,9 @@ from kdprune_cli.config.schema import model_kwargs, recipe
 from kdprune_cli.data.loading import DeviceData
 from kdprune_cli.distill.objectives import CrossEntropy
 from kdprune_cli.errors import DivergedError, config_path, non_finite_metrics
-from kdprune_cli.experiment.checkpoint import load_checkpoint
 from kdprune_cli.experiment.identity import STORE_VERSION, checkpoint_digest
 from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import load_checkpoint
 from kdprune_cli.pruning.selection import Pruner
 from kdprune_cli.store.artifacts import Store
 from kdprune_cli.store.digests import config_hash

@@ -12,8 +12,8 @@ from torch import nn
 from kdprune_cli.config import schema as config
 from kdprune_cli.config.schema import ConfigError, model_kwargs
 from kdprune_cli.data.loading import DATASETS
-from kdprune_cli.experiment.checkpoint import load_checkpoint, read_error
 from kdprune_cli.models import build_model, is_known, model_names
+from kdprune_cli.models.checkpoint import load_checkpoint, read_error
 from kdprune_cli.pruning.masks import check_exclude
 from kdprune_cli.pruning.methods import get_method, method_names
 from kdprune_cli.pruning.selection import check_reachable, check_round_to
@@ -26,7 +26,7 @@ def error_line(e: BaseException) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device ``device=<name>`` names (``auto``: CUDA when there is one); a device that is not there is refused."""
+    """The torch device ``device=<name>`` names (``auto``: CUDA when there is one); a missing one is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

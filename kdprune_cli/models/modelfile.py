@@ -36,7 +36,7 @@ def model_file(model: nn.Module, arch: dict, data: Optional[dict] = None, masks:
 def read_model_file(path: str | Path) -> dict:
     """The file's contents (weights_only); earlier kdprune files (state dict + architecture name) too."""
     from kdprune_cli.data.loading import DATASETS
-    from kdprune_cli.experiment.checkpoint import read_error
+    from kdprune_cli.models.checkpoint import read_error
 
     try:
         obj = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)

@@ -119,8 +119,8 @@ def test_max_batches_caps_the_optimizer_steps_of_every_epoch(make_ctx):
                   progress=False, step_hook=lambda s, total: steps.append((s, total)), max_batches=2)
     assert steps == [(s, 6) for s in range(6)] and stats["samples"] == 3 * 2 * 16
     # through the runner, as every method trains: the config's max_batches reaches the loop
-    stats = ctx.trainer.train(TinyNet(classes=10), {"epochs": 2, "batch_size": 16, "eval_every": 0}, ctx.trainer.objective(),
-                      stage="t", record=False)
+    stats = ctx.trainer.train(TinyNet(classes=10), {"epochs": 2, "batch_size": 16, "eval_every": 0},
+                              ctx.trainer.objective(), stage="t", record=False)
     assert stats["samples"] == 2 * 2 * 16
     assert ctx.artifacts.recipe_spec({"epochs": 1}, "t")["max_batches"] == 2  # a capped training is its own artifact
     assert "max_batches" not in make_ctx().artifacts.recipe_spec({"epochs": 1}, "t")

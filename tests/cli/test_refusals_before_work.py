@@ -23,7 +23,7 @@ from kdprune_cli.report import main as report
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
 from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.experiment.checkpoint import CheckpointError
+from kdprune_cli.models.checkpoint import CheckpointError
 from kdprune_cli.experiment.job import run_job
 
 

@@ -63,3 +63,4 @@ def test_threads_is_validated_recorded_and_not_part_of_the_job_identity(tiny_cfg
         torch.set_num_threads(before[0])
     ids = {"data": "x"}
     assert job_id(tiny_cfg("threads=2"), ids) == job_id(tiny_cfg(), ids)
+

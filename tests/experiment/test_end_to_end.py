@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.experiment.checkpoint import CheckpointError
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.models.checkpoint import CheckpointError
 
 from runs import FAST, kdprune
 

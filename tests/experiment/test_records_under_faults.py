@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.models import build_model
-from kdprune_cli.experiment.checkpoint import CheckpointError, load_checkpoint
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.loggers import RunLogger
 from kdprune_cli.experiment.signals import Interrupted
+from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
 
 from conftest import SAFETY_S, hold_lock
 from fakedata import write_cifar

@@ -1,4 +1,5 @@
-"""Reading a state dict from a checkpoint file: ``weights_only=True`` and errors in our words."""
+"""Reading a user's state-dict checkpoint (``teacher.checkpoint=...``, ``kdprune-eval --checkpoint``) into a
+model: ``weights_only`` (never an unpickled object), with a one-line reason when it cannot be used."""
 from __future__ import annotations
 
 import pickle
