@@ -1,7 +1,7 @@
 """Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not), that
-a local Ray instance can start the jobs it is given, and that a search selects on what it may (kdprune_cli.experiment.search);
-after a multirun, say which jobs failed (exit non-zero if any did) and, after a search, write the best trial's
-``best.yaml``."""
+a local Ray instance can start the jobs it is given, and that a search selects on what it may
+(:mod:`kdprune_cli.experiment.search`); after a multirun, say which jobs failed (exit non-zero if any did) and,
+after a search, write the best trial's ``best.yaml``."""
 from __future__ import annotations
 
 import json
