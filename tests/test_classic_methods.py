@@ -302,7 +302,7 @@ def test_synflow_ignores_the_data(make_ctx):
     model_a, model_b = ma.base_model(ctx_a), mb.base_model(ctx_b)
     sa, sb = ma.score(ctx_a, model_a), mb.score(ctx_b, model_b)
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
-    with ctx_a.stage("score"), ctx_b.stage("score"):
+    with ctx_a.costs.stage("score"), ctx_b.costs.stage("score"):
         pa, pb = ma.prune(ctx_a, model_a), mb.prune(ctx_b, model_b)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 

@@ -73,7 +73,7 @@ def test_imp_late_rewinding_rounds_are_shared(make_ctx, tmp_path):
     mb, masks_b = get_method("imp")(ctx_b.cfg.method).run(ctx_b)
     ctx_f = make_ctx(*args, "sparsity=0.5", f"store.root={tmp_path}/fresh")
     mf, masks_f = get_method("imp")(ctx_f.cfg.method).run(ctx_f)
-    assert ctx_b.cost["imp.reused"].artifact["rounds"] == [1] and "imp.reused" not in ctx_f.costs.stages
+    assert ctx_b.costs.stages["imp.reused"].artifact["rounds"] == [1] and "imp.reused" not in ctx_f.costs.stages
     assert all(torch.equal(masks_b[n], masks_f[n]) for n in masks_f)
     sb, sf = mb.state_dict(), mf.state_dict()
     assert all(torch.equal(sb[k], sf[k]) for k in sf)
@@ -98,16 +98,16 @@ def test_colt_rounds_are_shared_across_targets_bit_identically(make_ctx, tmp_pat
     ctx_b, mb, model_b, masks_b = run("sparsity=0.5")
     ctx_f, mf, model_f, masks_f = run("sparsity=0.5", f"store.root={tmp_path}/fresh")
     assert mb.rounds == mf.rounds >= 3
-    reused = ctx_b.cost["colt.reused"]
+    reused = ctx_b.costs.stages["colt.reused"]
     assert reused.cached and reused.artifact["rounds"] and reused.artifact["rounds"][0] == 1
     assert reused.artifact["samples"] > 0 and "colt.reused" not in ctx_f.costs.stages
     n_reused = len(reused.artifact["rounds"])
-    assert ctx_b.cost["colt"].samples + reused.artifact["samples"] == ctx_f.costs.stages["colt"].samples
-    assert ctx_b.cost["colt"].samples < ctx_f.costs.stages["colt"].samples and n_reused < mb.rounds
+    assert ctx_b.costs.stages["colt"].samples + reused.artifact["samples"] == ctx_f.costs.stages["colt"].samples
+    assert ctx_b.costs.stages["colt"].samples < ctx_f.costs.stages["colt"].samples and n_reused < mb.rounds
     assert all(torch.equal(masks_b[n], masks_f[n]) for n in masks_f)
     sb, sf = model_b.state_dict(), model_f.state_dict()
     assert all(torch.equal(sb[k], sf[k]) for k in sf)
-    assert ctx_b.metrics == ctx_f.evaluator.metrics
+    assert ctx_b.evaluator.metrics == ctx_f.evaluator.metrics
 
 
 def test_colt_stored_round_that_passes_a_lower_target_is_not_used(make_ctx, tmp_path):
