@@ -1,4 +1,6 @@
-"""Divergence: a training whose loss or weights stop being finite ends the job, never an ``ok`` record.
+"""The errors a run ends with in one line: a storage error (:func:`storage_error`) and divergence.
+
+Divergence: a training whose loss or weights stop being finite ends the job, never an ``ok`` record.
 
 The trainer reads the epoch's loss sum (accumulated on the device, no host sync per step; a NaN or infinite step
 loss makes it non-finite) once at the end of the epoch and checks the weights, before the epoch's checkpoint;
@@ -9,10 +11,24 @@ in a multirun the job's record says ``failed`` and the sweep goes on.
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 from typing import Iterable, Mapping, Optional
 
 import torch
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                  errno.EEXIST, errno.EISDIR}
+
+
+def storage_error(e: BaseException) -> Optional[str]:
+    """One line for a folder or disk that cannot take our files (full, read-only, not a folder), else None."""
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write{where}: {e.strerror or os.strerror(e.errno)}"
+    return None
 
 
 class DivergedError(FloatingPointError):

@@ -23,3 +23,8 @@ def say(line: str, err: bool = False, level: int = logging.INFO) -> None:
 def note(line: str) -> None:
     """Log ``line`` to ``kdprune.log`` only (per-epoch lines: the console has the progress bar)."""
     LOG.info(line)
+
+
+def warn(msg: str) -> None:
+    """One line ``kdprune: warning: <msg>`` on stderr (and in ``kdprune.log``)."""
+    say(f"kdprune: warning: {' '.join(str(msg).split())}", err=True, level=logging.WARNING)

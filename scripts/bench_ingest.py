@@ -53,7 +53,7 @@ def write_layout(root: Path, n: int, classes: int = 20) -> Path:
 
 
 def old_reader(base: Path):
-    """The reader's decoding before parallel ingestion (kdprune_cli/data/loading.py, _read_tiny's ``load``)."""
+    """The reader's decoding before parallel ingestion (kdprune_cli/data/sources/tinyimagenet.py before its decode pool)."""
     from PIL import Image
 
     def load(paths):

@@ -132,8 +132,8 @@ def child(args, lora: bool) -> dict:
     from kdprune_cli.pruning.methods import nuteprune as N
     from kdprune_cli.pruning.procedures import gates as G
     from kdprune_cli.pruning.masks import prunable_params
-    from kdprune_cli.experiment.job import Context
-    from kdprune_cli.store.files import atomic_save
+    from kdprune_cli.experiment.services import Context
+    from kdprune_cli.store.atomic import atomic_save
 
     dev = torch.device(args.device)
     cfg = config(args, lora)

@@ -57,7 +57,7 @@ def hold_lock(path, seconds: float):
     import threading
     import time
 
-    from kdprune_cli.store.files import file_lock
+    from kdprune_cli.store.locks import file_lock
 
     held = threading.Event()
 
@@ -84,7 +84,7 @@ def tiny_cfg(tmp_path):
 def make_ctx(tiny_cfg):
     """``make_ctx(*overrides)``: a runner Context on digits (CPU) for method tests."""
     from kdprune_cli.data import load_data
-    from kdprune_cli.experiment.job import Context
+    from kdprune_cli.experiment.services import Context
 
     def make(*overrides):
         cfg = tiny_cfg(*overrides)

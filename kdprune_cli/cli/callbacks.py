@@ -1,7 +1,7 @@
 """Hydra callback: before a run, check that its output folder can be written (one line and exit 2 if not), that
-a local Ray instance can start the jobs it is given, and that a search selects on what it may (kdprune_cli.experiment.search);
-after a multirun, say which jobs failed (exit non-zero if any did) and, after a search, write the best trial's
-``best.yaml``."""
+a local Ray instance can start the jobs it is given, and that a search selects on what it may
+(:mod:`kdprune_cli.experiment.search`); after a multirun, say which jobs failed (exit non-zero if any did) and,
+after a search, write the best trial's ``best.yaml``."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from kdprune_cli.errors import storage_error
 from kdprune_cli.experiment.search import is_search, search_problem, write_best
+from kdprune_cli.store.atomic import check_writable
 
 
 def sweep_status(sweep_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -36,9 +38,6 @@ def sweep_status(sweep_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 def check_output_folder(folder: str) -> None:
     """Create ``folder`` and write a probe file; an unwritable, full or impossible folder ends the program
     with one line and exit status 2 before Hydra or any job writes there."""
-    from kdprune_cli.cli.main import storage_error
-    from kdprune_cli.store.files import check_writable
-
     try:
         check_writable(folder)
     except OSError as e:

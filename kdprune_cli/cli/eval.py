@@ -20,9 +20,16 @@ import warnings
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from kdprune_cli.models.modelfile import ModelFileError, build_from, model_path, read_model_file
+from kdprune_cli.config.schema import ConfigError, DataConfig
+from kdprune_cli.data import DataError, load_data
+from kdprune_cli.experiment.validate import resolve_device
+from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
+from kdprune_cli.models.modelfile import ModelFileError, model_path, build_from, read_model_file
+from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
 
 RECORD_KEYS = {"final": "final", "teacher": "teacher", "dense_student": "dense_student"}
 
@@ -73,9 +80,6 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
             record = json.loads(rec_path.read_text())
     if args.model == "final":
         return build_from(obj, path), obj, record
-    from kdprune_cli.models import build_model
-    from kdprune_cli.models.checkpoint import load_checkpoint
-
     role = "teacher" if args.model == "teacher" else "student"
     source = (obj.get("artifacts") or {}).get(role)
     name = obj.get("teacher") if role == "teacher" else obj["arch"]["name"]
@@ -89,11 +93,6 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
 
 
 def data_for(obj: dict, args, device: torch.device):
-    from omegaconf import OmegaConf
-
-    from kdprune_cli.config.schema import DataConfig
-    from kdprune_cli.data import load_data
-
     saved = dict(obj.get("data") or {})
     if args.data_root:
         saved["root"] = args.data_root
@@ -132,9 +131,6 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
 
 
 def run(args) -> int:
-    from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
-    from kdprune_cli.experiment.job import resolve_device
-
     device = resolve_device(args.device)
     model, obj, record = load(args)
     model = model.to(device).eval()
@@ -182,10 +178,6 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from kdprune_cli.data import DataError
-    from kdprune_cli.models.checkpoint import CheckpointError
-    from kdprune_cli.config.schema import ConfigError
-
     args = parse_args(argv)
     try:
         return run(args)

@@ -7,7 +7,6 @@ ends with one line and exit status 1; SIGTERM / SIGUSR1 with 128 + the signal's 
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -21,9 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kdprune_cli.cli.printing import print_config
 from kdprune_cli.config.schema import ConfigError, register
-from kdprune_cli.log import say
+from kdprune_cli.data import DataError
+from kdprune_cli.errors import DivergedError, storage_error
+from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.search import is_search, objective
+from kdprune_cli.experiment.signals import Interrupted
+from kdprune_cli.log import say
+from kdprune_cli.models.checkpoint import CheckpointError
+from kdprune_cli.store.atomic import atomic_write_json
 
 
 def config_dir() -> str:
@@ -48,28 +54,11 @@ register()
 from kdprune_cli.pruning import methods  # noqa: E402,F401  each method registers its typed config (schema/method/<name>)
 
 
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
-                  errno.EEXIST, errno.EISDIR}
-
-
-def storage_error(e: BaseException) -> Optional[str]:
-    """One line for a folder or disk that cannot take our files (full, read-only, not a folder), else None."""
-    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-        where = f" {e.filename}" if e.filename else ""
-        return f"cannot write{where}: {e.strerror or os.strerror(e.errno)}"
-    return None
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Run one job; returns the record's ``optimized_metric`` (default: the final top-1 on the validation split),
     the objective a search such as Optuna's optimises, or None (a failed trial) when the job failed or the
     record has no such number."""
-    from kdprune_cli.data import DataError
-    from kdprune_cli.errors import DivergedError
-    from kdprune_cli.experiment.job import Interrupted, run_job
-    from kdprune_cli.models.checkpoint import CheckpointError
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
@@ -108,8 +97,6 @@ def announce(cfg: DictConfig, hc) -> None:
     the anomaly-detection notice."""
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     if cfg.print_config and not (multirun and hc.sweep.dir in _SHOWN_FOR):
-        from kdprune_cli.cli.printing import print_config
-
         if multirun:
             _SHOWN_FOR.add(hc.sweep.dir)
             print(f"kdprune: config of sweep job {hc.job.num} (the other jobs differ by their overrides)")
@@ -210,8 +197,6 @@ def composition_error_line(e: BaseException) -> str:
 def record_refusal(argv: list, line: str) -> None:
     """A refused command that names an existing run folder (``hydra.run.dir=DIR``) leaves its ``failed``
     record there, so an earlier run's record does not speak for it."""
-    from kdprune_cli.store.files import atomic_write_json
-
     if "-m" in argv or "--multirun" in argv:
         return
     dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]

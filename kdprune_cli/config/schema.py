@@ -295,7 +295,7 @@ def validate(cfg: DictConfig) -> None:
     """What the config itself can tell (ranges, choices, files); raises :class:`ConfigError`.
 
     Names that only the registries know (datasets, models, methods, module names) are checked by
-    :func:`kdprune_cli.experiment.job.validate`, which calls this first: the config layer imports nothing above it.
+    :func:`kdprune_cli.experiment.validate.validate`, which calls this first: the config layer imports nothing above it.
     """
     check_resolves(cfg)
     if not 0.0 <= cfg.sparsity < 1.0:

@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 
 from kdprune_cli.data import sources
-from kdprune_cli.store.files import acquire, atomic_save, atomic_write_json, file_lock, warn, writing
+from kdprune_cli.log import warn
+from kdprune_cli.store.atomic import atomic_save, atomic_write_json, writing
+from kdprune_cli.store.locks import acquire, file_lock
 
 CACHE_VERSION = 2  # bump when a reader changes what it returns
 TENSORS = ("x_train", "y_train", "x_test", "y_test")

@@ -9,7 +9,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdprune_cli import __version__
 from kdprune_cli.data import dataset_fingerprint
-from kdprune_cli.store.files import config_hash, file_digest
+from kdprune_cli.store.digests import config_hash, file_digest
+
+# The layout of job ids and artifact keys: raising it makes every stored artifact and finished job another key
+# (made anew, never misread) when what a spec means changes.
+STORE_VERSION = 2
 
 
 def checkpoint_digest(cfg: DictConfig, path: str) -> str:
@@ -51,16 +55,12 @@ def identity_config(c: dict) -> dict:
     for k, sub in IGNORED_SUBKEYS.items():
         if isinstance(c.get(k), dict):
             c[k] = {kk: v for kk, v in c[k].items() if kk not in sub}
-    if c.get("max_batches") is None:  # the default: ids stay those of configs without the key
-        c.pop("max_batches", None)
-    if isinstance(c.get("prune"), dict) and c["prune"].get("granularity") == "weight":
-        # the channel options change no result of weight granularity: ids stay those of configs before channel pruning
-        c["prune"] = {k: v for k, v in c["prune"].items() if k not in (
-            "granularity", "target", "reduce", "normalize", "max_group_ratio", "min_channels", "round_to")}
     return c
 
 
 def job_id(cfg: DictConfig, ids: dict) -> str:
     """Deterministic job identity: the resolved config minus what does not change results, with the
-    dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths."""
-    return config_hash({"config": identity_config(OmegaConf.to_container(cfg, resolve=True)), "content": ids})
+    dataset and checkpoints identified by their content (``ids``, see :func:`content_ids`), not their paths,
+    and the :data:`STORE_VERSION`."""
+    return config_hash({"store_version": STORE_VERSION, "content": ids,
+                        "config": identity_config(OmegaConf.to_container(cfg, resolve=True))})

@@ -2,9 +2,8 @@
 training anything.
 
 The finished job's model file (named by the store's copy of its record, ``<store>/jobs/<id>/results.json``)
-is checked against that record (size and sha256; a record without a digest: the file must load) and placed
-in the new run folder as ``model.pt`` (a hard link where both sit on one filesystem, else a copy whose
-sha256 is checked). The new folder gets its own record: the earlier record's results with this run's config
+is checked against that record (size and sha256) and placed in the new run folder as ``model.pt`` (a hard
+link where both sit on one filesystem, else a copy whose sha256 is checked). The new folder gets its own record: the earlier record's results with this run's config
 and paths, ``reused_from`` (the store record read) and the cost booked as reused (``cost.reused: true``,
 ``cost.original`` = what the earlier run cost, ``cost.total_seconds`` = this process's seconds), and its own
 logger run (``metrics.jsonl``, ``metrics.csv``, a W&B run in this run's group) replaying the earlier
@@ -23,8 +22,9 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from kdprune_cli.experiment.loggers import RunLogger
-from kdprune_cli.models.modelfile import ModelFileError, build_from, read_model_file
-from kdprune_cli.store.files import _fsync_dir, _hash_file as sha256_file, _tmp_path, config_hash, warn
+from kdprune_cli.log import warn
+from kdprune_cli.store.atomic import fsync_dir, tmp_path
+from kdprune_cli.store.digests import config_hash, sha256_file
 
 MODEL = "model.pt"
 
@@ -35,28 +35,22 @@ def describe_model_file(path: Path) -> dict:
 
 
 def usable_model(previous: dict) -> tuple[Optional[Path], Optional[str], str]:
-    """``(path, sha256 or None, "")`` of the finished job's model file when it is there and matches its record,
-    else ``(None, None, why not)``."""
+    """``(path, sha256, "")`` of the finished job's model file when it is there and matches its record (size and
+    sha256), else ``(None, None, why not)``."""
     mf = previous.get("model_file") if isinstance(previous.get("model_file"), dict) else {}
-    name = mf.get("path") or previous.get("checkpoint")
-    if not name:
+    if not mf.get("path"):
         return None, None, "its record names no model file"
-    path = Path(name)
+    path = Path(mf["path"])
     if not path.is_file():
         return None, None, f"its model file {path} is gone"
     size = path.stat().st_size
     if mf.get("bytes") is not None and size != mf["bytes"]:
         return None, None, f"its model file {path} has {size} bytes, its record says {mf['bytes']}"
-    if mf.get("sha256"):
-        digest = sha256_file(path)
-        if digest != mf["sha256"]:
-            return None, None, f"its model file {path} does not have the sha256 its record says"
-        return path, digest, ""
-    try:  # a record without a digest: the file must load into its architecture
-        build_from(read_model_file(path), path)
-    except ModelFileError as e:
-        return None, None, str(e)
-    return path, None, ""
+    if not mf.get("sha256"):
+        return None, None, f"its record has no sha256 of its model file {path}"
+    if sha256_file(path) != mf["sha256"]:
+        return None, None, f"its model file {path} does not have the sha256 its record says"
+    return path, mf["sha256"], ""
 
 
 def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
@@ -66,7 +60,7 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     linked = dst.exists() and os.path.samefile(src, dst)
     if not linked:
-        tmp = _tmp_path(dst)
+        tmp = tmp_path(dst)
         try:
             try:
                 os.link(src, tmp)
@@ -80,7 +74,7 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     if linked and digest is not None:  # the same bytes on disk: the source's digest is the copy's
         info = {"path": str(dst), "bytes": dst.stat().st_size, "sha256": digest}
     else:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from kdprune_cli.store.atomic import atomic_write, write_all
+
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 SPLITS = {"metrics": "test", "metrics_val": "val"}
 STAGES = ("teacher", "dense_student", "pruned", "final")
@@ -122,8 +124,6 @@ def _fmt(v: Any) -> str:
 
 def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int) -> Optional[Path]:
     """Print the best trial of a search and write ``<sweep_dir>/best.yaml``; None when no trial has the metric."""
-    from kdprune_cli.store.files import _atomic, _write_all
-
     metric = str(config.optimized_metric)
     direction = str(config.hydra.sweeper.get("direction") or "maximize")
     found = best_trial(ok_jobs, metric, direction)
@@ -147,7 +147,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
     }
     path = Path(sweep_dir) / BEST
     data = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode("utf-8")
-    _atomic(path, lambda fd: _write_all(fd, data))
+    atomic_write(path, lambda fd: write_all(fd, data))
     print(f"kdprune: best trial: job {job.name}, {metric} = {value:g} ({direction}, "
           f"{len(ok_jobs)} ok, {n_failed} failed)")
     print(f"  params: {' '.join(doc['params'])}")

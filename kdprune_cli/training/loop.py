@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from kdprune_cli.training import compiling
 from kdprune_cli.errors import describe, diverged, non_finite_tensors
 from kdprune_cli.pruning.masks import apply_masks, assert_masked, mask_grads
-from kdprune_cli.store.files import atomic_save, warn
+from kdprune_cli.log import warn
+from kdprune_cli.store.atomic import atomic_save
 from kdprune_cli.training.objective import Objective
 
 

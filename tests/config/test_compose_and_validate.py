@@ -7,7 +7,7 @@ import pytest
 
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.experiment.job import validate
+from kdprune_cli.experiment.validate import validate
 
 from conftest import compose_cfg
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from kdprune_cli.data import DATASETS, SOURCES, DataError, get_source
-from kdprune_cli.experiment.job import validate
+from kdprune_cli.experiment.validate import validate
 
 from conftest import compose_cfg
 

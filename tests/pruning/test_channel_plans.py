@@ -204,21 +204,23 @@ def test_bad_plan_options_fail_in_one_line_before_work(tiny_cfg, tmp_path, overr
 
 def test_nuteprune_is_not_held_to_the_plan_caps(tiny_cfg, tmp_path):
     """NutePrune's gates learn the widths: a sparsity past the plan caps is not refused for it."""
-    from kdprune_cli.experiment.job import validate
+    from kdprune_cli.experiment.validate import validate
 
     validate(tiny_cfg("method=nuteprune", "prune.granularity=channel", "sparsity=0.9", "prune.max_group_ratio=0.5"))
 
 
-def test_job_ids_weight_granularity_ignores_channel_options_channel_does_not():
-    options = ["prune.reduce=sum", "prune.normalize=none", "prune.max_group_ratio=1.0", "prune.min_channels=1"]
+def test_job_ids_follow_the_channel_options_at_either_granularity():
+    """The channel options are part of every job's identity: NutePrune reads ``prune.target`` whatever the
+    granularity, so no granularity may treat them as changing no result."""
+    options = ["prune.reduce=sum", "prune.normalize=none", "prune.max_group_ratio=1.0", "prune.min_channels=1",
+               "prune.target=macs"]
     base = job_id(compose_cfg(), {})
     assert job_id(compose_cfg(), {}) == base  # deterministic
-    for o in options:
-        assert job_id(compose_cfg([o]), {}) == base, o  # change no weight-granularity result
-    channel = job_id(compose_cfg(["prune.granularity=channel"]), {})
-    assert channel != base
-    ids = {job_id(compose_cfg(["prune.granularity=channel", o]), {}) for o in options}
-    assert channel not in ids and len(ids) == len(options)
+    for granularity in ("weight", "channel"):
+        plain = job_id(compose_cfg([f"prune.granularity={granularity}"]), {})
+        ids = {job_id(compose_cfg([f"prune.granularity={granularity}", o]), {}) for o in options}
+        assert plain not in ids and len(ids) == len(options), granularity
+    assert job_id(compose_cfg(["prune.granularity=channel"]), {}) != base
 
 
 def test_colt_union_of_removals_stays_within_the_caps(tiny_cfg, tmp_path):

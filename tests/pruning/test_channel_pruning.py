@@ -210,7 +210,7 @@ def test_structured_presets_compose_and_validate(ds):
     from hydra import compose, initialize_config_dir
 
     from kdprune_cli.cli.main import config_dir
-    from kdprune_cli.experiment.job import validate
+    from kdprune_cli.experiment.validate import validate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)

@@ -2,7 +2,7 @@
 
 ``Method(node)`` makes the composed ``method`` node a checked ``Config`` instance (``self.cfg``); ``run(ctx)``
 returns a :class:`Result`: the pruned model, its masks and the facts the record needs (e.g. CA-KLD's ``gamma``).
-``ctx`` is the job's :class:`~kdprune_cli.experiment.job.Context`: ``ctx.data`` and services (``costs``,
+``ctx`` is the job's :class:`~kdprune_cli.experiment.services.Context`: ``ctx.data`` and services (``costs``,
 ``seeds``, ``trainer``, ``evaluator``, ``artifacts``, ``pruner``); procedures/ hold how methods run.
 """
 from __future__ import annotations

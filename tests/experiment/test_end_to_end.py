@@ -31,7 +31,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert abs(rec["sparsity_actual"] - 0.9) < 1e-4
     for stage in ("teacher", "dense_student", "pruned", "final"):
         assert set(rec["metrics"][stage]) == {"top1", "top5", "nll", "ece", "mce", "rmsce", "reliability"}
-    assert rec["metrics"]["final"]["top1"] >= 90.0  # the bar for the quickstart
+    assert rec["metrics"]["final"]["top1"] >= 90.0  # the quickstart's promised accuracy
     assert rec["metrics"]["pruned"]["top1"] < rec["metrics"]["final"]["top1"]
     assert rec["flops"]["sparse"] < rec["flops"]["dense"]
     assert 0.0 <= rec["gamma"] <= 1.0 and rec["retrain_kd"] is True

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from kdprune_cli.experiment import job as runner
+from kdprune_cli.experiment.identity import job_id
+from kdprune_cli.experiment.record import base_record
+from kdprune_cli.experiment.validate import validate
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.threads import apply_threads, cgroup_quota, resolve_threads, usable_cores
 
@@ -48,10 +51,10 @@ def test_resolution_order_setting_then_omp_then_cores():
 def test_threads_is_validated_recorded_and_not_part_of_the_job_identity(tiny_cfg, tmp_path):
     for bad in ("threads=0", "threads=lots", "progress=sometimes"):
         with pytest.raises(ConfigError):
-            runner.validate(tiny_cfg(bad))
+            validate(tiny_cfg(bad))
     before = (torch.get_num_threads(), torch.get_num_interop_threads())
     try:
-        record = runner.base_record(tiny_cfg())
+        record = base_record(tiny_cfg())
         runner._start(tiny_cfg("threads=2", "logger=none"), tmp_path, "g", torch.device("cpu"), record)
         assert record["threads"]["intra_op"] == 2 and record["threads"]["source"] == "threads"
         assert torch.get_num_threads() == 2
@@ -59,4 +62,5 @@ def test_threads_is_validated_recorded_and_not_part_of_the_job_identity(tiny_cfg
     finally:
         torch.set_num_threads(before[0])
     ids = {"data": "x"}
-    assert runner.job_id(tiny_cfg("threads=2"), ids) == runner.job_id(tiny_cfg(), ids)
+    assert job_id(tiny_cfg("threads=2"), ids) == job_id(tiny_cfg(), ids)
+

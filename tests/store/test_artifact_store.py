@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from kdprune_cli.store.files import Store, atomic_write_json, config_hash
+from kdprune_cli.store.artifacts import Store
+from kdprune_cli.store.atomic import atomic_write_json
+from kdprune_cli.store.digests import config_hash
 
 
 def test_key_is_the_hash_of_the_spec_and_order_free():
@@ -56,3 +58,14 @@ def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
         atomic_write_json({("tuple", "key"): 1}, path)  # json cannot write it: fails half way
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
     assert json.loads(path.read_text()) == {"ok": 1}  # the old record is intact
+
+
+def test_the_store_version_is_part_of_every_key(tmp_path):
+    spec = {"x": 1}
+    keys = {Store(tmp_path, version=v).key(spec) for v in (None, 1, 2)}
+    assert len(keys) == 3
+    s = Store(tmp_path, version=2)
+    s.get_or_create("teacher", spec, lambda: ({"w": torch.ones(1)}, {}))
+    assert (tmp_path / "teacher" / s.key(spec) / "artifact.pt").is_file()
+    _, _, cached = Store(tmp_path, version=3).get_or_create("teacher", spec, lambda: ({"w": torch.ones(1)}, {}))
+    assert not cached  # an artifact of another store version is never read

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli.experiment import job as runner
 from kdprune_cli.errors import DivergedError, non_finite_metrics, non_finite_state
 from kdprune_cli.pruning.masks import assert_masked
 from kdprune_cli.experiment.job import run_job
-from kdprune_cli.store.files import Store
+from kdprune_cli.experiment.services import Evaluator
+from kdprune_cli.store.artifacts import Store
 
 from conftest import SAFETY_S, TINY
 
@@ -72,14 +72,14 @@ def test_nuteprune_divergence_ends_failed_with_the_stage_named(tiny_cfg, tmp_pat
 
 
 def test_non_finite_final_metrics_are_never_recorded_ok(tiny_cfg, tmp_path, monkeypatch):
-    real = runner.Evaluator.record_metrics
+    real = Evaluator.record_metrics
 
     def record_metrics(self, key, model, cached=None):  # an evaluation that came out NaN
         real(self, key, model, cached)
         if key == "final":
             self.metrics[key]["nll"] = float("nan")
 
-    monkeypatch.setattr(runner.Evaluator, "record_metrics", record_metrics)
+    monkeypatch.setattr(Evaluator, "record_metrics", record_metrics)
     with pytest.raises(DivergedError, match=r"final\.nll=nan"):
         run_job(tiny_cfg(*FAST, "method.retrain.epochs=1"), tmp_path / "r", summary=False)
     assert _record(tmp_path / "r")["status"] == "failed"

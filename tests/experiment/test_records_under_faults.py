@@ -1,4 +1,4 @@
-"""Records that are right under faults and bad input (issue: correctness).
+"""Records that are right under faults and bad input.
 
 Identity follows content (a new checkpoint file or other data is a new job), damaged checkpoints and records
 are discarded with one warning line, the run folder's record is written last, SIGTERM leaves a failed record
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli.experiment import job as runner
 from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.experiment.loggers import RunLogger
+from kdprune_cli.experiment.signals import Interrupted
 from kdprune_cli.models import build_model
-from kdprune_cli.experiment.job import Interrupted, run_job
-from kdprune_cli.models.checkpoint import CheckpointError
-from kdprune_cli.store.files import config_hash
+from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
 
 from conftest import SAFETY_S, hold_lock
 from fakedata import write_cifar
@@ -70,14 +70,14 @@ class Killed(Exception):
 
 
 def _kill_at(monkeypatch, stage: str, epoch: int):
-    real = runner.RunLogger.log
+    real = RunLogger.log
 
     def dying(self, rec):
         real(self, rec)
         if rec.get("stage") == stage and rec["epoch"] == epoch:
             raise Killed(f"simulated kill after {stage} epoch {epoch}")
 
-    monkeypatch.setattr(runner.RunLogger, "log", dying)
+    monkeypatch.setattr(RunLogger, "log", dying)
     return real
 
 
@@ -98,7 +98,7 @@ def test_damaged_training_checkpoints_records_and_artifacts_are_redone(tiny_cfg,
     (partial,) = (tmp_path / "s" / "teacher").glob("*/partial.pt")
     _truncate(partial)
     # a job's retraining checkpoint, truncated
-    monkeypatch.setattr(runner.RunLogger, "log", real)
+    monkeypatch.setattr(RunLogger, "log", real)
     _kill_at(monkeypatch, "retrain", 2)
     capsys.readouterr()
     with pytest.raises(Killed):
@@ -107,7 +107,7 @@ def test_damaged_training_checkpoints_records_and_artifacts_are_redone(tiny_cfg,
     assert len(warned) == 1 and "partial.pt" in warned[0]
     (ck,) = (tmp_path / "s" / "jobs").glob("*/retrain.1.pt")
     _truncate(ck)
-    monkeypatch.setattr(runner.RunLogger, "log", real)
+    monkeypatch.setattr(RunLogger, "log", real)
     rec = run_job(cfg, tmp_path / "r3", summary=False)
     warned = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(warned) == 1 and "retrain.1.pt" in warned[0]
@@ -135,7 +135,7 @@ def test_resume_false_never_reads_a_partial_checkpoint(tiny_cfg, tmp_path, monke
     real = _kill_at(monkeypatch, "teacher", 2)
     with pytest.raises(Killed):
         run_job(cfg, tmp_path / "r1", summary=False)
-    monkeypatch.setattr(runner.RunLogger, "log", real)
+    monkeypatch.setattr(RunLogger, "log", real)
     rec = run_job(tiny_cfg(*FAST, "teacher.train.epochs=2", f"store.root={tmp_path}/s", "resume=false"),
                   tmp_path / "r2", summary=False)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()
@@ -148,7 +148,7 @@ def test_a_failure_after_the_work_leaves_a_failed_record(tiny_cfg, tmp_path, mon
     def broken_finish(self, record):
         raise RuntimeError("W&B finish failed")
 
-    monkeypatch.setattr(runner.RunLogger, "finish", broken_finish)
+    monkeypatch.setattr(RunLogger, "finish", broken_finish)
     with pytest.raises(RuntimeError, match="W&B finish failed"):
         run_job(tiny_cfg(*FAST, "method.retrain.epochs=1"), tmp_path / "r", summary=False)
     rec = _records(tmp_path / "r")
@@ -159,7 +159,7 @@ def test_a_failure_after_the_work_leaves_a_failed_record(tiny_cfg, tmp_path, mon
 def test_sigterm_in_retraining_leaves_a_failed_record_and_resumes_to_the_same_numbers(tiny_cfg, tmp_path,
                                                                                         monkeypatch):
     ref = run_job(tiny_cfg(*FAST, f"store.root={tmp_path}/ref"), tmp_path / "ref", summary=False)
-    real_log, real_finish = runner.RunLogger.log, runner.RunLogger.finish
+    real_log, real_finish = RunLogger.log, RunLogger.finish
     finished = []
 
     def log(self, rec):
@@ -171,8 +171,8 @@ def test_sigterm_in_retraining_leaves_a_failed_record_and_resumes_to_the_same_nu
         finished.append(record["status"])
         real_finish(self, record)
 
-    monkeypatch.setattr(runner.RunLogger, "log", log)
-    monkeypatch.setattr(runner.RunLogger, "finish", finish)
+    monkeypatch.setattr(RunLogger, "log", log)
+    monkeypatch.setattr(RunLogger, "finish", finish)
     cfg = tiny_cfg(*FAST, f"store.root={tmp_path}/s")
     with pytest.raises(Interrupted) as info:
         run_job(cfg, tmp_path / "a", summary=False)
@@ -183,7 +183,7 @@ def test_sigterm_in_retraining_leaves_a_failed_record_and_resumes_to_the_same_nu
     assert list((tmp_path / "s" / "jobs").glob("*/retrain.1.pt"))  # the last checkpoint (after epoch 1) is kept
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the job
 
-    monkeypatch.setattr(runner.RunLogger, "log", real_log)
+    monkeypatch.setattr(RunLogger, "log", real_log)
     again = run_job(cfg, tmp_path / "b", summary=False)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["stage"] == "retrain"]
@@ -273,35 +273,35 @@ def test_checkpoint_errors_are_said_in_our_words(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"obj": threading.Lock}, evil)
     with pytest.raises(CheckpointError, match="Python objects other than tensors") as info:
-        runner.load_checkpoint(str(evil), model, "resnet20")
+        load_checkpoint(str(evil), model, "resnet20")
     assert "weights_only" not in str(info.value)
     cut = tmp_path / "cut.pt"
     torch.save(model.state_dict(), cut)
     _truncate(cut)
     with pytest.raises(CheckpointError, match="truncated, damaged or not a PyTorch checkpoint"):
-        runner.load_checkpoint(str(cut), model, "resnet20")
+        load_checkpoint(str(cut), model, "resnet20")
 
 
 # --- 12. waiting on another job's lock is not this job's stage time --------------------------------------------
 def test_lock_wait_is_not_counted_as_stage_seconds(make_ctx):
     ctx = make_ctx()
     spec = {"what": "lock-wait test"}
-    d = ctx.store.dir("probe", config_hash(spec))
+    d = ctx.artifacts.store.dir("probe", ctx.artifacts.store.key(spec))
     d.mkdir(parents=True)
     t = hold_lock(d / "stage", 1.5)
     t0 = time.perf_counter()
-    ctx.cached_model("probe", spec, lambda: ctx.new_model("student"),
-                     lambda m, ck: {"seconds": 0.0, "samples": 0, "teacher_samples": 0})
+    ctx.artifacts.cached_model("probe", spec, lambda: ctx.seeds.new_model("student"),
+                               lambda m, ck: {"seconds": 0.0, "samples": 0, "teacher_samples": 0})
     elapsed = time.perf_counter() - t0
     t.join()
-    st = ctx.cost["probe"]
+    st = ctx.costs.stages["probe"]
     assert st.lock_wait_seconds > 1.0 and st.seconds <= elapsed - st.lock_wait_seconds + 1e-6
 
 
 def test_storage_errors_are_one_line_in_the_systems_words():
     import errno
 
-    from kdprune_cli.cli.main import storage_error
+    from kdprune_cli.errors import storage_error
 
     assert storage_error(OSError(errno.ENOSPC, "No space left on device", "/store/x.pt")) == \
         "cannot write /store/x.pt: No space left on device"

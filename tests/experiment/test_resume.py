@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kdprune_cli.experiment import job as runner
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.experiment.loggers import RunLogger
 from conftest import SAFETY_S
 
 ARGS = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
@@ -20,7 +20,7 @@ class Killed(Exception):
 def test_resume_after_kill_gives_the_uninterrupted_numbers(tiny_cfg, tmp_path, monkeypatch):
     ref = run_job(tiny_cfg(*ARGS, f"store.root={tmp_path}/storeA"), tmp_path / "a", summary=False)
 
-    real_log = runner.RunLogger.log
+    real_log = RunLogger.log
 
     def dying_log(self, rec):
         real_log(self, rec)
@@ -28,14 +28,14 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tiny_cfg, tmp_path, m
             raise Killed("simulated kill after retraining epoch 2")
 
     cfg = tiny_cfg(*ARGS, f"store.root={tmp_path}/storeB")
-    monkeypatch.setattr(runner.RunLogger, "log", dying_log)
+    monkeypatch.setattr(RunLogger, "log", dying_log)
     with pytest.raises(Killed):
         run_job(cfg, tmp_path / "b1", summary=False)
     assert json.loads((tmp_path / "b1" / "results.json").read_text())["status"] == "failed"
     ckpts = list((tmp_path / "storeB" / "jobs").glob("*/retrain.1.pt"))
     assert len(ckpts) == 1  # epoch-1 checkpoint of the retraining stage
 
-    monkeypatch.setattr(runner.RunLogger, "log", real_log)
+    monkeypatch.setattr(RunLogger, "log", real_log)
     resumed = run_job(cfg, tmp_path / "b2", summary=False)
     assert resumed["status"] == "ok"
     lines = [json.loads(x) for x in (tmp_path / "b2" / "metrics.jsonl").read_text().splitlines()]

@@ -112,7 +112,7 @@ def test_a_model_file_gone_or_not_matching_its_record_is_not_usable(tmp_path):
     assert reuse.usable_model({"model_file": ok})[:2] == (f, ok["sha256"])
     assert "has 3 bytes, its record says 4" in reuse.usable_model({"model_file": {**ok, "bytes": 4}})[2]
     assert "sha256" in reuse.usable_model({"model_file": {**ok, "sha256": "0" * 64}})[2]
-    assert "could not be read" in reuse.usable_model({"model_file": {"path": str(f), "bytes": 3}})[2]
+    assert "no sha256" in reuse.usable_model({"model_file": {"path": str(f), "bytes": 3}})[2]
 
 
 def test_a_job_reused_in_its_own_folder_keeps_its_model_and_log(tiny_cfg, tmp_path):

@@ -1,4 +1,4 @@
-"""Issue #7: fsync'ed, group-readable atomic writes; a full disk says so; orphaned temp files are removed;
+"""Fsync'ed, group-readable atomic writes; a full disk says so; orphaned temp files are removed;
 checkpoint digests follow content; unfit or damaged artifacts warn once and are redone; lock waits are measured."""
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from conftest import hold_lock
-from kdprune_cli.store import files as store
-from kdprune_cli.store.files import Store, atomic_save, atomic_write_json, clean_orphans, config_hash, file_digest, warn
+from kdprune_cli.store import atomic, digests
+from kdprune_cli.log import warn
+from kdprune_cli.store.artifacts import Store
+from kdprune_cli.store.atomic import atomic_save, atomic_write_json, clean_orphans
+from kdprune_cli.store.digests import config_hash, file_digest
 
 
 @pytest.fixture
@@ -79,7 +82,7 @@ def _dead_pid() -> int:
 
 
 def test_clean_orphans_removes_dead_writers_files_only(tmp_path):
-    host = store._HOST
+    host = atomic._HOST
     nested = tmp_path / "teacher" / "abc"
     nested.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -89,15 +92,14 @@ def test_clean_orphans_removes_dead_writers_files_only(tmp_path):
         alive = tmp_path / f".results.json.{host}.{sleeper.pid}.89abcdef.tmp"
         other_new = tmp_path / ".results.json.otherhost.1.00000000.tmp"
         other_old = tmp_path / ".meta.json.otherhost.1.11111111.tmp"
-        legacy_old = tmp_path / ".artifact.pt.k2j_x9q1.tmp"  # tempfile.mkstemp name of earlier versions
         unrelated = tmp_path / ".notes.tmp"
-        for p in (dead, mine, alive, other_new, other_old, legacy_old, unrelated):
+        for p in (dead, mine, alive, other_new, other_old, unrelated):
             p.write_bytes(b"partial")
         two_hours_ago = time.time() - 7200
-        for p in (other_old, legacy_old, unrelated):
+        for p in (other_old, unrelated):
             os.utime(p, (two_hours_ago, two_hours_ago))
-        assert clean_orphans(tmp_path) == 3
-        assert not dead.exists() and not other_old.exists() and not legacy_old.exists()
+        assert clean_orphans(tmp_path) == 2
+        assert not dead.exists() and not other_old.exists()
         assert mine.exists() and alive.exists() and other_new.exists() and unrelated.exists()
     finally:
         sleeper.kill()
@@ -107,9 +109,9 @@ def test_clean_orphans_removes_dead_writers_files_only(tmp_path):
 
 def test_a_killed_writer_leaves_a_temp_file_that_is_recognised(tmp_path):
     """A writer killed between creating its temp file and the rename: its file goes at the next start."""
-    code = ("import os, sys; from pathlib import Path; from kdprune_cli.store import files as store; "
-            "t = store._tmp_path(Path(sys.argv[1])); t.write_bytes(b'half'); os._exit(9)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(store.__file__).parents[2]),
+    code = ("import os, sys; from pathlib import Path; from kdprune_cli.store import atomic; "
+            "t = atomic.tmp_path(Path(sys.argv[1])); t.write_bytes(b'half'); os._exit(9)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(atomic.__file__).parents[2]),
                                                          os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "artifact.pt")], env=env)
     assert r.returncode == 9
@@ -130,9 +132,9 @@ def test_warn_is_one_line(capsys):
 def hashing(monkeypatch):
     """Count the times a file's bytes are hashed; start with an empty in-memory digest cache."""
     calls = []
-    real = store._hash_file
-    monkeypatch.setattr(store, "_hash_file", lambda p: (calls.append(Path(p)), real(p))[1])
-    monkeypatch.setattr(store, "_DIGESTS", {})
+    real = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: (calls.append(Path(p)), real(p))[1])
+    monkeypatch.setattr(digests, "_DIGESTS", {})
     return calls
 
 
@@ -164,7 +166,7 @@ def test_unchanged_file_is_hashed_once(tmp_path, hashing):
     d = file_digest(ck, cache_dir=cache)
     assert file_digest(ck, cache_dir=cache) == d
     assert len(hashing) == 1  # in memory
-    store._DIGESTS.clear()  # a new process: the cache file answers
+    digests._DIGESTS.clear()  # a new process: the cache file answers
     assert file_digest(ck, cache_dir=cache) == d
     assert len(hashing) == 1
     entries = json.loads((cache / "digests.json").read_text())["entries"]
@@ -185,7 +187,7 @@ def test_damaged_digest_cache_is_ignored(tmp_path, hashing):
     assert len(d) == 64
     assert json.loads((cache / "digests.json").read_text())["entries"][str(ck.resolve())]["sha256"] == d
     (cache / "digests.json").write_text(json.dumps({"entries": {str(ck.resolve()): "junk"}}))
-    store._DIGESTS.clear()
+    digests._DIGESTS.clear()
     assert file_digest(ck, cache_dir=cache) == d
 
 

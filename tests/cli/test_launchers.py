@@ -83,7 +83,7 @@ def test_ray_asking_for_a_gpu_the_local_instance_lacks_is_one_error_line(monkeyp
 
 def test_jobs_starting_together_check_the_store_without_tripping_on_each_other(tmp_path):
     import threading
-    from kdprune_cli.experiment.job import check_writable
+    from kdprune_cli.store.atomic import check_writable
     errors, start = [], threading.Barrier(2)
 
     def job():

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from conftest import require_extra
 from kdprune_cli.cli.callbacks import SweepSummary
 from kdprune_cli.cli.main import config_dir
+from kdprune_cli.config.schema import RunConfig
 from kdprune_cli.experiment.search import BEST, objective, search_problem, write_best
 from runs import kdprune
 
@@ -34,8 +35,7 @@ def _cfg(*overrides, sweeper=OPTUNA):
 
 
 def test_a_search_selects_on_validation_and_refuses_the_test_split_unless_asked_on_the_command_line():
-    assert OmegaConf.structured(__import__("kdprune_cli.config.schema").config.RunConfig).optimized_metric \
-        == "metrics_val.final.top1"
+    assert OmegaConf.structured(RunConfig).optimized_metric == "metrics_val.final.top1"
     assert search_problem(_cfg("data.val_split=0.1")) is None
     no_val = search_problem(_cfg())
     assert no_val.startswith("optimized_metric=metrics_val.final.top1 needs data.val_split > 0"), no_val

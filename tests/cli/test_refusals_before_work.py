@@ -23,8 +23,8 @@ from kdprune_cli.report import cli as report
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.models import build_model
 from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.experiment.job import run_job
 from kdprune_cli.models.checkpoint import CheckpointError
+from kdprune_cli.experiment.job import run_job
 
 
 def _record(run_dir: Path) -> dict:

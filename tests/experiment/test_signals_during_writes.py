@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdprune_cli.store import files as store
+from kdprune_cli.store import atomic
 from kdprune_cli.training import loop as train
-from kdprune_cli.experiment.job import Interrupted, run_job, signals_interrupt
-from kdprune_cli.store.files import atomic_save, defer_while_writing, writing
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.experiment.signals import Interrupted, signals_interrupt
+from kdprune_cli.store.atomic import atomic_save, defer_while_writing, writing
 
 from conftest import SAFETY_S, TINY
 
@@ -37,7 +38,7 @@ def _epochs(run: Path, stage: str) -> list:
 
 
 def test_a_signal_during_a_write_is_raised_once_the_file_is_complete(tmp_path, monkeypatch):
-    real, sent = store._write_all, []
+    real, sent = atomic.write_all, []
 
     def write_all(fd, data):  # the signal comes while torch.save is writing the file's first bytes
         if not sent:
@@ -45,7 +46,7 @@ def test_a_signal_during_a_write_is_raised_once_the_file_is_complete(tmp_path, m
             os.kill(os.getpid(), signal.SIGTERM)
         real(fd, data)
 
-    monkeypatch.setattr(store, "_write_all", write_all)
+    monkeypatch.setattr(atomic, "write_all", write_all)
     obj = {"w": torch.arange(1000.0), "n": 3}
     with signals_interrupt():
         with pytest.raises(Interrupted) as info:
@@ -98,7 +99,7 @@ def test_a_write_that_fails_still_delivers_the_pending_signal():
 
 def _sigterm_in_checkpoint_write(monkeypatch, name: str, epoch: int) -> list:
     """Send SIGTERM from inside the write of the training checkpoint ``name`` after ``epoch``."""
-    real_save, real_write, armed, sent = train.atomic_save, store._write_all, [], []
+    real_save, real_write, armed, sent = train.atomic_save, atomic.write_all, [], []
 
     def save(obj, path):
         if Path(path).name == name and obj["epoch"] == epoch:
@@ -115,7 +116,7 @@ def _sigterm_in_checkpoint_write(monkeypatch, name: str, epoch: int) -> list:
         real_write(fd, data)
 
     monkeypatch.setattr(train, "atomic_save", save)
-    monkeypatch.setattr(store, "_write_all", write_all)
+    monkeypatch.setattr(atomic, "write_all", write_all)
     return sent
 
 
@@ -144,10 +145,10 @@ DRIVER = """
 import os, signal, sys
 from pathlib import Path
 from kdprune_cli.cli.main import main
-from kdprune_cli.store import files as store
+from kdprune_cli.store import atomic
 from kdprune_cli.training import loop as train
 
-real_save, real_write, armed, sent = train.atomic_save, store._write_all, [], []
+real_save, real_write, armed, sent = train.atomic_save, atomic.write_all, [], []
 
 def save(obj, path):
     if Path(path).name == "retrain.1.pt" and obj["epoch"] == 2:
@@ -163,7 +164,7 @@ def write_all(fd, data):
         os.kill(os.getpid(), signal.SIGTERM)
     real_write(fd, data)
 
-train.atomic_save, store._write_all = save, write_all
+train.atomic_save, atomic.write_all = save, write_all
 sys.argv = ["kdprune", *sys.argv[1:]]
 main()
 """

@@ -15,14 +15,14 @@ from hydra import compose, initialize_config_dir
 
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.config.schema import ConfigError, recipe
-from kdprune_cli.experiment.job import validate
+from kdprune_cli.experiment.validate import validate
 from kdprune_cli.experiment.identity import job_id
 from kdprune_cli.training.loop import train
 
 from conftest import SAFETY_S, TinyNet, compose_cfg, require_extra
 
 CONF = Path(config_dir())
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def options(group):
@@ -115,15 +115,15 @@ def test_max_batches_caps_the_optimizer_steps_of_every_epoch(make_ctx):
     ctx = make_ctx("max_batches=2")
     steps = []
     r = recipe({"epochs": 3, "batch_size": 16, "eval_every": 0, "schedule": "constant"}, "t")
-    stats = train(TinyNet(classes=10), ctx.data, r, ctx.objective(), gen=torch.Generator().manual_seed(0),
+    stats = train(TinyNet(classes=10), ctx.data, r, ctx.trainer.objective(), gen=torch.Generator().manual_seed(0),
                   progress=False, step_hook=lambda s, total: steps.append((s, total)), max_batches=2)
     assert steps == [(s, 6) for s in range(6)] and stats["samples"] == 3 * 2 * 16
     # through the runner, as every method trains: the config's max_batches reaches the loop
-    stats = ctx.train(TinyNet(classes=10), {"epochs": 2, "batch_size": 16, "eval_every": 0}, ctx.objective(),
-                      stage="t", record=False)
+    stats = ctx.trainer.train(TinyNet(classes=10), {"epochs": 2, "batch_size": 16, "eval_every": 0},
+                              ctx.trainer.objective(), stage="t", record=False)
     assert stats["samples"] == 2 * 2 * 16
-    assert ctx.recipe_spec({"epochs": 1}, "t")["max_batches"] == 2  # a capped training is its own artifact
-    assert "max_batches" not in make_ctx().recipe_spec({"epochs": 1}, "t")
+    assert ctx.artifacts.recipe_spec({"epochs": 1}, "t")["max_batches"] == 2  # a capped training is its own artifact
+    assert "max_batches" not in make_ctx().artifacts.recipe_spec({"epochs": 1}, "t")
 
 
 def _cli(args, cwd):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kdprune_cli.experiment.job import print_summary, run_job
+from kdprune_cli.experiment.job import run_job
+from kdprune_cli.experiment.record import print_summary
 
 
 def _record(**over):
