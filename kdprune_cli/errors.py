@@ -18,7 +18,6 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
                   errno.EEXIST, errno.EISDIR}
 

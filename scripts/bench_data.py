@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdprune_cli.data import DeviceData, read_raw  # noqa: E402
-from kdprune_cli.models import build_model  # noqa: E402
 from kdprune_cli.distill.objectives import CrossEntropy  # noqa: E402
+from kdprune_cli.models import build_model  # noqa: E402
 from kdprune_cli.training.loop import train  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdprune_cli.models import build_model  # noqa: E402
-from kdprune_cli.pruning.masks import apply_masks, mask_grads, prunable_params, select  # noqa: E402
+from kdprune_cli.models.masks import apply_masks, mask_grads, prunable_params, select  # noqa: E402
 
 
 def run(model, x, y, steps, masks, dev):

@@ -127,13 +127,13 @@ def storages(tensors) -> dict:
 
 def child(args, lora: bool) -> dict:
     """One variant, in this process: NutePrune.run on a runner Context; what it held and cost."""
-    from kdprune_cli.training.evaluate import count_flops
+    from kdprune_cli.experiment.services import Context
+    from kdprune_cli.models.masks import prunable_params
     from kdprune_cli.models.modelfile import model_file
     from kdprune_cli.pruning.methods import nuteprune as N
     from kdprune_cli.pruning.procedures import gates as G
-    from kdprune_cli.pruning.masks import prunable_params
-    from kdprune_cli.experiment.services import Context
     from kdprune_cli.store.atomic import atomic_save
+    from kdprune_cli.training.evaluate import count_flops
 
     dev = torch.device(args.device)
     cfg = config(args, lora)
@@ -189,9 +189,9 @@ def child(args, lora: bool) -> dict:
 def latencies(args, files: dict) -> dict:
     """Median ms per model and batch, the dense model and each exported one timed in this process, in
     ``--rounds`` interleaved rounds (the median of the rounds' medians: a busy machine drifts)."""
-    from kdprune_cli.training.evaluate import measure_latency
     from kdprune_cli.models import build_model
     from kdprune_cli.models.modelfile import load_pruned
+    from kdprune_cli.training.evaluate import measure_latency
 
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)

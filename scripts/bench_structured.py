@@ -24,15 +24,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kdprune_cli.training.evaluate import count_flops, measure_latency  # noqa: E402
-from kdprune_cli.models.modelfile import load_pruned, model_file  # noqa: E402
 from kdprune_cli.models import build_model  # noqa: E402
-from kdprune_cli.pruning.masks import prunable_params  # noqa: E402
+from kdprune_cli.models.masks import prunable_params  # noqa: E402
+from kdprune_cli.models.modelfile import load_pruned, model_file  # noqa: E402
 from kdprune_cli.pruning.structure.channels import ChannelGroups  # noqa: E402
+from kdprune_cli.training.evaluate import count_flops, measure_latency  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

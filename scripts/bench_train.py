@@ -16,12 +16,13 @@ import argparse
 import time
 
 import torch
-from kdprune_cli.training import compiling
+
 from kdprune_cli.config.schema import TrainRecipe
 from kdprune_cli.data import DeviceData
-from kdprune_cli.models import build_model
 from kdprune_cli.distill.objectives import CrossEntropy, Distill
-from kdprune_cli.pruning.masks import prunable_params, select
+from kdprune_cli.models import build_model
+from kdprune_cli.models.masks import prunable_params, select
+from kdprune_cli.training import compiling
 from kdprune_cli.training.loop import train
 
 MODES = {"eager": dict(amp=False, compile="false"), "eager+bf16": dict(amp=True, compile="false"),

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdprune_cli.config.schema import PruneConfig  # noqa: E402
 from kdprune_cli.models import build_model  # noqa: E402
-from kdprune_cli.pruning.masks import prunable_params  # noqa: E402
+from kdprune_cli.models.masks import prunable_params  # noqa: E402
 from kdprune_cli.pruning.structure.channels import ChannelGroups  # noqa: E402
 
 warnings.filterwarnings("ignore")

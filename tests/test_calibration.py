@@ -7,14 +7,20 @@ import math
 
 import pytest
 import torch
+from records import _check_png
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
 from kdprune_cli.cli.eval import main as eval_main
-from kdprune_cli.training.evaluate import classification_metrics, evaluate_splits, fit_temperature, reliability_bins, temperature_scaled
-from kdprune_cli.report.cli import main
 from kdprune_cli.experiment.job import run_job
-from records import _check_png
+from kdprune_cli.report.cli import main
+from kdprune_cli.training.evaluate import (
+    classification_metrics,
+    evaluate_splits,
+    fit_temperature,
+    reliability_bins,
+    temperature_scaled,
+)
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=1", "method.score_batches=2", "method.gamma_batches=2"]
 

@@ -17,40 +17,12 @@ LAYERS = [("config", "store", "errors", "log"), ("data", "models"), ("training",
           ("experiment",), ("cli", "report")]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 
-# Known offenders, each with its reason; the lead empties these at merge.
-UPWARD = {  # (importing module, imported module)
-    ("kdprune_cli.training.loop", "kdprune_cli.pruning.masks"): "the loop enforces masks: their primitives belong lower",
-    ("kdprune_cli.training.evaluate", "kdprune_cli.pruning.masks"): "FLOPs count prunable modules (same primitives)",
-    ("kdprune_cli", "kdprune_cli.models.modelfile"): "load_pruned, the package's one public function",
-    ("kdprune_cli.models.modelfile", "kdprune_cli.pruning.structure.channels"): "widths of a saved plan; models' area",
-    ("kdprune_cli.models.modelfile", "kdprune_cli.experiment.job"): "reload from a run folder; models' area",
-}
-INNER = {  # modules that import kdprune_cli inside a function
-    "kdprune_cli": "load_pruned keeps `import kdprune_cli` light",
-    "kdprune_cli.cli.callbacks": "cli's area",
-    "kdprune_cli.cli.eval": "cli's area",
-    "kdprune_cli.cli.main": "cli's area",
-    "kdprune_cli.experiment.search": "experiment's area",
-    "kdprune_cli.models.modelfile": "models' area",
-    "kdprune_cli.pruning.methods.gmp": "pruning's area",
-    "kdprune_cli.pruning.methods.imp": "pruning's area",
-    "kdprune_cli.store.files": "store's area",
-}
-LONG_MODULES = {
-    "kdprune_cli/report/main.py": "the report split is another area's work",
-    "kdprune_cli/experiment/job.py": "the experiment split is another area's work",
-    "kdprune_cli/data/loading.py": "the data split is another area's work",
-    "kdprune_cli/pruning/methods/nuteprune.py": "the NutePrune split is another area's work",
-    "kdprune_cli/store/files.py": "the store split is another area's work",
-    "kdprune_cli/pruning/structure/channels.py": "the structure split is another area's work",
-}
-LONG_FUNCTIONS = {  # "path::qualified name"
-    "kdprune_cli/experiment/job.py::run_job": "experiment's area",
-    "kdprune_cli/pruning/methods/colt.py::COLT.run": "the rounds procedure's area",
-    "kdprune_cli/pruning/methods/imp.py::IMP.run": "the rounds procedure's area",
-    "kdprune_cli/pruning/structure/channels.py::ChannelGroups.plan": "structure's area",
-    "kdprune_cli/report/main.py::run": "report's area",
-}
+# The one exception, with its reason: the package's public ``kdprune_cli.load_pruned`` reloads a saved model
+# without importing the rest of kdprune at ``import kdprune_cli`` time.
+UPWARD = {("kdprune_cli", "kdprune_cli.models.modelfile"): "load_pruned, the package's one public function"}
+INNER = {"kdprune_cli": "load_pruned keeps `import kdprune_cli` light"}
+LONG_MODULES: dict = {}
+LONG_FUNCTIONS: dict = {}  # "path::qualified name"
 
 
 def modules() -> list[Path]:

@@ -28,7 +28,7 @@ from kdprune_cli.data import DataError, load_data
 from kdprune_cli.experiment.validate import resolve_device
 from kdprune_cli.models import build_model
 from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
-from kdprune_cli.models.modelfile import ModelFileError, model_path, build_from, read_model_file
+from kdprune_cli.models.modelfile import ModelFileError, build_from, model_path, read_model_file
 from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
 
 RECORD_KEYS = {"final": "final", "teacher": "teacher", "dense_student": "dense_student"}

@@ -28,8 +28,8 @@ from kdprune_cli.experiment.signals import signals_interrupt
 from kdprune_cli.experiment.threads import apply_threads
 from kdprune_cli.experiment.validate import check_overrides, error_line, resolve_device, validate
 from kdprune_cli.log import warn
+from kdprune_cli.models.masks import assert_masked, sparsity_report
 from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.pruning.masks import assert_masked, sparsity_report
 from kdprune_cli.pruning.methods import get_method
 from kdprune_cli.store.atomic import atomic_save, atomic_write_json, check_writable, clean_orphans
 from kdprune_cli.training.evaluate import count_flops, latency_record

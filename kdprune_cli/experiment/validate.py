@@ -14,7 +14,7 @@ from kdprune_cli.config.schema import ConfigError, model_kwargs
 from kdprune_cli.data import DATASETS
 from kdprune_cli.models import build_model, is_known, model_names
 from kdprune_cli.models.checkpoint import load_checkpoint, read_error
-from kdprune_cli.pruning.masks import check_exclude
+from kdprune_cli.models.masks import check_exclude
 from kdprune_cli.pruning.methods import get_method, method_names
 from kdprune_cli.pruning.selection import check_reachable, check_round_to
 from kdprune_cli.pruning.structure.channels import ChannelGroups

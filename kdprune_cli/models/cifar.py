@@ -2,8 +2,8 @@
 arXiv 1605.07146). Shortcuts that change shape use a 1×1 convolution with BatchNorm (option B)."""
 from __future__ import annotations
 
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class BasicBlock(nn.Module):

@@ -16,8 +16,8 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data import DeviceData
+from kdprune_cli.models.masks import Masks, Scores, _removal_counts, apply_masks, dense_masks, prunable_modules, select
 from kdprune_cli.pruning.methods.base import Result
-from kdprune_cli.pruning.masks import Masks, Scores, _removal_counts, apply_masks, dense_masks, prunable_modules, select
 from kdprune_cli.pruning.structure.channels import ChannelGroups, Plan
 
 Groups = List[Tuple[List[str], int]]

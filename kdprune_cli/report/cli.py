@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import Optional
 
 from kdprune_cli.report.collect import RESULTS, InputError, Problem, collect, find_results, run_record
-from kdprune_cli.report.plots import (layer_sparsities, plot_cost, plot_layers, plot_table, reliability_data,
-                                      run_name, write_reliability)
+from kdprune_cli.report.plots import (
+    layer_sparsities,
+    plot_cost,
+    plot_layers,
+    plot_table,
+    reliability_data,
+    run_name,
+    write_reliability,
+)
 from kdprune_cli.report.stats import METRICS, OPTIONAL_METRICS, Setting, group, metric_of, num
 from kdprune_cli.report.tables import COST_COLUMNS, COSTS, latex, markdown, write_csv
 

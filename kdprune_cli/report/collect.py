@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from kdprune_cli.config.identity import identity_config
+
 RESULTS = "results.json"
 
 
@@ -138,10 +140,6 @@ def config_key(rec: dict) -> Optional[str]:
     c = rec.get("config")
     if not isinstance(c, dict) or not c:
         return None
-    # imported here for speed: the identity module imports torch (a job id names the data by content), which a
-    # report of records that all have their job id need not wait for
-    from kdprune_cli.experiment.identity import identity_config
-
     return hashlib.sha256(json.dumps(identity_config(c), sort_keys=True, default=str).encode()).hexdigest()
 
 

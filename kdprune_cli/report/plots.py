@@ -7,8 +7,21 @@ from pathlib import Path
 from typing import Optional
 
 from kdprune_cli.report.collect import InputError
-from kdprune_cli.report.stats import (WEIGHT, Setting, Table, label, latency_entries, latency_of, latency_where,
-                                      macs, macs_differ, metric_of, num, row_key, stat)
+from kdprune_cli.report.stats import (
+    WEIGHT,
+    Setting,
+    Table,
+    label,
+    latency_entries,
+    latency_of,
+    latency_where,
+    macs,
+    macs_differ,
+    metric_of,
+    num,
+    row_key,
+    stat,
+)
 from kdprune_cli.report.tables import METRIC_DESC, fmt_sp
 
 

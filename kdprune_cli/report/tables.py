@@ -7,9 +7,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdprune_cli.report.collect import RESULTS
-from kdprune_cli.report.stats import (MINUS, OPTIONAL_METRICS, WEIGHT, Cell, Row, Setting, Stat, Table, cost,
-                                      is_reused, latency_of, latency_where, macs, macs_differ, mean, measured_settings,
-                                      speedup)
+from kdprune_cli.report.stats import (
+    MINUS,
+    OPTIONAL_METRICS,
+    WEIGHT,
+    Cell,
+    Row,
+    Setting,
+    Stat,
+    Table,
+    cost,
+    is_reused,
+    latency_of,
+    latency_where,
+    macs,
+    macs_differ,
+    mean,
+    measured_settings,
+    speedup,
+)
 
 COSTS = ("none", "macs", "latency", "all")
 COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
+from kdprune_cli.models.masks import prunable_modules
 from kdprune_cli.models.matmuls import MatmulCounter
-from kdprune_cli.pruning.masks import prunable_modules
 from kdprune_cli.training.compiling import wanted
 
 

@@ -17,13 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdprune_cli.training import compiling
 from kdprune_cli.errors import describe, diverged, non_finite_tensors
-from kdprune_cli.pruning.masks import apply_masks, assert_masked, mask_grads
 from kdprune_cli.log import warn
+from kdprune_cli.models.masks import apply_masks, assert_masked, mask_grads
 from kdprune_cli.store.atomic import atomic_save
+from kdprune_cli.training import compiling
 from kdprune_cli.training.objective import Objective
-
 
 NO_COMPILE = {"compile_seconds": 0.0, "recompiles": 0, "graph_breaks": 0, "fallbacks": 0}
 

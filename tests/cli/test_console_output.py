@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SAFETY_S, compose_cfg
 from hydra.errors import MissingConfigException
 
 from kdprune_cli.cli.main import config_dir, missing_config_line
 from kdprune_cli.pruning.methods import method_names
-
-from conftest import SAFETY_S, compose_cfg
 
 CONF = Path(config_dir())
 

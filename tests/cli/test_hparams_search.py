@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_extra
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from runs import kdprune
 
-from conftest import require_extra
 from kdprune_cli.cli.callbacks import SweepSummary
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.config.schema import RunConfig
 from kdprune_cli.experiment.search import BEST, objective, search_problem, write_best
-from runs import kdprune
 
 OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 CONF = Path(config_dir())

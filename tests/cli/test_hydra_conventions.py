@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SAFETY_S, TinyNet, compose_cfg, require_extra
 from hydra import compose, initialize_config_dir
 
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.config.schema import ConfigError, recipe
-from kdprune_cli.experiment.validate import validate
 from kdprune_cli.experiment.identity import job_id
+from kdprune_cli.experiment.validate import validate
 from kdprune_cli.training.loop import train
-
-from conftest import SAFETY_S, TinyNet, compose_cfg, require_extra
 
 CONF = Path(config_dir())
 ROOT = Path(__file__).resolve().parents[2]

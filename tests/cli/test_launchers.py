@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import require_extra
+from omegaconf import OmegaConf
 from runs import kdprune
 
 # debug=default: digits, ResNet-20 pair, 2 batches an epoch, seconds per job on CPU
@@ -48,6 +47,7 @@ def test_submitit_local_multirun_shares_the_store(tmp_path):
 def test_ray_launcher_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_ray_launcher", "ray")
     from hydra import compose, initialize_config_dir
+
     from kdprune_cli.cli.main import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=kdprune_ray", "experiment=paper_cifar10"],
@@ -60,6 +60,7 @@ def test_ray_launcher_config_composes_when_installed():
 def test_ray_asking_for_a_gpu_the_local_instance_lacks_is_one_error_line(monkeypatch):
     """Without the check Ray would wait for ever; runs without the extra (it only reads the config)."""
     import torch
+
     from kdprune_cli.cli.callbacks import ray_gpu_problem
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -83,6 +84,7 @@ def test_ray_asking_for_a_gpu_the_local_instance_lacks_is_one_error_line(monkeyp
 
 def test_jobs_starting_together_check_the_store_without_tripping_on_each_other(tmp_path):
     import threading
+
     from kdprune_cli.store.atomic import check_writable
     errors, start = [], threading.Barrier(2)
 

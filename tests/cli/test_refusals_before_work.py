@@ -15,16 +15,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import SAFETY_S
 import torch
+from conftest import SAFETY_S
 
 from kdprune_cli.cli import eval as eval_cli
-from kdprune_cli.report import cli as report
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.models import build_model
-from kdprune_cli.models.modelfile import model_file
-from kdprune_cli.models.checkpoint import CheckpointError
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.models import build_model
+from kdprune_cli.models.checkpoint import CheckpointError
+from kdprune_cli.models.modelfile import model_file
+from kdprune_cli.report import cli as report
 
 
 def _record(run_dir: Path) -> dict:
@@ -187,7 +187,8 @@ WRONG_TYPES = [("metrics", [1, 2]), ("sparsity_target", "0.5"), ("cost", {"stage
 
 @pytest.mark.parametrize("field,value", WRONG_TYPES, ids=[f"{f}={v}" for f, v in WRONG_TYPES])
 def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, field, value):
-    from records import _job, _record as ok_record
+    from records import _job
+    from records import _record as ok_record
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -205,8 +206,9 @@ def test_kdprune_report_lists_a_record_with_wrong_types_as_unreadable(tmp_path, 
 
 
 def test_a_held_out_split_that_leaves_a_side_empty_is_a_data_error():
-    from kdprune_cli.data import DataError, DeviceData
     from fakedata import _blob
+
+    from kdprune_cli.data import DataError, DeviceData
 
     for split in (0.99, 0.01):  # 10 images: none left to train on, or none held out
         with pytest.raises(DataError, match="val_split"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import compose_cfg, require_extra
 from runs import TINY_CLI, kdprune
 
@@ -63,6 +62,7 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
     """experiment=structured_<ds>: 7 methods × 3 MACs targets × 3 seeds = 63 jobs; nuteprune_intact is method
     nuteprune with teachers=intact, recorded as the variant "intact teacher" (its own report row)."""
     from hydra import compose, initialize_config_dir
+
     from kdprune_cli.cli.main import config_dir
     from kdprune_cli.pruning.methods import get_method
     for ds in ("cifar10", "cifar100", "tinyimagenet"):
@@ -87,6 +87,7 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
 def test_submitit_launcher_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
     from hydra import compose, initialize_config_dir
+
     from kdprune_cli.cli.main import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=kdprune_slurm", "experiment=paper_cifar10"],
@@ -99,6 +100,7 @@ def test_submitit_launcher_config_composes_when_installed():
 def test_optuna_sweeper_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_optuna_sweeper", "optuna")
     from hydra import compose, initialize_config_dir
+
     from kdprune_cli.cli.main import config_dir
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=cakld_optuna", "experiment=quickstart"],

@@ -4,12 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg
 
 from kdprune_cli.cli.main import config_dir
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.validate import validate
-
-from conftest import compose_cfg
 
 CONF = Path(config_dir())
 

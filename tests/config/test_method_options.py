@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
+from conftest import compose_cfg
 from omegaconf import MISSING, OmegaConf
 
-from conftest import compose_cfg
-from kdprune_cli.config.schema import (ConfigError, MethodConfig, TrainRecipe, choice, method_config, option,
-                                       recipe)
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, choice, method_config, option, recipe
 from kdprune_cli.pruning.methods import get_method, method_names
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakedata import write_cifar
 
 from kdprune_cli.data import DataError, load_cached, read_raw
 from kdprune_cli.data.sources.cifar import read_cifar_batch
-
-from fakedata import write_cifar
 
 
 class Payload:

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from kdprune_cli.data import DataError, cache as cache_mod, dataset_fingerprint, fingerprint, load_cached, load_data
-from kdprune_cli.data import sources
-from kdprune_cli.data.sources.cifar import read_cifar_batch
-
 from fakedata import write_cifar, write_tiny_imagenet
+
+from kdprune_cli.data import DataError, dataset_fingerprint, fingerprint, load_cached, load_data, sources
+from kdprune_cli.data import cache as cache_mod
+from kdprune_cli.data.sources.cifar import read_cifar_batch
 
 
 def test_cache_is_written_once_and_reused(tmp_path):

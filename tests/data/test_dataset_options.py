@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_cfg
 
 from kdprune_cli.data import DATASETS, SOURCES, DataError, get_source
 from kdprune_cli.experiment.validate import validate
-
-from conftest import compose_cfg
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))

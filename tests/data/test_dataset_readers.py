@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fakedata import write_cifar, write_tiny_imagenet
 
 from kdprune_cli.data import DataError, read_raw
 from kdprune_cli.data.sources import cifar, tinyimagenet
-
-from fakedata import write_cifar, write_tiny_imagenet
 
 
 @pytest.mark.parametrize("classes,name", [(10, "cifar10"), (100, "cifar100")])

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakedata import _blob
 
 from kdprune_cli.data import DeviceData
-
-from fakedata import _blob
 
 
 def test_crop_is_a_window_of_the_padded_image_and_flip_mirrors():

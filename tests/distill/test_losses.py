@@ -68,6 +68,7 @@ def test_cakld_method_threads_logit_std_from_its_config(tiny_cfg):
     from types import SimpleNamespace
 
     from conftest import TinyNet
+
     from kdprune_cli.config.schema import ConfigError
     from kdprune_cli.pruning.methods import get_method
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment import job as runner
 from kdprune_cli.experiment.identity import job_id
 from kdprune_cli.experiment.record import base_record
-from kdprune_cli.experiment.validate import validate
-from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.threads import apply_threads, cgroup_quota, resolve_threads, usable_cores
+from kdprune_cli.experiment.validate import validate
 
 
 def test_usable_cores_is_the_affinity_capped_by_the_quota():

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAFETY_S, TINY
 
 from kdprune_cli.errors import DivergedError, non_finite_metrics, non_finite_state
-from kdprune_cli.pruning.masks import assert_masked
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.services import Evaluator
+from kdprune_cli.models.masks import assert_masked
 from kdprune_cli.store.artifacts import Store
-
-from conftest import SAFETY_S, TINY
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=2", "method.score_batches=2", "method.gamma_batches=2"]
 NUTE = ["method=nuteprune", "sparsity=0.5", "method.prune.epochs=2", "method.ramp_epochs=1", "method.teacher_ahead=2",

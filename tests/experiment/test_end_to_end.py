@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import FAST, kdprune
+
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.models.checkpoint import CheckpointError
-
-from runs import FAST, kdprune
 
 REQUIRED = ["status", "dataset", "teacher", "student", "method", "seed", "sparsity_target", "sparsity_actual",
             "retrain_kd", "metrics", "params", "flops", "cost", "versions", "device"]

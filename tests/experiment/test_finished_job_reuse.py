@@ -10,13 +10,11 @@ import sys
 
 import pytest
 from conftest import SAFETY_S
+from records import _row
+from runs import TINY_CLI, kdprune
 
 from kdprune_cli.experiment import reuse
 from kdprune_cli.report.cli import main as report_main
-
-from runs import kdprune
-from records import _row
-from runs import TINY_CLI
 
 
 def _rec(path):
@@ -117,6 +115,7 @@ def test_a_model_file_gone_or_not_matching_its_record_is_not_usable(tmp_path):
 
 def test_a_job_reused_in_its_own_folder_keeps_its_model_and_log(tiny_cfg, tmp_path):
     from runs import FAST
+
     from kdprune_cli.experiment.job import run_job
 
     cfg = tiny_cfg(*FAST)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAFETY_S, hold_lock
+from fakedata import write_cifar
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.experiment.job import run_job
@@ -24,9 +26,6 @@ from kdprune_cli.experiment.loggers import RunLogger
 from kdprune_cli.experiment.signals import Interrupted
 from kdprune_cli.models import build_model
 from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
-
-from conftest import SAFETY_S, hold_lock
-from fakedata import write_cifar
 
 FAST = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAFETY_S
 
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.loggers import RunLogger
-from conftest import SAFETY_S
 
 ARGS = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2"]
 

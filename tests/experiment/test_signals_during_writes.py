@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAFETY_S, TINY
 
-from kdprune_cli.store import atomic
-from kdprune_cli.training import loop as train
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.signals import Interrupted, signals_interrupt
+from kdprune_cli.store import atomic
 from kdprune_cli.store.atomic import atomic_save, defer_while_writing, writing
-
-from conftest import SAFETY_S, TINY
+from kdprune_cli.training import loop as train
 
 CHANNEL = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2",
            "prune.granularity=channel", "sparsity=0.5", "max_batches=4"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_cfg
 
 from kdprune_cli.data import DATASETS
-from kdprune_cli.training.evaluate import count_flops
 from kdprune_cli.models import ZOO, build_model, is_known
-from kdprune_cli.pruning.masks import prunable_params
-
-from conftest import compose_cfg
+from kdprune_cli.models.masks import prunable_params
+from kdprune_cli.training.evaluate import count_flops
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torch_macs
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import torch_macs
-from kdprune_cli.training.evaluate import count_flops
-from kdprune_cli.models.matmuls import MatmulCounter, product_macs
 from kdprune_cli.models import build_model
-from kdprune_cli.pruning.masks import prunable_modules
+from kdprune_cli.models.masks import prunable_modules
+from kdprune_cli.models.matmuls import MatmulCounter, product_macs
+from kdprune_cli.training.evaluate import count_flops
 
 VIT = "timm/vit_tiny_patch16_224"  # width 192, 3 heads of 64
 # (input shape, patch, tokens): 8×8 digits with patch 2 → 16 patches + CLS; 32×32 with patch 4 → 64 + CLS

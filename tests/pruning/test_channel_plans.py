@@ -9,17 +9,16 @@ import warnings
 
 import pytest
 import torch
+from conftest import compose_cfg
 
 from kdprune_cli.config.schema import ConfigError, PruneConfig
-from kdprune_cli.models import build_model
-from kdprune_cli.pruning.masks import prunable_params
-from kdprune_cli.pruning.structure.channels import ChannelGroups
-from kdprune_cli.pruning.structure.plan import normalize_importance
 from kdprune_cli.experiment.identity import job_id
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.models import build_model
+from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.selection import Pruner
-
-from conftest import compose_cfg
+from kdprune_cli.pruning.structure.channels import ChannelGroups
+from kdprune_cli.pruning.structure.plan import normalize_importance
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 

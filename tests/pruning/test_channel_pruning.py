@@ -9,18 +9,18 @@ import warnings
 
 import pytest
 import torch
+from conftest import SAFETY_S
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.training.evaluate import count_flops
-from kdprune_cli.models.modelfile import ModelFileError, load_pruned
+from kdprune_cli.experiment.job import run_job
 from kdprune_cli.models import build_model
 from kdprune_cli.models.cifar import BasicBlock
-from kdprune_cli.pruning.masks import prunable_params
+from kdprune_cli.models.masks import prunable_params
+from kdprune_cli.models.modelfile import ModelFileError, load_pruned
 from kdprune_cli.pruning.structure.channels import ChannelGroups
-from kdprune_cli.experiment.job import run_job
-from conftest import SAFETY_S
+from kdprune_cli.training.evaluate import count_flops
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 
@@ -230,7 +230,7 @@ def test_channel_masks_compute_what_the_removed_model_computes():
     outputs as removing them physically, on ResNet-56 (residual sums) and MobileNetV2 (depthwise)."""
     import copy
 
-    from kdprune_cli.pruning.masks import apply_masks
+    from kdprune_cli.models.masks import apply_masks
 
     for name in ("resnet56", "mobilenetv2"):
         torch.manual_seed(0)

@@ -11,14 +11,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinyNet
 from torch import nn
 
-from conftest import TinyNet
 from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.models.masks import prunable_params, select, sparsity_report
 from kdprune_cli.pruning.methods import get_method
-from kdprune_cli.pruning.scores.grasp import balanced_batch, hessian_gradient_product
-from kdprune_cli.pruning.masks import prunable_params, select, sparsity_report
 from kdprune_cli.pruning.methods.synflow import linearised_copy, schedule, synflow_scores
+from kdprune_cli.pruning.scores.grasp import balanced_batch, hessian_gradient_product
 
 METHODS = ["random", "magnitude", "snip", "grasp", "synflow"]
 
@@ -377,7 +377,7 @@ def test_synflow_on_deep_networks_ranks_in_float64(arch, size, rounds):
 
     from kdprune_cli.config.schema import TrainRecipe
     from kdprune_cli.models import build_model
-    from kdprune_cli.pruning.masks import apply_masks
+    from kdprune_cli.models.masks import apply_masks
     from kdprune_cli.pruning.methods.synflow import SynFlow, SynFlowConfig
     from kdprune_cli.pruning.selection import Pruner
 

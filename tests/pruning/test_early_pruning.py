@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinyNet
 from torch import nn
 
-from conftest import TinyNet
+from kdprune_cli.distill.self_distillation import CSKD, DLB, PSKD
+from kdprune_cli.models.masks import prunable_params, sparsity_report
 from kdprune_cli.pruning.methods import get_method
 from kdprune_cli.pruning.scores.prospr import prospr_scores
-from kdprune_cli.pruning.masks import prunable_params, sparsity_report
-from kdprune_cli.distill.self_distillation import CSKD, DLB, PSKD
 
 
 def ce64(model, x, y, idx):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from kdprune_cli.pruning.methods import method_names
-
 from runs import kdprune
+
+from kdprune_cli.pruning.methods import method_names
 
 
 def test_quickstart_multirun_over_every_method(tmp_path):

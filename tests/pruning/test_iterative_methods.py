@@ -9,12 +9,12 @@ import torch
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data import Split
+from kdprune_cli.models.masks import assert_masked, prunable_modules, prunable_params, select
 from kdprune_cli.pruning import selection
 from kdprune_cli.pruning.methods import get_method, gmp
 from kdprune_cli.pruning.methods.colt import partition_classes, partition_data
 from kdprune_cli.pruning.procedures.gradual import schedule
 from kdprune_cli.pruning.procedures.rounds import clone_state
-from kdprune_cli.pruning.masks import assert_masked, prunable_modules, prunable_params, select
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0"]
 

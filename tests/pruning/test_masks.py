@@ -7,8 +7,7 @@ from omegaconf import OmegaConf
 
 from kdprune_cli.config.schema import TrainRecipe
 from kdprune_cli.distill.objectives import CrossEntropy
-from kdprune_cli.pruning.masks import (apply_masks, assert_masked, check_exclude, prunable_params, select,
-                                      sparsity_report)
+from kdprune_cli.models.masks import apply_masks, assert_masked, check_exclude, prunable_params, select, sparsity_report
 from kdprune_cli.training.loop import train
 
 

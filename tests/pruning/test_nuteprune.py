@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from kdprune_cli.errors import DivergedError
+from kdprune_cli.experiment.job import run_job
 from kdprune_cli.models import build_model
 from kdprune_cli.pruning.procedures import gates as G
 from kdprune_cli.pruning.structure import conv_gates as C
 from kdprune_cli.pruning.structure.channels import ChannelGroups
-from kdprune_cli.experiment.job import run_job
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 

@@ -9,16 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import torch_macs
 from torch import nn
 
-from conftest import torch_macs
-from kdprune_cli.training.evaluate import count_flops
-from kdprune_cli.models.modelfile import build_from, model_file
-from kdprune_cli.models import build_model
-from kdprune_cli.pruning.procedures import gates as G
-from kdprune_cli.pruning.masks import prunable_params
-from kdprune_cli.pruning.structure.vit import ViTGates
 from kdprune_cli.experiment.job import run_job
+from kdprune_cli.models import build_model
+from kdprune_cli.models.masks import prunable_params
+from kdprune_cli.models.modelfile import build_from, model_file
+from kdprune_cli.pruning.procedures import gates as G
+from kdprune_cli.pruning.structure.vit import ViTGates
+from kdprune_cli.training.evaluate import count_flops
 
 warnings.filterwarnings("ignore", message="Unwrapped parameters")
 VIT = "timm/vit_tiny_patch16_224"

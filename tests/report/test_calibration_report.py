@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from records import _check_png, _job, _record, _row, write_grid
+
 from kdprune_cli.report.cli import main
 from kdprune_cli.report.plots import reliability_data
-
-from records import _check_png, _job, _record, _row, write_grid
 
 
 def _with_ts(method, kd, sparsity, seed, job):

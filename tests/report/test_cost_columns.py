@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-from kdprune_cli.report.cli import main
-
 from records import (
     ACC,
     DENSE_MACS,
@@ -26,6 +24,8 @@ from records import (
     _stats,
     write_grid,
 )
+
+from kdprune_cli.report.cli import main
 
 
 @pytest.fixture

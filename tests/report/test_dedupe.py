@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from kdprune_cli.report.cli import main
-
 from records import _record
+
+from kdprune_cli.report.cli import main
 
 CONFIG = {"seed": 0, "sparsity": 0.9, "device": "auto", "progress": False, "resume": True, "fail_fast": False,
           "data": {"name": "cifar10", "root": "./data", "download": False, "cache_dir": "${store.root}/data"},

@@ -8,10 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from records import _record
 
 from kdprune_cli.report.cli import main
-
-from records import _record
 
 
 def _write(path: Path, rec: dict, mtime: float) -> Path:

@@ -5,13 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
+from records import (
+    ACC,
+    PLOT,
+    SPARSITIES,
+    _channel_record,
+    _check_png,
+    _dense_ms,
+    _executed,
+    _final_ms,
+    _job,
+    _label,
+    _record,
+    _row,
+    _stats,
+    write_grid,
+)
 
 from kdprune_cli.report import plots
 from kdprune_cli.report.cli import main
 from kdprune_cli.report.stats import Setting, group
-
-from records import (ACC, PLOT, SPARSITIES, _channel_record, _check_png, _dense_ms, _executed, _final_ms, _job,
-                     _label, _record, _row, _stats, write_grid)
 
 
 def test_accuracy_vs_sparsity_plot_draws_mean_and_sample_std_as_the_tables(tmp_path, monkeypatch):

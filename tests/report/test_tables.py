@@ -7,10 +7,7 @@ import csv
 import json
 
 import numpy as np
-
 import pytest
-from kdprune_cli.report.cli import main
-
 from records import (
     ACC,
     DENSE_TOP1,
@@ -27,6 +24,8 @@ from records import (
     _stats,
     write_grid,
 )
+
+from kdprune_cli.report.cli import main
 
 
 def _expected_samples(method, kd, sparsity, seed):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 
+from records import _channel_record, _check_png, _job, _row, _stats
+
 from kdprune_cli.report import plots
 from kdprune_cli.report.cli import main
-
-from records import _check_png, _job, _stats
-from records import _channel_record, _row
 
 ACC = {None: {0: 90.0, 1: 91.0}, "intact teacher": {0: 88.0, 1: 88.5}}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import hold_lock
-from kdprune_cli.store import atomic, digests
+
 from kdprune_cli.log import warn
+from kdprune_cli.store import atomic, digests
 from kdprune_cli.store.artifacts import Store
 from kdprune_cli.store.atomic import atomic_save, atomic_write_json, clean_orphans
 from kdprune_cli.store.digests import config_hash, file_digest

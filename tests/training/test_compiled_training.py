@@ -8,17 +8,16 @@ import copy
 
 import pytest
 import torch
+from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from kdprune_cli.training import compiling
 from kdprune_cli.config.schema import ConfigError, TrainRecipe, validate
 from kdprune_cli.data import DeviceData
-from kdprune_cli.models import build_model
 from kdprune_cli.distill.objectives import CrossEntropy, Distill
-from kdprune_cli.pruning.masks import apply_masks, assert_masked, mask_grads, prunable_params, select
+from kdprune_cli.models import build_model
+from kdprune_cli.models.masks import apply_masks, assert_masked, mask_grads, prunable_params, select
+from kdprune_cli.training import compiling
 from kdprune_cli.training.loop import train
-
-from conftest import compose_cfg
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from kdprune_cli.config.schema import MethodConfig, method_config
-from kdprune_cli.pruning.masks import Masks
+from kdprune_cli.models.masks import Masks
 
 REGISTRY: Dict[str, type["Method"]] = {}
 

@@ -20,10 +20,10 @@ from torch import nn
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, model_kwargs, recipe
 from kdprune_cli.data import Split
 from kdprune_cli.models import build_model
+from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
-from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.procedures.rounds import clone_state, rewind, round_spec, run_rounds
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 
 
 def partition_classes(num_classes: int, partitions: int) -> List[range]:

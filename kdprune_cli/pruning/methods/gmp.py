@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
+from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
-from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.procedures.gradual import prune_gradually
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 
 
 @dataclass

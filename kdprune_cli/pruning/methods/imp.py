@@ -8,10 +8,10 @@ from omegaconf import MISSING
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
+from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
-from kdprune_cli.pruning.masks import prunable_params
 from kdprune_cli.pruning.procedures.rounds import clone_state, rewind, round_spec, run_rounds
+from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 from kdprune_cli.training.loop import steps_per_epoch
 
 

@@ -15,7 +15,7 @@ to linearising in place and restoring the signs afterwards. No training data is 
 
 Precision (docs/methods.md §4): ``R`` grows like the product of the layers' weight sums, so the scores of
 deep networks overflow float32 (largest ~4e67 on ResNet-56 and ~2e136 on ResNet-110 at 32×32, ~4e51 on
-ResNet-34 at 64×64). :func:`~kdprune_cli.pruning.masks.select` ranks them in float64, their own precision;
+ResNet-34 at 64×64). :func:`~kdprune_cli.models.masks.select` ranks them in float64, their own precision;
 a score that is still inf or NaN (e.g. ``double: false``) is an error naming the layer.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from omegaconf import MISSING
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
+from kdprune_cli.models.masks import Scores, apply_masks
 from kdprune_cli.pruning.methods.base import Result
-from kdprune_cli.pruning.masks import Scores, apply_masks
 from kdprune_cli.pruning.procedures.one_shot import OneShot, scoring_params
 
 

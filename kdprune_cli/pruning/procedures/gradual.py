@@ -9,7 +9,7 @@ from typing import Callable
 from torch import nn
 
 from kdprune_cli.config.schema import ConfigError
-from kdprune_cli.pruning.masks import Scores, apply_masks
+from kdprune_cli.models.masks import Scores, apply_masks
 from kdprune_cli.training.loop import steps_per_epoch
 
 

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from kdprune_cli.pruning.masks import Scores, prunable_params
+from kdprune_cli.models.masks import Scores, prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kdprune_cli.config.schema import model_kwargs
-from kdprune_cli.pruning.masks import apply_masks
+from kdprune_cli.models.masks import apply_masks
 
 
 def round_spec(ctx, method: str, recipe_node, where: str, **extra) -> dict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdprune_cli.pruning.masks import Scores
+from kdprune_cli.models.masks import Scores
 
 
 def balanced_batch(data, samples_per_class: int, gen: torch.Generator, which: str = "train",

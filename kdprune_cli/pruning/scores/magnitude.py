@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kdprune_cli.pruning.masks import Scores
+from kdprune_cli.models.masks import Scores
 
 
 @torch.no_grad()

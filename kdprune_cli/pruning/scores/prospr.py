@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kdprune_cli.pruning.masks import Scores
+from kdprune_cli.models.masks import Scores
 
 
 def prospr_scores(model: nn.Module, objective: Callable, batches: Iterable, inner_steps: int, inner_lr: float,

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kdprune_cli.pruning.masks import Scores
+from kdprune_cli.models.masks import Scores
 from kdprune_cli.pruning.scores.accumulate import accumulate_, accumulate_saliency_
 
 
