@@ -115,7 +115,7 @@ EXTRAS = {  # a config node a plugin ships -> the install that provides it
     "hydra/launcher/submitit_local": ("the submitit launcher (hydra-submitit-launcher)",
                                       "pip install 'kdprune[slurm]'"),
     "hydra/launcher/ray": ("the Ray launcher (hydra-ray-launcher)",
-                           "pip install -c constraints-ray.txt 'kdprune[ray]'"),
+                           "pip install -c constraints.txt 'kdprune[ray]'"),
 }
 HIDDEN_GROUPS = ("hydra", "schema", "method_budget")  # internal: not chosen on the command line
 
@@ -235,8 +235,10 @@ def main() -> None:
         os.environ.pop("HYDRA_FULL_ERROR")
         from hydra._internal.utils import run_and_report
 
+        failure = e
+
         def again():
-            raise e
+            raise failure
 
         run_and_report(again)  # Hydra's short report: the message, or the traceback without Hydra's frames
     finally:

@@ -184,7 +184,7 @@ def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:
     shape = (data.channels, data.image_size, data.image_size)
     final_flops = count_flops(model, shape, exclude)
     record.update({
-        "granularity": "channel" if "structure" in result.facts else cfg.prune.granularity,
+        "granularity": method.prunes or cfg.prune.granularity,
         "sparsity_actual": sp["global"],
         "sparsity_per_layer": sp["per_layer"],
         "params": {"prunable": sp["prunable"], "nonzero": sp["nonzero"],

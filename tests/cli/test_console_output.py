@@ -79,7 +79,7 @@ def _missing(overrides, plugin, node, via):
     (["hydra/launcher=kdprune_slurm"], "hydra_plugins.hydra_submitit_launcher", "hydra/launcher/submitit_slurm",
      "hydra/launcher/kdprune_slurm", "pip install 'kdprune[slurm]'"),
     (["hydra/launcher=kdprune_ray"], "hydra_plugins.hydra_ray_launcher", "hydra/launcher/ray",
-     "hydra/launcher/kdprune_ray", "pip install -c constraints-ray.txt 'kdprune[ray]'"),
+     "hydra/launcher/kdprune_ray", "pip install -c constraints.txt 'kdprune[ray]'"),
 ])
 def test_a_missing_extra_names_its_pip_install(overrides, plugin, node, via, install):
     line = missing_config_line(_missing(overrides, plugin, node, via))

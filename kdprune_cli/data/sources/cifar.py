@@ -57,31 +57,12 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, list]:
     """``(data N×3072 uint8, labels)`` of one CIFAR python batch, read with a restricted unpickler."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            obj = _BatchUnpickler(f, path).load()
-    except DataError:
-        raise
-    except OSError as e:
-        raise DataError(f"{path} could not be read ({e.strerror or e})") from None
-    except Exception as e:  # truncated or not a pickle at all
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{path} is not a CIFAR batch (unreadable pickle: {type(e).__name__}: {first})") from None
+    obj = _unpickle(path)
     bad = f"{path} is not a CIFAR batch"
     if not isinstance(obj, dict):
         raise DataError(f"{bad} (a pickled {type(obj).__name__}, not a dict)")
     obj = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-    data = obj.get("data")
-    if isinstance(data, str):  # a Python 2 str read as latin-1
-        data = data.encode("latin-1")
-    if isinstance(data, (bytes, bytearray)):
-        if len(data) % 3072:
-            raise DataError(f"{bad} (data holds {len(data)} bytes, not N×3072)")
-        data = np.frombuffer(bytes(data), dtype=np.uint8).reshape(-1, 3072)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
-        raise DataError(f"{bad} (data is a {what}, not a uint8 array N×3072)")
+    data = _batch_data(obj.get("data"), bad)
     labels = obj["labels"] if "labels" in obj else obj.get("fine_labels")
     if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
         labels = labels.tolist()
@@ -92,6 +73,36 @@ def read_cifar_batch(path: Path, classes: int) -> tuple[np.ndarray, list]:
     if labels and not (0 <= min(labels) and max(labels) < classes):
         raise DataError(f"{bad} (labels outside 0..{classes - 1})")
     return data, list(labels)
+
+
+def _unpickle(path: Path):
+    """The object pickled in ``path``, through the restricted unpickler; DataError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, path).load()
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path} could not be read ({e.strerror or e})") from None
+    except Exception as e:  # truncated or not a pickle at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a CIFAR batch (unreadable pickle: {type(e).__name__}: {first})") from None
+    return obj
+
+
+def _batch_data(data, bad: str) -> np.ndarray:
+    """A batch's ``data`` as the uint8 array N×3072 it must be (raw bytes accepted); DataError otherwise."""
+    if isinstance(data, str):  # a Python 2 str read as latin-1
+        data = data.encode("latin-1")
+    if isinstance(data, (bytes, bytearray)):
+        if len(data) % 3072:
+            raise DataError(f"{bad} (data holds {len(data)} bytes, not N×3072)")
+        data = np.frombuffer(bytes(data), dtype=np.uint8).reshape(-1, 3072)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise DataError(f"{bad} (data is a {what}, not a uint8 array N×3072)")
+    return data
 
 
 def md5(path: Path) -> str:

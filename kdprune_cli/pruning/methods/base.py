@@ -36,6 +36,7 @@ class Method:
     Config: ClassVar[type] = MethodConfig  # typed config, registered as schema/method/<name>
     granularities: ClassVar[tuple] = ("weight",)  # prune.granularity values the method supports
     plans_channels: ClassVar[bool] = True  # channel granularity: ranks channels by Pruner.plan (prune.* caps bind)
+    prunes: ClassVar[Optional[str]] = None  # the granularity it always prunes at whatever the setting; None: the setting
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -218,13 +218,17 @@ class ViTGates:
                exclude: Iterable[str] = ()) -> dict:
         """Fold the soft gates ``z`` into the weights, then slice out the units with z=0; returns the
         record's ``structure``. Call after the hooks are removed (and adapters merged)."""
-        model, n = self.model, len(self.blocks)
         z = [v.detach().float().cpu() for v in self._whole(z, torch.ones_like)]
         removed = [torch.nonzero(v == 0).flatten() for v in z]
         facts = {**self.describe(removed, sparsity, target, exclude), "method": "nuteprune"}
-        h = z[HIDDEN]
-        keep = torch.nonzero(h != 0).flatten()
-        dev = next(model.parameters()).device
+        self._fold(z)
+        self._slice(z, torch.nonzero(z[HIDDEN] != 0).flatten())
+        return facts
+
+    @torch.no_grad()
+    def _fold(self, z: List[torch.Tensor]) -> None:
+        """Multiply the soft gates into the weights they gate (the width into every writer of the stream)."""
+        model, n, h = self.model, len(self.blocks), z[HIDDEN]
 
         def on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             return t.to(like.device, like.dtype)
@@ -240,7 +244,12 @@ class ViTGates:
                 layer.weight.mul_(on(h, layer.weight)[:, None] * on(units.repeat_interleave(per), layer.weight)[None])
                 if layer.bias is not None:
                     layer.bias.mul_(on(h, layer.bias))
-        # slice: the width everywhere, then each block's heads and channels
+
+    def _slice(self, z: List[torch.Tensor], keep: torch.Tensor) -> None:
+        """Remove the closed units: the width (``keep``) everywhere, then each block's heads and channels."""
+        model, n = self.model, len(self.blocks)
+        dev = next(model.parameters()).device
+        pe = model.patch_embed.proj
         k = keep.to(dev)
         _slice_param(pe, "weight", k, 0)
         _slice_param(pe, "bias", k, 0)
@@ -268,4 +277,3 @@ class ViTGates:
         for attr in ("embed_dim", "num_features", "head_hidden_size"):
             if hasattr(model, attr):
                 setattr(model, attr, len(k))
-        return facts
