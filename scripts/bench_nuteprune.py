@@ -1,4 +1,4 @@
-"""NutePrune benchmark (issue #11): the memory of training with one frozen copy of the weights (``lora=true``:
+"""NutePrune benchmark: the memory of training with one frozen copy of the weights (``lora=true``:
 the student and every snapshot teacher are adapters on one base) against keeping a full copy of the weights per
 snapshot teacher (``lora=false``), and the latency of the exported model against the dense one.
 

@@ -1,4 +1,4 @@
-"""Structured pruning benchmark (issue #10): is the physically smaller model really faster, and does our
+"""Structured pruning benchmark: is the physically smaller model really faster, and does our
 export add anything over a network built by hand at the same widths?
 
 For ResNet-56 (CIFAR) and ResNet-18 (CIFAR stem) on 32×32 inputs, channel groups are removed by magnitude

@@ -1,4 +1,4 @@
-"""Training throughput of the kdprune trainer, eager vs compiled (issue #12), side by side in one process.
+"""Training throughput of the kdprune trainer, eager vs compiled, side by side in one process.
 
 For ResNet-56, ResNet-20 and ResNet-18 (CIFAR stem) at batch 128 on CIFAR-shaped synthetic uint8 data held
 on the device (kdprune's DeviceData, with its on-device augmentation), and for distillation (ResNet-56
