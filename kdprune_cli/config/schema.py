@@ -66,6 +66,9 @@ RULES = {  # an option's rule: (accepts the value, what the refusal says it must
     "positive": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "nonnegative": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "unit": (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    "rate": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
+    "sparsity": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    "several": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
 }
 
 

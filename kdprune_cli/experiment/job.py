@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdprune_cli.config.schema import ConfigError, model_kwargs
+from kdprune_cli.config.schema import model_kwargs
 from kdprune_cli.data import load_data
 from kdprune_cli.errors import DivergedError, non_finite_metrics
 from kdprune_cli.experiment.identity import content_ids, job_id, versions
@@ -71,8 +71,9 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
 
     The run folder's record is written last, after the store copy, the checkpoint clean-up and the logger
     have finished, so ``status: ok`` on disk means everything succeeded. Bad input (``overrides`` are the
-    command-line overrides) raises :class:`ConfigError` before any data is read or any training runs;
-    ``on_valid()`` is called once the config has passed validation (the CLI prints the config tree there).
+    command-line overrides) raises :class:`~kdprune_cli.config.schema.ConfigError` before any data is read or
+    any training runs; ``on_valid()`` is called once the config has passed validation (the CLI prints the
+    config tree there).
     """
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
@@ -109,10 +110,6 @@ def _prepare(cfg: DictConfig, run_dir: Path, record: dict, overrides, on_valid) 
     check_overrides(overrides)
     validate(cfg)
     method = get_method(cfg.method.name)(cfg.method)
-    try:
-        method.validate()
-    except (TypeError, ValueError) as e:  # a value of the wrong type met a comparison
-        raise e if isinstance(e, ConfigError) else ConfigError(f"method: {e}") from None
     record["method_variant"] = method.variant()
     device = resolve_device(cfg.device)
     if on_valid is not None:

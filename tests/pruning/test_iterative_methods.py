@@ -114,7 +114,6 @@ def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx, monke
     calls, pruned, logs = spy(ctx)
     hist = spy_common(monkeypatch)
     method = get_method("colt")(ctx.cfg.method)
-    method.validate()
     model, masks = method.run(ctx)
     rounds = round_lines(logs, "colt")
 
@@ -193,7 +192,6 @@ def test_imp_rewinds_to_theta0_and_hits_target(make_ctx, scope):
     ctx = imp_ctx(make_ctx, f"prune.scope={scope}")
     calls, pruned, logs = spy(ctx)
     method = get_method("imp")(ctx.cfg.method)
-    method.validate()
     model, masks = method.run(ctx)
     theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     P = prunable_params(model)
@@ -238,7 +236,6 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
 
     ctx.trainer.train = train
     method = get_method("imp")(ctx.cfg.method)
-    method.validate()
     model, masks = method.run(ctx)
     theta0 = clone_state(ctx.seeds.new_model("student", name="init"))
     assert n_removed(masks) == round(0.5 * sum(p.numel() for p in prunable_params(model).values()))
@@ -248,7 +245,7 @@ def test_imp_late_rewinding_uses_epoch_k_weights(make_ctx):
     w = "layer1.0.conv1.weight"
     assert not torch.equal(seen["epoch1"][w], theta0[w]) and not torch.equal(seen["epoch1"][w], seen["end"][w])
     with pytest.raises(ConfigError):
-        get_method("imp")(imp_ctx(make_ctx, "method.rewind_epoch=3").cfg.method).validate()
+        get_method("imp")(imp_ctx(make_ctx, "method.rewind_epoch=3").cfg.method)
 
 
 # --- GMP -------------------------------------------------------------------------------------------
@@ -281,7 +278,6 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx, monkeypatch
 
     monkeypatch.setattr(gmp, "prune_gradually", prune_gradually)
     method = get_method("gmp")(ctx.cfg.method)
-    method.validate()
     model, masks = method.run(ctx)
     N = sum(p.numel() for p in prunable_params(model).values())
     t0, dt, n = 2, 2, 3

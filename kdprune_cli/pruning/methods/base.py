@@ -59,9 +59,6 @@ class Method:
         the record as ``method_variant``; ``kdprune-report`` labels the row ``<method> [<variant>]``."""
         return None
 
-    def validate(self) -> None:
-        """Checks beyond the config's own (those live in ``Config.__post_init__``); raise ConfigError."""
-
     @classmethod
     def check_model(cls, model: nn.Module, example) -> None:
         """Check that the method can prune this student (built for the dataset's shape); raise ValueError."""

@@ -17,7 +17,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, model_kwargs, recipe
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, model_kwargs, option
 from kdprune_cli.data import Split
 from kdprune_cli.models import build_model
 from kdprune_cli.models.masks import prunable_params
@@ -67,8 +67,8 @@ def classifier_name(model: nn.Module, num_classes: int) -> str:
 
 @dataclass
 class COLTConfig(MethodConfig):
-    partitions: int = MISSING
-    rate: float = MISSING  # fraction of each model's remaining conv weights pruned per round
+    partitions: int = option("several")
+    rate: float = option("rate")  # fraction of each model's remaining conv weights pruned per round
     round: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
 
@@ -92,16 +92,6 @@ class COLT(Method):
     granularities = ("weight", "channel")
     Config = COLTConfig
 
-    def validate(self) -> None:
-        c = self.cfg
-        p = c.partitions
-        if not isinstance(p, int) or isinstance(p, bool) or p < 2:
-            raise ConfigError(f"method.partitions must be an integer >= 2, got {p!r}")
-        if not 0.0 < float(c.rate) < 1.0:
-            raise ConfigError(f"method.rate must be in (0, 1), got {c.rate}")
-        recipe(c.round, "method.round")
-        recipe(c.retrain, "method.retrain")
-
     def partition_model(self, ctx, theta0: dict, head: str, classes: int, i: int) -> nn.Module:
         """θ₀ everywhere except the classifier, which is partition ``i``'s own ``classes``-way head."""
         d = ctx.data
@@ -115,11 +105,11 @@ class COLT(Method):
         return m
 
     def run(self, ctx) -> Result:
-        c, rate = self.cfg, float(self.cfg.rate)
+        c = self.cfg
         full = ctx.seeds.new_model("student", name="init")
         theta0 = clone_state(full)
         head = classifier_name(full, ctx.data.num_classes)
-        parts = partition_classes(ctx.data.num_classes, int(c.partitions))
+        parts = partition_classes(ctx.data.num_classes, c.partitions)
         models = [self.partition_model(ctx, theta0, head, len(p), i) for i, p in enumerate(parts)]
         thetas, datas = [clone_state(m) for m in models], [partition_data(ctx.data, p) for p in parts]
         progress = ctx.pruner.progress(full, members=models, convs_only=True)
@@ -132,7 +122,7 @@ class COLT(Method):
                                   data=data)
             with ctx.costs.count(stage="colt"):
                 unclipped = progress.common_round([magnitudes(prunable_params(m, ctx.pruner.exclude))
-                                                   for m in models], rate)
+                                                   for m in models], c.rate)
                 restore(None)
             return progress.state() if unclipped else None
 
@@ -140,8 +130,8 @@ class COLT(Method):
             for i, (model, th) in enumerate(zip(models, thetas)):
                 rewind(model, th, progress.masks_for(i))
 
-        spec = round_spec(ctx, "colt", c.round, "method.round", rate=rate, partitions=int(c.partitions), head=head)
-        run_rounds(ctx, "colt", progress, kernel, spec, rate, trainings=len(models), restore=restore)
+        spec = round_spec(ctx, "colt", c.round, "method.round", rate=c.rate, partitions=c.partitions, head=head)
+        run_rounds(ctx, "colt", progress, kernel, spec, c.rate, trainings=len(models), restore=restore)
         masks = progress.final_masks()  # the ticket: θ₀ ⊙ M with θ₀'s own full-class head
         rewind(full, theta0, masks)
         ctx.evaluator.record_metrics("pruned", full)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, choice, option
 from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.procedures.gradual import prune_gradually
@@ -16,13 +16,19 @@ from kdprune_cli.pruning.scores.magnitude import magnitude as magnitudes
 
 @dataclass
 class GMPConfig(MethodConfig):
-    start_from: str = MISSING  # dense | init
-    initial_sparsity: float = MISSING
+    start_from: str = choice("dense", "init")
+    initial_sparsity: float = option("sparsity")
     start: float = MISSING  # t₀ as a fraction of the train steps
     end: float = MISSING
-    frequency: int = MISSING  # Δt in optimizer steps
+    frequency: int = option("count")  # Δt in optimizer steps
     train: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ConfigError(f"method.start and method.end must satisfy 0 <= start < end <= 1, got "
+                              f"{self.start}, {self.end}")
 
 
 class GMP(Method):
@@ -43,29 +49,14 @@ class GMP(Method):
     Config = GMPConfig
     granularities = ("weight", "channel")  # channel: the schedule removes channel groups (docs/methods.md §7)
 
-    def validate(self) -> None:
-        c = self.cfg
-        if c.start_from not in ("dense", "init"):
-            raise ConfigError(f"method.start_from must be dense or init, got {c.start_from!r}")
-        if not 0.0 <= float(c.start) < float(c.end) <= 1.0:
-            raise ConfigError(f"method.start and method.end must satisfy 0 <= start < end <= 1, got "
-                              f"{c.start}, {c.end}")
-        f = c.frequency
-        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
-            raise ConfigError(f"method.frequency must be an integer >= 1 (steps), got {f!r}")
-        if not 0.0 <= float(c.initial_sparsity) < 1.0:
-            raise ConfigError(f"method.initial_sparsity must be in [0, 1), got {c.initial_sparsity}")
-        recipe(c.train, "method.train")
-        recipe(c.retrain, "method.retrain")
-
     def run(self, ctx) -> Result:
         c = self.cfg
-        s_f, s_i = ctx.pruner.sparsity, float(c.initial_sparsity)
+        s_f, s_i = ctx.pruner.sparsity, c.initial_sparsity
         if s_i > s_f:
             raise ConfigError(f"method.initial_sparsity={s_i} is above the target sparsity {s_f}")
         model = ctx.artifacts.dense_student() if c.start_from == "dense" else ctx.seeds.new_model("student", name="init")
         params = prunable_params(model, ctx.pruner.exclude)
-        progress, _ = prune_gradually(ctx, model, c.train, "gmp", lambda: magnitudes(params), s_i, float(c.start),
-                                      float(c.end), int(c.frequency))
+        progress, _ = prune_gradually(ctx, model, c.train, "gmp", lambda: magnitudes(params), s_i, c.start, c.end,
+                                      c.frequency)
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=progress.masks)
         return progress.finish(model)

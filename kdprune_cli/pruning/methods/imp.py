@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, recipe
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, option
 from kdprune_cli.models.masks import prunable_params
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.procedures.rounds import clone_state, rewind, round_spec, run_rounds
@@ -45,10 +45,16 @@ class RewindPoint:
 
 @dataclass
 class IMPConfig(MethodConfig):
-    rate: float = MISSING  # fraction of the surviving weights removed per round
-    rewind_epoch: int = MISSING  # 0: rewind to θ₀; k: to the weights after epoch k of the first round
+    rate: float = option("rate")  # fraction of the surviving weights removed per round
+    rewind_epoch: int = option("steps")  # 0: rewind to θ₀; k: to the weights after epoch k of the first round
     round: TrainRecipe = MISSING
     retrain: TrainRecipe = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rewind_epoch > self.round.epochs:
+            raise ConfigError(f"method.rewind_epoch={self.rewind_epoch} is past the end of a round "
+                              f"({self.round.epochs} epochs)")
 
 
 class IMP(Method):
@@ -67,23 +73,10 @@ class IMP(Method):
     granularities = ("weight", "channel")
     Config = IMPConfig
 
-    def validate(self) -> None:
-        c = self.cfg
-        if not 0.0 < float(c.rate) < 1.0:
-            raise ConfigError(f"method.rate must be in (0, 1), got {c.rate}")
-        k = c.rewind_epoch
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ConfigError(f"method.rewind_epoch must be an integer >= 0, got {k!r}")
-        r = recipe(c.round, "method.round")
-        if k > r.epochs:
-            raise ConfigError(f"method.rewind_epoch={k} is past the end of a round ({r.epochs} epochs)")
-        recipe(c.retrain, "method.retrain")
-
     def run(self, ctx) -> Result:
         c = self.cfg
         model = ctx.seeds.new_model("student", name="init")
-        point = RewindPoint(model, int(c.rewind_epoch),
-                            steps_per_epoch(ctx.data, int(c.round.batch_size), ctx.cfg.max_batches))
+        point = RewindPoint(model, c.rewind_epoch, steps_per_epoch(ctx.data, c.round.batch_size, ctx.cfg.max_batches))
         progress = ctx.pruner.progress(model)
 
         def kernel():
@@ -92,7 +85,7 @@ class IMP(Method):
                               step_hook=point.hook)
             point.trained()
             with ctx.costs.count(stage="imp"):
-                full = progress.round(magnitudes(prunable_params(model, ctx.pruner.exclude)), float(c.rate))
+                full = progress.round(magnitudes(prunable_params(model, ctx.pruner.exclude)), c.rate)
                 rewind(model, point.state, progress.masks)
             return {**progress.state(), "rewind": point.stored()} if full else None
 
@@ -101,8 +94,8 @@ class IMP(Method):
                 point.state = {k: v.to(ctx.device) for k, v in state["rewind"].items()}
             rewind(model, point.state, progress.masks)
 
-        spec = round_spec(ctx, "imp", c.round, "method.round", rate=float(c.rate), rewind_epoch=int(c.rewind_epoch))
-        run_rounds(ctx, "imp", progress, kernel, spec, float(c.rate), trainings=1, restore=restore, check=point.check)
+        spec = round_spec(ctx, "imp", c.round, "method.round", rate=c.rate, rewind_epoch=c.rewind_epoch)
+        run_rounds(ctx, "imp", progress, kernel, spec, c.rate, trainings=1, restore=restore, check=point.check)
         masks = progress.final_masks()
         ctx.evaluator.record_metrics("pruned", model)
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)

@@ -28,7 +28,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, follow_student
+from kdprune_cli.config.schema import MethodConfig, TrainRecipe, follow_student, option
 from kdprune_cli.models.masks import Scores, apply_masks
 from kdprune_cli.pruning.methods.base import Result
 from kdprune_cli.pruning.procedures.one_shot import OneShot, scoring_params
@@ -71,7 +71,7 @@ def schedule(sparsity: float, rounds: int) -> list[float]:
 
 @dataclass
 class SynFlowConfig(MethodConfig):
-    rounds: int = MISSING
+    rounds: int = option("count")
     double: bool = MISSING  # score in float64
     retrain: TrainRecipe = field(default_factory=follow_student)  # our choice: the dense student's budget
 
@@ -85,20 +85,14 @@ class SynFlow(OneShot):
     Config = SynFlowConfig
     at_init = True
 
-    def validate(self) -> None:
-        if int(self.cfg.rounds) < 1:
-            raise ConfigError(f"method.rounds must be >= 1, got {self.cfg.rounds}")
-        if not isinstance(self.cfg.double, bool):
-            raise ConfigError(f"method.double must be true or false, got {self.cfg.double!r}")
-
     def prune(self, ctx, model: nn.Module):
         """The iterative schedule on a linearised copy of ``model`` (not changed); returns the selection
         (:meth:`~kdprune_cli.pruning.selection.Pruner.progress`) to finish ``model`` with."""
-        lin = linearised_copy(model, bool(self.cfg.double))
+        lin = linearised_copy(model, self.cfg.double)
         params = scoring_params(ctx, lin)
         shape = (ctx.data.channels, ctx.data.image_size, ctx.data.image_size)
         progress = ctx.pruner.progress(lin)
-        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, int(self.cfg.rounds)), start=1):
+        for k, s_k in enumerate(schedule(ctx.pruner.sparsity, self.cfg.rounds), start=1):
             t = time.perf_counter()
             with ctx.costs.count(lin):
                 scores = synflow_scores(lin, params, shape)
@@ -109,7 +103,7 @@ class SynFlow(OneShot):
 
     def score(self, ctx, model):
         """One round of synaptic saliency on the unpruned network (what ``rounds=1`` prunes with)."""
-        lin = linearised_copy(model, bool(self.cfg.double))
+        lin = linearised_copy(model, self.cfg.double)
         with ctx.costs.count(lin):
             return synflow_scores(lin, scoring_params(ctx, lin),
                                   (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
