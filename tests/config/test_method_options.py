@@ -85,3 +85,22 @@ def test_every_method_yaml_makes_a_checked_config(name):
     cfg = compose_cfg([f"method={name}"])
     method = get_method(name)(cfg.method)
     assert isinstance(method.cfg, get_method(name).Config) and method.cfg.name == name
+
+
+@pytest.mark.parametrize("name,override,message", [
+    ("imp", "method.rate=1.0", r"method.rate must be in \(0, 1\), got 1.0"),
+    ("imp", "method.rewind_epoch=-1", "method.rewind_epoch must be an integer >= 0, got -1"),
+    ("imp", "method.rewind_epoch=81", r"method.rewind_epoch=81 is past the end of a round \(80 epochs\)"),
+    ("imp", "method.round.lr=0", "method.round.lr must be a finite number > 0"),
+    ("colt", "method.partitions=1", "method.partitions must be an integer >= 2, got 1"),
+    ("colt", "method.rate=0", r"method.rate must be in \(0, 1\), got 0.0"),
+    ("gmp", "method.start_from=x", "method.start_from must be dense or init, got 'x'"),
+    ("gmp", "method.end=0.0", "method.start and method.end must satisfy 0 <= start < end <= 1, got 0.0, 0.0"),
+    ("gmp", "method.frequency=0", "method.frequency must be an integer > 0, got 0"),
+    ("gmp", "method.initial_sparsity=1", r"method.initial_sparsity must be in \[0, 1\), got 1.0"),
+    ("gmp", "method.retrain.batch_size=0", "method.retrain.batch_size must be > 0"),
+    ("synflow", "method.rounds=0", "method.rounds must be an integer > 0, got 0"),
+])
+def test_iterative_methods_refuse_bad_options_when_made(name, override, message):
+    with pytest.raises(ConfigError, match=message):
+        get_method(name)(compose_cfg([f"method={name}", override]).method)
