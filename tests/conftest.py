@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir
+from records import _channel_record, write_grid
 from torch import nn
 
 # Subprocess tests bound their work by epochs and batches, not seconds; this wall-clock limit is only a safety net
@@ -102,6 +103,15 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def channel_sweep(tmp_path):
+    """A multirun folder of 18 ok channel-pruning jobs (3 rows × 2 sparsities × 3 seeds) with executed MACs
+    and latency (report tests)."""
+    sweep = tmp_path / "multirun" / "2026-02-01" / "10-00-00"
+    write_grid(sweep, _channel_record)
+    return sweep
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ from records import (
 from kdprune_cli.report.cli import main
 
 
-@pytest.fixture
-def channel_sweep(tmp_path):
-    """18 ok channel-pruning jobs (3 rows × 2 sparsities × 3 seeds) with executed MACs and latency."""
-    sweep = tmp_path / "multirun" / "2026-02-01" / "10-00-00"
-    write_grid(sweep, _channel_record)
-    return sweep
-
-
 def test_cost_all_markdown_csv_tex_and_plot(channel_sweep, tmp_path):
     out = tmp_path / "report"
     assert main([str(channel_sweep), "--out", str(out), "--cost", "all"]) == 0

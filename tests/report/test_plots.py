@@ -9,7 +9,6 @@ from records import (
     ACC,
     PLOT,
     SPARSITIES,
-    _channel_record,
     _check_png,
     _dense_ms,
     _executed,
@@ -52,9 +51,7 @@ def test_accuracy_vs_sparsity_plot_draws_mean_and_sample_std_as_the_tables(tmp_p
             assert drawn[_label(method, kd)][i] == pytest.approx((m - s, m + s))
 
 
-def test_plot_axis_latency_or_macs(tmp_path):
-    channel_sweep = tmp_path / "multirun"
-    write_grid(channel_sweep, _channel_record)
+def test_plot_axis_latency_or_macs(channel_sweep, tmp_path):
     recs = [json.loads(p.read_text()) for p in sorted(channel_sweep.glob("*/results.json"))]
     (t,) = group(recs)
     kind, fx, fdense, xlabel = plots.cost_axis(t, Setting(256, "eager"))
