@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAFETY_S, TINY
+from sigterm_write import sigterm_in_checkpoint_write
 
 from kdprune_cli.experiment.job import run_job
 from kdprune_cli.experiment.signals import Interrupted, signals_interrupt
 from kdprune_cli.store import atomic
 from kdprune_cli.store.atomic import atomic_save, defer_while_writing, writing
-from kdprune_cli.training import loop as train
 
 CHANNEL = ["method.finetune.epochs=1", "method.retrain.epochs=3", "method.score_batches=2", "method.gamma_batches=2",
            "prune.granularity=channel", "sparsity=0.5", "max_batches=4"]
 NUTE = ["method=nuteprune", "sparsity=0.5", "method.prune.epochs=3", "method.ramp_epochs=1", "method.teacher_ahead=2",
         "method.retrain.epochs=1", "max_batches=6"]
+DRIVER = Path(__file__).resolve().parents[1] / "sigterm_write.py"  # kdprune with SIGTERM inside the write of retrain.1.pt
 
 
 def _record(run: Path) -> dict:
@@ -96,29 +97,6 @@ def test_a_write_that_fails_still_delivers_the_pending_signal():
     assert info.value.signum == signal.SIGUSR1 and isinstance(info.value.__context__, OSError)
 
 
-def _sigterm_in_checkpoint_write(monkeypatch, name: str, epoch: int) -> list:
-    """Send SIGTERM from inside the write of the training checkpoint ``name`` after ``epoch``."""
-    real_save, real_write, armed, sent = train.atomic_save, atomic.write_all, [], []
-
-    def save(obj, path):
-        if Path(path).name == name and obj["epoch"] == epoch:
-            armed.append(True)
-        try:
-            real_save(obj, path)
-        finally:
-            armed.clear()
-
-    def write_all(fd, data):
-        if armed and not sent:
-            sent.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-        real_write(fd, data)
-
-    monkeypatch.setattr(train, "atomic_save", save)
-    monkeypatch.setattr(atomic, "write_all", write_all)
-    return sent
-
-
 @pytest.mark.parametrize("extra,stage,total", [(CHANNEL, "retrain", 3), (NUTE, "prune", 3)],
                          ids=["channel-retrain", "nuteprune"])
 def test_sigterm_inside_a_checkpoint_write_resumes_to_the_same_numbers(tiny_cfg, tmp_path, monkeypatch, extra,
@@ -127,7 +105,7 @@ def test_sigterm_inside_a_checkpoint_write_resumes_to_the_same_numbers(tiny_cfg,
     assert ref["status"] == "ok"
     cfg = tiny_cfg(*extra, f"store.root={tmp_path}/s")
     with monkeypatch.context() as m:
-        sent = _sigterm_in_checkpoint_write(m, f"{stage}.1.pt", 2)
+        sent = sigterm_in_checkpoint_write(m.setattr, f"{stage}.1.pt", 2)
         with pytest.raises(Interrupted) as info:
             run_job(cfg, tmp_path / "a", summary=False)
     assert sent and info.value.signum == signal.SIGTERM
@@ -140,40 +118,10 @@ def test_sigterm_inside_a_checkpoint_write_resumes_to_the_same_numbers(tiny_cfg,
     assert again["metrics"] == ref["metrics"] and again["sparsity_actual"] == ref["sparsity_actual"]
 
 
-DRIVER = """
-import os, signal, sys
-from pathlib import Path
-from kdprune_cli.cli.main import main
-from kdprune_cli.store import atomic
-from kdprune_cli.training import loop as train
-
-real_save, real_write, armed, sent = train.atomic_save, atomic.write_all, [], []
-
-def save(obj, path):
-    if Path(path).name == "retrain.1.pt" and obj["epoch"] == 2:
-        armed.append(True)
-    try:
-        real_save(obj, path)
-    finally:
-        armed.clear()
-
-def write_all(fd, data):
-    if armed and not sent:
-        sent.append(True)
-        os.kill(os.getpid(), signal.SIGTERM)
-    real_write(fd, data)
-
-train.atomic_save, atomic.write_all = save, write_all
-sys.argv = ["kdprune", *sys.argv[1:]]
-main()
-"""
-
-
 def test_cli_sigterm_inside_a_checkpoint_write_exits_143_with_a_failed_record(tmp_path):
-    (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "KDPRUNE_STORE": str(tmp_path / "store"), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     args = [*TINY, *CHANNEL, "print_config=false"]
-    r = subprocess.run([sys.executable, str(tmp_path / "driver.py"), *args, f"hydra.run.dir={tmp_path}/a"],
+    r = subprocess.run([sys.executable, str(DRIVER), *args, f"hydra.run.dir={tmp_path}/a"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=SAFETY_S)
     assert r.returncode == 143, r.stderr[-3000:]
     assert "kdprune: interrupted by SIGTERM; rerun the same command to resume" in r.stderr
