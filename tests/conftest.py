@@ -47,9 +47,10 @@ def require_extra(module: str, extra: str):
     return pytest.importorskip(module, reason=f"{module} not installed (pip install -c constraints.txt '.[{extra}]')")
 
 
-def compose_cfg(overrides=()):
+def compose_cfg(overrides=(), hydra=False):
+    """The run config as ``kdprune`` composes it (``hydra=True``: with its ``hydra`` node: launcher, sweeper)."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def hold_lock(path, seconds: float):

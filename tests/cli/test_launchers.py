@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import require_extra
+from conftest import compose_cfg, require_extra
 from omegaconf import OmegaConf
 from runs import kdprune
 
@@ -46,13 +46,7 @@ def test_submitit_local_multirun_shares_the_store(tmp_path):
 @pytest.mark.extras
 def test_ray_launcher_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_ray_launcher", "ray")
-    from hydra import compose, initialize_config_dir
-
-    from kdprune_cli.cli.main import config_dir
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=kdprune_ray", "experiment=paper_cifar10"],
-                      return_hydra_config=True)
-    launcher = cfg.hydra.launcher
+    launcher = compose_cfg(["hydra/launcher=kdprune_ray", "experiment=paper_cifar10"], hydra=True).hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
     assert launcher.ray.init.address is None and launcher.ray.remote.num_gpus == 0.25  # four jobs per GPU
 

@@ -48,9 +48,7 @@ def test_wandb_offline_one_run_per_job_one_group_no_secret(tmp_path):
 
 def test_paper_presets_are_multiruns_over_the_papers_grid():
     for ds in ("cifar10", "cifar100", "tinyimagenet"):
-        with __import__("hydra").initialize_config_dir(config_dir=str(__import__("kdprune_cli.cli.main").cli.main.config_dir()),
-                                                       version_base="1.3"):
-            cfg = __import__("hydra").compose("config", overrides=[f"experiment=paper_{ds}"], return_hydra_config=True)
+        cfg = compose_cfg([f"experiment=paper_{ds}"], hydra=True)
         assert cfg.data.name == ds and cfg.hydra.mode.name == "MULTIRUN"
         p = cfg.hydra.sweeper.params
         assert p.method.split(",") == ["cakld", "cakld_ce", "epg", "epsd", "colt"]
@@ -61,13 +59,9 @@ def test_paper_presets_are_multiruns_over_the_papers_grid():
 def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
     """experiment=structured_<ds>: 7 methods × 3 MACs targets × 3 seeds = 63 jobs; nuteprune_intact is method
     nuteprune with teachers=intact, recorded as the variant "intact teacher" (its own report row)."""
-    from hydra import compose, initialize_config_dir
-
-    from kdprune_cli.cli.main import config_dir
     from kdprune_cli.pruning.methods import get_method
     for ds in ("cifar10", "cifar100", "tinyimagenet"):
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=[f"experiment=structured_{ds}"], return_hydra_config=True)
+        cfg = compose_cfg([f"experiment=structured_{ds}"], hydra=True)
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.prune.granularity == "channel"
         p = cfg.hydra.sweeper.params
         methods = p.method.split(",")
@@ -86,12 +80,7 @@ def test_structured_presets_sweep_nuteprune_and_its_intact_teacher_ablation():
 @pytest.mark.extras
 def test_submitit_launcher_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
-    from hydra import compose, initialize_config_dir
-
-    from kdprune_cli.cli.main import config_dir
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=kdprune_slurm", "experiment=paper_cifar10"],
-                      return_hydra_config=True)
+    cfg = compose_cfg(["hydra/launcher=kdprune_slurm", "experiment=paper_cifar10"], hydra=True)
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.max_num_timeout == 3
     assert "submitit" in cfg.hydra.launcher._target_.lower()
 
@@ -99,10 +88,5 @@ def test_submitit_launcher_config_composes_when_installed():
 @pytest.mark.extras
 def test_optuna_sweeper_config_composes_when_installed():
     require_extra("hydra_plugins.hydra_optuna_sweeper", "optuna")
-    from hydra import compose, initialize_config_dir
-
-    from kdprune_cli.cli.main import config_dir
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hparams_search=cakld_optuna", "experiment=quickstart"],
-                      return_hydra_config=True)
+    cfg = compose_cfg(["hparams_search=cakld_optuna", "experiment=quickstart"], hydra=True)
     assert cfg.hydra.sweeper.direction == "maximize" and "method.alpha" in cfg.hydra.sweeper.params
