@@ -20,3 +20,9 @@ def kdprune(args, tmp_path, env_extra=None):
 
 TINY_CLI = ["experiment=quickstart", "progress=false", "teacher=resnet20", "teacher.train.epochs=1",
             "student.train.epochs=1", *FAST]
+
+
+def recipe(which, epochs=1):
+    """Overrides that make the method's training recipe ``which`` small: batch 64, lr 0.05, no evaluation."""
+    return [f"++method.{which}.epochs={epochs}", f"++method.{which}.batch_size=64", f"++method.{which}.lr=0.05",
+            f"++method.{which}.eval_every=0"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runs import recipe
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data import Split
@@ -101,12 +102,17 @@ def test_partitions_are_contiguous_disjoint_cover_and_relabelled(make_ctx):
         assert sum(len(b[1]) for b in sub.batches("train", 50)) == len(sub.train)
 
 
-def colt_ctx(make_ctx, *extra):
-    ctx = make_ctx(*QUIET, "method=colt", "sparsity=0.5", "method.rate=0.3",
-                   "++method.round.epochs=1", "++method.round.batch_size=64", "++method.round.lr=0.05", "++method.round.eval_every=0",
-                   "++method.retrain.epochs=1", "++method.retrain.batch_size=64", "++method.retrain.lr=0.05", "++method.retrain.eval_every=0", *extra)
-    shrink(ctx, 256)
+def rounds_ctx(make_ctx, method, samples, *extra):
+    """A Context for IMP or COLT: rate 0.3 to sparsity 0.5, one-epoch round and retrain recipes, the first
+    ``samples`` training images."""
+    ctx = make_ctx(*QUIET, f"method={method}", "sparsity=0.5", "method.rate=0.3", *recipe("round"),
+                   *recipe("retrain"), *extra)
+    shrink(ctx, samples)
     return ctx
+
+
+def colt_ctx(make_ctx, *extra):
+    return rounds_ctx(make_ctx, "colt", 256, *extra)
 
 
 def test_colt_intersects_partition_masks_rewinds_and_hits_target(make_ctx, monkeypatch):
@@ -180,11 +186,7 @@ def test_colt_cannot_reach_target_with_convs_only(make_ctx):
 
 # --- IMP -------------------------------------------------------------------------------------------
 def imp_ctx(make_ctx, *extra):
-    ctx = make_ctx(*QUIET, "method=imp", "sparsity=0.5", "method.rate=0.3",
-                   "++method.round.epochs=1", "++method.round.batch_size=64", "++method.round.lr=0.05", "++method.round.eval_every=0",
-                   "++method.retrain.epochs=1", "++method.retrain.batch_size=64", "++method.retrain.lr=0.05", "++method.retrain.eval_every=0", *extra)
-    shrink(ctx, 192)
-    return ctx
+    return rounds_ctx(make_ctx, "imp", 192, *extra)
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
@@ -253,8 +255,7 @@ def test_gmp_follows_the_cubic_schedule_and_ends_on_target(make_ctx, monkeypatch
     s_i, s_f = 0.1, 0.6
     ctx = make_ctx(*QUIET, "method=gmp", f"sparsity={s_f}", f"method.initial_sparsity={s_i}",
                    "method.start_from=init", "method.start=0.2", "method.end=0.9", "method.frequency=2",
-                   "++method.train.epochs=2", "++method.train.batch_size=64", "++method.train.lr=0.05", "++method.train.eval_every=0",
-                   "++method.retrain.epochs=1", "++method.retrain.batch_size=64", "++method.retrain.lr=0.05", "++method.retrain.eval_every=0")
+                   *recipe("train", epochs=2), *recipe("retrain"))
     shrink(ctx, 320)  # 5 steps per epoch, T = 10: pruning at t = 2, 4, 6, 8 (t₀ = 2, Δt = 2, n = 3)
     calls, pruned, logs = spy(ctx)
     measured, followed = [], []

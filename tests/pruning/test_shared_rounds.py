@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from runs import recipe
 
 from kdprune_cli.experiment import job as runner
 from kdprune_cli.experiment.job import run_job
@@ -14,11 +15,6 @@ from kdprune_cli.pruning import selection
 from kdprune_cli.pruning.methods import get_method
 
 QUIET = ["progress=false", "student.train.eval_every=0", "teacher.train.eval_every=0", "max_batches=2"]
-
-
-def recipe(which, epochs=1):
-    return [f"++method.{which}.epochs={epochs}", f"++method.{which}.batch_size=64", f"++method.{which}.lr=0.05",
-            f"++method.{which}.eval_every=0"]
 
 
 IMP = [*QUIET, "method=imp", "method.rate=0.2", *recipe("round"), *recipe("retrain")]
