@@ -10,6 +10,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from kdprune_cli.errors import DivergedError
 from kdprune_cli.pruning.structure.conv_gates import ConvGates
@@ -105,8 +106,9 @@ class NuteObjective(Objective):
         self.total, self.ramp, self.target, self.unit, self.exclude = total_steps, ramp_steps, target, unit, exclude
         self.gen, self.log = gen, log
         self.lambdas = nn.Parameter(torch.zeros(2, device=gates.log_alpha[0].device))
-        self.gate_opt = torch.optim.AdamW(gates.parameters(), lr=c.mask_lr, weight_decay=0.0)
-        self.lambda_opt = torch.optim.AdamW([self.lambdas], lr=c.lambda_lr, weight_decay=0.0, maximize=True)
+        # descent on log α, ascent on λ
+        self.opt = torch.optim.AdamW([{"params": gates.parameters(), "lr": c.mask_lr},
+                                      {"params": [self.lambdas], "lr": c.lambda_lr, "maximize": True}], weight_decay=0.0)
         self.dense = float(structures.counts([0] * len(structures.sizes), exclude)[unit])
         self.snapshots = Snapshots(target, c.delta, c.teacher_ahead)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -126,11 +128,12 @@ class NuteObjective(Objective):
             return self.target
         return self.target * min(1.0, self.steps / self.ramp)
 
-    def forward(self, x):
+    def forward(self, x, params: Optional[dict] = None):
+        """The logits and the hidden states, the trained tensors replaced by ``params`` (a snapshot's) if given."""
         hidden = []
         hooks = [m.register_forward_hook(lambda m, i, o: hidden.append(o)) for m in self.hidden_at]
         try:
-            logits = self.model(x)
+            logits = functional_call(self.model, params, (x,)) if params else self.model(x)
         finally:
             for h in hooks:
                 h.remove()
@@ -144,23 +147,13 @@ class NuteObjective(Objective):
         adapters = _lora_layers(self.model).values() if which is None else []
         for m in adapters:
             m.enable_adapters(False)
-        saved = self._swap(params)
         try:
-            logits, hidden = self.forward(x)
+            logits, hidden = self.forward(x, params)
         finally:
             for m in adapters:
                 m.enable_adapters(True)
-            self._swap(saved)
         self.teacher_samples += x.shape[0]
         return logits, hidden, -1 if which is None else which
-
-    def _swap(self, params: dict) -> dict:
-        current = dict(self.trainable)
-        old = {n: current[n].detach().clone() for n in params}
-        with torch.no_grad():
-            for n, v in params.items():
-                current[n].copy_(v)
-        return old
 
     def __call__(self, model, x, y, idx):
         for bn in self.bns:  # BN statistics frozen while the gates learn
@@ -194,10 +187,8 @@ class NuteObjective(Objective):
 
     def step(self) -> None:
         """After the trainer's step: the gates' and λ's steps, the clamp, the snapshots, the log."""
-        self.gate_opt.step()
-        self.lambda_opt.step()
-        self.gate_opt.zero_grad(set_to_none=True)
-        self.lambda_opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         self.gates.clamp_()
         self.steps += 1
         self.snapshots.update(self.last["expected_sparsity"], self.total - self.steps, self.take)
@@ -211,14 +202,14 @@ class NuteObjective(Objective):
     # --- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"gates": self.gates.state_dict(), "lambdas": self.lambdas.detach().clone(),
-                "gate_opt": self.gate_opt.state_dict(), "lambda_opt": self.lambda_opt.state_dict(),
+                "opt": self.opt.state_dict(),
                 "steps": self.steps, "gen": self.gen.get_state(), "teacher_samples": self.teacher_samples,
                 "snapshots": {"taken": list(self.snapshots.taken), "reached": self.snapshots.reached,
                               "steps_at_target": self.snapshots.steps_at_target}}
 
     def load_state_dict(self, st: dict) -> None:
-        for part in ("gates", "gate_opt", "lambda_opt"):
-            getattr(self, part).load_state_dict(st[part])
+        self.gates.load_state_dict(st["gates"])
+        self.opt.load_state_dict(st["opt"])
         with torch.no_grad():
             self.lambdas.copy_(st["lambdas"])
         self.steps, self.teacher_samples = int(st["steps"]), int(st["teacher_samples"])

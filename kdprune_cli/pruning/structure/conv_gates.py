@@ -70,12 +70,6 @@ class Gates:
         return facts
 
 
-def _index(it) -> torch.Tensor:
-    index = torch.empty(len(it.local), dtype=torch.long)
-    index[it.local] = it.root
-    return index
-
-
 def gate_points(model: nn.Module, groups: ChannelGroups) -> List[list]:
     """Per group, ``(module, index)`` pairs whose outputs the gates multiply; ``index[j]`` is the root channel
     of the module's output channel ``j``.
@@ -91,13 +85,13 @@ def gate_points(model: nn.Module, groups: ChannelGroups) -> List[list]:
         if not g.norms:
             raise ValueError(f"nuteprune gates BatchNorms; the channels of {groups.names[g.root]} pass through none "
                              "(BN-free layers are not supported)")
-        pts = [(named[it.module], _index(it)) for it in g.norms]
+        pts = [(named[it.module], it.root[it.local.argsort()]) for it in g.norms]
         gated = {named[it.module] for it in g.norms}
         for it in g.items:
             conv = named[it.module]
             if it.kind == "out" and isinstance(conv, nn.Conv2d) and \
                     not gated & {n.module for n in groups.graph.module2node[conv].outputs}:
-                pts.append((conv, _index(it)))
+                pts.append((conv, it.root[it.local.argsort()]))
         points.append(pts)
     return points
 
