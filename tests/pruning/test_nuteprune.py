@@ -126,13 +126,13 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
             m.bias.data.uniform_(-0.2, 0.2)
     x = torch.randn(4, 3, 32, 32)
     groups = ChannelGroups(model, x[:1])
-    points = C.gate_points(model, groups, x[:1])
+    points = C.gate_points(model, groups)
     assert sum(len(p) for p in points) == sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     gen = torch.Generator().manual_seed(3)
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
-    gating = C.ConvGates(model, groups, x[:1])
+    gating = C.ConvGates(model, groups)
     gating.attach()
     model = G.add_lora(model, 4, 8)
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_export_folds_gates_and_merged_adapters_and_removes_channels_exactly():
     gating.remove_hooks()
     model = G.merge_lora(model)
     assert not G._lora_layers(model)
-    facts = C.fold_and_remove(model, groups, points, z)
+    facts = gating.export(z)
     with torch.no_grad():
         out = model(x)
     torch.testing.assert_close(out, gated, atol=1e-4, rtol=1e-4)
@@ -167,7 +167,7 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
                 m.bias.uniform_(-0.2, 0.2)
     x = torch.randn(4, 3, 32, 32)
     groups = ChannelGroups(model, x[:1])
-    points = C.gate_points(model, groups, x[:1])
+    points = C.gate_points(model, groups)
     gated_modules = [m for pts in points for m, _ in pts]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in gated_modules) == \
         sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -176,7 +176,7 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     z = [torch.rand(g.channels, generator=gen) * (torch.rand(g.channels, generator=gen) > 0.3) for g in groups.groups]
     for zg in z:
         zg[0] = 0.7
-    gating = C.ConvGates(model, groups, x[:1])
+    gating = C.ConvGates(model, groups)
     model = G.add_lora(model, 4, 8)
     gating.attach()  # a conv under an adapter is gated at the adapter's output
     outs = []
@@ -192,7 +192,7 @@ def test_pre_activation_wrn_is_gated_at_its_batchnorms_and_exports_exactly():
     assert len(closed) and outs[0][:, closed].abs().max() == 0  # the stream is zero on closed channels
     gating.remove_hooks()
     model = G.merge_lora(model)
-    facts = C.fold_and_remove(model, groups, points, z)
+    facts = gating.export(z)
     with torch.no_grad():
         torch.testing.assert_close(model(x), gated, atol=1e-4, rtol=1e-4)
     assert facts["channels_removed"] == sum(int((zg == 0).sum()) for zg in z) and facts["params_removed"] > 0.2
@@ -265,7 +265,7 @@ def test_a_non_finite_loss_stops_with_one_line():
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3, 32).eval()
     x = torch.randn(2, 3, 32, 32)
-    structures = C.ConvGates(model, ChannelGroups(model, x[:1]), x[:1])
+    structures = C.ConvGates(model, ChannelGroups(model, x[:1]))
     structures.attach()
     gates = G.HardConcrete(structures.sizes, 0.01, 2 / 3, torch.Generator().manual_seed(0))
     cfg = SimpleNamespace(mask_lr=0.1, lambda_lr=0.1, delta=0.01, teacher_ahead=1, teachers="intact", lora=False,

@@ -43,19 +43,18 @@ v blocks of the fused qkv only, as the source adapts q_proj and v_proj. For CNNs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Optional
 
 from omegaconf import MISSING
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, option
+from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, choice, option
 from kdprune_cli.pruning.methods.base import Method, Result
 from kdprune_cli.pruning.procedures.gates import export, learn_gates
 from kdprune_cli.pruning.structure.channels import ChannelGroups
 from kdprune_cli.pruning.structure.conv_gates import gate_points
 from kdprune_cli.pruning.structure.vit import check_vit, is_vit
-
-TEACHERS = ("snapshots", "intact")
 
 
 @dataclass
@@ -69,13 +68,24 @@ class NutePruneConfig(MethodConfig):
     lora: bool = MISSING
     lora_r: int = option("count")
     lora_alpha: int = option("nonnegative")
-    teachers: str = MISSING  # snapshots | intact
+    teachers: str = choice("snapshots", "intact")  # intact: the ablation, the intact model the only teacher
     teacher_ahead: int = option("steps")
     delta: float = MISSING
     temperature: float = option("positive")  # τ of the logit distillation
     kd_weight: float = option("nonnegative")
     hidden_weight: float = option("nonnegative")
     retrain: TrainRecipe = MISSING  # after export, CE retraining of the smaller model (epochs 0: none, as the source)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.droprate_init < 1:
+            raise ConfigError(f"method.droprate_init must be in (0, 1), got {self.droprate_init}")
+        if not 0 < self.delta < 1 or self.teacher_ahead < 1 or self.beta <= 0:
+            raise ConfigError("method.delta must be in (0, 1), method.teacher_ahead >= 1, method.beta > 0, "
+                              "method.ramp_epochs >= 0")
+        if self.lora and find_spec("peft") is None:
+            raise ConfigError("method=nuteprune with method.lora=true needs peft: pip install '.[nuteprune]' "
+                              "(or method.lora=false)")
 
 
 class NutePrune(Method):
@@ -89,22 +99,6 @@ class NutePrune(Method):
     prunes = "channel"
     plans_channels = False  # the gates learn the widths (each group keeps one channel), not Pruner.plan
 
-    def validate(self) -> None:
-        c = self.cfg
-        if c.teachers not in TEACHERS:
-            raise ConfigError(f"method.teachers must be {' or '.join(TEACHERS)}, got {c.teachers!r}")
-        if not 0 < c.droprate_init < 1:
-            raise ConfigError(f"method.droprate_init must be in (0, 1), got {c.droprate_init}")
-        if not 0 < c.delta < 1 or c.teacher_ahead < 1 or c.beta <= 0 or c.ramp_epochs < 0:
-            raise ConfigError("method.delta must be in (0, 1), method.teacher_ahead >= 1, method.beta > 0, "
-                              "method.ramp_epochs >= 0")
-        if c.lora:
-            try:
-                import peft  # noqa: F401
-            except ImportError:
-                raise ConfigError("method=nuteprune with method.lora=true needs peft: pip install '.[nuteprune]' "
-                                  "(or method.lora=false)") from None
-
     @classmethod
     def check_model(cls, model: nn.Module, example) -> None:
         """Plain timm ViTs, and CNNs with a BatchNorm after every producing conv (checked before any training)."""
@@ -113,16 +107,13 @@ class NutePrune(Method):
         if any(type(m).__name__.endswith("Attention") for m in model.modules()):
             raise ValueError("method=nuteprune supports plain timm ViTs and CNNs with BN; this model has attention "
                              "outside a ViT")
-        points = gate_points(model, ChannelGroups(model, example), example)
-        if not points or any(not p for p in points):
-            raise ValueError("method=nuteprune gates the BatchNorm after each conv: it supports CNNs with BN "
-                             "(not BN-free layers)")
+        gate_points(model, ChannelGroups(model, example))  # raises for channels that pass through no BatchNorm
 
     def run(self, ctx) -> Result:
         c = self.cfg
         model, structures, objective = learn_gates(ctx, ctx.artifacts.dense_student(), c)
         model, facts = export(ctx, model, structures, objective, c.lora)
-        if int(c.retrain.epochs) > 0:
+        if c.retrain.epochs > 0:
             ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain")
         return Result(model, {}, {"structure": facts})
 

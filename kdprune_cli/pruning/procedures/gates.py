@@ -10,6 +10,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from kdprune_cli.errors import DivergedError
 from kdprune_cli.pruning.structure.conv_gates import ConvGates
@@ -18,6 +19,8 @@ from kdprune_cli.training.loop import steps_per_epoch
 from kdprune_cli.training.objective import Objective
 
 L, R, EPS = -0.1, 1.1, 1e-6  # the stretch interval of the hard concrete, and the source's clamp
+X0 = (0 - L) / (R - L)  # where z = 0 falls in the unstretched concrete's (0, 1)
+LOGIT_X0 = math.log(X0) - math.log(1 - X0)
 BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "WideBlock", "Block")  # Block: timm's ViT block
 
 
@@ -32,9 +35,7 @@ class HardConcrete(nn.Module):
 
     def open_prob(self) -> List[torch.Tensor]:
         """``P(z > 0) = 1 − Q(0)``, with the source's CDF of the stretched concrete."""
-        x = (0 - L) / (R - L)
-        logit = math.log(x) - math.log(1 - x)
-        return [1 - torch.sigmoid(logit * self.beta - a).clamp(EPS, 1 - EPS) for a in self.log_alpha]
+        return [1 - torch.sigmoid(LOGIT_X0 * self.beta - a).clamp(EPS, 1 - EPS) for a in self.log_alpha]
 
     def sample(self, gen: torch.Generator) -> List[torch.Tensor]:
         us = [torch.rand(a.shape, generator=gen).clamp(EPS, 1 - EPS).to(a.device) for a in self.log_alpha]
@@ -105,15 +106,16 @@ class NuteObjective(Objective):
         self.total, self.ramp, self.target, self.unit, self.exclude = total_steps, ramp_steps, target, unit, exclude
         self.gen, self.log = gen, log
         self.lambdas = nn.Parameter(torch.zeros(2, device=gates.log_alpha[0].device))
-        self.gate_opt = torch.optim.AdamW(gates.parameters(), lr=float(c.mask_lr), weight_decay=0.0)
-        self.lambda_opt = torch.optim.AdamW([self.lambdas], lr=float(c.lambda_lr), weight_decay=0.0, maximize=True)
+        # descent on log α, ascent on λ
+        self.opt = torch.optim.AdamW([{"params": gates.parameters(), "lr": c.mask_lr},
+                                      {"params": [self.lambdas], "lr": c.lambda_lr, "maximize": True}], weight_decay=0.0)
         self.dense = float(structures.counts([0] * len(structures.sizes), exclude)[unit])
-        self.snapshots = Snapshots(target, float(c.delta), int(c.teacher_ahead))
+        self.snapshots = Snapshots(target, c.delta, c.teacher_ahead)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.hidden_at = hidden_modules(model)
         self.steps, self.teacher_samples, self.last = 0, 0, {}
-        self.intact = {n: intact[n] for n, _ in self.trainable if n in intact}
+        self.intact = {n: intact[n] for n, _ in self.trainable if n in intact}  # none of the adapters
 
     # --- the pieces of one step ------------------------------------------------------------------------
     def expected_sparsity(self) -> torch.Tensor:
@@ -126,11 +128,12 @@ class NuteObjective(Objective):
             return self.target
         return self.target * min(1.0, self.steps / self.ramp)
 
-    def forward(self, x):
+    def forward(self, x, params: Optional[dict] = None):
+        """The logits and the hidden states, the trained tensors replaced by ``params`` (a snapshot's) if given."""
         hidden = []
         hooks = [m.register_forward_hook(lambda m, i, o: hidden.append(o)) for m in self.hidden_at]
         try:
-            logits = self.model(x)
+            logits = functional_call(self.model, params, (x,)) if params else self.model(x)
         finally:
             for h in hooks:
                 h.remove()
@@ -140,28 +143,17 @@ class NuteObjective(Objective):
     def teacher_forward(self, x):
         which = None if self.c.teachers == "intact" else self.snapshots.teacher(self.total - self.steps)
         # the intact model: gates open, no adapters (or, without adapters, the dense student's weights)
-        intact = {} if self.c.lora else self.intact
-        self.structures.z, params = (None, intact) if which is None else self.snapshots.taken[which]
-        adapters = _lora_layers(self.model) if which is None else []
+        self.structures.z, params = (None, self.intact) if which is None else self.snapshots.taken[which]
+        adapters = _lora_layers(self.model).values() if which is None else []
         for m in adapters:
             m.enable_adapters(False)
-        saved = self._swap(params)
         try:
-            logits, hidden = self.forward(x)
+            logits, hidden = self.forward(x, params)
         finally:
             for m in adapters:
                 m.enable_adapters(True)
-            self._swap(saved)
         self.teacher_samples += x.shape[0]
         return logits, hidden, -1 if which is None else which
-
-    def _swap(self, params: dict) -> dict:
-        current = dict(self.trainable)
-        old = {n: current[n].detach().clone() for n in params}
-        with torch.no_grad():
-            for n, v in params.items():
-                current[n].copy_(v)
-        return old
 
     def __call__(self, model, x, y, idx):
         for bn in self.bns:  # BN statistics frozen while the gates learn
@@ -170,7 +162,7 @@ class NuteObjective(Objective):
         self.structures.z = self.gates.sample(self.gen)
         s_logits, s_hidden = self.forward(x)
         self.structures.z = None
-        tau = float(self.c.temperature)
+        tau = self.c.temperature
         kd = F.kl_div(F.log_softmax(s_logits.float() / tau, 1), F.softmax(t_logits.float() / tau, 1),
                       reduction="batchmean") * tau ** 2
         hid = s_logits.new_zeros(())
@@ -181,7 +173,7 @@ class NuteObjective(Objective):
         sparsity = self.expected_sparsity()
         gap = sparsity - self.target_now()
         lag = self.lambdas[0] * gap + self.lambdas[1] * gap ** 2
-        loss = float(self.c.kd_weight) * kd + float(self.c.hidden_weight) * hid + lag
+        loss = self.c.kd_weight * kd + self.c.hidden_weight * hid + lag
         self.last = {"expected_sparsity": float(sparsity.detach()), "target": self.target_now(),
                      "kd": float(kd.detach()), "hidden": float(hid.detach()), "lagrangian": float(lag.detach()),
                      "lambda1": float(self.lambdas[0].detach()), "lambda2": float(self.lambdas[1].detach()),
@@ -195,10 +187,8 @@ class NuteObjective(Objective):
 
     def step(self) -> None:
         """After the trainer's step: the gates' and λ's steps, the clamp, the snapshots, the log."""
-        self.gate_opt.step()
-        self.lambda_opt.step()
-        self.gate_opt.zero_grad(set_to_none=True)
-        self.lambda_opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         self.gates.clamp_()
         self.steps += 1
         self.snapshots.update(self.last["expected_sparsity"], self.total - self.steps, self.take)
@@ -212,14 +202,14 @@ class NuteObjective(Objective):
     # --- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"gates": self.gates.state_dict(), "lambdas": self.lambdas.detach().clone(),
-                "gate_opt": self.gate_opt.state_dict(), "lambda_opt": self.lambda_opt.state_dict(),
+                "opt": self.opt.state_dict(),
                 "steps": self.steps, "gen": self.gen.get_state(), "teacher_samples": self.teacher_samples,
-                "snapshots": {"taken": [(z, p) for z, p in self.snapshots.taken], "reached": self.snapshots.reached,
+                "snapshots": {"taken": list(self.snapshots.taken), "reached": self.snapshots.reached,
                               "steps_at_target": self.snapshots.steps_at_target}}
 
     def load_state_dict(self, st: dict) -> None:
-        for part in ("gates", "gate_opt", "lambda_opt"):
-            getattr(self, part).load_state_dict(st[part])
+        self.gates.load_state_dict(st["gates"])
+        self.opt.load_state_dict(st["opt"])
         with torch.no_grad():
             self.lambdas.copy_(st["lambdas"])
         self.steps, self.teacher_samples = int(st["steps"]), int(st["teacher_samples"])
@@ -229,8 +219,9 @@ class NuteObjective(Objective):
         self.snapshots.reached, self.snapshots.steps_at_target = bool(sn["reached"]), int(sn["steps_at_target"])
 
 
-def _lora_layers(model: nn.Module) -> list:
-    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+def _lora_layers(model: nn.Module) -> dict:
+    """The layers a LoRA adapter wraps, by name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
 
 
 def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
@@ -242,21 +233,19 @@ def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
     gradient (``B`` starts at 0): exactly two independent rank-``r`` adapters on q and on v, none on k."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if is_vit(model):
-        targets = [n for n, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
-        targets = [f"{n}.qkv" for n in targets]
-        model = inject_adapter_in_model(LoraConfig(r=2 * r, lora_alpha=2 * alpha, target_modules=targets), model)
-        for n in targets:
-            layer = model.get_submodule(n)
-            a = layer.base_layer.out_features // 3
-            b = layer.lora_B["default"].weight
-            mask = torch.zeros_like(b)
-            mask[:a, :r] = 1  # q rows from the first r components
-            mask[2 * a:, r:] = 1  # v rows from the second r
-            b.register_hook(lambda g, mask=mask: g * mask)
-    else:
-        targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), model)
+    vit = is_vit(model)
+    targets = [f"{n}.qkv" for n, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)] if vit \
+        else [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    k = 2 if vit else 1  # the fused qkv: one adapter for q and v
+    model = inject_adapter_in_model(LoraConfig(r=k * r, lora_alpha=k * alpha, target_modules=targets), model)
+    for n in targets if vit else ():
+        layer = model.get_submodule(n)
+        a = layer.base_layer.out_features // 3
+        b = layer.lora_B["default"].weight
+        mask = torch.zeros_like(b)
+        mask[:a, :r] = 1  # q rows from the first r components
+        mask[2 * a:, r:] = 1  # v rows from the second r
+        b.register_hook(lambda g, mask=mask: g * mask)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
@@ -264,10 +253,9 @@ def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base layer and put the plain base layer back."""
-    for name, m in list(model.named_modules()):
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-            m.merge()
-            model.set_submodule(name, m.get_base_layer())
+    for name, m in _lora_layers(model).items():
+        m.merge()
+        model.set_submodule(name, m.get_base_layer())
     return model
 
 
@@ -275,22 +263,21 @@ def learn_gates(ctx, model: nn.Module, c, stage: str = "prune"):
     """Train the gates of ``model`` (the dense student) with the ``c.prune`` recipe under the Lagrangian towards
     the target; returns ``(model, structures, objective)``: the model with its adapters (``c.lora``), the gated
     structures (gates attached) and the objective holding the gates and the snapshots."""
-    example = ctx.pruner.example_input()  # the structures: a ViT's, else the channel groups'
-    structures = ViTGates(model, example, ctx.pruner.exclude) if is_vit(model) else \
-        ConvGates(model, ctx.pruner.channel_groups(model), example)
-    gates = HardConcrete(structures.sizes, float(c.droprate_init), float(c.beta),
-                         ctx.seeds.generator("nuteprune/init")).to(ctx.device)
+    structures = ViTGates(model, ctx.pruner.example_input(), ctx.pruner.exclude) if is_vit(model) else \
+        ConvGates(model, ctx.pruner.channel_groups(model))
+    gates = HardConcrete(structures.sizes, c.droprate_init, c.beta, ctx.seeds.generator("nuteprune/init")).to(ctx.device)
     # lora=false: the intact teacher's weights (with adapters the frozen base is the intact model)
     intact = {} if c.lora else {n: p.detach().clone() for n, p in model.named_parameters()}
     if c.lora:
-        model = add_lora(model, int(c.lora_r), int(c.lora_alpha))
+        model = add_lora(model, c.lora_r, c.lora_alpha)
     else:  # the weights train, BatchNorm stays frozen
-        bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for n, p in model.named_parameters():
-            p.requires_grad_(not any(n.startswith(f"{b}.") for b in bns))
+        model.requires_grad_(True)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
     structures.attach()
-    spe = steps_per_epoch(ctx.data, int(c.prune.batch_size), ctx.cfg.get("max_batches"))
-    objective = NuteObjective(c, model, structures, gates, spe * int(c.prune.epochs), int(c.ramp_epochs) * spe,
+    spe = steps_per_epoch(ctx.data, c.prune.batch_size, ctx.cfg.get("max_batches"))
+    objective = NuteObjective(c, model, structures, gates, spe * c.prune.epochs, c.ramp_epochs * spe,
                               ctx.pruner.sparsity, ctx.pruner.target, ctx.pruner.exclude,
                               ctx.seeds.generator("nuteprune/z"), ctx.log, intact)
     ctx.trainer.train(model, c.prune, objective, stage=stage)
