@@ -91,10 +91,9 @@ def cost_axis(t: Table, setting: Setting):
     with kind ``latency`` (median ms of the setting) when some run measured it, else ``macs`` (executed
     MACs, millions) when some run executes other MACs than the dense student, else None (no plot)."""
     if any(latency_of(r, "final", setting) is not None for r in t.runs):
-        where = latency_where(t.runs)
         return ("latency", lambda r: latency_of(r, "final", setting),
                 lambda r: latency_of(r, "dense_student", setting),
-                f"latency, median ms ({setting}" + (f"; {where}" if where else "") + ")")
+                f"latency, median ms ({latency_where(t.runs, str(setting))})")
     if any(macs_differ(r) for r in t.runs):  # all at the dense MACs: one vertical line, no plot
         mm = lambda key: lambda r: None if macs(r, key) is None else macs(r, key) / 1e6  # noqa: E731
         why = "no latency measured" if not any(latency_entries(r, "final") for r in t.runs) \
