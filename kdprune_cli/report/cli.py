@@ -77,10 +77,10 @@ def _reliability_inputs(paths: list) -> list:
     """``(results.json, record, data)`` per RUN_DIR, all checked before anything is written."""
     items = []
     for p in paths:
-        rfile, rec, problem = run_record(p)
-        if problem is not None:
-            raise InputError(f"--reliability {problem.path}: {problem.error or f'no {RESULTS}'}")
+        rfile, rec, problem = run_record(p)  # problem.path is rfile
         try:
+            if problem is not None:
+                raise InputError(problem.error or f"no {RESULTS}")
             items.append((rfile, rec, reliability_data(rec)))
         except InputError as e:
             raise InputError(f"--reliability {rfile}: {e}") from None
@@ -104,12 +104,6 @@ def _layers(paths: list, out: Path, written: list) -> list:
 def _os_error(e: OSError) -> str:
     what = e.strerror or str(e) or type(e).__name__
     return f"{what}: {e.filename}" if e.filename else what
-
-
-def _print_written(written: list) -> None:
-    print("written:")
-    for w in written:
-        print(f"  {w}")
 
 
 def _check_inputs(args) -> Optional[Path]:
@@ -156,7 +150,7 @@ def run(args) -> int:
     diagrams = _reliability_inputs(args.reliability)
     if out is None:
         try:
-            _print_written(write_reliability(diagrams, args.out))
+            print("written:", *(f"  {w}" for w in write_reliability(diagrams, args.out)), sep="\n")
         except OSError as e:
             raise InputError(f"cannot write the reliability diagrams: {_os_error(e)}") from None
         return 0
@@ -175,7 +169,7 @@ def run(args) -> int:
         raise InputError(f"cannot write the report into {out}: {_os_error(e)}") from None
     print(md, end="")
     print()
-    _print_written(written)
+    print("written:", *(f"  {w}" for w in written), sep="\n")
     if got.problems or layer_notes:
         print(f"kdprune-report: {got.counts['failed']} failed, {got.counts['missing']} missing"
               + (f", {len(layer_notes)} per-layer plots not drawn" if layer_notes else ""), file=sys.stderr)

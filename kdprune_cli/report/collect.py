@@ -66,12 +66,8 @@ def load(path: Path):
             rec = json.load(f)
     except (OSError, ValueError) as e:
         return None, f"unreadable {RESULTS} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    if not isinstance(rec, dict):
-        return None, f"unreadable {RESULTS} (not a JSON object)"
-    wrong = wrong_field(rec)
-    if wrong is not None:
-        return None, f"unreadable {RESULTS} ({wrong})"
-    return rec, None
+    wrong = wrong_field(rec) if isinstance(rec, dict) else "not a JSON object"
+    return (rec, None) if wrong is None else (None, f"unreadable {RESULTS} ({wrong})")
 
 
 def run_record(p: Path):
@@ -105,11 +101,9 @@ def _wrong_metrics(rec: dict) -> Optional[str]:
         for role, m in (rec.get(key) or {}).items():
             if not isinstance(m, dict):
                 return f"{key}.{role} is {_kind(m)}"
-            for metric, v in m.items():
-                if metric == "reliability":  # the per-bin calibration data: an object of lists
-                    if not isinstance(v, dict):
-                        return f"{key}.{role}.{metric} is {_kind(v)}"
-                elif v is not None and (not isinstance(v, _NUMBER) or isinstance(v, bool)):
+            for metric, v in m.items():  # a number or null; the per-bin calibration data: an object of lists
+                if not (isinstance(v, dict) if metric == "reliability" else
+                        v is None or isinstance(v, _NUMBER) and not isinstance(v, bool)):
                     return f"{key}.{role}.{metric} is {_kind(v)}"
     return None
 
@@ -125,8 +119,8 @@ def wrong_field(rec: dict) -> Optional[str]:
     if wrong is not None:
         return wrong
     cost = rec.get("cost") or {}
-    if not isinstance(cost.get("stages", {}), dict) or not all(isinstance(v, dict)
-                                                                 for v in (cost.get("stages") or {}).values()):
+    stages = cost.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
         return "cost.stages is not an object of stages"
     if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
         return f"cost.total_seconds is {_kind(cost['total_seconds'])}"
@@ -152,7 +146,7 @@ def _overrides_key(path: Path) -> Optional[str]:
     return text.strip() or None
 
 
-def job_identity(path: Path, rec: dict, jobs_by_config: Optional[dict] = None) -> Optional[str]:
+def job_identity(path: Path, rec: dict, jobs_by_config: dict) -> Optional[str]:
     """What makes two records runs of the same job: the ``job_id``; for a record without one (it failed
     before the id was computed), the job with the same config, else the config itself, else the sweep
     job's Hydra overrides. None: the record stands alone."""
@@ -161,7 +155,7 @@ def job_identity(path: Path, rec: dict, jobs_by_config: Optional[dict] = None) -
         return f"job:{jid}"
     ck = config_key(rec)
     if ck is not None:
-        jids = (jobs_by_config or {}).get(ck, set())
+        jids = jobs_by_config.get(ck, set())
         return f"job:{next(iter(jids))}" if len(jids) == 1 else f"config:{ck}"
     ov = _overrides_key(path)
     return f"overrides:{ov}" if ov is not None else None
@@ -183,18 +177,15 @@ def dedupe(loaded: list) -> tuple:
         if ck is not None:
             jobs_by_config.setdefault(ck, set()).add(rec["job_id"])
     ids = [job_identity(path, rec, jobs_by_config) for path, rec in loaded]
-    newest: dict = {}
-    for i, ((path, _), ident) in enumerate(zip(loaded, ids)):
-        if ident is not None and (ident not in newest or _mtime(path) >= newest[ident][0]):
-            newest[ident] = (_mtime(path), i)
-    keep = {i for _, i in newest.values()}
-    kept, superseded = [], []
-    for i, ((path, rec), ident) in enumerate(zip(loaded, ids)):
-        if ident is not None and i not in keep:
-            superseded.append((path, loaded[newest[ident][1]][0]))
-        else:
-            kept.append((path, rec))
-    return kept, superseded
+    runs: dict = {}
+    for i, ident in enumerate(ids):
+        if ident is not None:
+            runs.setdefault(ident, []).append(i)
+    # the newest by modification time; of equally new ones, the last found
+    newest = {ident: max(ix, key=lambda i: (_mtime(loaded[i][0]), i)) for ident, ix in runs.items()}
+    kept = [loaded[i] for i, ident in enumerate(ids) if ident is None or newest[ident] == i]
+    return kept, [(loaded[i][0], loaded[newest[ident]][0]) for i, ident in enumerate(ids)
+                  if ident is not None and newest[ident] != i]
 
 
 @dataclass
@@ -220,11 +211,11 @@ def collect(found: Found, incomplete) -> Collected:
     loaded, superseded = dedupe(loaded)
     ok = []
     for path, rec in loaded:
-        status = rec.get("status")
+        status, lacks = rec.get("status"), incomplete(rec)
         if status != "ok":
             problems.append(Problem(str(path), str(status), str(rec.get("error") or ""), rec))
-        elif incomplete(rec) is not None:
-            problems.append(Problem(str(path), "incomplete", incomplete(rec), rec))
+        elif lacks is not None:
+            problems.append(Problem(str(path), "incomplete", lacks, rec))
         else:
             ok.append(rec)
     counts = {"files": len(found.results), "ok": len(ok), "failed": len(problems), "missing": len(found.missing)}

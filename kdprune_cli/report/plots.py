@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from matplotlib.figure import Figure
+
 from kdprune_cli.report.collect import InputError
 from kdprune_cli.report.stats import (
     WEIGHT,
@@ -25,15 +27,6 @@ from kdprune_cli.report.stats import (
 from kdprune_cli.report.tables import METRIC_DESC, fmt_sp
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
 
@@ -50,7 +43,6 @@ def _stem(t: Table) -> str:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _plt().close(fig)
     return path
 
 
@@ -67,7 +59,8 @@ def finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
 def plot_table(t: Table, metric: str, out: Path) -> Path:
     """Accuracy against target sparsity: a series per row, the cells' mean ± sample std, the dense teacher and
     student as lines."""
-    fig, ax = _plt().subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     for row in t.rows:
         pts = [(s, c.metric) for s, c in row.cells.items() if c.metric is not None]
         if not pts:
@@ -91,10 +84,9 @@ def cost_axis(t: Table, setting: Setting):
     with kind ``latency`` (median ms of the setting) when some run measured it, else ``macs`` (executed
     MACs, millions) when some run executes other MACs than the dense student, else None (no plot)."""
     if any(latency_of(r, "final", setting) is not None for r in t.runs):
-        where = latency_where(t.runs)
         return ("latency", lambda r: latency_of(r, "final", setting),
                 lambda r: latency_of(r, "dense_student", setting),
-                f"latency, median ms ({setting}" + (f"; {where}" if where else "") + ")")
+                f"latency, median ms ({latency_where(t.runs, str(setting))})")
     if any(macs_differ(r) for r in t.runs):  # all at the dense MACs: one vertical line, no plot
         mm = lambda key: lambda r: None if macs(r, key) is None else macs(r, key) / 1e6  # noqa: E731
         why = "no latency measured" if not any(latency_entries(r, "final") for r in t.runs) \
@@ -117,7 +109,8 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if axis is None:
         return None
     kind, fx, fdense, xlabel = axis
-    fig, ax = _plt().subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     for row in t.rows:
         pts = [(s, xy) for s, xy in ((s, _xy(c.recs, fx, metric, "final")) for s, c in row.cells.items())
                if xy is not None]
@@ -151,7 +144,8 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     """A bar per layer: its sparsity, the target as a red dashed line."""
     layers = rec["sparsity_per_layer"]
     names, vals = list(layers), [float(v) for v in layers.values()]
-    fig, ax = _plt().subplots(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2)))
+    fig = Figure(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2)))
+    ax = fig.subplots()
     y = list(range(len(names)))
     ax.barh(y, vals, color="tab:blue")
     ax.set_yticks(y)
@@ -241,7 +235,8 @@ def _reliability_panel(ax, d: Optional[dict], name: str) -> None:
 def plot_reliability(data: dict, heading: str, path: Path) -> Path:
     """Two panels, dense student and final model: per confidence bin the accuracy (bar), the gap to the bin's
     mean confidence (hatched), the diagonal of perfect calibration; the ECE in each panel's title."""
-    fig, axes = _plt().subplots(1, 2, figsize=(9.6, 4.6), sharey=True)
+    fig = Figure(figsize=(9.6, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, (key, name) in zip(axes, RELIABILITY_MODELS):
         _reliability_panel(ax, data.get(key), name)
     axes[0].set_ylabel("accuracy")

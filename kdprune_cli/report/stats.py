@@ -46,8 +46,8 @@ def stat(values: list) -> Optional[Stat]:
 
 def mean(values: list) -> Optional[float]:
     """The mean of the values that are not None; None when none is."""
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
+    s = stat(values)
+    return s and s.mean
 
 
 # --- the cost of a run ----------------------------------------------------------------------------------------
@@ -60,18 +60,12 @@ def is_reused(rec: dict) -> bool:
 def run_samples(rec: dict) -> int:
     """Samples the result really cost: all stages (network + teacher), cached stages by their artifact cost;
     a reused run's by its original run's cost."""
-    total = 0
     c = rec.get("cost") if isinstance(rec.get("cost"), dict) else {}
     if is_reused(rec):
         c = c.get("original") if isinstance(c.get("original"), dict) else {}
-    for st in (c.get("stages") or {}).values():
-        if not isinstance(st, dict):
-            continue
-        total += int(st.get("samples") or 0) + int(st.get("teacher_samples") or 0)
-        art = st.get("artifact")
-        if st.get("cached") and isinstance(art, dict):
-            total += int(art.get("samples") or 0) + int(art.get("teacher_samples") or 0)
-    return total
+    stages = [st for st in (c.get("stages") or {}).values() if isinstance(st, dict)]
+    stages += [st["artifact"] for st in stages if st.get("cached") and isinstance(st.get("artifact"), dict)]
+    return sum(int(st.get("samples") or 0) + int(st.get("teacher_samples") or 0) for st in stages)
 
 
 def run_seconds(rec: dict) -> Optional[float]:
@@ -130,11 +124,13 @@ def speedup(rec: dict, setting: Setting) -> Optional[float]:
     return dense / final if final is not None and dense is not None else None
 
 
-def latency_where(recs: list) -> str:
-    """Where the latencies of ``recs`` were measured: device and dtype, as recorded."""
+def latency_where(recs: list, setting: str) -> str:
+    """The latency ``setting`` (as it is to be written), then where the latencies of ``recs`` were measured:
+    device and dtype, as recorded."""
     lats = [r["latency"] for r in recs if isinstance(r.get("latency"), dict)]
-    return "; ".join(dict.fromkeys(" ".join([str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
-                                            + (["channels_last"] if lat.get("channels_last") else [])) for lat in lats))
+    where = (" ".join([str(lat.get("device", "?")), str(lat.get("dtype", "?"))]
+                      + (["channels_last"] if lat.get("channels_last") else [])) for lat in lats)
+    return "; ".join([setting, *dict.fromkeys(where)])
 
 
 def measured_settings(recs: list) -> list:
@@ -143,13 +139,14 @@ def measured_settings(recs: list) -> list:
                               if num(e.get("batch")) is not None and isinstance(e.get("mode"), str)))
 
 
-def cost_stat(recs: list, col: str, setting: Setting) -> Optional[Stat]:
-    """Over seeds: executed MACs of the final model as a fraction of the dense student's (``macs``), or the
-    speed-up at the setting (``speedup``)."""
-    if col == "speedup":
-        return stat([speedup(r, setting) for r in recs])
-    pairs = [(macs(r, "executed"), macs(r, "dense")) for r in recs]
-    return stat([ex / dense if ex is not None and dense else None for ex, dense in pairs])
+def macs_ratio(rec: dict, setting: Setting = Setting()) -> Optional[float]:
+    """Executed MACs of the final model as a fraction of the dense student's (the setting plays no part)."""
+    ex, dense = macs(rec, "executed"), macs(rec, "dense")
+    return ex / dense if ex is not None and dense else None
+
+
+# A cost-of-inference column: its number for one record at a latency setting.
+COST_OF = {"macs": macs_ratio, "speedup": speedup}
 
 
 # --- grouping -------------------------------------------------------------------------------------------------
@@ -227,12 +224,8 @@ def group(records: list, metric: str = "top1", asked: tuple = (), setting: Setti
 
     for key in sorted(rows, key=order):
         row, tkey = rows[key], key[0]
-        row.cells = {s: Cell(c.recs, cell_stat(c.recs, metric), {k: cost_stat(c.recs, k, setting) for k in asked})
+        row.cells = {s: Cell(c.recs, stat([metric_of(r, "final", metric) for r in c.recs]),
+                             {k: stat([COST_OF[k](r, setting) for r in c.recs]) for k in asked})
                      for s, c in sorted(row.cells.items())}
         tables[tkey].rows.append(row)
     return [tables[k] for k in sorted(tables)]
-
-
-def cell_stat(recs: list, metric: str) -> Optional[Stat]:
-    """Over the runs that recorded ``metrics.final.<metric>``; None when none did."""
-    return stat([metric_of(r, "final", metric) for r in recs])

@@ -11,7 +11,6 @@ from kdprune_cli.report.stats import (
     MINUS,
     OPTIONAL_METRICS,
     WEIGHT,
-    Cell,
     Row,
     Setting,
     Stat,
@@ -27,8 +26,8 @@ from kdprune_cli.report.stats import (
     speedup,
 )
 
-COSTS = ("none", "macs", "latency", "all")
 COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}
+COSTS = tuple(COST_COLUMNS)
 SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
                 "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
                 "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
@@ -44,28 +43,53 @@ METRIC_DESC = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll"
                "temperature": "temperature T fit on validation"}
 
 
+@dataclass(frozen=True)
+class CostColumn:
+    """A cost-of-inference column: whether a run has its number, what it means in the Markdown note and the
+    LaTeX caption (``{setting}`` filled in), and its CSV columns."""
+    has: Callable  # (record, setting) -> bool
+    note: str
+    caption: str
+    csv: tuple
+
+
+COST = {
+    "macs": CostColumn(
+        lambda r, setting: macs_differ(r),
+        "MACs = executed MACs of the final model for one input as it actually runs (`flops.executed`) / the "
+        "dense student's (`flops.dense`): below 1× only for a physically smaller model, a masked "
+        "(weight-granularity) model runs all of its MACs",
+        " MACs: executed MACs of the final model as a fraction of the dense student's.",
+        ("macs_executed_mean", "macs_ratio_mean", "macs_ratio_n")),
+    "speedup": CostColumn(
+        lambda r, setting: speedup(r, setting) is not None,
+        "speed-up = dense student median ms / final model median ms, both measured by the same run "
+        "({setting}; `latency`)",
+        " Speed-up: dense student / final model median latency ({setting}), measured by the same run.",
+        ("latency_batch", "latency_mode", "latency_ms_mean", "speedup_mean", "speedup_std", "speedup_n")),
+}
+
+
 # --- what a table shows ---------------------------------------------------------------------------------------
+def _left_out(col: str, t: Table, setting: Setting) -> str:
+    """Why a cost column is not in a table and how to get it."""
+    if col == "macs":
+        return ("MACs column left out: every run executes all of the dense student's MACs (weight granularity "
+                "zeroes weights but removes none); `prune.granularity=channel` removes channels and executes "
+                "fewer.")
+    other = measured_settings(t.runs)
+    return (f"Speed-up column left out: no run measured latency at {setting}; "
+            + (f"measured: {'; '.join(map(str, other))} (choose with --latency-batch and --latency-mode)."
+               if other else "run with `eval.latency=true` (or time a saved model: `kdprune-eval RUN_DIR "
+                             "--latency`)."))
+
+
 def shown_cost_columns(t: Table, cols: tuple, setting: Setting) -> tuple:
     """The asked-for cost columns a table has numbers for, and a line for each left out saying how to get it:
     MACs when some run executes other MACs than the dense student, speed-up when some run measured latency
     at the setting."""
-    shown, notes = [], []
-    for c in cols:
-        if c == "macs" and any(macs_differ(r) for r in t.runs) or (
-                c == "speedup" and any(speedup(r, setting) is not None for r in t.runs)):
-            shown.append(c)
-        elif c == "macs":
-            notes.append("MACs column left out: every run executes all of the dense student's MACs (weight "
-                         "granularity zeroes weights but removes none); `prune.granularity=channel` removes "
-                         "channels and executes fewer.")
-        else:
-            other = measured_settings(t.runs)
-            notes.append(f"Speed-up column left out: no run measured latency at {setting}; "
-                         + (f"measured: {'; '.join(map(str, other))} (choose with --latency-batch and "
-                            "--latency-mode)." if other else
-                            "run with `eval.latency=true` (or time a saved model: `kdprune-eval RUN_DIR "
-                            "--latency`)."))
-    return tuple(shown), notes
+    shown = tuple(c for c in cols if any(COST[c].has(r, setting) for r in t.runs))
+    return shown, [_left_out(c, t, setting) for c in cols if c not in shown]
 
 
 def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> Optional[str]:
@@ -77,12 +101,11 @@ def dense_cost_line(t: Table, cols: tuple, setting: Setting) -> Optional[str]:
         bits.append((f"{dense / 1e6:,.2f} M" if dense >= 1e6 else f"{dense:,.0f}") + " MACs per input")
     ms = [v for v in (latency_of(r, "dense_student", setting) for r in t.runs) if v is not None]
     if "speedup" in cols and ms:
-        where = latency_where(t.runs)
-        bits.append(f"{mean(ms):.3f} ms median ({setting}, n={len(ms)}" + (f"; {where}" if where else "") + ")")
+        bits.append(f"{mean(ms):.3f} ms median ({latency_where(t.runs, f'{setting}, n={len(ms)}')})")
     return "Dense student cost: " + ", ".join(bits) + "." if bits else None
 
 
-# --- how numbers are written -----------------------------------------------------------------------------------
+# --- how a table is written ------------------------------------------------------------------------------------
 TEX_ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -93,17 +116,28 @@ def tex_escape(s: str) -> str:
 
 @dataclass(frozen=True)
 class Style:
-    """The characters a format writes numbers with."""
-    pm: str = "±"
-    dash: str = "—"  # no number
-    times: str = "×"
-    minus: str = MINUS
-    comma: str = ","  # thousands
-    esc: Callable = str
+    """How a format writes a table: the characters of its numbers, its column headings (``{s}``: the
+    sparsity) and how cells join into a line."""
+    pm: str
+    dash: str  # no number
+    times: str
+    minus: str
+    comma: str  # thousands
+    esc: Callable
+    heads: dict  # method, sparsity, macs, speedup, seconds, samples
+    line: str  # the cells joined by ``sep`` go into {}
+    sep: str
+
+    def row(self, cells: list) -> str:
+        return self.line.format(self.sep.join(cells))
 
 
-MD = Style()
-TEX = Style(r"$\pm$", "--", r"$\times$", "$-$", "{,}", tex_escape)
+MD = Style("±", "—", "×", MINUS, ",", str, {
+    "method": "method", "sparsity": "sparsity {s}", "macs": "MACs {s}", "speedup": "speed-up {s}",
+    "seconds": "seconds / run", "samples": "samples / run¹"}, "| {} |", " | ")
+TEX = Style(r"$\pm$", "--", r"$\times$", "$-$", "{,}", tex_escape, {
+    "method": "Method", "sparsity": "$s={s}$", "macs": "MACs", "speedup": "Speed-up",
+    "seconds": "Seconds", "samples": "Samples"}, "{} \\\\", " & ")
 
 
 def digits(metric: str) -> int:
@@ -135,21 +169,19 @@ def row_texts(row: Row, sparsities: list, cols: tuple, nd: int, st: Style) -> li
             st.dash if samples is None else f"{samples:,.0f}".replace(",", st.comma)]
 
 
+def grid(t: Table, cols: tuple, nd: int, st: Style) -> tuple:
+    """The table's heading line and its row lines in the style."""
+    h = st.heads
+    head = [h["method"], *(h[k].format(s=fmt_sp(s)) for s in t.sparsities for k in ("sparsity", *cols)),
+            h["seconds"], h["samples"]]
+    return st.row(head), [st.row(row_texts(row, t.sparsities, cols, nd, st)) for row in t.rows]
+
+
 # --- Markdown -------------------------------------------------------------------------------------------------
-COST_HEAD = {"macs": "MACs", "speedup": "speed-up"}
-
-
 def cost_note(cols: tuple, setting: Setting) -> str:
-    bits = []
-    if "macs" in cols:
-        bits.append("MACs = executed MACs of the final model for one input as it actually runs "
-                    "(`flops.executed`) / the dense student's (`flops.dense`): below 1× only for a physically "
-                    "smaller model, a masked (weight-granularity) model runs all of its MACs")
-    if "speedup" in cols:
-        bits.append(f"speed-up = dense student median ms / final model median ms, both measured by the same run "
-                    f"({setting}; `latency`)")
-    return ("Cost of inference: " + "; ".join(bits) + ". Both are means over the runs that recorded them "
-            "(n shown when fewer than the cell's runs); — where no run did.")
+    return ("Cost of inference: " + "; ".join(COST[c].note.format(setting=setting) for c in cols)
+            + ". Both are means over the runs that recorded them (n shown when fewer than the cell's runs); — "
+              "where no run did.")
 
 
 def _md_head(metric: str, counts: dict, n_superseded: int) -> list:
@@ -169,17 +201,15 @@ def _md_head(metric: str, counts: dict, n_superseded: int) -> list:
 
 
 def _md_table(t: Table, metric: str, nd: int, asked: tuple, setting: Setting) -> list:
-    sps, (cols, notes) = t.sparsities, shown_cost_columns(t, asked, setting)
+    cols, notes = shown_cost_columns(t, asked, setting)
     dense_cost = dense_cost_line(t, asked, setting) if asked else None
     out = ["", f"## {t.dataset} · {t.teacher} → {t.student}", "",
            f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
            f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}."]
     for line in ([dense_cost] if dense_cost else []) + notes:
         out += ["", line]
-    out += ["", "| method | " + " | ".join(f"sparsity {fmt_sp(s)}" + "".join(
-        f" | {COST_HEAD[c]} {fmt_sp(s)}" for c in cols) for s in sps) + " | seconds / run | samples / run¹ |",
-        "|---|" + "---:|" * (len(sps) * (1 + len(cols)) + 2)]
-    return out + ["| " + " | ".join(row_texts(row, sps, cols, nd, MD)) + " |" for row in t.rows]
+    head, rows = grid(t, cols, nd, MD)
+    return out + ["", head, "|---|" + "---:|" * (len(t.sparsities) * (1 + len(cols)) + 2), *rows]
 
 
 def _where(rec: Optional[dict]) -> str:
@@ -216,16 +246,12 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
 
 # --- LaTeX ----------------------------------------------------------------------------------------------------
 def _tex_caption(t: Table, cols: tuple, metric: str, setting: Setting) -> str:
-    cap = (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
-           f"{tex_escape(METRIC_DESC.get(metric, metric))} on the test split, mean {TEX.pm} sample std over seeds "
-           "(n runs). Samples per run include the recorded cost of cached stages (teacher, dense student, ...); "
-           "seconds are the run's own wall-clock.")
-    if "macs" in cols:
-        cap += " MACs: executed MACs of the final model as a fraction of the dense student's."
-    if "speedup" in cols:
-        cap += (f" Speed-up: dense student / final model median latency ({tex_escape(str(setting))}), "
-                "measured by the same run.")
-    return cap + (" Cost columns are means over seeds." if cols else "")
+    return (f"{tex_escape(t.dataset)}, {tex_escape(t.teacher)} $\\to$ {tex_escape(t.student)}: final "
+            f"{tex_escape(METRIC_DESC.get(metric, metric))} on the test split, mean {TEX.pm} sample std over seeds "
+            "(n runs). Samples per run include the recorded cost of cached stages (teacher, dense student, ...); "
+            "seconds are the run's own wall-clock."
+            + "".join(COST[c].caption.format(setting=tex_escape(str(setting))) for c in cols)
+            + (" Cost columns are means over seeds." if cols else ""))
 
 
 def latex(tables: list, metric: str, asked: tuple = (), setting: Setting = Setting()) -> str:
@@ -234,38 +260,29 @@ def latex(tables: list, metric: str, asked: tuple = (), setting: Setting = Setti
            ""]
     for t in tables:
         sps, (cols, _) = t.sparsities, shown_cost_columns(t, asked, setting)
-        head = {"macs": "MACs", "speedup": "Speed-up"}
+        head, rows = grid(t, cols, nd, TEX)
         out += [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_caption(t, cols, metric, setting)}}}",
-                r"\begin{tabular}{l" + ("c" + "r" * len(cols)) * len(sps) + "rr}", r"\toprule",
-                "Method & " + " & ".join(f"$s={fmt_sp(s)}$" + "".join(f" & {head[c]}" for c in cols) for s in sps)
-                + r" & Seconds & Samples \\", r"\midrule"]
+                r"\begin{tabular}{l" + ("c" + "r" * len(cols)) * len(sps) + "rr}", r"\toprule", head, r"\midrule"]
         for name, key in (("Teacher (dense)", "teacher"), ("Student (dense)", "dense_student")):
             out.append(f"{name} & \\multicolumn{{{len(sps) * (1 + len(cols))}}}{{c}}"
                        f"{{{fmt_stat(t.dense(key, metric), nd, TEX)}}}" r" & & \\")
-        out.append(r"\midrule")
-        out += [" & ".join(row_texts(row, sps, cols, nd, TEX)) + r" \\" for row in t.rows]
-        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+        out += [r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out) + "\n"
 
 
 # --- CSV ------------------------------------------------------------------------------------------------------
 CSV_COLUMNS = ["dataset", "teacher", "student", "method", "retrain_kd", "sparsity", "mean", "std", "n",
                "seconds_mean", "samples_mean"]
-CSV_COST_COLUMNS = {
-    "macs": ["macs_executed_mean", "macs_ratio_mean", "macs_ratio_n"],
-    "speedup": ["latency_batch", "latency_mode", "latency_ms_mean", "speedup_mean", "speedup_std", "speedup_n"],
-}
 
 
 def _r(x) -> str:
     return "" if x is None else repr(x)
 
 
-def _csv_cost_cells(c: Cell, col: str, setting: Setting) -> list:
-    st = c.costs[col]
+def _csv_cost_cells(recs: list, st: Optional[Stat], col: str, setting: Setting) -> list:
     if col == "macs":
-        return [_r(mean([macs(r, "executed") for r in c.recs])), _r(st and st.mean), st.n if st else 0]
-    ms = mean([latency_of(r, "final", setting) for r in c.recs])
+        return [_r(mean([macs(r, "executed") for r in recs])), _r(st and st.mean), st.n if st else 0]
+    ms = mean([latency_of(r, "final", setting) for r in recs])
     return [setting.batch, setting.mode, _r(ms), _r(st and st.mean), _r(st and st.std), st.n if st else 0]
 
 
@@ -281,12 +298,12 @@ def write_csv(tables: list, path: Path, asked: tuple = (), setting: Setting = Se
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS + (["granularity"] if gran else []) + (["variant"] if var else [])
-                   + [c for k in asked for c in CSV_COST_COLUMNS[k]] + (["runs_reused"] if reused else []))
+                   + [c for k in asked for c in COST[k].csv] + (["runs_reused"] if reused else []))
         for t, row in rows:
             for s, c in row.cells.items():
                 w.writerow([t.dataset, t.teacher, t.student, row.method, "" if row.kd is None else str(row.kd).lower(),
                             repr(s), _r(c.metric and c.metric.mean), _r(c.metric and c.metric.std),
                             c.metric.n if c.metric else 0, *map(_r, cost(c.recs))]
                            + ([row.granularity] if gran else []) + ([row.variant or ""] if var else [])
-                           + [x for k in asked for x in _csv_cost_cells(c, k, setting)]
+                           + [x for k in asked for x in _csv_cost_cells(c.recs, c.costs[k], k, setting)]
                            + ([sum(map(is_reused, c.recs))] if reused else []))
