@@ -69,3 +69,7 @@ class GMP(Method):
                                       float(c.end), int(c.frequency))
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=progress.masks)
         return progress.finish(model)
+
+    def budget(self, b) -> None:
+        b.train("gmp", self.cfg.train, "method.train")
+        b.train("retrain", self.cfg.retrain, "method.retrain")
