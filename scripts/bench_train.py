@@ -9,10 +9,14 @@ mask enforcement of retraining is in the measured step. Prints a markdown table.
 
     python scripts/bench_train.py                 # CUDA: the full table (a few minutes, mostly compiling)
     python scripts/bench_train.py --quick         # any machine: ResNet-20 and a tiny KD row, 2 steps
+    python scripts/bench_train.py --rates rates.json   # + images/s of each model's training step (``--rates-mode``)
+                                                       # and forward pass, for ``kdprune-estimate --rates``
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import time
 
 import torch
@@ -57,6 +61,33 @@ def one(student: str, mode: str, data, args, teacher=None) -> dict:
     return {"img_s": args.steps * args.batch / (ends[1] - ends[0]), **stats}
 
 
+@torch.no_grad()
+def forward_rate(name: str, data, args, amp: bool) -> float:
+    """Images/s of ``name``'s forward pass in eval mode (a teacher's, or a network as its own teacher)."""
+    model = build_model(name, 10, 3, 32).to(args.device).eval()
+    on = amp and args.device.type == "cuda"
+    for _ in range(2):  # the first pass warms up; the second is timed
+        t = time.perf_counter()
+        for x, _, _ in data.batches("train", args.batch):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on):
+                model(x)
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+    return args.steps * args.batch / (time.perf_counter() - t)
+
+
+def write_rates(path: str, models: list, data, args, gpu: str) -> None:
+    """The rates file of ``kdprune-estimate --rates``: training-step and forward images/s by model."""
+    mode = args.rates_mode
+    train_rates = {m: one(m, mode, data, args)["img_s"] for m in models}
+    fwd = {m: forward_rate(m, data, args, MODES[mode]["amp"]) for m in models}
+    rates = {"device": f"{gpu}, torch {torch.__version__}, {datetime.date.today()}, batch {args.batch}, {mode}",
+             "train": train_rates, "forward": fwd}
+    with open(path, "w") as f:
+        json.dump(rates, f, indent=1)
+    print(f"\nrates ({mode}) written to {path}: {json.dumps(rates)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per epoch (the second is timed)")
@@ -66,6 +97,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="prove it runs: 2 steps of batch 16, ResNet-20 and a ResNet-20 → ResNet-20 KD row")
     ap.add_argument("--backend", default="inductor", help="dynamo backend (--quick on CPU: aot_eager)")
+    ap.add_argument("--rates", metavar="FILE", help="also write the rates file of kdprune-estimate --rates")
+    ap.add_argument("--rates-mode", choices=list(MODES), default="compiled",
+                    help="the trainer mode the rates are measured in (the sweep's: compile=true amp=true is "
+                         "'compiled')")
     args = ap.parse_args()
     args.device = torch.device(args.device)
     if args.quick:
@@ -93,6 +128,8 @@ def main() -> None:
             base = base or r["img_s"]
             print(f"| {label} | {mode} | {r['img_s']:,.0f} | {r['img_s'] / base:.2f} | {r['compile_seconds']:.1f} "
                   f"| {r['recompiles']} | {r['graph_breaks']} | {r['fallbacks']} |", flush=True)
+    if args.rates:
+        write_rates(args.rates, sorted({m for pair in rows for m in pair if m}), data, args, gpu)
 
 
 if __name__ == "__main__":

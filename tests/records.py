@@ -1,9 +1,13 @@
-"""Synthetic results.json records and sweep folders for the report tests (no training), and table helpers."""
+"""Synthetic results.json records and sweep folders for the report tests (no training), table helpers, and the
+samples a sweep's records booked beside what `kdprune-estimate` counted for it."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from kdprune_cli.cli.main import config_dir
+from kdprune_cli.experiment.estimate import count_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -167,3 +171,34 @@ def _stages(method, kd, sparsity, seed):
 
 def _metrics(top1):
     return {"top1": top1, "top5": 99.0, "nll": 0.3, "ece": 0.02, "mce": 0.1, "rmsce": 0.03}
+
+
+def booked_samples(rec: dict) -> dict:
+    """``{stage: (samples, teacher_samples)}`` the record booked to its own stages (a cached stage books none)."""
+    out = {}
+    for name, st in rec["cost"]["stages"].items():
+        pair = (st.get("samples", 0), st.get("teacher_samples", 0))
+        if pair != (0, 0):
+            out[name] = pair
+    return out
+
+
+def estimated_samples(overrides) -> list:
+    """Every job of ``kdprune-estimate <overrides>`` as ``(exact {stage: pair}, approximate {stage: pair})``."""
+    plain = [o for o in overrides if not o.startswith(("hydra.", "-m"))]
+    return [({k: (c.samples, c.teacher_samples) for k, c in j.stages.items() if c.exact},
+             {k: (c.samples, c.teacher_samples) for k, c in j.stages.items() if not c.exact})
+            for j in count_sweep(config_dir(), plain)]
+
+
+def assert_estimate_matches(overrides, recs: dict, rel: float = 0.1) -> None:
+    """The records ``{job number: record}`` of a sweep book exactly the estimate's samples, stage by stage; a
+    stage the estimate calls approximate within ``rel``."""
+    jobs = estimated_samples(overrides)
+    assert sorted(recs) == list(range(len(jobs)))
+    for i, (exact, approx) in enumerate(jobs):
+        got = booked_samples(recs[i])
+        assert {k: v for k, v in got.items() if k not in approx} == exact, (i, recs[i]["method"])
+        for k, (s, t) in approx.items():
+            gs, gt = got.get(k, (0, 0))
+            assert abs(gs - s) <= rel * max(s, 1) and abs(gt - t) <= rel * max(t, 1), (i, k, got[k], (s, t))

@@ -27,6 +27,8 @@ class Distill(Objective):
     ``logit_std``: ``unbiased`` (N−1, the reference code's, default) or ``population`` (N) std in the
     logit standardisation."""
 
+    teacher_rate = 1  # the teacher sees every batch
+
     def __init__(self, teacher: nn.Module, *, alpha: float, gamma: float, temperature: float, logit_norm: bool,
                  logit_std: str = "unbiased"):
         if logit_std not in LOGIT_STDS:

@@ -62,6 +62,8 @@ class CSKD(_FromData):
     CE is on ``x`` only; the partner only supplies the (detached) soft target.
     """
 
+    teacher_rate, self_teacher = 1, True  # a same-class partner per sample through the network, under no_grad
+
     def __init__(self, data, *, temperature: float = 4.0, lam: float = 1.0, augment: bool = True,
                  gen: Optional[torch.Generator] = None):
         super().__init__(data, augment, gen)
@@ -156,6 +158,8 @@ class DLB(_FromData):
     are forwarded separately (separate BN batch statistics, as in the authors' code). The first call has
     no last batch and is plain CE; the state carries over epoch boundaries (as in the authors' code).
     """
+
+    extra_rate, extra_skip = 1, 1  # the last batch again, forward and backward, from the second step on
 
     def __init__(self, data, *, temperature: float = 3.0, alpha: float = 1.0, augment: bool = True,
                  gen: Optional[torch.Generator] = None):

@@ -74,6 +74,7 @@ class Costs:
         self.teacher: Optional[nn.Module] = None  # forwards through it are ``teacher_samples`` (set by the artifacts)
         self.device = device
         self._open: list = []  # CUDA: [stage, its peak before the stages opened inside it], innermost last
+        self._watched: set = set()  # ids of the modules an open count() hooks (a nested one does not hook them again)
 
     def _cuda(self) -> Optional[torch.device]:
         dev = torch.device(self.device) if self.device is not None else None
@@ -128,14 +129,17 @@ class Costs:
                 else:
                     self.current.samples += args[0].shape[0]
 
-        watched = [*models, *([self.teacher] if self.teacher is not None else [])]
-        handles = [m.register_forward_pre_hook(hook) for m in watched]
+        watched = {id(m): m for m in (*models, *([self.teacher] if self.teacher is not None else []))
+                   if id(m) not in self._watched}
+        handles = [m.register_forward_pre_hook(hook) for m in watched.values()]
+        self._watched |= set(watched)
         try:
             with self.stage(stage) if stage else contextlib.nullcontext():
                 yield
         finally:
             for h in handles:
                 h.remove()
+            self._watched -= set(watched)
 
 
 class Seeds:

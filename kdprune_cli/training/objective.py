@@ -15,13 +15,20 @@ class Objective(Protocol):
     ``teacher``: a frozen module (or None) whose forward the compiled loop swaps for a compiled one.
     ``teacher_samples``: samples pushed forward through a teacher (or the network as its own teacher, under
     ``no_grad``); ``extra_samples``: samples pushed forward *and* backward beyond the loop's batch (both
-    cumulative; the loop books the difference). ``eager_only``: the objective hooks into the model, so the loop
+    cumulative; the loop books the difference). ``teacher_rate`` and ``extra_rate`` say the same before any
+    training: per trained sample, how many go through a teacher and how many more forward and backward (after
+    the training's first ``extra_skip`` batches), for ``kdprune-estimate``; ``self_teacher``: the teacher
+    forwards go through the network itself (self-distillation, snapshots). ``eager_only``: the objective hooks into the model, so the loop
     never compiles it. ``step`` runs after the loop's optimizer step (an objective with parameters of its own);
     ``state_dict``/``load_state_dict`` carry what a resumed training needs."""
 
     teacher: Optional[nn.Module] = None
     teacher_samples: int = 0
     extra_samples: int = 0
+    teacher_rate: int = 0
+    extra_rate: int = 0
+    extra_skip: int = 0
+    self_teacher: bool = False
     eager_only: bool = False
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from records import assert_estimate_matches
 from runs import FAST, kdprune
 
 from kdprune_cli.config.schema import ConfigError
@@ -40,6 +41,7 @@ def test_quickstart_end_to_end(tmp_path):
         assert stages[s]["seconds"] >= 0 and "samples" in stages[s]
     assert stages["retrain"]["samples"] > 0 and stages["retrain"]["teacher_samples"] > 0
     assert stages["teacher"]["cached"] is False
+    assert_estimate_matches(["experiment=quickstart"], {0: rec})  # kdprune-estimate counted these samples
     assert "in" in r.stdout and "results.json" in r.stdout  # the one-screen summary names the record
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {x["stage"] for x in lines} >= {"teacher", "student", "finetune", "retrain"}

@@ -96,3 +96,15 @@ def test_cuda_stage_peak_is_its_own_also_around_nested_stages(monkeypatch):
         fake.use(10)
     assert st["train"].peak_memory_bytes == 130  # max(peak before the inner stage, after it), not the inner's
     assert not costs._open
+
+
+def test_nested_counts_book_each_teacher_forward_once():
+    """A stage opened with count() around a count() of the scored model: the teacher is hooked once."""
+    costs, teacher, student = Costs(), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    costs.teacher = teacher
+    x = torch.zeros(5, 3)
+    with costs.count(stage="score"), costs.count(student):
+        with torch.no_grad():
+            teacher(x)
+        student(x)
+    assert (costs.stages["score"].samples, costs.stages["score"].teacher_samples) == (5, 5)

@@ -65,3 +65,9 @@ class Method:
 
     def run(self, ctx) -> Result:
         raise NotImplementedError
+
+    def budget(self, b) -> None:
+        """Book to ``b`` (a :class:`~kdprune_cli.pruning.budget.Budget`) the samples each stage of :meth:`run` will
+        push through its networks, without running it (``kdprune-estimate``); the job books the dense teacher
+        and student. A method that cannot say leaves this unimplemented: the estimate names it as not counted."""
+        raise NotImplementedError

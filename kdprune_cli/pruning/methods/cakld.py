@@ -91,3 +91,17 @@ class CAKLD(OneShot):
 
     def retrain_objective(self, ctx):
         return self.distill_objective(ctx) if self.retrain_kd else ctx.trainer.objective()
+
+    def score_budget(self, b) -> None:
+        c = self.cfg
+        if c.gamma == "auto":
+            b.forward("gamma", teacher_samples=b.pass_samples(c.finetune.batch_size, c.gamma_batches))
+        spec = (c.gamma, c.gamma_batches, c.alpha, c.temperature, c.logit_norm, c.logit_std, b.cfg.seed)
+        if b.first("finetune", b.dense_key("student"), b.dense_key("teacher"), spec,
+                   b.recipe_key(c.finetune, "method.finetune")):
+            b.train("finetune", c.finetune, "method.finetune", Distill)
+        n = b.pass_samples(c.score_batch_size, c.score_batches)
+        b.forward("score", samples=n, teacher_samples=n)
+
+    def retrain_rates(self):
+        return Distill if self.retrain_kd else None

@@ -137,3 +137,18 @@ class COLT(Method):
         ctx.evaluator.record_metrics("pruned", full)
         ctx.trainer.train(full, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
         return progress.finish(full)
+
+    def budget(self, b) -> None:
+        """Per round, a training of every partition model on its classes' share of the training split (a full
+        round once per sweep), then the retraining. Data-dependent: the partitions' sizes (taken as equal
+        shares of the classes) and where the partitions' intersection clips a round."""
+        c = self.cfg
+        parts = partition_classes(b.classes, c.partitions)
+        key = b.round_key("colt", c.round, rate=c.rate, partitions=c.partitions)
+        for r, full in enumerate(b.rounds(c.rate, convs_only=True), start=1):
+            if not full or b.first(*key, r):
+                for p in parts:
+                    b.train("colt", c.round, "method.round", n=round(b.n * len(p) / b.classes))
+        b.approximate("colt", "partition sizes taken as equal shares of the classes; rounds as if no "
+                              "intersection passed the target")
+        b.train("retrain", c.retrain, "method.retrain")

@@ -105,6 +105,16 @@ class EPSD(OneShot):
         return scores
 
 
+    def score_budget(self, b) -> None:
+        """``inner_steps + 1`` objective calls on batches of ``score_batch_size`` (with the SD objective's own
+        forwards), through hooks on the scored network."""
+        c = self.cfg
+        b.steps("score", c.inner_steps + 1, c.score_batch_size, self.retrain_rates())
+
+    def retrain_rates(self):
+        return {"cs_kd": sd.CSKD, "ps_kd": sd.PSKD, "dlb": sd.DLB}[self.sd_name]
+
+
 class EPG(EPSD):
     """EPG — early pruning by gradient saliency (our reading; named as a baseline by arXiv 2511.16653).
 
@@ -122,3 +132,6 @@ class EPG(EPSD):
 
     def make_objective(self, ctx, purpose: str, epochs: int, augment: bool):
         return ctx.trainer.objective()
+
+    def retrain_rates(self):
+        return None

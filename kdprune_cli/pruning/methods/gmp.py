@@ -60,3 +60,7 @@ class GMP(Method):
                                       c.frequency)
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=progress.masks)
         return progress.finish(model)
+
+    def budget(self, b) -> None:
+        b.train("gmp", self.cfg.train, "method.train")
+        b.train("retrain", self.cfg.retrain, "method.retrain")

@@ -48,6 +48,13 @@ class GraSP(OneShot):
     Config = GraSPConfig
     at_init = True
 
+    def score_budget(self, b) -> None:
+        """Two passes (the gradient, then the Hessian-gradient product) over the class-balanced batch."""
+        per_class = b.n // b.classes
+        b.forward("score", samples=2 * b.classes * min(self.cfg.samples_per_class, per_class))
+        if self.cfg.samples_per_class > per_class:
+            b.approximate("score", "the balanced batch assumes classes of equal size")
+
     def score(self, ctx, model):
         c = self.cfg
         halves = c.batching == "halves"

@@ -100,3 +100,12 @@ class IMP(Method):
         ctx.evaluator.record_metrics("pruned", model)
         ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain", masks=masks)
         return progress.finish(model)
+
+    def budget(self, b) -> None:
+        """A training per round (a full round once per sweep: shared), then the retraining."""
+        c = self.cfg
+        key = b.round_key("imp", c.round, rate=c.rate, rewind_epoch=c.rewind_epoch)
+        for r, full in enumerate(b.rounds(c.rate), start=1):
+            if not full or b.first(*key, r):
+                b.train("imp", c.round, "method.round")
+        b.train("retrain", c.retrain, "method.retrain")

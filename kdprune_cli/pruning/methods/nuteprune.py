@@ -51,7 +51,7 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError, MethodConfig, TrainRecipe, choice, option
 from kdprune_cli.pruning.methods.base import Method, Result
-from kdprune_cli.pruning.procedures.gates import export, learn_gates
+from kdprune_cli.pruning.procedures.gates import NuteObjective, export, learn_gates
 from kdprune_cli.pruning.structure.channels import ChannelGroups
 from kdprune_cli.pruning.structure.conv_gates import gate_points
 from kdprune_cli.pruning.structure.vit import check_vit, is_vit
@@ -116,6 +116,12 @@ class NutePrune(Method):
         if c.retrain.epochs > 0:
             ctx.trainer.train(model, c.retrain, ctx.trainer.objective(), stage="retrain")
         return Result(model, {}, {"structure": facts})
+
+    def budget(self, b) -> None:
+        """The gates' training (a teacher forward per batch), then the optional retraining."""
+        b.train("prune", self.cfg.prune, "method.prune", NuteObjective)
+        if self.cfg.retrain.epochs > 0:
+            b.train("retrain", self.cfg.retrain, "method.retrain")
 
     def variant(self) -> Optional[str]:
         """``teachers=intact`` (the ablation) is reported as its own row: ``nuteprune [intact teacher]``."""

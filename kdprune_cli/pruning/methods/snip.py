@@ -40,6 +40,9 @@ class SNIP(OneShot):
     Config = SNIPConfig
     at_init = True
 
+    def score_budget(self, b) -> None:
+        b.forward("score", samples=b.pass_samples(self.cfg.batch_size, self.cfg.batches))
+
     def score(self, ctx, model):
         c = self.cfg
         net = scoring_copy(model, c.bn_mode)

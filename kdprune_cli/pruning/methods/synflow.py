@@ -108,6 +108,9 @@ class SynFlow(OneShot):
             return synflow_scores(lin, scoring_params(ctx, lin),
                                   (ctx.data.channels, ctx.data.image_size, ctx.data.image_size))
 
+    def score_budget(self, b) -> None:
+        b.forward("score", samples=int(self.cfg.rounds))  # one all-ones input per round
+
     def run(self, ctx) -> Result:
         model = self.base_model(ctx)
         with ctx.costs.count(stage="score"):

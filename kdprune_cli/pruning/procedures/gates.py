@@ -98,6 +98,7 @@ class NuteObjective(Objective):
     """Student forward with sampled gates, teacher forward (same weights, a snapshot or intact), the loss, and
     the gates' and λ's own optimizer steps (called by the trainer after its step)."""
 
+    teacher_rate, self_teacher = 1, True  # a forward per batch through a snapshot or the intact model
     eager_only = True  # the gates and the hidden states are forward hooks: the trainer does not compile this
 
     def __init__(self, c, model: nn.Module, structures, gates: HardConcrete, total_steps: int,

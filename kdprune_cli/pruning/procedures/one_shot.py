@@ -51,6 +51,18 @@ class OneShot(Method):
                           masks=pruned.masks)
         return Result(pruned.model, pruned.masks, {**pruned.facts, **self.facts()})
 
+    def budget(self, b) -> None:
+        """The ``score`` stage (:meth:`score_budget`), then the retraining with :meth:`retrain_rates`."""
+        self.score_budget(b)
+        b.train("retrain", self.cfg.retrain, "method.retrain", self.retrain_rates())
+
+    def score_budget(self, b) -> None:
+        """What scoring pushes through the network (nothing for a scorer that reads only the weights)."""
+
+    def retrain_rates(self):
+        """The retraining objective's class (its ``teacher_rate``, ``extra_rate``); None: cross-entropy."""
+        return None
+
 
 def scoring_params(ctx, model: nn.Module) -> dict:
     """The prunable parameters of ``model`` (``prune.exclude`` left out): what a scorer scores."""
