@@ -11,12 +11,14 @@ running anything; see docs/estimate.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from kdprune_cli.cli.main import composition_error_line, config_dir, missing_config_line
@@ -28,14 +30,15 @@ DENSE = ("teacher", "student")  # the dense models' stages: a row of their own, 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="kdprune-estimate", description="What a sweep will cost before it runs: its jobs' samples by stage, and GPU-hours from a "
-                                           "rates file.",
+        prog="kdprune-estimate",
+        description="What a sweep will cost before it runs: its jobs' samples by stage, and GPU-hours from a "
+                    "rates file.",
         epilog="Samples are those the records' cost.stages book (forward and backward through the trained or "
                "scored network; teacher samples: forward only). GPU-hours cover training and scoring, not "
                "evaluation. Details: docs/estimate.md.")
     ap.add_argument("overrides", nargs="*", help="kdprune overrides, e.g. experiment=paper_cifar10 seed=0,1")
-    ap.add_argument("--rates", type=Path, metavar="FILE", help="rates file of scripts/bench_train.py --rates (images/s by model), "
-                                               "for GPU-hours")
+    ap.add_argument("--rates", type=Path, metavar="FILE",
+                    help="rates file of scripts/bench_train.py --rates (images/s by model), for GPU-hours")
     ap.add_argument("--jobs", action="store_true", help="also list every job's stages")
     return ap.parse_args(argv)
 
@@ -79,7 +82,7 @@ def _only(job, which):
     if which is None:
         return job
     keep = {k: c for k, c in job.stages.items() if (k in DENSE) == (which == DENSE)}
-    return type(job)(job.overrides, job.method, job.sparsity, job.seed, keep, job.counted, job.teacher, job.student)
+    return dataclasses.replace(job, stages=keep)
 
 
 def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -> None:
@@ -114,8 +117,6 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from hydra.errors import HydraException
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)

@@ -109,8 +109,13 @@ class DeviceData:
             yield self.normalise(x), s.y[idx], idx
 
     def num_batches(self, which: str, batch_size: int, drop_last: bool = False) -> int:
-        n = len(self.split(which))
-        return n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)
+        return batch_count(len(self.split(which)), batch_size, drop_last)
+
+
+def batch_count(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches of one pass over ``n`` samples: with ``drop_last`` full batches only (one short batch when ``n`` is
+    below ``batch_size``)."""
+    return n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)
 
 
 def load_data(cfg, device: torch.device) -> DeviceData:

@@ -27,8 +27,8 @@ from kdprune_cli.pruning.methods import get_method
 
 @dataclass
 class JobCount:
-    """One job of the sweep: its overrides, method (the ``method=`` option chosen) and stages; ``counted`` is False for a method
-    that cannot count its own stages (then only the dense models are in ``stages``)."""
+    """One job of the sweep: its overrides, method (the ``method=`` option chosen) and stages; ``counted`` is False
+    for a method that cannot count its own stages (then only the dense models are in ``stages``)."""
 
     overrides: list
     method: str
@@ -59,11 +59,6 @@ def sweep_overrides(config_dir: str, overrides: list) -> list[list[str]]:
     return BasicSweeper.split_arguments(parser.parse_overrides(params + list(overrides)), None)[0]
 
 
-def compose_job(config_dir: str, overrides: list) -> DictConfig:
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def count_job(cfg: DictConfig, overrides: list, made: set) -> JobCount:
     """Validate one job as ``kdprune`` would (raises ConfigError) and count its stages."""
     check_overrides(overrides)
@@ -89,10 +84,9 @@ def count_job(cfg: DictConfig, overrides: list, made: set) -> JobCount:
 
 def count_sweep(config_dir: str, overrides: list) -> list[JobCount]:
     made: set = set()
-    jobs = []
-    for ov in sweep_overrides(config_dir, overrides):
-        jobs.append(count_job(compose_job(config_dir, ov), ov, made))
-    return jobs
+    jobs = sweep_overrides(config_dir, overrides)
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):  # once for the sweep, not per job
+        return [count_job(compose("config", overrides=ov), ov, made) for ov in jobs]
 
 
 def read_rates(path: Path) -> dict:

@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdprune_cli.config.schema import model_kwargs, recipe
+from kdprune_cli.data.batching import batch_count
 from kdprune_cli.models import build_model
 from kdprune_cli.models.masks import prunable_modules
-from kdprune_cli.pruning.selection import full_step, group_targets
+from kdprune_cli.pruning.selection import group_targets, round_count
 
 
 @dataclass
@@ -47,10 +48,11 @@ class Budget:
     def stage(self, name: str) -> Count:
         return self.stages.setdefault(name, Count())
 
-    def batches(self, batch_size: int, max_batches: Optional[int] = None, drop_last: bool = False) -> int:
-        """Batches of one pass over the training split (as ``DeviceData.batches``), at most ``max_batches``."""
-        n = self.n // batch_size if (drop_last and self.n >= batch_size) else -(-self.n // batch_size)
-        return n if max_batches is None else min(n, int(max_batches))
+    def batches(self, batch_size: int, max_batches: Optional[int] = None, drop_last: bool = False,
+                n: Optional[int] = None) -> int:
+        """Batches of one pass over the training split (or ``n`` samples), at most ``max_batches``."""
+        count = batch_count(self.n if n is None else n, batch_size, drop_last)
+        return count if max_batches is None else min(count, int(max_batches))
 
     def pass_samples(self, batch_size: int, max_batches: Optional[int] = None) -> int:
         """Samples in the first ``max_batches`` batches of a pass (all of them: one pass over the split)."""
@@ -61,10 +63,7 @@ class Budget:
         ``objective`` class adds its own forwards per trained sample (``teacher_rate``, ``extra_rate``, less its
         ``extra_skip`` first batches)."""
         r = recipe(node, where)
-        n = self.n if n is None else n
-        spe = n // r.batch_size if n >= r.batch_size else -(-n // r.batch_size)
-        if self.cfg.get("max_batches") is not None:
-            spe = min(spe, int(self.cfg.max_batches))
+        spe = self.batches(r.batch_size, self.cfg.get("max_batches"), drop_last=True, n=n)
         self.steps(stage, int(r.epochs) * spe, r.batch_size, objective)
 
     def steps(self, stage: str, steps: int, batch_size: int, objective=None) -> None:
@@ -154,7 +153,8 @@ class Budget:
         groups = [(sum(sizes[n] for n in names), kk) for names, kk in group_targets(sizes, share, self.cfg.prune.scope)]
         removed, out = [0] * len(groups), []
         while any(r < kk for r, (_, kk) in zip(removed, groups)):
-            out.append(all(r < kk and full_step(r, size, rate) <= kk for r, (size, kk) in zip(removed, groups)))
-            removed = [r if r >= kk else min(kk, full_step(r, size, rate)) for r, (size, kk) in zip(removed, groups)]
+            steps = [round_count(r, size, kk, rate) for r, (size, kk) in zip(removed, groups)]
+            out.append(all(full for _, full in steps))
+            removed = [count for count, _ in steps]
         return out
 

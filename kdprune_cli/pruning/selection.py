@@ -145,6 +145,15 @@ def full_step(prev: int, size: int, rate: float) -> int:
     return prev + max(1, int(round(rate * (size - prev))))
 
 
+def round_count(prev: int, size: int, k: int, rate: float) -> tuple[int, bool]:
+    """The count removed after the next round toward ``k`` (``prev`` removed of ``size``) and whether that round
+    is full: ``rate`` of the survivors, not clipped to ``k`` (a done group's round is not full)."""
+    if prev >= k:
+        return prev, False
+    nxt = full_step(prev, size, rate)
+    return min(k, nxt), nxt <= k
+
+
 def intersect(masks_list: List[Masks], names: List[str]) -> Masks:
     """A weight survives only if every mask keeps it."""
     return {n: torch.stack([m[n] for m in masks_list]).all(0) for n in names}
@@ -235,8 +244,7 @@ class WeightProgress:
         return all(self._full(names, k, rate) for names, k in self.groups)
 
     def _full(self, names: List[str], k: int, rate: float) -> bool:
-        prev = removed(self.masks, names)
-        return prev < k and full_step(prev, sum(self.masks[n].numel() for n in names), rate) <= k
+        return round_count(removed(self.masks, names), sum(self.masks[n].numel() for n in names), k, rate)[1]
 
     def round(self, scores: Scores, rate: float) -> bool:
         """Remove ``rate`` of the surviving weights of each group by ``scores`` (at least one; the last round
@@ -251,7 +259,7 @@ class WeightProgress:
         for names, k in self.groups:
             prev, size = removed(self.masks, names), sum(self.masks[n].numel() for n in names)
             full &= self._full(names, k, rate)
-            count = prev if prev >= k else min(k, full_step(prev, size, rate))
+            count = round_count(prev, size, k, rate)[0]
             _, inter, clipped = select_common(scores_list, names, count, k, self.masks)
             full &= not clipped
             new.update(inter)
