@@ -3,8 +3,9 @@
 For ResNet-56, ResNet-20 and ResNet-18 (CIFAR stem) at batch 128 on CIFAR-shaped synthetic uint8 data held
 on the device (kdprune's DeviceData, with its on-device augmentation), and for distillation (ResNet-56
 teacher → ResNet-20 student, objectives.Distill), train two epochs of ``--steps`` steps with
-``kdprune_cli.training.loop.train`` and time the second: eager fp32, eager with bf16 autocast, and compiled
-(bf16, channels_last, CUDA graphs). The students carry a ``--sparsity`` magnitude mask, so the per-step
+``kdprune_cli.training.loop.train`` and time the second: eager fp32, eager with bf16 autocast, compiled
+forwards (``compile=true``: bf16, channels_last, CUDA graphs) and the whole step in one graph (``compile=step``:
+forward, loss, backward, SGD update and masking). The students carry a ``--sparsity`` magnitude mask, so the per-step
 mask enforcement of retraining is in the measured step. Prints a markdown table.
 
     python scripts/bench_train.py                 # CUDA: the full table (a few minutes, mostly compiling)
@@ -30,7 +31,7 @@ from kdprune_cli.training import compiling
 from kdprune_cli.training.loop import train
 
 MODES = {"eager": dict(amp=False, compile="false"), "eager+bf16": dict(amp=True, compile="false"),
-         "compiled": dict(amp=True, compile="true")}
+         "compiled": dict(amp=True, compile="true"), "step": dict(amp=True, compile="step")}
 
 
 def synthetic(n: int, device: torch.device) -> DeviceData:
@@ -97,10 +98,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="prove it runs: 2 steps of batch 16, ResNet-20 and a ResNet-20 → ResNet-20 KD row")
     ap.add_argument("--backend", default="inductor", help="dynamo backend (--quick on CPU: aot_eager)")
+    ap.add_argument("--models", nargs="+", default=["resnet56", "resnet20", "resnet18"],
+                    help="students trained alone (each also in the KD row's place: --kd TEACHER STUDENT)")
+    ap.add_argument("--kd", nargs=2, metavar=("TEACHER", "STUDENT"), default=["resnet56", "resnet20"],
+                    help="the distillation row")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                    help="trainer modes to time (the first is the × column's base)")
     ap.add_argument("--rates", metavar="FILE", help="also write the rates file of kdprune-estimate --rates")
     ap.add_argument("--rates-mode", choices=list(MODES), default="compiled",
                     help="the trainer mode the rates are measured in (the sweep's: compile=true amp=true is "
-                         "'compiled')")
+                         "'compiled', compile=step amp=true 'step')")
     args = ap.parse_args()
     args.device = torch.device(args.device)
     if args.quick:
@@ -109,12 +116,12 @@ def main() -> None:
             args.backend = "aot_eager"  # inductor on CPU spends minutes in the C++ compiler
     compiling.BACKEND.name = args.backend
     data = synthetic(args.steps * args.batch, args.device)
-    rows = [(s, None) for s in (["resnet20"] if args.quick else ["resnet56", "resnet20", "resnet18"])]
-    rows.append(("resnet20", "resnet20" if args.quick else "resnet56"))
+    rows = [(s, None) for s in (["resnet20"] if args.quick else args.models)]
+    rows.append(("resnet20", "resnet20") if args.quick else (args.kd[1], args.kd[0]))
     gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"kdprune trainer, {gpu}, torch {torch.__version__}, batch {args.batch}, {args.steps} timed steps, "
           f"sparsity {args.sparsity}, backend {args.backend}\n")
-    print("| model | mode | img/s | × eager | compile s | recompiles | graph breaks | fallbacks |")
+    print(f"| model | mode | img/s | × {args.modes[0]} | compile s | recompiles | graph breaks | fallbacks |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for student, teacher_name in rows:
         teacher = None
@@ -123,7 +130,7 @@ def main() -> None:
             teacher = build_model(teacher_name, 10, 3, 32).to(args.device)
         label = student if teacher is None else f"KD {teacher_name} → {student}"
         base = None
-        for mode in MODES:
+        for mode in args.modes:
             r = one(student, mode, data, args, teacher)
             base = base or r["img_s"]
             print(f"| {label} | {mode} | {r['img_s']:,.0f} | {r['img_s'] / base:.2f} | {r['compile_seconds']:.1f} "

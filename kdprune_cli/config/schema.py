@@ -213,7 +213,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast on CUDA
-    compile: Any = "auto"  # auto | true | false: torch.compile the training forward (auto: on CUDA)
+    compile: Any = "auto"  # auto | true | false | step: torch.compile the training forward (auto: on CUDA) or step
     progress: Any = "auto"  # auto: progress bars on a terminal only | true: always | false: never
     threads: Any = "auto"  # torch CPU threads: auto (the usable cores, or OMP_NUM_THREADS) | an integer > 0
     fail_fast: bool = False  # multirun: stop at the first failing job
@@ -315,8 +315,8 @@ def validate(cfg: DictConfig) -> None:
     check_outputs(cfg)
     if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
         raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
-    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false", "step"):
+        raise ConfigError(f"compile must be auto, true, false or step, got {cfg.compile!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_run_options(cfg)

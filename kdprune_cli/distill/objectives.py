@@ -16,7 +16,9 @@ LOGIT_STDS = ("unbiased", "population")
 
 
 class CrossEntropy(Objective):
-    def __call__(self, model: nn.Module, x, y, idx):
+    graph_step = True
+
+    def loss(self, model: nn.Module, x, y, idx):
         logits = model(x)
         return F.cross_entropy(logits.float(), y), logits
 
@@ -27,7 +29,7 @@ class Distill(Objective):
     ``logit_std``: ``unbiased`` (N−1, the reference code's, default) or ``population`` (N) std in the
     logit standardisation."""
 
-    teacher_rate = 1  # the teacher sees every batch
+    teacher_rate, graph_step = 1, True  # the teacher sees every batch
 
     def __init__(self, teacher: nn.Module, *, alpha: float, gamma: float, temperature: float, logit_norm: bool,
                  logit_std: str = "unbiased"):
@@ -38,12 +40,10 @@ class Distill(Objective):
             p.requires_grad_(False)
         self.alpha, self.gamma, self.temperature, self.logit_norm = alpha, gamma, temperature, logit_norm
         self.unbiased = logit_std == "unbiased"
-        self.teacher_samples = 0
 
-    def __call__(self, model: nn.Module, x, y, idx):
+    def loss(self, model: nn.Module, x, y, idx):
         with torch.no_grad():
             t_logits = self.teacher(x)
-        self.teacher_samples += x.shape[0]
         logits = model(x)
         loss = losses.total_loss(logits, t_logits, y, alpha=self.alpha, gamma=self.gamma,
                                  temperature=self.temperature, logit_norm=self.logit_norm, unbiased=self.unbiased)

@@ -83,10 +83,9 @@ def train(model: nn.Module, data, recipe, objective: Objective, *, gen: torch.Ge
     so a killed job resumes with the same numbers. ``max_batches`` caps the batches of every epoch (the
     learning-rate and pruning schedules count the capped steps).
 
-    ``compile`` (auto | true | false; auto: on CUDA) runs the objective's forwards of the model and of its
-    teacher compiled (CUDA graphs and channels_last on CUDA); masks, optimizer and checkpoints work on ``model``
-    itself. ``compile_seconds`` is the time of the steps in which something compiled; ``fallbacks`` the
-    forwards that ran no compiled graph.
+    ``compile`` (auto | true | false | step; auto: true on CUDA): :func:`~kdprune_cli.training.compiling.
+    training_mode`. Masks, optimizer and checkpoints work on ``model`` itself. ``compile_seconds`` is the time
+    of the steps in which something compiled; ``fallbacks`` the forwards (or steps) that ran no compiled graph.
 
     A non-finite loss, or weights or buffers no longer finite at the end of an epoch, raise
     :class:`~kdprune_cli.errors.DivergedError` naming ``desc``, the epoch and the value (``where``, the recipe's
@@ -99,8 +98,8 @@ def train(model: nn.Module, data, recipe, objective: Objective, *, gen: torch.Ge
     base = (objective.teacher_samples, objective.extra_samples)
     if int(recipe.epochs) <= 0:
         return {"seconds": 0.0, "samples": 0, "teacher_samples": 0, **NO_COMPILE}
-    session = compiling.Session(model, objective, device) \
-        if compiling.wanted(compile, device) and not objective.eager_only else None
+    mode = compiling.training_mode(compile, device, objective, getattr(recipe, "optimizer", "sgd"))
+    session = compiling.Session(model, objective, device, whole_step=mode == "step") if mode != "eager" else None
     run = _Training(model, data, recipe, objective, gen, masks, session, start, base, max_batches)
     if checkpoint is not None and Path(checkpoint).is_file():
         run.resume(checkpoint)
@@ -145,6 +144,7 @@ class _Training:
         if masks is not None:
             apply_masks(model, masks)
         self.step, self.first_epoch, self.samples = 0, 0, 0
+        self.graph: Optional[compiling.GraphStep] = None  # built at the first step, after a resume
         self.done_before = {"seconds": 0.0, "samples": 0, "teacher_samples": 0}
 
     def cost(self) -> dict:
@@ -179,6 +179,8 @@ class _Training:
     def one_step(self, net, x, y, idx, amp: bool) -> tuple:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.recipe, self.step, self.total, self.spe)
+        if self.session is not None and self.session.whole_step:
+            return self.graph_step(x, y, idx, amp)
         with autocast(self.device, amp):
             loss, logits = self.objective(net, x, y, idx)
         self.opt.zero_grad(set_to_none=True)
@@ -189,6 +191,16 @@ class _Training:
         self.objective.step()  # an objective with parameters of its own (NutePrune's gates, λ)
         if self.masks is not None:
             apply_masks(self.model, self.masks)
+        self.step += 1
+        return loss, logits
+
+    def graph_step(self, x, y, idx, amp: bool) -> tuple:
+        if self.graph is None:
+            lrs = torch.tensor([lr_at(self.recipe, s, self.total, self.spe) for s in range(self.total)],
+                               device=self.device)
+            self.graph = compiling.GraphStep(self.model, self.objective, self.opt, self.masks, lrs, self.step, amp)
+        self.objective.count(x.shape[0])
+        loss, logits = self.graph(x, y, idx, self.session)
         self.step += 1
         return loss, logits
 

@@ -18,8 +18,10 @@ class Objective(Protocol):
     cumulative; the loop books the difference). ``teacher_rate`` and ``extra_rate`` say the same before any
     training: per trained sample, how many go through a teacher and how many more forward and backward (after
     the training's first ``extra_skip`` batches), for ``kdprune-estimate``; ``self_teacher``: the teacher
-    forwards go through the network itself (self-distillation, snapshots). ``eager_only``: the objective hooks into the model, so the loop
-    never compiles it. ``step`` runs after the loop's optimizer step (an objective with parameters of its own);
+    forwards go through the network itself (self-distillation, snapshots). ``eager_only``: the objective hooks
+    into the model, so the loop never compiles it. ``graph_step``: the objective is :meth:`loss`, a function of
+    the batch alone, plus :meth:`count` of its teacher forwards, so ``compile=step`` may trace the loss with the
+    backward and the optimizer update into one graph and book the forwards outside it. ``step`` runs after the loop's optimizer step (an objective with parameters of its own);
     ``state_dict``/``load_state_dict`` carry what a resumed training needs."""
 
     teacher: Optional[nn.Module] = None
@@ -30,9 +32,19 @@ class Objective(Protocol):
     extra_skip: int = 0
     self_teacher: bool = False
     eager_only: bool = False
+    graph_step: bool = False
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ...
+        self.count(x.shape[0])
+        return self.loss(model, x, y, idx)
+
+    def loss(self, model, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)`` of a batch, with no Python state changed (an objective with ``graph_step``)."""
+        raise NotImplementedError
+
+    def count(self, n: int) -> None:
+        """Book the teacher forwards of a batch of ``n`` trained samples."""
+        self.teacher_samples += self.teacher_rate * n
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
