@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,14 +44,9 @@ METRIC_DESC = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll"
                "temperature": "temperature T fit on validation"}
 
 
-@dataclass(frozen=True)
-class CostColumn:
-    """A cost-of-inference column: whether a run has its number, what it means in the Markdown note and the
-    LaTeX caption (``{setting}`` filled in), and its CSV columns."""
-    has: Callable  # (record, setting) -> bool
-    note: str
-    caption: str
-    csv: tuple
+# A cost-of-inference column: whether a run has its number (``has(record, setting)``), what it means in the
+# Markdown note and the LaTeX caption (``{setting}`` filled in), and its CSV columns.
+CostColumn = namedtuple("CostColumn", "has note caption csv")
 
 
 COST = {
