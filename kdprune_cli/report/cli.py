@@ -167,8 +167,7 @@ def run(args) -> int:
         md, written, layer_notes = _write(args, out, got, diagrams)
     except OSError as e:  # read-only, full, or not ours
         raise InputError(f"cannot write the report into {out}: {_os_error(e)}") from None
-    print(md, end="")
-    print()
+    print(md)
     print("written:", *(f"  {w}" for w in written), sep="\n")
     if got.problems or layer_notes:
         print(f"kdprune-report: {got.counts['failed']} failed, {got.counts['missing']} missing"
