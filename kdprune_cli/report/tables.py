@@ -28,7 +28,6 @@ from kdprune_cli.report.stats import (
 )
 
 COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}
-COSTS = tuple(COST_COLUMNS)
 SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
                 "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
                 "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
