@@ -1,8 +1,9 @@
 """NutePrune: structured progressive pruning with numerous teachers (arXiv 2402.09773), mapped to vision:
 hard-concrete gates on a CNN's coupled channel groups or on a timm ViT's heads, MLP channels and hidden width learn
-under a Lagrangian, one copy of the weights (LoRA adapters on a frozen base) serving as student and every teacher;
-the closed structures are then removed. The method, its constants (read from the source, Lucius-lsr/NutePrune)
-and our mapping: docs/methods.md §5; the machinery is :mod:`~kdprune_cli.pruning.procedures.gates`.
+under a Lagrangian, one copy of the weights serving as student and every teacher (with ``lora``: adapters on a
+frozen base); the closed structures are then removed. The method, its constants (read from the source,
+Lucius-lsr/NutePrune) and our mapping: docs/methods.md §5; the machinery is
+:mod:`~kdprune_cli.pruning.procedures.gates`.
 """
 from __future__ import annotations
 
