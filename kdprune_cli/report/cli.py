@@ -33,7 +33,7 @@ from kdprune_cli.report.plots import (
     write_reliability,
 )
 from kdprune_cli.report.stats import METRICS, OPTIONAL_METRICS, Setting, group, metric_of, num
-from kdprune_cli.report.tables import COST_COLUMNS, COSTS, latex, markdown, write_csv
+from kdprune_cli.report.tables import COST_COLUMNS, latex, markdown, write_csv
 
 
 def _positive_int(text: str) -> int:
@@ -55,7 +55,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: the first PATH if it is a folder, else its parent)")
     p.add_argument("--metric", default="top1", choices=METRICS, help="metrics.final.<metric> (default top1)")
-    p.add_argument("--cost", default="none", choices=COSTS,
+    p.add_argument("--cost", default="none", choices=COST_COLUMNS,
                    help="cost-of-inference columns beside each sparsity: macs (executed MACs / dense), latency "
                         "(speed-up of the final model over the dense student), all (both); default none")
     p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N",
@@ -167,8 +167,7 @@ def run(args) -> int:
         md, written, layer_notes = _write(args, out, got, diagrams)
     except OSError as e:  # read-only, full, or not ours
         raise InputError(f"cannot write the report into {out}: {_os_error(e)}") from None
-    print(md, end="")
-    print()
+    print(md)
     print("written:", *(f"  {w}" for w in written), sep="\n")
     if got.problems or layer_notes:
         print(f"kdprune-report: {got.counts['failed']} failed, {got.counts['missing']} missing"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from collections import namedtuple
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -17,18 +17,11 @@ class InputError(Exception):
     """Bad input: reported as one line on stderr with exit status 2."""
 
 
-@dataclass
-class Problem:
-    path: str
-    what: str  # "failed", "missing (no results.json)", ...
-    error: str = ""
-    record: Optional[dict] = None
-
-
-@dataclass
-class Found:
-    results: list = field(default_factory=list)  # Paths of results.json
-    missing: list = field(default_factory=list)  # job folders without results.json
+# A record or job folder the report lists: its path, what is wrong ("failed", "missing (no results.json)", ...),
+# the error line, the record where one was read.
+Problem = namedtuple("Problem", "path what error record", defaults=("", None))
+# The Paths of the results.json found, and the job folders without one.
+Found = namedtuple("Found", "results missing")
 
 
 def find_results(paths: Iterable[Path]) -> Found:
@@ -188,14 +181,9 @@ def dedupe(loaded: list) -> tuple:
                   if ident is not None and newest[ident] != i]
 
 
-@dataclass
-class Collected:
-    """What the PATHs hold: the ok records, the problems (failed, unreadable, incomplete, missing), the
-    superseded reruns and the counts the report states."""
-    ok: list
-    problems: list
-    superseded: list
-    counts: dict
+# What the PATHs hold: the ok records, the problems (failed, unreadable, incomplete, missing), the superseded
+# reruns and the counts the report states.
+Collected = namedtuple("Collected", "ok problems superseded counts")
 
 
 def collect(found: Found, incomplete) -> Collected:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,11 +29,7 @@ def metric_of(rec: dict, key: str, metric: str) -> Optional[float]:
     return num(m.get(metric)) if isinstance(m, dict) else None
 
 
-@dataclass
-class Stat:
-    mean: float
-    std: float
-    n: int
+Stat = namedtuple("Stat", "mean std n")  # over seeds: the mean, the sample std, the number of values
 
 
 def stat(values: list) -> Optional[Stat]:

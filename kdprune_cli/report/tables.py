@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +28,6 @@ from kdprune_cli.report.stats import (
 )
 
 COST_COLUMNS = {"none": (), "macs": ("macs",), "latency": ("speedup",), "all": ("macs", "speedup")}
-COSTS = tuple(COST_COLUMNS)
 SAMPLES_NOTE = ("Samples per run: samples pushed through the network being trained or scored plus samples "
                 "pushed through a teacher, summed over all stages of the job, including what a stage loaded "
                 "from the cache cost when it was made (`cost.stages.*.artifact`), i.e. what the result "
@@ -43,14 +43,9 @@ METRIC_DESC = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll"
                "temperature": "temperature T fit on validation"}
 
 
-@dataclass(frozen=True)
-class CostColumn:
-    """A cost-of-inference column: whether a run has its number, what it means in the Markdown note and the
-    LaTeX caption (``{setting}`` filled in), and its CSV columns."""
-    has: Callable  # (record, setting) -> bool
-    note: str
-    caption: str
-    csv: tuple
+# A cost-of-inference column: whether a run has its number (``has(record, setting)``), what it means in the
+# Markdown note and the LaTeX caption (``{setting}`` filled in), and its CSV columns.
+CostColumn = namedtuple("CostColumn", "has note caption csv")
 
 
 COST = {

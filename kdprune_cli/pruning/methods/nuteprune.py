@@ -1,44 +1,9 @@
-"""NutePrune: structured progressive pruning with numerous teachers (arXiv 2402.09773; docs/methods.md §5); the
-machinery is :mod:`~kdprune_cli.pruning.procedures.gates`.
-
-Vision adaptation for CNNs and timm ViTs (our mapping of the LLaMA source, Lucius-lsr/NutePrune, read for its
-constants). For ViTs the structures are attention heads, MLP channels and the hidden width shared by all
-blocks, with a LayerNorm over the kept dims (:mod:`~kdprune_cli.pruning.structure.vit`); LoRA adapts the q and
-v blocks of the fused qkv only, as the source adapts q_proj and v_proj. For CNNs:
-
-1. **Hard-concrete (L0) gates** on every coupled channel group
-   (:class:`~kdprune_cli.pruning.structure.channels.ChannelGroups`): the inner channels of each residual block,
-   one shared gate vector per residual stage for the channels the additions carry, every conv's outputs in VGG,
-   MobileNetV2's expanded and block channels. A gate multiplies
-   the output of every BatchNorm over its channels (after BN, before the activation; pre-activation nets also
-   gate the convs that write into the additions, so the residual stream is zero on a closed channel). Constants
-   as the source: β=2/3, l=−0.1, r=1.1, ``log α ~ N(log((1−d)/d), 0.01)`` with ``d = droprate_init``
-   (0.01 as the source's script: the gates start open; its code default is 0.5), clamped to
-   ``[log 1e-2, log 1e2]`` (±4.6) after each step; AdamW with lr 0.1 for ``log α``.
-2. **Expected remaining size** from the gates' open probabilities ``P(z>0) = 1 − Q(0)`` with the
-   architecture's real parameter (or MAC) counts, per layer ``E[out]·E[in]·k``, so ``sparsity`` means the
-   fraction of prunable weights removed as everywhere (``prune.target=macs``: of MACs). Lagrangian
-   ``λ1·(ŝ−t)+λ2·(ŝ−t)²``, ``t`` ramped linearly from 0 to the target over ``ramp_epochs``
-   (``ramp_epochs=0``: the full target from the first step, as the source without a Lagrangian warm-up), λ by
-   gradient ascent (AdamW, lr −0.1). ViT MACs include attention's ``Q·Kᵀ`` and ``A·V`` per kept head.
-3. **One copy of the weights** serves as student and every teacher: the base is frozen and the student trains
-   LoRA adapters (peft, on every Conv2d and Linear, r=8, α=8) by the one trainer; ``lora=false`` trains the
-   weights directly and keeps snapshot copies of them. A snapshot (deterministic gates + the adapters) is
-   taken each time the expected sparsity passes the next multiple of ``delta`` (1%) below the target. The
-   teacher follows the source's schedule exactly: the intact model (no adapters, gates open) until
-   ``teacher_ahead`` (10) snapshots exist, then the snapshot ``teacher_ahead`` back; once the target is
-   reached, ``phase = remaining_steps // (steps_left_at_target // (N+1)) − teacher_ahead`` (clipped to
-   ``N−1``) walks back toward the intact model, which teaches the last ``teacher_ahead`` intervals.
-   ``teachers=intact`` is the ablation with the intact model as the only teacher.
-4. **Loss**, distillation only: ``0.1·τ²·KL(p_T^τ ‖ p_S^τ)`` (τ=2/3) + ``0.9·Σ_blocks MSE`` of the block
-   outputs over the positions where the student's output is non-zero (as the source), + the Lagrangian.
-   BatchNorm stays in eval mode with its statistics frozen while the gates learn.
-5. **Export**: the deterministic gates (the source's: ``sigmoid(log α/β·0.8)``, the expected number of zeros
-   set to 0) keep their soft values and are folded into the BatchNorm scale and shift, the adapters are
-   merged, and the channels with z=0 are removed physically (Torch-Pruning), so the saved model is
-   really smaller; its outputs equal the gated model's. ``retrain`` (epochs 0 by default, as the source's
-   pruning run) optionally fine-tunes the exported model with CE (our choice, like the source's separate
-   LoRA fine-tuning step). Layers with no BatchNorm on their channels are refused.
+"""NutePrune: structured progressive pruning with numerous teachers (arXiv 2402.09773), mapped to vision:
+hard-concrete gates on a CNN's coupled channel groups or on a timm ViT's heads, MLP channels and hidden width learn
+under a Lagrangian, one copy of the weights serving as student and every teacher (with ``lora``: adapters on a
+frozen base); the closed structures are then removed. The method, its constants (read from the source,
+Lucius-lsr/NutePrune) and our mapping: docs/methods.md §5; the machinery is
+:mod:`~kdprune_cli.pruning.procedures.gates`.
 """
 from __future__ import annotations
 

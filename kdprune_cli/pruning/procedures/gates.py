@@ -298,8 +298,7 @@ def export(ctx, model: nn.Module, structures, objective: "NuteObjective", lora: 
     structures.remove_hooks()
     if lora:
         model = merge_lora(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
     facts = structures.export(z, ctx.pruner.sparsity, ctx.pruner.target, ctx.pruner.exclude)
     with torch.no_grad():
         facts["export_max_abs_diff"] = float((model.eval()(probe) - gated).abs().max())

@@ -1,26 +1,7 @@
-"""The prunable structures of a timm Vision Transformer, for NutePrune (docs/methods.md §5; our vision mapping,
-after CoFi's head / MLP / hidden masks with a LayerNorm over the kept dims).
-
-Three kinds of structure, one gate vector each (group 0, then one per block for heads, then one per block for
-MLP channels):
-
-- **hidden width** (one vector of ``D`` gates shared by every block): multiplies the embedding (after the
-  patch embedding, the class / register tokens and the position embedding) and the output of every residual
-  branch (``attn.proj``, ``mlp.fc2``), so the residual stream is ``z ⊙ r``; every LayerNorm over the width
-  (``norm1``, ``norm2``, the final ``norm`` / ``fc_norm``) is computed over the dims whose gate is non-zero
-  only, and gives 0 on the others (LayerNorm subtracts a mean, so zeroed dims would otherwise shift it);
-- **attention heads** of each block: multiply the attention output, per head, before ``proj``;
-- **MLP channels** of each block: multiply ``fc2``'s input (after ``fc1`` and the activation).
-
-Sizes come from the layers' real shapes: per kept head ``3·d_head·D'`` (q, k, v rows) + ``d_head·D'``
-(``proj`` columns) = ``4·d_head·D'``, per kept MLP channel ``2·D'``, plus the patch embedding and the
-classifier, ``D'`` being the kept width. MACs are each layer's size times the tokens ``N`` it sees, plus
-attention's ``Q·Kᵀ`` and ``A·V``: ``2·N²·d_head`` per kept head, whatever the width (what
-:func:`~kdprune_cli.training.evaluate.count_flops` and ``torch.utils.flop_counter`` count). The same products with
-expected kept counts give the expected size and MACs (groups independent). The export folds the soft gates
-into the weights (patch embedding rows, tokens, ``proj`` and ``fc2`` rows for the width, ``proj`` / ``fc2``
-columns for heads / channels) and slices the removed heads, channels and width out of every layer, so the
-exported model computes what the gated one did.
+"""The prunable structures of a timm Vision Transformer for NutePrune (arXiv 2402.09773; the mapping, after
+CoFi, is described in docs/methods.md §5): the hidden width shared by every block, each block's attention heads and
+MLP channels; their exact and expected sizes and MACs, the gates' hooks (LayerNorms over the kept width only) and
+the export that folds the soft gates in and slices the closed structures out.
 """
 from __future__ import annotations
 
@@ -34,7 +15,7 @@ from kdprune_cli.models.matmuls import MatmulCounter
 from kdprune_cli.pruning.structure.channels import layer_outputs, structure_facts
 from kdprune_cli.pruning.structure.conv_gates import Gates
 
-HIDDEN = 0
+HIDDEN = 0  # the width's group; then a group of heads per block, then one of MLP channels per block
 TOKENS = ("cls_token", "reg_token", "pos_embed")  # the embedding's parameters over the width
 
 
