@@ -86,9 +86,9 @@ def _only(job, which):
 
 
 def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -> None:
-    first = jobs[0]
-    print(f"kdprune-estimate: {len(jobs)} job{'s' if len(jobs) != 1 else ''} ({first.teacher} → {first.student} "
-          "where the jobs agree); samples as the records will book them, the store empty at the start", file=out)
+    pairs = ", ".join(sorted({f"{j.teacher} → {j.student}" for j in jobs}))
+    print(f"kdprune-estimate: {len(jobs)} job{'s' if len(jobs) != 1 else ''} ({pairs}); samples as the records "
+          "will book them, the store empty at the start", file=out)
     hours = f"hours ({rates.get('device', 'the rates file')})" if rates else "GPU-hours"
     print(f"\n| what | jobs | samples | teacher samples | {hours} |\n|---|---:|---:|---:|---:|", file=out)
     for label, n, s, t, sec in rows(jobs, rates):

@@ -100,7 +100,7 @@ def test_the_paper_grid_is_counted_and_priced(tmp_path):
     r = estimate_cli("experiment=paper_cifar10", "--rates", str(rates))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("kdprune-estimate: 90 jobs")
+    assert lines[0].startswith("kdprune-estimate: 90 jobs (resnet56 → resnet20);")
     rows = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ")}
     assert {"cakld", "cakld_ce", "epg", "epsd", "colt", "total"} <= set(rows)
     assert "hours (a test's numbers)" in r.stdout and "no rate for" not in r.stdout
