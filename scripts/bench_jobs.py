@@ -220,8 +220,8 @@ def parse_args() -> argparse.Namespace:
                     help="the method's retraining epochs (default: the quickstart budget's, 15)")
     ap.add_argument("--max-batches", type=int, default=None, help="at most this many batches per training epoch")
     ap.add_argument("--amp", choices=["true", "false"], default=None, help="bf16 autocast (default: true on CUDA)")
-    ap.add_argument("--compile", choices=["true", "false", "auto"], default=None,
-                    help="torch.compile the training step (default: true on CUDA, false on CPU)")
+    ap.add_argument("--compile", choices=["true", "false", "auto", "step"], default=None,
+                    help="the jobs' compile setting (default: true on CUDA, false on CPU)")
     ap.add_argument("--ray-cpus", type=int, default=None,
                     help="CPUs of the local Ray instance (default: all; CPU: 2)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds after which a sweep is killed")
