@@ -21,8 +21,9 @@ class Objective(Protocol):
     forwards go through the network itself (self-distillation, snapshots). ``eager_only``: the objective hooks
     into the model, so the loop never compiles it. ``graph_step``: the objective is :meth:`loss`, a function of
     the batch alone, plus :meth:`count` of its teacher forwards, so ``compile=step`` may trace the loss with the
-    backward and the optimizer update into one graph and book the forwards outside it. ``step`` runs after the loop's optimizer step (an objective with parameters of its own);
-    ``state_dict``/``load_state_dict`` carry what a resumed training needs."""
+    backward and the optimizer update into one graph and book the forwards outside it. ``step`` runs after the
+    loop's optimizer step (an objective with parameters of its own); ``state_dict``/``load_state_dict`` carry
+    what a resumed training needs."""
 
     teacher: Optional[nn.Module] = None
     teacher_samples: int = 0
