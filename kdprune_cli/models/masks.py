@@ -173,7 +173,3 @@ def sparsity_report(model: nn.Module, exclude: Iterable[str] = (), reference: nn
         total += ref[n].numel()
         nonzero += nz
     return {"global": (total - nonzero) / max(total, 1), "per_layer": per_layer, "prunable": total, "nonzero": nonzero}
-
-
-def masks_to_cpu(masks: Masks) -> Masks:
-    return {n: m.detach().to("cpu") for n, m in masks.items()}

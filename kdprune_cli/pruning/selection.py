@@ -122,6 +122,19 @@ def group_targets(sizes: Mapping[str, int], sparsity: float, scope: str) -> Grou
     return [([n], int(c)) for n, c in zip(names, counts)]
 
 
+def weight_targets(model: nn.Module, exclude: List[str], sparsity: float, scope: str,
+                   convs_only: bool = False) -> tuple[dict, int, Groups]:
+    """The prunable weight counts of ``model`` by tensor (``exclude`` left out; only the Conv2d ones with
+    ``convs_only``), the count of every prunable weight |P|, and the scope groups with their exact removal
+    counts: ``round(sparsity·|P|)`` in all, spread over the Conv2d weights alone with ``convs_only``."""
+    mods = prunable_modules(model, exclude)
+    total = sum(m.weight.numel() for m in mods.values())
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if not convs_only or isinstance(m, nn.Conv2d)}
+    k, part = int(round(sparsity * total)), sum(sizes.values())
+    share = sparsity if not convs_only else (k / part if part else 0.0)
+    return sizes, total, group_targets(sizes, share, scope)
+
+
 def removed(masks: Mapping[str, torch.Tensor], names=None) -> int:
     """How many weights ``masks`` removes (among ``names``; default all)."""
     return sum(int((~masks[n]).sum()) for n in (masks if names is None else names))
@@ -209,9 +222,8 @@ class WeightProgress:
 
     def __init__(self, pruner: Pruner, model: nn.Module, members: Sequence[nn.Module], convs_only: bool):
         self.pruner, self.model = pruner, model
-        mods = prunable_modules(model, pruner.exclude)
-        self.total = sum(m.weight.numel() for m in mods.values())
-        sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if not convs_only or isinstance(m, nn.Conv2d)}
+        sizes, self.total, self.groups = weight_targets(model, pruner.exclude, pruner.sparsity, pruner.scope,
+                                                        convs_only)
         k = int(round(pruner.sparsity * self.total))
         self.part = sum(sizes.values()) if convs_only else None
         if convs_only and k and k >= self.part:
@@ -219,10 +231,8 @@ class WeightProgress:
                               f"{pruner.sparsity} must remove {k} of |P|={self.total} weights and the prunable "
                               f"convolutions hold only {self.part}; lower the sparsity or put the linear layers "
                               "in prune.exclude")
-        share = pruner.sparsity if not convs_only else (k / self.part if self.part else 0.0)
-        self.groups = group_targets(sizes, share, pruner.scope)
         assert not convs_only or sum(g for _, g in self.groups) == k
-        self.masks: Masks = {n: torch.ones_like(mods[n[:-len(".weight")]].weight, dtype=torch.bool) for n in sizes}
+        self.masks: Masks = {n: torch.ones_like(model.get_parameter(n), dtype=torch.bool) for n in sizes}
         self.steps = 0  # the members train and prune with the same masks
 
     @property
