@@ -153,17 +153,12 @@ def select_count(scores: Mapping[str, torch.Tensor], names: List[str], count: in
     return out
 
 
-def full_step(prev: int, size: int, rate: float) -> int:
-    """The count after an unclipped round: ``rate`` of the survivors more, at least one weight."""
-    return prev + max(1, int(round(rate * (size - prev))))
-
-
 def round_count(prev: int, size: int, k: int, rate: float) -> tuple[int, bool]:
     """The count removed after the next round toward ``k`` (``prev`` removed of ``size``) and whether that round
     is full: ``rate`` of the survivors, not clipped to ``k`` (a done group's round is not full)."""
     if prev >= k:
         return prev, False
-    nxt = full_step(prev, size, rate)
+    nxt = prev + max(1, int(round(rate * (size - prev))))  # unclipped: rate of the survivors more, at least one
     return min(k, nxt), nxt <= k
 
 
