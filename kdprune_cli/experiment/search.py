@@ -133,7 +133,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         return None
     job, value, rec = found
     split = SPLITS.get(metric.split(".")[0])
-    final = _pair(rec, "final")
+    final, typed = _pair(rec, "final"), {_key(t) for t in task_overrides(config.hydra)}
     doc = {
         "optimized_metric": metric,
         "split": split or "record",
@@ -141,7 +141,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         "value": value,
         "job": job.name,
         "run_dir": str(job),
-        "params": [o for o in _overrides(job) if _key(o) not in {_key(t) for t in task_overrides(config.hydra)}],  # the sampled ones
+        "params": [o for o in _overrides(job) if _key(o) not in typed],  # the sampled ones
         "overrides": _overrides(job),  # all of the trial's overrides, the command line's included
         "final": final,  # metric: {val: ..., test: ...}
         "trials": {"ok": len(ok_jobs), "failed": n_failed},

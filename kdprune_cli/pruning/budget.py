@@ -130,11 +130,10 @@ class Budget:
         granularity round ``r`` plans to ``1 − (1 − rate)^r`` of the target and no round is shared."""
         s = float(self.cfg.sparsity)
         if self.cfg.prune.granularity == "channel":
-            r = 0
-            while True:
+            r = 1
+            while 1 - (1 - rate) ** r < s:
                 r += 1
-                if min(s, 1 - (1 - rate) ** r) >= s:
-                    return [False] * r
+            return [False] * r
         c = self.cfg.student
         model = build_model(c.name, self.classes, self.channels, self.size, model_kwargs(c))
         sizes, _, targets = weight_targets(model, list(self.cfg.prune.exclude), s, self.cfg.prune.scope, convs_only)

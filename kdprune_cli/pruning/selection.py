@@ -72,10 +72,6 @@ class Pruner:
                            target=p.target, reduce=p.reduce, normalize=p.normalize, exclude=self.exclude,
                            keep_removed=keep_removed, **channel_caps(self.cfg))
 
-    def removable(self, groups: ChannelGroups) -> list[int]:
-        """The most channels each group may lose under the configured caps."""
-        return groups.removable(**channel_caps(self.cfg))
-
     def prune(self, model: nn.Module, scores: Scores) -> Result:
         """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
         scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
@@ -365,7 +361,7 @@ class ChannelProgress:
         union = [torch.unique(torch.cat([pl.removed[g] for pl in plans])) for g in range(len(self.groups.groups))]
         common = {n: sum(sc[n] for sc in scores_list) for n in scores_list[0]
                   if all(sc[n].shape == scores_list[0][n].shape for sc in scores_list)}
-        if any(len(u) > most for u, most in zip(union, p.removable(self.groups))):
+        if any(len(u) > most for u, most in zip(union, self.groups.removable(**channel_caps(p.cfg)))):
             union = p.plan(self.groups, common, goal, keep_removed=gone).removed  # past a group's cap
         if goal >= s or self.groups.describe(union, s, c.target, p.exclude)["achieved"] > s:
             union = p.plan(self.groups, common, s, keep_removed=gone).removed  # clipped to the target
