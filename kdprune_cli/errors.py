@@ -34,14 +34,10 @@ class DivergedError(FloatingPointError):
     """A training stage produced a non-finite loss, weights or metrics."""
 
 
-def lr_hint(where: Optional[str]) -> str:
-    """``; lower the learning rate (<where>.lr=...)`` for the recipe at config path ``where``."""
-    return f"; lower the learning rate ({where}.lr=...)" if where else "; lower the learning rate"
-
-
 def diverged(stage: str, when: str, what: str, where: Optional[str] = None) -> DivergedError:
     """``training diverged in stage <stage> (<when>): <what>; lower the learning rate (<where>.lr=...)``."""
-    return DivergedError(f"training diverged in stage {stage} ({when}): {what}{lr_hint(where)}")
+    hint = f" ({where}.lr=...)" if where else ""
+    return DivergedError(f"training diverged in stage {stage} ({when}): {what}; lower the learning rate{hint}")
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:

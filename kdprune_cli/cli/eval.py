@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdprune_cli.config.schema import ConfigError, DataConfig
+from kdprune_cli.config.schema import SWITCH, ConfigError, DataConfig
 from kdprune_cli.data import DataError, load_data
 from kdprune_cli.experiment.validate import resolve_device
 from kdprune_cli.models import build_model
@@ -31,7 +31,8 @@ from kdprune_cli.models.checkpoint import CheckpointError, load_checkpoint
 from kdprune_cli.models.modelfile import ModelFileError, build_from, model_path, read_model_file
 from kdprune_cli.training.evaluate import count_flops, evaluate_splits, latency_record
 
-RECORD_KEYS = {"final": "final", "teacher": "teacher", "dense_student": "dense_student"}
+MODELS = ("dense_student", "final", "teacher")  # as the record's metrics name them
+METRICS = ("top1", "top5", "nll", "ece")
 
 
 class EvalError(ValueError):
@@ -52,7 +53,7 @@ def positive_int(text: str) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="kdprune-eval", description="Evaluate, time and export a saved kdprune model.")
     p.add_argument("path", help="a run folder (with model.pt) or a model.pt file")
-    p.add_argument("--model", choices=sorted(RECORD_KEYS), default="final",
+    p.add_argument("--model", choices=MODELS, default="final",
                    help="which model of the run: the final pruned model (default) or a dense artifact")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--data-root", help="where the dataset is now (default: the path the run used)")
@@ -60,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--latency", action="store_true", help="time batch 1 and --latency-batch")
     p.add_argument("--latency-batch", type=positive_int, default=256)
     p.add_argument("--iters", type=positive_int, default=100, help="timed iterations per setting")
-    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+    p.add_argument("--compile", choices=SWITCH, default="auto",
                    help="also time the torch.compile'd model (auto: on CUDA)")
     p.add_argument("--onnx", metavar="PATH", help="export to ONNX and check it with onnxruntime on a test batch")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -130,6 +131,10 @@ def onnx_check(model: nn.Module, x: torch.Tensor, path: str) -> str:
     return f"onnx: {path} written; onnxruntime's output on {x.shape[0]} test images {ok} the model's (max |Δ| {diff:.2e})"
 
 
+def metrics_row(label: str, m: dict) -> str:
+    return f"  {label:<14}" + "".join(f"{m[k]:>8.{2 if k.startswith('top') else 3}f}" for k in METRICS)
+
+
 def run(args) -> int:
     device = resolve_device(args.device)
     model, obj, record = load(args)
@@ -149,15 +154,13 @@ def run(args) -> int:
     lines = [f"kdprune-eval: {args.model} {out['architecture']} on {data.name} ({args.split}), "
              f"{params:,} parameters, {macs:,} MACs",
              f"  {'':<14}{'top1':>8}{'top5':>8}{'nll':>8}{'ece':>8}",
-             f"  {args.model:<14}" + "".join(f"{metrics[k]:>8.{2 if k.startswith('top') else 3}f}"
-                                             for k in ("top1", "top5", "nll", "ece"))]
+             metrics_row(args.model, metrics)]
     key = "metrics" if args.split == "test" else "metrics_val"
-    recorded = ((record or {}).get(key) or {}).get(RECORD_KEYS[args.model])
+    recorded = ((record or {}).get(key) or {}).get(args.model)
     if recorded:
-        same = all(abs(recorded[k] - metrics[k]) <= 1e-9 for k in ("top1", "top5", "nll", "ece"))
+        same = all(abs(recorded[k] - metrics[k]) <= 1e-9 for k in METRICS)
         out["record_matches"] = same
-        lines.append(f"  {'record':<14}" + "".join(f"{recorded[k]:>8.{2 if k.startswith('top') else 3}f}"
-                                                    for k in ("top1", "top5", "nll", "ece"))
+        lines.append(metrics_row("record", recorded)
                      + ("   (same)" if same else "   (differs: another device or data?)"))
     if args.latency:
         shape = (data.channels, data.image_size, data.image_size)

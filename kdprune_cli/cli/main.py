@@ -25,7 +25,7 @@ from kdprune_cli.config.schema import ConfigError, register
 from kdprune_cli.data import DataError
 from kdprune_cli.errors import DivergedError, storage_error
 from kdprune_cli.experiment.job import run_job
-from kdprune_cli.experiment.search import is_search, objective
+from kdprune_cli.experiment.search import is_search, objective, task_overrides
 from kdprune_cli.experiment.signals import Interrupted
 from kdprune_cli.log import say
 from kdprune_cli.models.checkpoint import CheckpointError
@@ -165,12 +165,6 @@ def config_groups_text() -> str:
 
 
 OmegaConf.register_new_resolver("kdprune_groups", config_groups_text, replace=True)
-
-
-def task_overrides(hc) -> list:
-    """The command line's overrides as written (``teacher.checkpoint=${oc.env:X}`` stays a string; iterating
-    Hydra's node would resolve it)."""
-    return list(OmegaConf.to_container(hc.overrides.task, resolve=False))
 
 
 def composition_error_line(e: BaseException) -> str:

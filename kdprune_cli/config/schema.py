@@ -95,9 +95,15 @@ def check_options(obj, where: str) -> None:
             accepts, what = RULES[f.metadata["rule"]]
             if not accepts(v):
                 raise ConfigError(f"{name} must be {what}, got {v!r}")
-        elif "choices" in f.metadata and v not in f.metadata["choices"]:
-            allowed = f.metadata["choices"]
-            raise ConfigError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {v!r}")
+        elif "choices" in f.metadata:
+            one_of(name, v, f.metadata["choices"])
+
+
+def one_of(name: str, value: Any, allowed: tuple, lower: bool = False) -> None:
+    """Raise :class:`ConfigError` ``<name> must be a, b or c, got <value>`` unless the value (with ``lower``:
+    its text in lower case, so YAML's ``true`` passes as ``"true"``) is one of ``allowed``."""
+    if (str(value).lower() if lower else value) not in allowed:
+        raise ConfigError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
 
 
 @dataclass
@@ -230,6 +236,7 @@ def register() -> None:
 
 
 NOT_RECIPE = ("kd",)  # switches that live beside a recipe in a method's node
+SWITCH = ("auto", "true", "false")  # progress, eval.latency_compile, and compile (which also takes step)
 
 
 def recipe(node: Any, where: str) -> DictConfig:
@@ -258,10 +265,8 @@ def _check_recipe(r, where: str) -> None:
     if not (math.isfinite(r.lr_decay) and r.lr_decay >= 0) or not (math.isfinite(r.warmup_epochs)
                                                                     and r.warmup_epochs >= 0):
         raise ConfigError(f"{where}: lr_decay and warmup_epochs must be finite numbers >= 0")
-    if r.schedule not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"{where}.schedule must be cosine, multistep or constant, got {r.schedule!r}")
-    if r.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"{where}.optimizer must be sgd or adamw, got {r.optimizer!r}")
+    one_of(f"{where}.schedule", r.schedule, ("cosine", "multistep", "constant"))
+    one_of(f"{where}.optimizer", r.optimizer, ("sgd", "adamw"))
 
 
 # Training images of each dataset's training split (before data.val_split holds some out).
@@ -315,8 +320,7 @@ def validate(cfg: DictConfig) -> None:
     check_outputs(cfg)
     if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
         raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
-    if str(cfg.get("compile", "auto")).lower() not in ("auto", "true", "false", "step"):
-        raise ConfigError(f"compile must be auto, true, false or step, got {cfg.compile!r}")
+    one_of("compile", cfg.get("compile", "auto"), (*SWITCH, "step"), lower=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_run_options(cfg)
@@ -324,13 +328,10 @@ def validate(cfg: DictConfig) -> None:
 
 def check_prune(p) -> None:
     """``prune.*``: the selection's options."""
-    if p.scope not in ("global", "layer"):
-        raise ConfigError(f"prune.scope must be global or layer, got {p.scope!r}")
-    choices = {"granularity": ("weight", "channel"), "target": ("params", "macs"), "reduce": ("mean", "sum"),
-               "normalize": ("mean", "max", "sum", "standarization", "none")}
+    choices = {"scope": ("global", "layer"), "granularity": ("weight", "channel"), "target": ("params", "macs"),
+               "reduce": ("mean", "sum"), "normalize": ("mean", "max", "sum", "standarization", "none")}
     for key, allowed in choices.items():
-        if p[key] not in allowed:
-            raise ConfigError(f"prune.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {p[key]!r}")
+        one_of(f"prune.{key}", p[key], allowed)
     if not 0.0 < p.max_group_ratio <= 1.0:
         raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {p.max_group_ratio}")
     if p.min_channels < 1:
@@ -345,20 +346,16 @@ def check_outputs(cfg: DictConfig) -> None:
     """``eval.*`` and ``logger.*``: what the run measures and where it logs."""
     if cfg.eval.latency_batch <= 0 or cfg.eval.latency_iters <= 0:
         raise ConfigError("eval.latency_batch and eval.latency_iters must be integers > 0")
-    if str(cfg.eval.latency_compile).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"eval.latency_compile must be auto, true or false, got {cfg.eval.latency_compile!r}")
-    if cfg.logger.name not in ("none", "csv", "wandb"):
-        raise ConfigError(f"logger must be none, csv or wandb, got {cfg.logger.name!r}")
-    if cfg.logger.mode not in ("online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
+    one_of("eval.latency_compile", cfg.eval.latency_compile, SWITCH, lower=True)
+    one_of("logger", cfg.logger.name, ("none", "csv", "wandb"))
+    one_of("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
     if cfg.eval.ece_bins <= 0 or cfg.eval.batch_size <= 0:
         raise ConfigError("eval.ece_bins and eval.batch_size must be > 0")
 
 
 def check_run_options(cfg: DictConfig) -> None:
     """``progress`` and ``threads``: how the run uses the console and the CPU."""
-    if str(cfg.get("progress", "auto")).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"progress must be auto, true or false, got {cfg.progress!r}")
+    one_of("progress", cfg.get("progress", "auto"), SWITCH, lower=True)
     t = cfg.get("threads", "auto")
     if str(t).lower() != "auto" and not (isinstance(t, int) and not isinstance(t, bool) and t > 0):
         raise ConfigError(f"threads must be auto or an integer > 0, got {t!r}")

@@ -42,10 +42,9 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
             logit_norm: bool = False) -> torch.Tensor:
-    """Hinton et al. 2015 (arXiv 1503.02531): ``T²·KL(softmax(z_T/T) ‖ softmax(z_S/T))``, batch mean."""
-    log_ps = _log_probs(student_logits, temperature, logit_norm)
-    log_pt = _log_probs(teacher_logits, temperature, logit_norm)
-    return temperature ** 2 * kl(log_pt, log_ps)
+    """Hinton et al. 2015 (arXiv 1503.02531): ``T²·KL(softmax(z_T/T) ‖ softmax(z_S/T))``, batch mean
+    (:func:`cakld_loss` with ``gamma=0``)."""
+    return cakld_loss(student_logits, teacher_logits, 0.0, temperature, logit_norm)
 
 
 def cakld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float,
@@ -53,7 +52,7 @@ def cakld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma
     """CA-KLD (arXiv 2511.16653, distillation loss; the blend is CAKLD of BitDistiller arXiv 2402.10631).
 
     ``T²·[γ·KL(p_S ‖ p_T) + (1−γ)·KL(p_T ‖ p_S)]`` with ``p = softmax(standardise(z)/T)`` (``unbiased``:
-    the std of :func:`standardise`). ``gamma=0`` with ``logit_norm=False`` is exactly :func:`kd_loss`.
+    the std of :func:`standardise`); ``gamma=0`` with ``logit_norm=False`` is :func:`kd_loss`.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")

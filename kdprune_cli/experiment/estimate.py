@@ -18,7 +18,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from kdprune_cli.config.schema import ConfigError
+from kdprune_cli.config.schema import ConfigError, split_sizes
 from kdprune_cli.data.sources import get_source
 from kdprune_cli.experiment.validate import check_overrides, validate
 from kdprune_cli.pruning.budget import Budget
@@ -65,9 +65,7 @@ def count_job(cfg: DictConfig, overrides: list, made: set) -> JobCount:
     validate(cfg)
     method = get_method(cfg.method.name)(cfg.method)
     src = get_source(cfg.data.name)
-    n = src.train_images
-    if cfg.data.get("val_split"):
-        n -= int(round(float(cfg.data.val_split) * n))
+    n, _ = split_sizes(src.train_images, float(cfg.data.val_split))
     b = Budget(cfg, n, src.classes, src.channels, src.size, made)
     b.dense("teacher")
     b.dense("student")

@@ -48,9 +48,10 @@ def objective(record: dict, path: str) -> Optional[float]:
     return float(v)
 
 
-def _task(config: DictConfig) -> list:
-    """The command line's overrides as typed (an override may hold an interpolation: not resolved)."""
-    return list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or [])
+def task_overrides(hydra: DictConfig) -> list:
+    """The command line's overrides as written, from the ``hydra`` node (``teacher.checkpoint=${oc.env:X}`` stays
+    a string; iterating Hydra's node would resolve it)."""
+    return list(OmegaConf.to_container(hydra.overrides.task, resolve=False) or [])
 
 
 def _key(override: str) -> str:
@@ -73,7 +74,7 @@ def search_problem(config: DictConfig) -> Optional[str]:
     if parts[0] in SPLITS and (len(parts) != 3 or parts[1] not in STAGES):
         return (f"optimized_metric={metric}: expected {parts[0]}.<stage>.<metric> with stage one of "
                 f"{', '.join(STAGES)}")
-    if parts[0] == "metrics" and not _explicit(_task(config)):
+    if parts[0] == "metrics" and not _explicit(task_overrides(hydra)):
         return (f"optimized_metric={metric} is measured on the test split: a search selects on validation "
                 f"(metrics_val.*, with data.val_split > 0); to select on the test split anyway, set "
                 f"optimized_metric={metric} on the command line")
@@ -132,7 +133,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         return None
     job, value, rec = found
     split = SPLITS.get(metric.split(".")[0])
-    final = _pair(rec, "final")
+    final, typed = _pair(rec, "final"), {_key(t) for t in task_overrides(config.hydra)}
     doc = {
         "optimized_metric": metric,
         "split": split or "record",
@@ -140,7 +141,7 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         "value": value,
         "job": job.name,
         "run_dir": str(job),
-        "params": [o for o in _overrides(job) if _key(o) not in {_key(t) for t in _task(config)}],  # the sampled ones
+        "params": [o for o in _overrides(job) if _key(o) not in typed],  # the sampled ones
         "overrides": _overrides(job),  # all of the trial's overrides, the command line's included
         "final": final,  # metric: {val: ..., test: ...}
         "trials": {"ok": len(ok_jobs), "failed": n_failed},

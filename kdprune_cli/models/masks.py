@@ -91,22 +91,14 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
         if scope == "global" and sum(already) > counts:
             raise ValueError(f"mask already removes {sum(already)} weights, more than the target {counts}")
     masks: Masks = {}
-    if scope == "global":
-        allv = torch.cat([f.to("cpu") for f in flat])
-        order = torch.sort(allv, stable=True).indices
-        keep_flat = torch.ones(allv.numel(), dtype=torch.bool)
-        keep_flat[order[:counts]] = False
-        offset = 0
-        for n, size in zip(names, sizes):
-            masks[n] = keep_flat[offset:offset + size].view_as(scores[n]).to(scores[n].device)
-            offset += size
-    else:
-        for n, f, c in zip(names, flat, counts):
-            order = torch.sort(f.to("cpu"), stable=True).indices
-            m = torch.ones(f.numel(), dtype=torch.bool)
-            m[order[:c]] = False
+    groups = [(names, flat, counts)] if scope == "global" else [([n], [f], c) for n, f, c in zip(names, flat, counts)]
+    for group, parts, count in groups:  # one ranking of every tensor (global) or of each tensor (layer)
+        order = torch.sort(torch.cat([f.to("cpu") for f in parts]), stable=True).indices
+        kept = torch.ones(len(order), dtype=torch.bool)
+        kept[order[:count]] = False
+        for n, m in zip(group, kept.split([f.numel() for f in parts])):
             if keep is not None:  # a tensor that already lost more than its share stays pruned
-                m &= keep[n].flatten().to(m.device)
+                m = m & keep[n].flatten().to(m.device)
             masks[n] = m.view_as(scores[n]).to(scores[n].device)
     return masks
 
@@ -173,7 +165,3 @@ def sparsity_report(model: nn.Module, exclude: Iterable[str] = (), reference: nn
         total += ref[n].numel()
         nonzero += nz
     return {"global": (total - nonzero) / max(total, 1), "per_layer": per_layer, "prunable": total, "nonzero": nonzero}
-
-
-def masks_to_cpu(masks: Masks) -> Masks:
-    return {n: m.detach().to("cpu") for n, m in masks.items()}

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from kdprune_cli.config.schema import model_kwargs, recipe
 from kdprune_cli.data.batching import batch_count
 from kdprune_cli.models import build_model
-from kdprune_cli.models.masks import prunable_modules
-from kdprune_cli.pruning.selection import group_targets, round_count
+from kdprune_cli.pruning.selection import round_count, weight_targets
 
 
 @dataclass
@@ -126,31 +124,20 @@ class Budget:
                 self.recipe_key(node, "method.round"), c.prune.scope, list(c.prune.exclude), c.amp, str(c.device),
                 extra)
 
-    def group_sizes(self, convs_only: bool = False) -> tuple[dict, int]:
-        """The student's prunable weight counts (``prune.exclude`` left out) by tensor, and their total."""
-        c = self.cfg.student
-        model = build_model(c.name, self.classes, self.channels, self.size, model_kwargs(c))
-        mods = prunable_modules(model, list(self.cfg.prune.exclude))
-        total = sum(m.weight.numel() for m in mods.values())
-        sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items()
-                 if not convs_only or isinstance(m, nn.Conv2d)}
-        return sizes, total
-
     def rounds(self, rate: float, convs_only: bool = False) -> list[bool]:
         """Whether each round of an iterative method (IMP, COLT) is full (shared between targets) or clipped
         to this job's target, as :class:`~kdprune_cli.pruning.selection.WeightProgress` runs them; at channel
         granularity round ``r`` plans to ``1 − (1 − rate)^r`` of the target and no round is shared."""
         s = float(self.cfg.sparsity)
         if self.cfg.prune.granularity == "channel":
-            r = 0
-            while True:
+            r = 1
+            while 1 - (1 - rate) ** r < s:
                 r += 1
-                if min(s, 1 - (1 - rate) ** r) >= s:
-                    return [False] * r
-        sizes, total = self.group_sizes(convs_only)
-        k = int(round(s * total))
-        share = s if not convs_only else (k / sum(sizes.values()) if sizes else 0.0)
-        groups = [(sum(sizes[n] for n in names), kk) for names, kk in group_targets(sizes, share, self.cfg.prune.scope)]
+            return [False] * r
+        c = self.cfg.student
+        model = build_model(c.name, self.classes, self.channels, self.size, model_kwargs(c))
+        sizes, _, targets = weight_targets(model, list(self.cfg.prune.exclude), s, self.cfg.prune.scope, convs_only)
+        groups = [(sum(sizes[n] for n in names), kk) for names, kk in targets]
         removed, out = [0] * len(groups), []
         while any(r < kk for r, (_, kk) in zip(removed, groups)):
             steps = [round_count(r, size, kk, rate) for r, (size, kk) in zip(removed, groups)]

@@ -72,10 +72,6 @@ class Pruner:
                            target=p.target, reduce=p.reduce, normalize=p.normalize, exclude=self.exclude,
                            keep_removed=keep_removed, **channel_caps(self.cfg))
 
-    def removable(self, groups: ChannelGroups) -> list[int]:
-        """The most channels each group may lose under the configured caps."""
-        return groups.removable(**channel_caps(self.cfg))
-
     def prune(self, model: nn.Module, scores: Scores) -> Result:
         """Prune ``model`` by ``scores`` (higher = keep) to ``sparsity``: weight granularity keeps the top
         scores and zeroes the rest (masks); channel granularity removes the least important coupled channel
@@ -122,6 +118,19 @@ def group_targets(sizes: Mapping[str, int], sparsity: float, scope: str) -> Grou
     return [([n], int(c)) for n, c in zip(names, counts)]
 
 
+def weight_targets(model: nn.Module, exclude: List[str], sparsity: float, scope: str,
+                   convs_only: bool = False) -> tuple[dict, int, Groups]:
+    """The prunable weight counts of ``model`` by tensor (``exclude`` left out; only the Conv2d ones with
+    ``convs_only``), the count of every prunable weight |P|, and the scope groups with their exact removal
+    counts: ``round(sparsity·|P|)`` in all, spread over the Conv2d weights alone with ``convs_only``."""
+    mods = prunable_modules(model, exclude)
+    total = sum(m.weight.numel() for m in mods.values())
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if not convs_only or isinstance(m, nn.Conv2d)}
+    k, part = int(round(sparsity * total)), sum(sizes.values())
+    share = sparsity if not convs_only else (k / part if part else 0.0)
+    return sizes, total, group_targets(sizes, share, scope)
+
+
 def removed(masks: Mapping[str, torch.Tensor], names=None) -> int:
     """How many weights ``masks`` removes (among ``names``; default all)."""
     return sum(int((~masks[n]).sum()) for n in (masks if names is None else names))
@@ -140,17 +149,12 @@ def select_count(scores: Mapping[str, torch.Tensor], names: List[str], count: in
     return out
 
 
-def full_step(prev: int, size: int, rate: float) -> int:
-    """The count after an unclipped round: ``rate`` of the survivors more, at least one weight."""
-    return prev + max(1, int(round(rate * (size - prev))))
-
-
 def round_count(prev: int, size: int, k: int, rate: float) -> tuple[int, bool]:
     """The count removed after the next round toward ``k`` (``prev`` removed of ``size``) and whether that round
     is full: ``rate`` of the survivors, not clipped to ``k`` (a done group's round is not full)."""
     if prev >= k:
         return prev, False
-    nxt = full_step(prev, size, rate)
+    nxt = prev + max(1, int(round(rate * (size - prev))))  # unclipped: rate of the survivors more, at least one
     return min(k, nxt), nxt <= k
 
 
@@ -209,9 +213,8 @@ class WeightProgress:
 
     def __init__(self, pruner: Pruner, model: nn.Module, members: Sequence[nn.Module], convs_only: bool):
         self.pruner, self.model = pruner, model
-        mods = prunable_modules(model, pruner.exclude)
-        self.total = sum(m.weight.numel() for m in mods.values())
-        sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if not convs_only or isinstance(m, nn.Conv2d)}
+        sizes, self.total, self.groups = weight_targets(model, pruner.exclude, pruner.sparsity, pruner.scope,
+                                                        convs_only)
         k = int(round(pruner.sparsity * self.total))
         self.part = sum(sizes.values()) if convs_only else None
         if convs_only and k and k >= self.part:
@@ -219,10 +222,8 @@ class WeightProgress:
                               f"{pruner.sparsity} must remove {k} of |P|={self.total} weights and the prunable "
                               f"convolutions hold only {self.part}; lower the sparsity or put the linear layers "
                               "in prune.exclude")
-        share = pruner.sparsity if not convs_only else (k / self.part if self.part else 0.0)
-        self.groups = group_targets(sizes, share, pruner.scope)
         assert not convs_only or sum(g for _, g in self.groups) == k
-        self.masks: Masks = {n: torch.ones_like(mods[n[:-len(".weight")]].weight, dtype=torch.bool) for n in sizes}
+        self.masks: Masks = {n: torch.ones_like(model.get_parameter(n), dtype=torch.bool) for n in sizes}
         self.steps = 0  # the members train and prune with the same masks
 
     @property
@@ -360,7 +361,7 @@ class ChannelProgress:
         union = [torch.unique(torch.cat([pl.removed[g] for pl in plans])) for g in range(len(self.groups.groups))]
         common = {n: sum(sc[n] for sc in scores_list) for n in scores_list[0]
                   if all(sc[n].shape == scores_list[0][n].shape for sc in scores_list)}
-        if any(len(u) > most for u, most in zip(union, p.removable(self.groups))):
+        if any(len(u) > most for u, most in zip(union, self.groups.removable(**channel_caps(p.cfg)))):
             union = p.plan(self.groups, common, goal, keep_removed=gone).removed  # past a group's cap
         if goal >= s or self.groups.describe(union, s, c.target, p.exclude)["achieved"] > s:
             union = p.plan(self.groups, common, s, keep_removed=gone).removed  # clipped to the target

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
+from kdprune_cli.config.schema import SWITCH
 from kdprune_cli.log import note
 
 RECOMPILE_LIMIT = 64  # cache entries per code object (dynamo's default is 8)
-SETTINGS = ("auto", "true", "false", "step")
+SETTINGS = (*SWITCH, "step")  # the run's compile setting; eval.latency_compile takes SWITCH
 
 
 def wanted(setting, device: torch.device) -> bool:

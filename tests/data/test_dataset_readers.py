@@ -8,7 +8,7 @@ import torch
 from fakedata import write_cifar, write_tiny_imagenet
 
 from kdprune_cli.data import DataError, read_raw
-from kdprune_cli.data.sources import cifar, tinyimagenet
+from kdprune_cli.data.sources import tinyimagenet
 
 
 @pytest.mark.parametrize("classes,name", [(10, "cifar10"), (100, "cifar100")])
@@ -87,6 +87,7 @@ def test_tiny_imagenet_bad_image_is_an_error_naming_the_file(tmp_path, bad):
 
 def test_md5_mismatch_says_corrupt_and_missing_says_not_found(tmp_path, monkeypatch):
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
 
     write_cifar(tmp_path)
     with pytest.raises(DataError, match="data_batch_1 is corrupt or modified \\(md5 mismatch") as info:
@@ -94,7 +95,7 @@ def test_md5_mismatch_says_corrupt_and_missing_says_not_found(tmp_path, monkeypa
     assert "not found" not in str(info.value) and "data.verify_checksums=false" in str(info.value)
     # the official sums come from torchvision's class: with the fake files' sums, verification passes
     base = tmp_path / "cifar-10-batches-py"
-    sums = {f: cifar.md5(base / f) for f, _ in [*CIFAR10.train_list, *CIFAR10.test_list]}
+    sums = {f: calculate_md5(base / f) for f, _ in [*CIFAR10.train_list, *CIFAR10.test_list]}
     monkeypatch.setattr(CIFAR10, "train_list", [[f, sums[f]] for f, _ in CIFAR10.train_list])
     monkeypatch.setattr(CIFAR10, "test_list", [[f, sums[f]] for f, _ in CIFAR10.test_list])
     (xtr, _), (xte, _) = read_raw("cifar10", tmp_path, download=False, verify=True)

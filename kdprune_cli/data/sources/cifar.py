@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import pickle
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torchvision import datasets
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
 from kdprune_cli.data.sources.base import DataError, Source, Splits, files_signature, not_found
 
@@ -105,14 +106,6 @@ def _batch_data(data, bad: str) -> np.ndarray:
     return data
 
 
-def md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Cifar(Source):
     """CIFAR-10 or CIFAR-100; torchvision's class (``CIFAR10``/``CIFAR100``) names its files, md5 sums and URL."""
     channels, size, train_images = 3, 32, 50000
@@ -122,7 +115,7 @@ class Cifar(Source):
         self.name, self.classes, self.torchvision_class = name, classes, torchvision_class
 
     def _tv(self):
-        return getattr(importlib.import_module("torchvision.datasets"), self.torchvision_class)
+        return getattr(datasets, self.torchvision_class)
 
     def files(self, root: Path) -> list:
         """``[(path, md5), ...]``: the train batches, then the test batches (torchvision's lists)."""
@@ -134,7 +127,7 @@ class Cifar(Source):
         if not all(path.is_file() for path, _ in files):
             return DataError(not_found(self.name, root))
         for path, want in files if verify else ():
-            got = md5(path)
+            got = calculate_md5(path)
             if got != want:
                 return DataError(
                     f"{self.name} file {path} is corrupt or modified (md5 mismatch: {got}, expected {want}): restore "
@@ -154,8 +147,6 @@ class Cifar(Source):
     def read(self, root: Path, download: bool, verify: bool) -> Splits:
         problem = self.problem(root, verify)
         if problem is not None and download:
-            from torchvision.datasets.utils import download_and_extract_archive
-
             cls = self._tv()
             try:
                 download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)

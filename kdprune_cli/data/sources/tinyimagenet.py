@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torchvision.datasets.utils import download_and_extract_archive
 
 from kdprune_cli.data.sources.base import DataError, Source, Splits, files_signature, not_found
 
@@ -120,8 +121,6 @@ class TinyImageNet(Source):
 
     def read(self, root: Path, download: bool, verify: bool) -> Splits:
         if not (root / "train").is_dir() and download:
-            from torchvision.datasets.utils import download_and_extract_archive
-
             try:
                 download_and_extract_archive(TINY_URL, download_root=str(root.parent))
             except Exception as e:

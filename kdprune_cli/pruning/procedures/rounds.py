@@ -113,15 +113,11 @@ def shared_round(ctx, stage: str, spec: dict, r: int, make: Callable[[], Optiona
                                                   enabled=ctx.cfg.store.enabled, check=check)
     waited = ctx.artifacts.store.waited
     overhead = time.perf_counter() - t - waited - made.get("seconds", 0.0)  # locking, loading, saving
-    if cached and not usable(state):  # stored by a job for which this round was full; here it is clipped
-        with ctx.costs.stage(stage) as st:
-            st.seconds += overhead
-            st.lock_wait_seconds += waited
-        return make(), False
-    with ctx.costs.stage(f"{stage}.reused" if cached else stage) as st:
+    reused = cached and usable(state)  # not usable: stored by a job for which this round was full, clipped here
+    with ctx.costs.stage(f"{stage}.reused" if reused else stage) as st:
         st.seconds += overhead
         st.lock_wait_seconds += waited
-        if cached:
+        if reused:
             st.cached = True
             art = st.artifact or {"rounds": [], "seconds": 0.0, "samples": 0, "teacher_samples": 0}
             cost = meta.get("cost") or {}
@@ -130,4 +126,6 @@ def shared_round(ctx, stage: str, spec: dict, r: int, make: Callable[[], Optiona
                 art[key] += cost.get(key, 0)
             st.artifact = art
             ctx.trainer.skip_trainings(stage, trainings)
+    if cached and not reused:
+        return make(), False
     return state, cached

@@ -184,19 +184,8 @@ class ChannelGroups:
             for it in g.items:
                 target = gone_out if it.kind == "out" else gone_in
                 target.setdefault(it.module, set()).update(it.local[sel[it.root]].tolist())
-        exclude = set(exclude)
-        params, macs = 0, self.products
-        for n, m in self.layers.items():
-            w = m.weight
-            o = w.shape[0] - len(gone_out.get(n, ()))
-            i = w.shape[1] * (m.groups if isinstance(m, nn.Conv2d) else 1) - len(gone_in.get(n, ()))
-            depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
-            k = w[0, 0].numel()
-            size = o * k if depthwise else o * i * k
-            if n not in exclude:
-                params += size
-            macs += size * self.tokens[n]
-        return {"params": params, "macs": macs}
+        return self._costs(lambda n: self.layers[n].weight.shape[0] - len(gone_out.get(n, ())),
+                           lambda n: self.layers[n].weight.shape[1] - len(gone_in.get(n, ())), exclude, 0)
 
     def expected(self, probs: List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
         """Expected prunable weights and MACs when root channel ``c`` of group ``g`` is kept with probability
@@ -206,16 +195,17 @@ class ChannelGroups:
         for g, p in zip(self.groups, probs):
             for it in g.items:
                 (e_out if it.kind == "out" else e_in)[it.module] = p[it.root.to(p.device)].sum()
+        return self._costs(lambda n: e_out.get(n, self.layers[n].weight.shape[0]),
+                           lambda n: e_in.get(n, self.layers[n].weight.shape[1]), exclude, 0.0)
+
+    def _costs(self, rows, columns, exclude: Iterable[str], zero) -> dict:
+        """Prunable weights and MACs per sample with every Conv2d/Linear ``n`` at ``rows(n)`` output and
+        ``columns(n)`` input channels (a grouped Conv2d: its rows alone), from ``zero`` (0, or 0.0)."""
         exclude = set(exclude)
-        params, macs = 0.0, float(self.products)
+        params, macs = zero, zero + self.products
         for n, m in self.layers.items():
-            w = m.weight
-            o = e_out.get(n, w.shape[0])
-            k = w[0, 0].numel()
-            if isinstance(m, nn.Conv2d) and m.groups > 1:
-                size = o * k
-            else:
-                size = o * e_in.get(n, w.shape[1]) * k
+            k = m.weight[0, 0].numel()
+            size = rows(n) * k if isinstance(m, nn.Conv2d) and m.groups > 1 else rows(n) * columns(n) * k
             if n not in exclude:
                 params = params + size
             macs = macs + size * self.tokens[n]
