@@ -236,7 +236,8 @@ def register() -> None:
 
 
 NOT_RECIPE = ("kd",)  # switches that live beside a recipe in a method's node
-SWITCH = ("auto", "true", "false")  # progress, eval.latency_compile, and compile (which also takes step)
+SWITCH = ("auto", "true", "false")  # progress, eval.latency_compile
+COMPILE = (*SWITCH, "step")  # compile: step traces the whole training step (kdprune_cli/training/compiling.py)
 
 
 def recipe(node: Any, where: str) -> DictConfig:
@@ -320,7 +321,7 @@ def validate(cfg: DictConfig) -> None:
     check_outputs(cfg)
     if cfg.get("max_batches") is not None and cfg.max_batches <= 0:
         raise ConfigError(f"max_batches must be an integer > 0 or null, got {cfg.max_batches}")
-    one_of("compile", cfg.get("compile", "auto"), (*SWITCH, "step"), lower=True)
+    one_of("compile", cfg.get("compile", "auto"), COMPILE, lower=True)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     check_run_options(cfg)

@@ -270,39 +270,46 @@ class Artifacts:
         ``checkpoint`` is the artifact's own training checkpoint (``partial.pt`` beside it; None without a
         store), so a killed job's artifact resumes whichever job asks for it next."""
         if stage not in self.models:
-            d = self.store.dir(stage, self.store.key(spec))
-            with self.costs.stage(stage) as st:
-                def create():
-                    model = init()
-                    ckpt = d / "partial.pt" if self.cfg.store.enabled else None
-                    if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
-                        ckpt.unlink(missing_ok=True)
-                    stats = fit(model, ckpt)
-                    metrics = self.evaluator.all(model)
-                    bad = non_finite_metrics(metrics)
-                    if bad:  # a diverged model is never stored (the store refuses non-finite weights too)
-                        raise DivergedError(f"training diverged in stage {stage}: its evaluation gave "
-                                            f"{', '.join(bad)}; lower the learning rate")
-                    return {"model": model.state_dict()}, {"cost": stats, "metrics": metrics}
-
-                state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
-                                                               check=lambda st_: init().load_state_dict(st_["model"]))
-                if self.cfg.store.enabled:
-                    self.files[stage] = str(d / "artifact.pt")
-                if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
-                    st.seconds -= self.store.waited
-                    st.lock_wait_seconds += self.store.waited
-                st.cached = cached
-                if cached:
-                    st.artifact = meta.get("cost")
-                else:
-                    st.samples += meta["cost"]["samples"]
-                    st.teacher_samples += meta["cost"]["teacher_samples"]
-            self.models[stage] = state["model"]
-            self.metrics[stage] = meta["metrics"]
+            self._make(stage, spec, init, fit)
         model = init()
         model.load_state_dict(self.models[stage])
         return model
+
+    def _make(self, stage: str, spec: dict, init: Callable[[], nn.Module],
+              fit: Callable[[nn.Module, Optional[Path]], dict]) -> None:
+        """Read the stage's state from the store or make and store it, booking its cost; keep the state and its
+        metrics for :meth:`cached_model`."""
+        d = self.store.dir(stage, self.store.key(spec))
+
+        def create():
+            model = init()
+            ckpt = d / "partial.pt" if self.cfg.store.enabled else None
+            if ckpt is not None and not self.cfg.resume:  # resume=false never reads an earlier attempt's
+                ckpt.unlink(missing_ok=True)
+            stats = fit(model, ckpt)
+            metrics = self.evaluator.all(model)
+            bad = non_finite_metrics(metrics)
+            if bad:  # a diverged model is never stored (the store refuses non-finite weights too)
+                raise DivergedError(f"training diverged in stage {stage}: its evaluation gave "
+                                    f"{', '.join(bad)}; lower the learning rate")
+            return {"model": model.state_dict()}, {"cost": stats, "metrics": metrics}
+
+        with self.costs.stage(stage) as st:
+            state, meta, cached = self.store.get_or_create(stage, spec, create, enabled=self.cfg.store.enabled,
+                                                           check=lambda st_: init().load_state_dict(st_["model"]))
+            if self.cfg.store.enabled:
+                self.files[stage] = str(d / "artifact.pt")
+            if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
+                st.seconds -= self.store.waited
+                st.lock_wait_seconds += self.store.waited
+            st.cached = cached
+            if cached:
+                st.artifact = meta.get("cost")
+            else:
+                st.samples += meta["cost"]["samples"]
+                st.teacher_samples += meta["cost"]["teacher_samples"]
+        self.models[stage] = state["model"]
+        self.metrics[stage] = meta["metrics"]
 
     def _dense(self, role: str) -> nn.Module:
         m = self.cfg[role]

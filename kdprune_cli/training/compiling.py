@@ -21,18 +21,17 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from kdprune_cli.config.schema import SWITCH
+from kdprune_cli.config.schema import COMPILE
 from kdprune_cli.log import note
 
 RECOMPILE_LIMIT = 64  # cache entries per code object (dynamo's default is 8)
-SETTINGS = (*SWITCH, "step")  # the run's compile setting; eval.latency_compile takes SWITCH
 
 
 def wanted(setting, device: torch.device) -> bool:
     """``compile`` resolved for ``device``: ``auto`` compiles on CUDA only."""
     s = str(setting).lower()
-    if s not in SETTINGS:
-        raise ValueError(f"compile must be {', '.join(SETTINGS[:-1])} or {SETTINGS[-1]}, got {setting!r}")
+    if s not in COMPILE:
+        raise ValueError(f"compile must be {', '.join(COMPILE[:-1])} or {COMPILE[-1]}, got {setting!r}")
     return device.type == "cuda" if s == "auto" else s != "false"
 
 
