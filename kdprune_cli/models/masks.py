@@ -40,20 +40,22 @@ def check_exclude(model: nn.Module, exclude: Iterable[str]) -> None:
         raise ValueError(f"prune.exclude names every Conv2d/Linear module ({len(names)}): nothing is left to prune")
 
 
-def _removal_counts(sizes: list[int], sparsity: float, scope: str) -> list[int] | int:
-    total = sum(sizes)
-    k = int(round(sparsity * total))
+def removal_groups(sizes: Mapping[str, int], sparsity: float, scope: str) -> list[tuple[list[str], int]]:
+    """``[(names, removed count)]`` that remove exactly ``round(s·N)`` of the ``N`` weights ``sizes`` counts: one
+    group of every tensor (``global``), or one group per tensor (``layer``)."""
+    names = list(sizes)
+    k = int(round(sparsity * sum(sizes.values())))
     if scope == "global":
-        return k
+        return [(names, k)]
     if scope != "layer":
         raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
     # Same ratio in every tensor; largest-remainder rounding so the total is still exactly k.
-    exact = [sparsity * n for n in sizes]
+    exact = [sparsity * sizes[n] for n in names]
     counts = [int(e) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    order = sorted(range(len(names)), key=lambda i: (-(exact[i] - counts[i]), i))
     for i in order[: k - sum(counts)]:
         counts[i] += 1
-    return counts
+    return [([n], c) for n, c in zip(names, counts)]
 
 
 def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
@@ -74,7 +76,7 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     names = list(scores)
     dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names), torch.float32)
-    flat = []
+    flat = {}
     for n in names:
         s = scores[n].detach().to(dtype).flatten().clone()
         live = torch.ones_like(s, dtype=torch.bool) if keep is None else keep[n].flatten().to(s.device)
@@ -83,16 +85,15 @@ def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "gl
             raise ValueError(f"scores of {n} have {bad} non-finite values (NaN or inf) in {dtype}: the ranking "
                              "would lose their order (score in float64, e.g. method.double=true for synflow)")
         s[~live] = -float("inf")
-        flat.append(s)
-    sizes = [f.numel() for f in flat]
-    counts = _removal_counts(sizes, sparsity, scope)
-    if keep is not None:
-        already = [int((~keep[n]).sum()) for n in names]
-        if scope == "global" and sum(already) > counts:
-            raise ValueError(f"mask already removes {sum(already)} weights, more than the target {counts}")
+        flat[n] = s
+    groups = removal_groups({n: f.numel() for n, f in flat.items()}, sparsity, scope)
+    if keep is not None and scope == "global":
+        already = sum(int((~keep[n]).sum()) for n in names)
+        if already > groups[0][1]:
+            raise ValueError(f"mask already removes {already} weights, more than the target {groups[0][1]}")
     masks: Masks = {}
-    groups = [(names, flat, counts)] if scope == "global" else [([n], [f], c) for n, f, c in zip(names, flat, counts)]
-    for group, parts, count in groups:  # one ranking of every tensor (global) or of each tensor (layer)
+    for group, count in groups:  # one ranking of every tensor (global) or of each tensor (layer)
+        parts = [flat[n] for n in group]
         order = torch.sort(torch.cat([f.to("cpu") for f in parts]), stable=True).indices
         kept = torch.ones(len(order), dtype=torch.bool)
         kept[order[:count]] = False

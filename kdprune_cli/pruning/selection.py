@@ -16,7 +16,7 @@ from torch import nn
 
 from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data import DeviceData
-from kdprune_cli.models.masks import Masks, Scores, _removal_counts, apply_masks, dense_masks, prunable_modules, select
+from kdprune_cli.models.masks import Masks, Scores, apply_masks, dense_masks, prunable_modules, removal_groups, select
 from kdprune_cli.pruning.methods.base import Result
 from kdprune_cli.pruning.structure.channels import ChannelGroups, Plan
 
@@ -108,16 +108,6 @@ def check_round_to(cfg: DictConfig, groups: Callable[[], ChannelGroups]) -> None
 
 
 # --- exact counts per scope group (weight granularity) -------------------------------------------------------
-def group_targets(sizes: Mapping[str, int], sparsity: float, scope: str) -> Groups:
-    """``[(names, removed count)]``: one group of every tensor with ``round(s·N)`` (``global``), or one
-    group per tensor with the same largest-remainder counts that one-shot ``select`` uses (``layer``)."""
-    names = list(sizes)
-    counts = _removal_counts([int(sizes[n]) for n in names], sparsity, scope)
-    if scope == "global":
-        return [(names, int(counts))]
-    return [([n], int(c)) for n, c in zip(names, counts)]
-
-
 def weight_targets(model: nn.Module, exclude: List[str], sparsity: float, scope: str,
                    convs_only: bool = False) -> tuple[dict, int, Groups]:
     """The prunable weight counts of ``model`` by tensor (``exclude`` left out; only the Conv2d ones with
@@ -128,7 +118,7 @@ def weight_targets(model: nn.Module, exclude: List[str], sparsity: float, scope:
     sizes = {f"{n}.weight": m.weight.numel() for n, m in mods.items() if not convs_only or isinstance(m, nn.Conv2d)}
     k, part = int(round(sparsity * total)), sum(sizes.values())
     share = sparsity if not convs_only else (k / part if part else 0.0)
-    return sizes, total, group_targets(sizes, share, scope)
+    return sizes, total, removal_groups(sizes, share, scope)
 
 
 def removed(masks: Mapping[str, torch.Tensor], names=None) -> int:
@@ -242,10 +232,11 @@ class WeightProgress:
     def full_round(self, rate: float) -> bool:
         """Whether the next round removes ``rate`` of the survivors everywhere (not clipped to this target):
         the same round for every target this far."""
-        return all(self._full(names, k, rate) for names, k in self.groups)
+        return all(self._next(names, k, rate)[1] for names, k in self.groups)
 
-    def _full(self, names: List[str], k: int, rate: float) -> bool:
-        return round_count(removed(self.masks, names), sum(self.masks[n].numel() for n in names), k, rate)[1]
+    def _next(self, names: List[str], k: int, rate: float) -> tuple[int, bool]:
+        """The group's :func:`round_count` for the next round."""
+        return round_count(removed(self.masks, names), sum(self.masks[n].numel() for n in names), k, rate)
 
     def round(self, scores: Scores, rate: float) -> bool:
         """Remove ``rate`` of the surviving weights of each group by ``scores`` (at least one; the last round
@@ -258,11 +249,9 @@ class WeightProgress:
         it. Returns whether the round was full (unclipped)."""
         full, new = True, {}
         for names, k in self.groups:
-            prev, size = removed(self.masks, names), sum(self.masks[n].numel() for n in names)
-            full &= self._full(names, k, rate)
-            count = round_count(prev, size, k, rate)[0]
+            count, unclipped = self._next(names, k, rate)
             _, inter, clipped = select_common(scores_list, names, count, k, self.masks)
-            full &= not clipped
+            full &= unclipped and not clipped
             new.update(inter)
         self.masks.update(new)
         self.steps += 1
@@ -376,8 +365,7 @@ class ChannelProgress:
         self._take(self.pruner.plan(self.groups, scores, sparsity, keep_removed=self.removed))
         self.done = sparsity is None
 
-    def select(self, scores: Scores, sparsity: float) -> None:
-        self.prune_to(scores, sparsity)
+    select = prune_to  # a re-plan to ``sparsity``, the earlier removals kept
 
     def final_masks(self) -> Masks:
         return self.groups.masks(self.removed)

@@ -1,11 +1,5 @@
-"""COLT — Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770; docs/methods.md §3).
-
-The classes are split into ``partitions`` contiguous disjoint sets, each relabelled ``0..k−1``. One model
-per partition (its own ``k``-class head) starts from the same random init θ₀ (identical convolutions).
-Each round every model is trained on its partition, each prunes ``rate`` of its remaining conv weights by
-magnitude, the masks are intersected (a weight survives only if every model keeps it), and all models are
-rewound to θ₀ ⊙ M. The ticket θ₀ ⊙ M, with the full-class head of θ₀, is finally trained on the whole
-dataset with the mask fixed.
+"""COLT — Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770; docs/methods.md §3):
+one model per contiguous class partition, pruned in rounds by magnitude with their masks intersected.
 """
 from __future__ import annotations
 
@@ -76,16 +70,11 @@ class COLTConfig(MethodConfig):
 class COLT(Method):
     """Cyclic Overlapping Lottery Tickets (Hossain et al., IEEE TAI 2025, arXiv 2212.12770).
 
-    Round r: each partition model f_i(θ₀_i ⊙ M) trains on its classes; each computes the mask that removes
-    ``rate`` of its remaining conv weights by |θ| (global threshold over the convs, or per tensor with
-    ``prune.scope=layer``); ``M ← ∧_i M_i``; every model rewinds to θ₀_i ⊙ M. Only Conv2d weights are pruned;
-    the linear layers stay dense, so the conv removals alone must reach ``round(s·|P|)`` (|P| includes the
-    classifier, docs/methods.md §0), and the last round is clipped to land exactly on it. Final: θ₀ ⊙ M with θ₀'s
-    own (untrained) full-class head, trained on the whole dataset with the mask fixed (``retrain``).
-    Over channel groups (docs/methods.md §7) each model plans to ``1 − (1 − rate)^r`` of the target unit and a
-    channel survives only if every model keeps it; the channels go physically after ``retrain``.
-    Every round's training and pruning cost goes into the ``colt`` stage; each round is logged as
-    ``{"stage": "colt", "round", "sparsity", "conv_sparsity", "seconds"}``.
+    Round r: each partition model f_i(θ₀_i ⊙ M) trains on its classes and removes ``rate`` of its remaining
+    conv weights by |θ| (``prune.scope``); ``M ← ∧_i M_i``; every model rewinds to θ₀_i ⊙ M. The linear layers
+    stay dense, so the conv removals alone reach ``round(s·|P|)``, the last round clipped to land on it. Final:
+    θ₀ ⊙ M with θ₀'s own (untrained) full-class head, trained on the whole dataset with the mask fixed
+    (``retrain``). Channel groups: docs/methods.md §7 item 5. Rounds cost and log to the ``colt`` stage.
     """
 
     name = "colt"

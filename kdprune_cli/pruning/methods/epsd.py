@@ -52,31 +52,13 @@ class EPSDConfig(EPGConfig):
 
 
 class EPSD(OneShot):
-    """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084).
+    """EPSD — Early Pruning with Self-Distillation (Chen et al., AAAI 2024, arXiv 2402.00084; docs/methods.md §3).
 
-    Step 1 (prune at initialisation): a fresh student ``ctx.seeds.new_model("student")`` is scored with the
-    ProsPr-form saliency (arXiv 2202.08132) of the self-distillation loss: masks multiply the initial
-    weights once (``θ₀ ⊙ m``), ``inner_steps`` (3) differentiable SGD steps (lr ``inner_lr`` = 0.1) on
-    ``L_SD`` update the weights, then ``S = |∂L_SD(θ_i)/∂m|`` at m = 1
-    (:func:`~kdprune_cli.pruning.scores.prospr.prospr_scores`, ``inner_batches``); the top ``(1−s)·|P|``
-    scores are kept (``prune.scope``, exact count).
-    Step 2: the sparse network is trained with the same SD loss and the mask fixed (``retrain``).
-
-    ``method.sd``: ``cs_kd`` (default; arXiv 2003.13964), ``ps_kd`` (arXiv 2006.12000) or ``dlb``
-    (arXiv 2203.16172), see :mod:`kdprune_cli.distill.self_distillation`. What the SD loss means for the saliency at
-    initialisation (our choice; the scoring uses a fresh objective that runs statefully along the
-    ``inner_steps + 1`` scoring passes):
-
-    - CS-KD: fully defined (partners drawn from the data; the detached partner prediction uses the
-      current inner-step weights θ_t);
-    - PS-KD: no previous-epoch predictions exist, so the scoring is the first epoch, i.e. plain CE —
-      EPSD with PS-KD prunes exactly like EPG and differs only in training;
-    - DLB: the first scoring pass has no last batch (CE); every later pass, and the final loss, uses the
-      previous pass's batch and predictions (from the previous inner-step weights, detached) as soft
-      targets (with ``inner_batches: same`` that batch is the one scoring batch). With ``inner_steps = 0``
-      this is CE.
-
-    No pretrained teacher is used.
+    Prune the fresh seeded initialisation once by the ProsPr-form saliency (arXiv 2202.08132) of the SD loss
+    ``method.sd`` (``cs_kd``, ``ps_kd`` or ``dlb``, :mod:`kdprune_cli.distill.self_distillation`), then train the
+    sparse network with the same loss and the mask fixed (``retrain``). What each SD loss means at
+    initialisation (our choice) is in docs/methods.md §3; the scoring uses a fresh objective that runs
+    statefully along the ``inner_steps + 1`` scoring passes. No pretrained teacher is used.
     """
 
     name = "epsd"
@@ -104,7 +86,6 @@ class EPSD(OneShot):
                                   autocast=amp_autocast(ctx))
         return scores
 
-
     def score_budget(self, b) -> None:
         """``inner_steps + 1`` objective calls on batches of ``score_batch_size`` (with the SD objective's own
         forwards), through hooks on the scored network."""
@@ -118,12 +99,9 @@ class EPSD(OneShot):
 class EPG(EPSD):
     """EPG — early pruning by gradient saliency (our reading; named as a baseline by arXiv 2511.16653).
 
-    The paper's reference for EPG could not be read; we implement it as early pruning by gradient
-    saliency: the same ProsPr-form saliency as EPSD (arXiv 2202.08132; ``θ₀ ⊙ m``, ``inner_steps``
-    differentiable SGD steps at initialisation, then ``|∂L(θ_i)/∂m|`` at m = 1) with plain CE — ProsPr's
-    own loss, so EPG's scoring is ProsPr's (docs/methods.md §3) — followed by ordinary CE
-    training of the sparse network with the mask fixed — i.e. EPSD (arXiv 2402.00084) without
-    self-distillation. This is our reading of the acronym, not a published recipe.
+    The paper's reference for EPG could not be read: EPSD's ProsPr-form saliency (arXiv 2202.08132) with plain
+    CE, ProsPr's own scoring, then CE training with the mask fixed, i.e. EPSD (arXiv 2402.00084) without
+    self-distillation (docs/methods.md §3). Our reading of the acronym, not a published recipe.
     """
 
     name = "epg"

@@ -34,11 +34,9 @@ class GMPConfig(MethodConfig):
 class GMP(Method):
     """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017, arXiv 1710.01878, Eq. 1).
 
-    Starts from the trained dense student (``start_from: dense``) or a fresh init (``init``) and trains it
-    with the ``train`` recipe; a step hook prunes at t₀ + jΔt (j = 0..n) to ``round(s_t·|P|)`` removed
-    weights by |θ|, keeping earlier removals (``prune.scope=layer``: per tensor, ``min(k_l, round(s_t·n_l))``),
-    and the j = n step lands exactly on the target. The loop re-masks after every optimizer step. Then
-    ``retrain`` fine-tunes with the mask fixed (0 epochs = none).
+    Trains the dense student (``start_from: dense``) or a fresh init (``init``) with ``train`` while
+    :func:`~kdprune_cli.pruning.procedures.gradual.prune_gradually` removes weights by |θ|, then ``retrain``
+    fine-tunes with the mask fixed (0 epochs = none).
 
     ``pruned`` metrics (our choice): measured inside the hook right after the final pruning step, i.e. the
     weights at the moment the mask first reaches the target, before the remaining steps of ``train`` and

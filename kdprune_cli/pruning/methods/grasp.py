@@ -1,18 +1,8 @@
-"""GraSP: gradient signal preservation (Wang, Zhang & Grosse, ICLR 2020, arXiv 2002.07376).
+"""GraSP: gradient signal preservation (Wang, Zhang & Grosse, ICLR 2020, arXiv 2002.07376; docs/methods.md §4).
 
-At initialisation, keep the largest ``θ ⊙ (H g)`` (:mod:`kdprune_cli.pruning.scores.grasp`): the logits are
-divided by ``temperature`` (``T = 200``) and the batch holds ``samples_per_class`` (10) training images of
-every class.
-
-Batching (``batching``, docs/methods.md §4). ``halves`` (default, as the reference alecwangcq/GraSP): the
-batch is sorted by class and split in two halves (classes ``0..C/2−1`` and the rest when the classes are
-balanced and C is even); each half is one forward, so with BN in train mode each half has its own batch
-statistics, and the loss is the sum of the two halves' mean losses, ``L = L₁ + L₂``, for both ``g`` and
-``H g``. ``shuffled``: one shuffled batch whose loss is the mean over all of it, processed in chunks of
-``chunk_size`` (each chunk's loss weighted by its share; a memory knob, though with BN in train mode each
-chunk has its own statistics). BatchNorm scores in train mode by default (``bn_mode``), as the reference,
-which scores a copy of the freshly built network. The sparse network is then trained from that
-initialisation with CE for ``retrain``. Float32 always, also with ``amp=true`` (docs/methods.md §0).
+At initialisation, keep the largest ``θ ⊙ (H g)`` (:mod:`kdprune_cli.pruning.scores.grasp`) on a class-balanced
+batch, logits divided by ``temperature``; ``batching: halves`` (the reference's) or ``shuffled`` in chunks.
+Float32 always, also with ``amp=true`` (docs/methods.md §0).
 """
 from __future__ import annotations
 

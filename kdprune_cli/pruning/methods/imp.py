@@ -60,13 +60,10 @@ class IMPConfig(MethodConfig):
 class IMP(Method):
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019, arXiv 1803.03635, Strategy 1).
 
-    θ₀ = a fresh student init. Each round: train (``round`` recipe) with the current mask, remove ``rate``
-    of the survivors by |θ| (weights: a global threshold, or per tensor with ``prune.scope=layer``; channel
-    groups: to ``1 − (1 − rate)^r`` of the target unit), rewind the survivors to θ₀ (``rewind_epoch=0``) or
-    to the weights after epoch k of the first round (``rewind_epoch=k``). Rounds repeat until the target is
-    removed (the last round is clipped to it); then the rewound sparse net is trained with the mask fixed
-    (``retrain``). Every round's training and pruning cost goes into the ``imp`` stage; each round is logged
-    as ``{"stage": "imp", "round", "sparsity", "seconds"}``.
+    θ₀ = a fresh student init. Each round trains with the current mask (``round``), removes ``rate`` of the
+    survivors by |θ| and rewinds the survivors to θ₀ or to the weights after epoch ``rewind_epoch`` of the first
+    round, until the target (the last round clipped to it); then ``retrain`` with the mask fixed
+    (docs/methods.md §4; channel groups: §7 item 5). Rounds cost and log to the ``imp`` stage.
     """
 
     name = "imp"

@@ -1,17 +1,6 @@
-"""SNIP: single-shot network pruning based on connection sensitivity (Lee et al., ICLR 2019, arXiv 1810.02340).
-
-At initialisation, the connection sensitivity of weight j is ``|θ_j · ∂L(θ; D)/∂θ_j|`` (the paper's
-eq. 5–6, written for a mask c=1 as ``|∂L(c⊙θ)/∂c_j|``; the normalisation by the sum does not change the
-ranking). ``D`` is ``batches`` training mini-batches of ``batch_size`` (the paper: one mini-batch);
-with several batches we use the gradient of the mean loss over them (a larger ``D``), not a sum of
-per-batch saliencies — our choice. The network is scored as it is built (the fresh seeded initialisation),
-the top ``(1−s)·|P|`` are kept, and the sparse network is trained from that initialisation with CE for
-``retrain`` (the method's full training budget).
-
-BatchNorm scores in eval mode (running statistics) by default, as the reference implementations do:
-snip-public feeds ``is_train: False`` while pruning and Synaptic-Flow's ``prune_loop`` calls
-``model.eval()`` unless asked otherwise; ``bn_mode: train`` (batch statistics) is the option
-(docs/methods.md §4).
+"""SNIP: single-shot network pruning based on connection sensitivity (Lee et al., ICLR 2019, arXiv 1810.02340;
+docs/methods.md §4): at initialisation keep the largest ``|θ ⊙ ∂L/∂θ|``, the gradient of the mean CE loss over
+``batches`` mini-batches, BatchNorm in eval mode as the references (``bn_mode``), then train the sparse network.
 """
 from __future__ import annotations
 

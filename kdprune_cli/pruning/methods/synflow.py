@@ -1,22 +1,10 @@
 """SynFlow: iterative synaptic flow pruning, data-free (Tanaka, Kunin, Yamins & Ganguli, NeurIPS 2020,
-arXiv 2006.05467).
+arXiv 2006.05467; docs/methods.md §4, its precision there too).
 
-Synaptic saliency with the data-free objective ``R = 1ᵀ (∏_l |W^[l]|) 1`` (the paper's eq. 2/Algorithm 1):
-every parameter (and buffer) of the network is replaced by its absolute value, BatchNorm is put in eval
-mode, an all-ones input of the dataset's shape (``1×C×H×W``) is passed forward and ``R`` is the sum of the
-outputs; the score is ``|θ ⊙ ∂R/∂θ|``. Pruning is iterative: after round ``k = 1..rounds`` the density is
-``(1−s)^(k/rounds)`` (the exponential schedule), the scores are recomputed on the masked network every
-round, and already-pruned weights stay pruned (``masks.select(..., keep=previous)``; over channel groups each
-round re-plans, removed channels staying removed).
-
-Implementation: the absolute values are taken on a float64 copy of the network (float32 where the device
-has no float64, e.g. MPS), so the network that is pruned keeps its signs and dtype untouched — equivalent
-to linearising in place and restoring the signs afterwards. No training data is read.
-
-Precision (docs/methods.md §4): ``R`` grows like the product of the layers' weight sums, so the scores of
-deep networks overflow float32 (largest ~4e67 on ResNet-56 and ~2e136 on ResNet-110 at 32×32, ~4e51 on
-ResNet-34 at 64×64). :func:`~kdprune_cli.models.masks.select` ranks them in float64, their own precision;
-a score that is still inf or NaN (e.g. ``double: false``) is an error naming the layer.
+The score ``|θ ⊙ ∂R/∂θ|`` of ``R = 1ᵀ (∏_l |W^[l]|) 1`` is taken on a float64 copy of the network with every
+parameter and buffer replaced by its absolute value (float32 where the device has no float64, e.g. MPS), so
+the network that is pruned keeps its signs and dtype untouched — equivalent to linearising in place and
+restoring the signs afterwards; after round ``k`` the density is ``(1−s)^(k/rounds)``, earlier removals kept.
 """
 from __future__ import annotations
 

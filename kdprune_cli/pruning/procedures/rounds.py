@@ -1,21 +1,9 @@
-"""Rounds: the loop of the iterative methods (IMP, COLT; docs/methods.md §4 "Shared rounds"). A method gives a
-round kernel (train, score, remove through its :meth:`~kdprune_cli.pruning.selection.Pruner.progress`, rewind);
-:func:`run_rounds` repeats it until the target is reached, logs every round and shares full rounds.
-
-Every full round of IMP or COLT removes a fixed ``rate`` of the survivors, whatever the target; only the
-last round is clipped to the job's exact target. So the full rounds of a lower target are a prefix of those
-of a higher one, and each full round is a content-addressed artifact of the store (``<store>/<method>_round/
-<key>/``), keyed by everything that determines it (:func:`round_spec` plus the round index), never by the
-target. A sweep over sparsities trains each round once per seed; only the clipped last round and the final
-training are per target. Rounds are computed under the store's lock, so jobs running at once wait for each
-other instead of training the same round twice.
-
-Cost: a computed round is booked to the method's stage (``imp``, ``colt``); reused rounds are
-booked together to ``<stage>.reused`` (``cached: true``; ``artifact`` holds the rounds' indices and what
-they cost when they were made). A reused round stands in for its trainings: the trainer's call counter is
-advanced (``ctx.trainer.skip_trainings``), so later rounds draw the generator streams (named by the round:
-the n-th training of a stage) and job checkpoints they would have had, and the numbers are bit-identical to
-computing every round in the job.
+"""Rounds: the loop of the iterative methods (IMP, COLT). A method gives a round kernel (train, score, remove
+through its :meth:`~kdprune_cli.pruning.selection.Pruner.progress`, rewind); :func:`run_rounds` repeats it until
+the target is reached, logs every round and shares full rounds as content-addressed artifacts of the store,
+keyed by :func:`round_spec` and the round index, never by the target (docs/methods.md §4 "Shared rounds": why
+full rounds are a prefix of every target's, how reused rounds are booked and stay bit-identical). Rounds are
+computed under the store's lock, so jobs running at once wait for each other instead of training one round twice.
 """
 from __future__ import annotations
 

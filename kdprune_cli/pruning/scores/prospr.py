@@ -1,17 +1,7 @@
 """ProsPr's saliency (Alizadeh et al., ICLR 2022, arXiv 2202.08132, Eq. 3–5) at (near) initialisation, as its
-reference code (mil-ad/prospr, ``prospr.py``) computes it:
-
-1. masks ``m = 1`` multiply the initial prunable weights once: ``θ₀′ = θ₀ ⊙ m``;
-2. ``i = inner_steps`` differentiable SGD steps on a loss ``L`` update the weights directly, keeping the
-   graph: ``θ_{k+1} = θ_k − lr·∇_θ L(θ_k; B_k)`` (``create_graph=True``; every trainable parameter is
-   updated — biases and BN affine too; the masks are not applied again);
-3. ``S = |∂L(θ_i; B_i)/∂m|`` at ``m = 1``.
-
-With ``fresh_batches`` (ProsPr's library default ``new_data_in_inner=True``) every inner step and the final
-loss take the next batch, ``inner_steps + 1`` in all; otherwise one batch serves every step and the final
-loss (the ProsPr command line's default). BN runs in train mode (batch statistics, as the reference) on
-copies of the running buffers, so scoring leaves the model exactly as it was. With ``inner_steps = 0`` the
-score is SNIP's ``|θ ⊙ ∂L/∂θ|`` (since ∂L/∂m = θ ⊙ ∂L/∂θ at m = 1).
+reference code (mil-ad/prospr, ``prospr.py``) computes it: masks ``m = 1`` multiply the initial weights once,
+``inner_steps`` differentiable SGD steps update the weights, then ``S = |∂L(θ_i)/∂m|`` at ``m = 1``; the steps,
+the batches (``fresh_batches``) and BatchNorm's handling are in docs/methods.md §3 (EPSD).
 """
 from __future__ import annotations
 

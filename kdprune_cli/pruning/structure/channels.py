@@ -1,27 +1,9 @@
 """Channel granularity (docs/methods.md §7): whole coupled channel groups, physically removed.
 
-Torch-Pruning's dependency graph (``torch_pruning.DependencyGraph``) finds the coupled channels: a
-convolution's output channels together with its BatchNorm, every consumer's input channels, and, through
-residual additions, every layer that writes into the same sum; a depthwise convolution follows its input.
-Each group's root channel ``c`` gets the importance
-
-    I(c) = reduce_{w ∈ W(c)} S(w),   reduce = mean (default) | sum
-
-over ``W(c)``, the weights of every Conv2d/Linear in the group that channel ``c`` owns (output rows of
-its producers, input columns of its consumers), where ``S`` is the method's per-weight score (``|θ|`` for
-magnitude: the group's L1 norm; CA-KLD's teacher-guided ``|θ ⊙ ∇L_total|``). Each group's importances are
-then divided by their mean (``prune.normalize=mean``, Torch-Pruning's ``GroupMagnitudeImportance``
-default; ``max`` | ``sum`` | ``standarization`` | ``none``), so groups of different sizes and depths
-compare on one scale. Channels are removed in ascending importance, one global ranking
-(``prune.scope=global``) or the same fraction of every group (``layer``), until the removed fraction of
-the prunable weights (``prune.target=params``, the meaning ``sparsity`` has everywhere) or of the
-multiply-accumulates (``macs``: Conv2d/Linear and, for ViTs, the attention products, which channel
-removal leaves as they are) is closest to ``sparsity``. No group loses more than
-``prune.max_group_ratio`` of its channels or keeps fewer than ``prune.min_channels`` (a group that has no
-more keeps all of them); ``prune.round_to=R`` keeps a multiple of ``R`` channels in every group
-(hardware-friendly widths; fewer channels go). The classifier's outputs, the input channels,
-``prune.exclude``'d modules' outputs and, for ViTs, the embedding width and attention (q/k/v) are never
-removed. The counts are exact (computed from the kept widths, not estimated).
+Torch-Pruning's dependency graph (``torch_pruning.DependencyGraph``) finds the coupled channels (§7 item 1);
+each root channel's importance reduces the method's per-weight scores over the weights it owns, normalised per
+group (item 2); channels go in ascending importance under the per-group caps until the removed fraction of
+``prune.target`` is closest to ``sparsity``, the counts exact from the kept widths (item 3).
 """
 from __future__ import annotations
 
@@ -91,6 +73,22 @@ def _never_pruned(model: nn.Module, head: nn.Module, exclude: Iterable[str]) -> 
         if type(m).__name__ == "PatchEmbed" and isinstance(getattr(m, "proj", None), nn.Conv2d):
             keep.append(m.proj)
     return keep
+
+
+def layer_costs(layers: Dict[str, nn.Module], tokens: Dict[str, int], rows, columns, exclude: Iterable[str], zero,
+                products=0) -> dict:
+    """Prunable weights and MACs per sample with every Conv2d/Linear ``n`` of ``layers`` at ``rows(n, full)``
+    output and ``columns(n, full)`` input channels of its ``full`` ones (a grouped Conv2d: its rows alone) over its
+    ``tokens[n]`` output positions, from ``zero`` (0, or 0.0) plus the ``products`` between activations."""
+    exclude = set(exclude)
+    params, macs = zero, zero + products
+    for n, m in layers.items():
+        k, out, cols = m.weight[0, 0].numel(), rows(n, m.weight.shape[0]), columns(n, m.weight.shape[1])
+        size = out * k if isinstance(m, nn.Conv2d) and m.groups > 1 else out * cols * k
+        if n not in exclude:
+            params = params + size
+        macs = macs + size * tokens[n]
+    return {"params": params, "macs": macs}
 
 
 class ChannelGroups:
@@ -184,8 +182,8 @@ class ChannelGroups:
             for it in g.items:
                 target = gone_out if it.kind == "out" else gone_in
                 target.setdefault(it.module, set()).update(it.local[sel[it.root]].tolist())
-        return self._costs(lambda n: self.layers[n].weight.shape[0] - len(gone_out.get(n, ())),
-                           lambda n: self.layers[n].weight.shape[1] - len(gone_in.get(n, ())), exclude, 0)
+        return layer_costs(self.layers, self.tokens, lambda n, full: full - len(gone_out.get(n, ())),
+                           lambda n, full: full - len(gone_in.get(n, ())), exclude, 0, self.products)
 
     def expected(self, probs: List[torch.Tensor], exclude: Iterable[str] = ()) -> dict:
         """Expected prunable weights and MACs when root channel ``c`` of group ``g`` is kept with probability
@@ -195,21 +193,7 @@ class ChannelGroups:
         for g, p in zip(self.groups, probs):
             for it in g.items:
                 (e_out if it.kind == "out" else e_in)[it.module] = p[it.root.to(p.device)].sum()
-        return self._costs(lambda n: e_out.get(n, self.layers[n].weight.shape[0]),
-                           lambda n: e_in.get(n, self.layers[n].weight.shape[1]), exclude, 0.0)
-
-    def _costs(self, rows, columns, exclude: Iterable[str], zero) -> dict:
-        """Prunable weights and MACs per sample with every Conv2d/Linear ``n`` at ``rows(n)`` output and
-        ``columns(n)`` input channels (a grouped Conv2d: its rows alone), from ``zero`` (0, or 0.0)."""
-        exclude = set(exclude)
-        params, macs = zero, zero + self.products
-        for n, m in self.layers.items():
-            k = m.weight[0, 0].numel()
-            size = rows(n) * k if isinstance(m, nn.Conv2d) and m.groups > 1 else rows(n) * columns(n) * k
-            if n not in exclude:
-                params = params + size
-            macs = macs + size * self.tokens[n]
-        return {"params": params, "macs": macs}
+        return layer_costs(self.layers, self.tokens, e_out.get, e_in.get, exclude, 0.0, self.products)
 
     # --- selection ----------------------------------------------------------------------------------
     def removable(self, max_group_ratio: float = 0.9, min_channels: int = 4, round_to: int = 1) -> List[int]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdprune_cli.models.matmuls import MatmulCounter
-from kdprune_cli.pruning.structure.channels import layer_outputs, structure_facts
+from kdprune_cli.pruning.structure.channels import layer_costs, layer_outputs, structure_facts
 from kdprune_cli.pruning.structure.conv_gates import Gates
 
 HIDDEN = 0  # the width's group; then a group of heads per block, then one of MLP channels per block
@@ -131,17 +131,11 @@ class ViTGates(Gates):
     def _total(self, units: list, exclude: Iterable[str]) -> dict:
         def kept(spec, full: int):
             return full if spec is None else units[spec[0]] * (len(spec[1]) // self.sizes[spec[0]])
-        exclude = set(exclude)
-        params = macs = 0
-        for k, m in self.layers.items():
-            size = kept(self.io[k][0], m.weight.shape[0]) * kept(self.io[k][1], m.weight.shape[1]) * \
-                m.weight[0, 0].numel()
-            if k not in exclude:
-                params = params + size
-            macs = macs + size * self.tokens[k]
+        costs = layer_costs(self.layers, self.tokens, lambda k, full: kept(self.io[k][0], full),
+                            lambda k, full: kept(self.io[k][1], full), exclude, 0)
         for g, per_head in self.attention:
-            macs = macs + units[g] * per_head
-        return {"params": params, "macs": macs}
+            costs["macs"] = costs["macs"] + units[g] * per_head
+        return costs
 
     def counts(self, removed: list, exclude: Iterable[str] = ()) -> dict:
         """Prunable weights and MACs per sample (Conv2d/Linear and attention's products) after removing, per
