@@ -65,16 +65,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         arch = name[len("timm/"):]
         if not timm.is_model(arch):
             raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
-        try:  # models with a fixed input size (ViTs) are built for the dataset's images
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                                     **{"img_size": image_size, **kwargs})
-        except TypeError as e:
-            if "img_size" not in str(e) or "img_size" in kwargs:
-                raise ValueError(f"timm model {arch!r}: {e}") from None
-        try:
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"timm model {arch!r}: {e}") from None
+        # models with a fixed input size (ViTs) are built for the dataset's images; the others refuse img_size
+        for size in ({"img_size": image_size}, {}):
+            try:
+                return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                         **{**size, **kwargs})
+            except TypeError as e:
+                if not size or "img_size" not in str(e) or "img_size" in kwargs:
+                    raise ValueError(f"timm model {arch!r}: {e}") from None
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
     return ZOO[name](num_classes, in_channels, image_size)

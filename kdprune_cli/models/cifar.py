@@ -33,14 +33,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for i, cout in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
+        self.layer1, self.layer2, self.layer3 = (nn.Sequential(*s) for s in _stages(BasicBlock, (16, 16, 32, 64), n))
         self.fc = nn.Linear(64, num_classes)
         _init(self)
 
@@ -78,19 +71,21 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        blocks, cin = [], widths[0]
-        for i, cout in enumerate(widths[1:]):
-            for j in range(n):
-                blocks.append(WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(cin)
-        self.fc = nn.Linear(cin, num_classes)
+        self.blocks = nn.Sequential(*(b for stage in _stages(WideBlock, widths, n) for b in stage))
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.fc = nn.Linear(widths[-1], num_classes)
         _init(self)
 
     def forward(self, x):
         x = F.relu(self.bn(self.blocks(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _stages(block, widths, n: int) -> list[list[nn.Module]]:
+    """Stage ``i``: ``n`` blocks from ``widths[i]`` to ``widths[i + 1]`` channels, every stage but the first
+    starting with stride 2."""
+    return [[block(widths[i] if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            for i, cout in enumerate(widths[1:])]
 
 
 def _init(model: nn.Module) -> None:

@@ -60,17 +60,11 @@ def removal_groups(sizes: Mapping[str, int], sparsity: float, scope: str) -> lis
 
 def select(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global",
            keep: Masks | None = None) -> Masks:
-    """Keep the highest scores so that exactly ``round(s·|P|)`` weights are removed.
-
-    Scores are ranked in their own precision: every tensor is promoted to the widest floating dtype among
-    them (at least float32), never narrowed, so float64 scores (SynFlow's, up to ~2e136 on ResNet-110)
-    keep their order. A score that is NaN or ±inf in that dtype would make the ranking lose order
-    information, so it is an error naming the parameter (docs/methods.md §0); already-pruned weights
-    (``keep``) are not checked, their scores do not matter. Ties are broken deterministically: among
-    equal scores the weight that comes first (parameter order, then flat index) is removed first.
-    ``keep`` (an earlier mask) forces already-pruned weights to stay pruned, and they count towards the
-    removed total, as iterative methods need; in ``layer`` scope the per-tensor ratio is taken over the
-    whole tensor.
+    """Keep the highest scores so that exactly ``round(s·|P|)`` weights are removed (docs/methods.md §0, "Scores
+    and selection"): ranked in their widest floating dtype (at least float32, never narrowed); a NaN or ±inf
+    score of a weight still there is an error naming the parameter; ties go in parameter order, then flat
+    index; ``keep`` (an earlier mask) keeps its pruned weights pruned and counts them towards the total (in
+    ``layer`` scope the per-tensor ratio is taken over the whole tensor).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")

@@ -227,11 +227,8 @@ def _lora_layers(model: nn.Module) -> dict:
 
 def add_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
     """peft LoRA adapters, the base weights (and BN) frozen: on every Conv2d and Linear of a CNN; on the q and
-    v blocks of a ViT's fused qkv (the source adapts q_proj and v_proj).
-
-    For the fused qkv, one peft adapter of rank ``2r`` (α ``2α``: the same scale ``α/r``) whose ``B`` is kept
-    block-diagonal, ``[[B_q, 0], [0, 0], [0, B_v]]`` over (q, k, v) rows × (r, r) columns, by masking its
-    gradient (``B`` starts at 0): exactly two independent rank-``r`` adapters on q and on v, none on k."""
+    v blocks of a ViT's fused qkv (the source adapts q_proj and v_proj): one adapter of rank ``2r`` whose ``B``
+    a gradient mask keeps block-diagonal, two independent rank-``r`` adapters (docs/methods.md §5, ViTs)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     vit = is_vit(model)

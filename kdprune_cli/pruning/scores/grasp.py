@@ -1,11 +1,7 @@
-"""GraSP scores (Wang, Zhang & Grosse, ICLR 2020, arXiv 2002.07376): ``θ ⊙ (H g)``, higher = keep.
-
-GraSP removes the weights whose removal least reduces the gradient norm: ``S(−θ) = −θ ⊙ H g`` (the paper's
-eq. 8), with ``g = ∇L`` and ``H`` the Hessian of the loss over the prunable weights, and removes the largest
-``S(−θ)`` (Algorithm 1); with "higher = keep" the score is ``θ ⊙ (H g)``, signed. As in the paper ``H g`` is
-taken by double backprop (``g`` detached, then ``H g = ∇_θ (gᵀ ∇_θ L)``), the logits are divided by
-``temperature`` in both passes, and the batch is class-balanced (:func:`balanced_batch`). Float32 always:
-``H g`` is a second-order quantity of a loss whose logits are divided by ``T = 200``.
+"""GraSP scores (Wang, Zhang & Grosse, ICLR 2020, arXiv 2002.07376): ``θ ⊙ (H g)``, higher = keep — the
+negation of the paper's ``S(−θ) = −θ ⊙ H g`` (eq. 8), whose largest it removes; ``H g`` by double backprop on a
+class-balanced batch (:func:`balanced_batch`), logits divided by ``temperature``, float32 always
+(docs/methods.md §4 and §0).
 """
 from __future__ import annotations
 

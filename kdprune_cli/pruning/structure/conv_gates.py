@@ -72,13 +72,9 @@ class Gates:
 
 def gate_points(model: nn.Module, groups: ChannelGroups) -> List[list]:
     """Per group, ``(module, index)`` pairs whose outputs the gates multiply; ``index[j]`` is the root channel
-    of the module's output channel ``j``.
-
-    Every BatchNorm over the group's channels is gated (after BN, before the activation): in a post-activation
-    net those are the BNs right after the producing convs; in a pre-activation one (WRN) the BNs that read the
-    residual stream. A producing conv whose output is not normalised by one of them (it feeds an addition,
-    pre-activation) is gated as well, so the stream itself is zero on a closed channel. Raises when a group's
-    channels pass through no BatchNorm."""
+    of the module's output channel ``j``: every BatchNorm over the group's channels, and each producing conv
+    whose output none of them normalises (pre-activation: it feeds an addition), so the stream itself is zero
+    on a closed channel (docs/methods.md §5 item 1). Raises when a group's channels pass through no BatchNorm."""
     named = dict(model.named_modules())
     points = []
     for g in groups.groups:

@@ -21,11 +21,9 @@ class Plan:
 
 
 def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | None = None) -> torch.Tensor:
-    """One group's importances on a common scale (Torch-Pruning's ``GroupMagnitudeImportance`` normalisers):
-    divided by the mean, max or sum of their magnitudes, or mapped to ``[0, 1]`` by ``standarization``
-    (``(I − min) / (max − min)``); ``none`` leaves them. The statistics come from the channels ``present``
-    (default: all; channels an earlier plan removed do not count). Dividing by magnitudes keeps the order of
-    negative scores (GraSP); a group whose scale is 0 gets all zeros."""
+    """One group's importances on a common scale, Torch-Pruning's ``GroupMagnitudeImportance`` normalisers
+    (docs/methods.md §7 item 2), their statistics from the channels ``present`` (default: all). Dividing by
+    magnitudes keeps the order of negative scores (GraSP); a group whose scale is 0 gets all zeros."""
     if how not in NORMALIZE:
         raise ValueError(f"prune.normalize must be one of {', '.join(NORMALIZE)}, got {how!r}")
     v = imp if present is None else imp[present]
