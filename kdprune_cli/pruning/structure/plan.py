@@ -39,7 +39,6 @@ def normalize_importance(imp: torch.Tensor, how: str, present: torch.Tensor | No
 def normalized(imp: List[torch.Tensor], normalize: str, keep_removed: List[torch.Tensor] | None = None):
     """``(imp, forced)``: importances normalised on the channels still there; those an earlier plan removed
     (``keep_removed``, ``forced`` per group) ranked first, so they go again."""
-    forced = [0] * len(imp)
     gone = list(keep_removed or ())
     gone += [torch.zeros(0, dtype=torch.long)] * (len(imp) - len(gone))
     for g, r in enumerate(gone):
@@ -47,8 +46,7 @@ def normalized(imp: List[torch.Tensor], normalize: str, keep_removed: List[torch
         present[r] = False
         imp[g] = normalize_importance(imp[g], normalize, present)  # on the channels still there
         imp[g][r] = -math.inf  # ranked first: they go again
-        forced[g] = len(r)
-    return imp, forced
+    return imp, [len(r) for r in gone]
 
 
 def removals(imp: List[torch.Tensor], forced: List[int], caps: List[int], round_to: int,
