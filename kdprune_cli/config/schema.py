@@ -270,27 +270,6 @@ def _check_recipe(r, where: str) -> None:
     one_of(f"{where}.optimizer", r.optimizer, ("sgd", "adamw"))
 
 
-# Training images of each dataset's training split (before data.val_split holds some out).
-TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000, "digits": 1437}
-
-
-def split_sizes(n: int, val_split: float) -> tuple[int, int]:
-    """``(training, validation)`` images when ``val_split`` of ``n`` training images are held out."""
-    n_val = int(round(val_split * n)) if val_split > 0 else 0
-    return n - n_val, n_val
-
-
-def check_val_split(data) -> None:
-    """A held-out split must leave at least one training batch (one image) and hold at least one image."""
-    n = TRAIN_IMAGES.get(data.name)
-    if n is None or data.val_split <= 0:
-        return
-    train, val = split_sizes(n, data.val_split)
-    if train < 1 or val < 1:
-        raise ConfigError(f"data.val_split={data.val_split} leaves {train} of the {n} {data.name} training images "
-                          f"for training and {val} for validation; both need at least one")
-
-
 def check_resolves(cfg: DictConfig) -> None:
     """Every interpolation resolves (``${oc.env:UNSET}`` does not), said with the key it sits under."""
     try:
@@ -311,7 +290,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
     if not 0.0 <= cfg.data.val_split < 1.0:
         raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
-    check_val_split(cfg.data)
     for role in ("teacher", "student"):
         m = cfg[role]
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():

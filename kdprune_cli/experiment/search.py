@@ -30,19 +30,14 @@ def is_search(sweeper: Any) -> bool:
     return target != BASIC_SWEEPER
 
 
-def lookup(record: dict, path: str) -> Any:
-    """The value at a dotted ``path`` of a record, or None."""
-    node: Any = record
-    for key in str(path).split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def objective(record: dict, path: str) -> Optional[float]:
-    """What a job returns to the sweeper: the number at ``path`` (None, a failed trial, when there is none)."""
-    v = lookup(record, path)
+    """What a job returns to the sweeper: the number at the record's dotted ``path`` (None, a failed trial, when
+    there is none)."""
+    v: Any = record
+    for key in str(path).split("."):
+        if not isinstance(v, dict) or key not in v:
+            return None
+        v = v[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
@@ -58,10 +53,6 @@ def _key(override: str) -> str:
     return str(override).lstrip("+~").split("=", 1)[0]
 
 
-def _explicit(overrides) -> bool:
-    return any(_key(o) == "optimized_metric" for o in overrides or [])
-
-
 def search_problem(config: DictConfig) -> Optional[str]:
     """Why a multirun's config must not start (one line), or None; checks only searches (see :func:`is_search`)."""
     hydra = config.hydra
@@ -74,7 +65,7 @@ def search_problem(config: DictConfig) -> Optional[str]:
     if parts[0] in SPLITS and (len(parts) != 3 or parts[1] not in STAGES):
         return (f"optimized_metric={metric}: expected {parts[0]}.<stage>.<metric> with stage one of "
                 f"{', '.join(STAGES)}")
-    if parts[0] == "metrics" and not _explicit(task_overrides(hydra)):
+    if parts[0] == "metrics" and "optimized_metric" not in map(_key, task_overrides(hydra)):
         return (f"optimized_metric={metric} is measured on the test split: a search selects on validation "
                 f"(metrics_val.*, with data.val_split > 0); to select on the test split anyway, set "
                 f"optimized_metric={metric} on the command line")

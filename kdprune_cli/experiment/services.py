@@ -69,8 +69,8 @@ class Costs:
     ``device`` decides how memory is booked (see :class:`StageCost`): CUDA's peak allocated bytes per stage, or
     elsewhere the process's peak resident set."""
 
-    def __init__(self, stages: Optional[dict] = None, device: Optional[torch.device] = None):
-        self.stages, self.current = stages if stages is not None else {}, StageCost()
+    def __init__(self, device: Optional[torch.device] = None):
+        self.stages, self.current = {}, StageCost()
         self.teacher: Optional[nn.Module] = None  # forwards through it are ``teacher_samples`` (set by the artifacts)
         self.device = device
         self._open: list = []  # CUDA: [stage, its peak before the stages opened inside it], innermost last
@@ -213,9 +213,6 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, data: DeviceData, costs: Costs):
         self.cfg, self.data, self.costs, self.metrics, self.metrics_val = cfg, data, costs, {}, {}
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict:
-        return evaluate(model, self.data, split, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
-
     def all(self, model: nn.Module) -> dict:
         """Test and, if held out, validation metrics, with the calibration of :func:`evaluate_splits`."""
         splits = ("test",) if self.data.val is None else ("test", "val")
@@ -350,8 +347,6 @@ class Context:
                  checkpoints: Optional[Path] = None):
         self.cfg, self.data, self.device, self.log = cfg, data, device, log
         self.costs = costs or Costs(device=device)
-        if self.costs.device is None:
-            self.costs.device = device
         self.seeds = Seeds(cfg, data, device)
         self.trainer = Trainer(cfg, data, self.costs, self.seeds, lambda rec: self.log(rec), checkpoints)
         self.evaluator = Evaluator(cfg, data, self.costs)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -49,13 +51,9 @@ def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional
     env = os.environ if env is None else env
     s = str(setting).strip().lower()
     if s != "auto":
-        try:
-            n = int(s)
-        except ValueError:
-            n = 0
-        if n <= 0 or isinstance(setting, (bool, float)):
+        if isinstance(setting, (bool, float)) or not s.isdecimal() or int(s) <= 0:
             raise ValueError(f"threads must be auto or an integer > 0, got {setting!r}")
-        return n, "threads"
+        return int(s), "threads"
     omp = str(env.get("OMP_NUM_THREADS", "")).strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp), "OMP_NUM_THREADS"
@@ -71,8 +69,6 @@ def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional
 def apply_threads(setting: Any) -> dict:
     """Set torch's intra-op threads (and inter-op threads, where torch still allows it) from ``setting``;
     returns what the record keeps: ``{"intra_op", "inter_op", "source"}``."""
-    import torch
-
     n, why = resolve_threads(setting)
     torch.set_num_threads(n)
     try:  # allowed once, before any inter-op work in the process (a later job of a sweep keeps the first value)
