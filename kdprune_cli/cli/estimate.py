@@ -43,10 +43,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def _num(x: float) -> str:
-    return f"{x:,.0f}"
-
-
 def _hours(seconds: Optional[float]) -> str:
     return "—" if seconds is None else f"{seconds / 3600:.2f}"
 
@@ -59,30 +55,24 @@ def rows(jobs: list, rates: Optional[dict]) -> list:
     for j in jobs:
         by_method[j.method].append(j)
 
-    def seconds(js, only=None):
+    def seconds(js, keep=lambda stage: True):
+        """The jobs' seconds over the stages ``keep`` picks (dense, the method's own, all); None without a rate."""
         if rates is None:
             return None
-        parts = [gpu_seconds(_only(j, only), rates) for j in js]
+        parts = [gpu_seconds(dataclasses.replace(j, stages={k: c for k, c in j.stages.items() if keep(k)}), rates)
+                 for j in js]
         return None if any(p is None for p in parts) else sum(parts)
 
     out = [("dense teacher and student (shared)", "", sum(c.samples for c in dense),
-            sum(c.teacher_samples for c in dense), seconds(jobs, DENSE))]
+            sum(c.teacher_samples for c in dense), seconds(jobs, lambda k: k in DENSE))]
     for method, js in by_method.items():
         own = [c for j in js for k, c in j.stages.items() if k not in DENSE]
         label = method if all(j.counted for j in js) else f"{method} (not counted: dense models only)"
         out.append((label, len(js), sum(c.samples for c in own), sum(c.teacher_samples for c in own),
-                    seconds(js, "method")))
+                    seconds(js, lambda k: k not in DENSE)))
     out.append(("total", len(jobs), sum(j.total("samples") for j in jobs), sum(j.total("teacher_samples") for j in jobs),
                 seconds(jobs)))
     return out
-
-
-def _only(job, which):
-    """``job`` with only its dense stages (``DENSE``), only its method's (``"method"``) or all (None)."""
-    if which is None:
-        return job
-    keep = {k: c for k, c in job.stages.items() if (k in DENSE) == (which == DENSE)}
-    return dataclasses.replace(job, stages=keep)
 
 
 def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -> None:
@@ -92,7 +82,7 @@ def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -
     hours = f"hours ({rates.get('device', 'the rates file')})" if rates else "GPU-hours"
     print(f"\n| what | jobs | samples | teacher samples | {hours} |\n|---|---:|---:|---:|---:|", file=out)
     for label, n, s, t, sec in rows(jobs, rates):
-        print(f"| {label} | {n} | {_num(s)} | {_num(t)} | {_hours(sec)} |", file=out)
+        print(f"| {label} | {n} | {s:,.0f} | {t:,.0f} | {_hours(sec)} |", file=out)
     notes = sorted({f"{j.method}, stage {k}: {c.note}" for j in jobs for k, c in j.stages.items() if not c.exact})
     for line in notes:
         print(f"approximate: {line}", file=out)

@@ -75,10 +75,8 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
         raise EvalError(f"{args.path}: no model.pt there (a run folder of kdprune or a model.pt file)")
     obj = read_model_file(path)
     record = None
-    rec_path = path.parent / "results.json"
-    if rec_path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            record = json.loads(rec_path.read_text())
+    with contextlib.suppress(ValueError, OSError):
+        record = json.loads((path.parent / "results.json").read_text())
     if args.model == "final":
         return build_from(obj, path), obj, record
     role = "teacher" if args.model == "teacher" else "student"

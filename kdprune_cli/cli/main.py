@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import torch
+from hydra._internal.utils import run_and_report
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -102,8 +107,6 @@ def announce(cfg: DictConfig, hc) -> None:
             print(f"kdprune: config of sweep job {hc.job.num} (the other jobs differ by their overrides)")
         print_config(cfg)
     if cfg.detect_anomaly:
-        import torch
-
         torch.autograd.set_detect_anomaly(True)
         say("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)", err=True)
 
@@ -127,8 +130,6 @@ def hidden_option(group: str, name: str) -> bool:
 def missing_config_line(e: BaseException) -> Optional[str]:
     """One line for a config node Hydra could not find: a plugin's node (the extra that installs it), or an
     unknown group option (the valid ones, internal nodes left out). None for anything else."""
-    from hydra.errors import MissingConfigException
-
     if not isinstance(e, MissingConfigException):
         return None
     text = str(e)
@@ -149,9 +150,6 @@ def missing_config_line(e: BaseException) -> Optional[str]:
 
 def config_groups_text() -> str:
     """``group: option, option`` lines for ``kdprune --help`` (the OmegaConf resolver ``kdprune_groups``)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
     loader = GlobalHydra.instance().config_loader()
     lines = []
     for group in sorted(loader.list_groups("")):
@@ -208,8 +206,6 @@ def main() -> None:
     ``kdprune: error:`` line and exit status 2: a missing config node (an unknown option, a plugin that is not
     installed: the extra that provides it), a wrong type, an unresolvable interpolation, an unknown experiment.
     Other errors as Hydra reports them (``HYDRA_FULL_ERROR=1``: the full traceback)."""
-    from hydra.errors import HydraException
-
     if hasattr(signal, "SIGXFSZ"):  # a file over `ulimit -f` fails with EFBIG (a storage error), not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     user_full = os.environ.get("HYDRA_FULL_ERROR")
@@ -227,8 +223,6 @@ def main() -> None:
         if user_full not in (None, "", "0"):
             raise
         os.environ.pop("HYDRA_FULL_ERROR")
-        from hydra._internal.utils import run_and_report
-
         failure = e
 
         def again():
