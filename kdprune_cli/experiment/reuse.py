@@ -78,13 +78,10 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
     return {**info, "source": str(src), "linked": linked}
 
 
-def _earlier_lines(previous: dict) -> list:
+def _earlier_lines(model_file: Path) -> list:
     """The earlier run's per-epoch log lines (``metrics.jsonl`` beside its model file), if still there."""
-    mf = previous.get("model_file") if isinstance(previous.get("model_file"), dict) else {}
-    if not mf.get("path"):
-        return []
     try:
-        text = (Path(mf["path"]).parent / "metrics.jsonl").read_text()
+        text = (model_file.parent / "metrics.jsonl").read_text()
     except OSError:
         return []
     lines = []
@@ -118,7 +115,7 @@ def reuse(cfg: DictConfig, previous: dict, store_record: Path, run_dir: Path, gr
     if original.get("reused"):  # a record that was itself reused: what the job first cost
         original = original.get("original") or {}
     record["cost"] = {"reused": True, "stages": {}, "total_seconds": None, "original": original}
-    lines = _earlier_lines(previous)  # read first: the logger starts this folder's metrics.jsonl afresh
+    lines = _earlier_lines(src)  # read first: the logger starts this folder's metrics.jsonl afresh
     logger = RunLogger(cfg, run_dir, record["job_id"], group, run_id=wandb_run_id(record["job_id"], run_dir))
     try:
         if logger.wandb_info:

@@ -26,8 +26,7 @@ BEST = "best.yaml"
 
 def is_search(sweeper: Any) -> bool:
     """Whether a multirun's sweeper optimises the jobs' return values (any sweeper but Hydra's basic grid)."""
-    target = str((sweeper or {}).get("_target_") or BASIC_SWEEPER)
-    return target != BASIC_SWEEPER
+    return str((sweeper or {}).get("_target_") or BASIC_SWEEPER) != BASIC_SWEEPER
 
 
 def objective(record: dict, path: str) -> Optional[float]:
@@ -110,10 +109,6 @@ def best_trial(ok_jobs: list, metric: str, direction: str = "maximize") -> Optio
     return best
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-
-
 def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int) -> Optional[Path]:
     """Print the best trial of a search and write ``<sweep_dir>/best.yaml``; None when no trial has the metric."""
     metric = str(config.optimized_metric)
@@ -123,11 +118,10 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         print(f"kdprune: no trial recorded {metric}: no best trial")
         return None
     job, value, rec = found
-    split = SPLITS.get(metric.split(".")[0])
     final, typed = _pair(rec, "final"), {_key(t) for t in task_overrides(config.hydra)}
     doc = {
         "optimized_metric": metric,
-        "split": split or "record",
+        "split": SPLITS.get(metric.split(".")[0], "record"),
         "direction": direction,
         "value": value,
         "job": job.name,
@@ -144,6 +138,6 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
           f"{len(ok_jobs)} ok, {n_failed} failed)")
     print(f"  params: {' '.join(doc['params'])}")
     for name, both in final.items():
-        print(f"  final {name}: " + " · ".join(f"{s} {_fmt(both[s])}" for s in ("val", "test") if s in both))
+        print(f"  final {name}: " + " · ".join(f"{s} {both[s]:.4g}" for s in ("val", "test") if s in both))
     print(f"  {path}")
     return path
