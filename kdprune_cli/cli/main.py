@@ -45,10 +45,9 @@ def config_dir() -> str:
     raise RuntimeError("kdprune: config folder not found (conf/config.yaml); reinstall the package")
 
 
-def _group(cfg: DictConfig) -> str:
+def _group(cfg: DictConfig, hc) -> str:
     if cfg.logger.group:
         return cfg.logger.group
-    hc = HydraConfig.get()
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         p = Path(hc.sweep.dir)
         return f"{cfg.experiment or 'sweep'}-{p.parent.name}_{p.name}"
@@ -69,7 +68,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     logging.captureWarnings(True)  # Python warnings also go to the run folder's kdprune.log
     try:
-        record = run_job(cfg, run_dir, group=_group(cfg), overrides=task_overrides(hc),
+        record = run_job(cfg, run_dir, group=_group(cfg, hc), overrides=task_overrides(hc),
                          on_valid=lambda: announce(cfg, hc))
         value = objective(record, cfg.optimized_metric)
         if value is None and multirun and is_search(hc.sweeper):

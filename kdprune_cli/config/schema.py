@@ -313,10 +313,9 @@ def check_prune(p) -> None:
         one_of(f"prune.{key}", p[key], allowed)
     if not 0.0 < p.max_group_ratio <= 1.0:
         raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {p.max_group_ratio}")
-    if p.min_channels < 1:
-        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {p.min_channels}")
-    if p.round_to < 1:
-        raise ConfigError(f"prune.round_to must be an integer >= 1, got {p.round_to}")
+    for key in ("min_channels", "round_to"):
+        if p[key] < 1:
+            raise ConfigError(f"prune.{key} must be an integer >= 1, got {p[key]}")
     if p.granularity == "weight" and (p.target != "params" or p.round_to != 1):
         raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
 
