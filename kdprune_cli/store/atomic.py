@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -49,11 +50,8 @@ def fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-class _Writing:
-    """How many writes the main thread is inside, and the signal that arrived meanwhile (see :func:`writing`)."""
-
-    depth = 0
-    pending: Optional[Callable[[], None]] = None
+# How many writes the main thread is inside, and the action of the signal that arrived meanwhile (see :func:`writing`).
+_WRITES = SimpleNamespace(depth=0, pending=None)
 
 
 @contextlib.contextmanager
@@ -68,23 +66,23 @@ def writing():
     """
     main = threading.current_thread() is threading.main_thread()
     if main:
-        _Writing.depth += 1
+        _WRITES.depth += 1
     try:
         yield
     finally:
         if main:
-            _Writing.depth -= 1
-            if _Writing.depth == 0 and _Writing.pending is not None:
-                fire, _Writing.pending = _Writing.pending, None
+            _WRITES.depth -= 1
+            if _WRITES.depth == 0 and _WRITES.pending is not None:
+                fire, _WRITES.pending = _WRITES.pending, None
                 fire()
 
 
 def defer_while_writing(fire: Callable[[], None]) -> bool:
     """For a signal handler: inside a :func:`writing` section keep ``fire`` (the first one only) to run when
     the section ends and return True; outside return False (the handler acts at once)."""
-    if _Writing.depth > 0 and threading.current_thread() is threading.main_thread():
-        if _Writing.pending is None:
-            _Writing.pending = fire
+    if _WRITES.depth > 0 and threading.current_thread() is threading.main_thread():
+        if _WRITES.pending is None:
+            _WRITES.pending = fire
         return True
     return False
 
