@@ -287,9 +287,8 @@ class Artifacts:
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
             if self.cfg.store.enabled:
                 self.files[stage] = str(d / "artifact.pt")
-            if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
-                st.seconds -= self.store.waited
-                st.lock_wait_seconds += self.store.waited
+            st.seconds -= self.store.waited  # waiting for another job to make the artifact is not this stage's work
+            st.lock_wait_seconds += self.store.waited
             st.cached = cached
             if cached:
                 st.artifact = meta.get("cost")

@@ -34,13 +34,11 @@ def cgroup_quota(root: Path = CGROUP) -> Optional[float]:
         return None
 
 
-def usable_cores(affinity: Optional[int] = None, quota: Optional[float] = None) -> int:
+def usable_cores(affinity: int, quota: Optional[float] = None) -> int:
     """The cores this process may use: the affinity mask's size, capped by the quota (rounded up, at least 1)."""
-    n = affinity if affinity is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else (os.cpu_count() or 1)
     if quota is not None and quota > 0:
-        n = min(n, math.ceil(quota))
-    return max(1, int(n))
+        affinity = min(affinity, math.ceil(quota))
+    return max(1, int(affinity))
 
 
 def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional[int] = None,
@@ -57,8 +55,8 @@ def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional
     omp = str(env.get("OMP_NUM_THREADS", "")).strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp), "OMP_NUM_THREADS"
-    if affinity is None and hasattr(os, "sched_getaffinity"):
-        affinity = len(os.sched_getaffinity(0))
+    if affinity is None:  # without an affinity mask (macOS, Windows): every core
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if quota is None:
         quota = cgroup_quota()
     n = usable_cores(affinity, quota)
