@@ -286,10 +286,9 @@ def validate(cfg: DictConfig) -> None:
     :func:`kdprune_cli.experiment.validate.validate`, which calls this first: the config layer imports nothing above it.
     """
     check_resolves(cfg)
-    if not 0.0 <= cfg.sparsity < 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
-    if not 0.0 <= cfg.data.val_split < 1.0:
-        raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
+    for key in ("sparsity", "data.val_split"):
+        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
     for role in ("teacher", "student"):
         m = cfg[role]
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
