@@ -88,17 +88,12 @@ def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -
             print(f"#{i} {' '.join(j.overrides)}: {stages or 'nothing to train'}", file=out)
 
 
-def run(args) -> int:
-    rates = read_rates(args.rates) if args.rates else None
-    jobs = count_sweep(config_dir(), args.overrides)
-    report(jobs, rates, args.jobs)
-    return 0
-
-
 def main(argv: Optional[list] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
-        return run(args)
+        rates = read_rates(args.rates) if args.rates else None
+        report(count_sweep(config_dir(), args.overrides), rates, args.jobs)
+        return 0
     except ConfigError as e:
         line = str(e)
     except (HydraException, OmegaConfBaseException) as e:

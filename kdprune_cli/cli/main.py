@@ -188,10 +188,8 @@ def composition_error_line(e: BaseException) -> str:
 def record_refusal(argv: list, line: str) -> None:
     """A refused command that names an existing run folder (``hydra.run.dir=DIR``) leaves its ``failed``
     record there, so an earlier run's record does not speak for it."""
-    if "-m" in argv or "--multirun" in argv:
-        return
     dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
-    if not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
+    if "-m" in argv or "--multirun" in argv or not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
         return
     record = {"status": "failed", "error": line, "job_id": None, "overrides": list(argv), "config": None}
     try:
