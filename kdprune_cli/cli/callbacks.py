@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -60,8 +61,6 @@ def ray_gpu_problem(launcher: DictConfig) -> str | None:
         return None
     have = init.get("num_gpus")
     if have is None:
-        import torch
-
         have = torch.cuda.device_count()
     if float(have) >= want:
         return None

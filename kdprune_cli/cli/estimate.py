@@ -43,46 +43,24 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def _num(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def _hours(seconds: Optional[float]) -> str:
-    return "—" if seconds is None else f"{seconds / 3600:.2f}"
-
-
 def rows(jobs: list, rates: Optional[dict]) -> list:
     """``(label, jobs, samples, teacher samples, seconds or None)``: the shared dense models, each method, the
     total. A method's row holds its jobs' own stages."""
-    dense = [c for j in jobs for k, c in j.stages.items() if k in DENSE]
+    def row(label, n, js, keep=lambda stage: True):
+        """The row of the stages ``keep`` picks (dense, the method's own, all); seconds None without a rate."""
+        picked = [dataclasses.replace(j, stages={k: c for k, c in j.stages.items() if keep(k)}) for j in js]
+        parts = [None] if rates is None else [gpu_seconds(j, rates) for j in picked]
+        return (label, n, sum(j.total("samples") for j in picked), sum(j.total("teacher_samples") for j in picked),
+                None if any(p is None for p in parts) else sum(parts))
+
     by_method: dict = defaultdict(list)
     for j in jobs:
         by_method[j.method].append(j)
-
-    def seconds(js, only=None):
-        if rates is None:
-            return None
-        parts = [gpu_seconds(_only(j, only), rates) for j in js]
-        return None if any(p is None for p in parts) else sum(parts)
-
-    out = [("dense teacher and student (shared)", "", sum(c.samples for c in dense),
-            sum(c.teacher_samples for c in dense), seconds(jobs, DENSE))]
+    out = [row("dense teacher and student (shared)", "", jobs, lambda k: k in DENSE)]
     for method, js in by_method.items():
-        own = [c for j in js for k, c in j.stages.items() if k not in DENSE]
         label = method if all(j.counted for j in js) else f"{method} (not counted: dense models only)"
-        out.append((label, len(js), sum(c.samples for c in own), sum(c.teacher_samples for c in own),
-                    seconds(js, "method")))
-    out.append(("total", len(jobs), sum(j.total("samples") for j in jobs), sum(j.total("teacher_samples") for j in jobs),
-                seconds(jobs)))
-    return out
-
-
-def _only(job, which):
-    """``job`` with only its dense stages (``DENSE``), only its method's (``"method"``) or all (None)."""
-    if which is None:
-        return job
-    keep = {k: c for k, c in job.stages.items() if (k in DENSE) == (which == DENSE)}
-    return dataclasses.replace(job, stages=keep)
+        out.append(row(label, len(js), js, lambda k: k not in DENSE))
+    return out + [row("total", len(jobs), jobs)]
 
 
 def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -> None:
@@ -92,7 +70,8 @@ def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -
     hours = f"hours ({rates.get('device', 'the rates file')})" if rates else "GPU-hours"
     print(f"\n| what | jobs | samples | teacher samples | {hours} |\n|---|---:|---:|---:|---:|", file=out)
     for label, n, s, t, sec in rows(jobs, rates):
-        print(f"| {label} | {n} | {_num(s)} | {_num(t)} | {_hours(sec)} |", file=out)
+        spent = "—" if sec is None else f"{sec / 3600:.2f}"
+        print(f"| {label} | {n} | {s:,.0f} | {t:,.0f} | {spent} |", file=out)
     notes = sorted({f"{j.method}, stage {k}: {c.note}" for j in jobs for k, c in j.stages.items() if not c.exact})
     for line in notes:
         print(f"approximate: {line}", file=out)
@@ -109,17 +88,12 @@ def report(jobs: list, rates: Optional[dict], list_jobs: bool, out=sys.stdout) -
             print(f"#{i} {' '.join(j.overrides)}: {stages or 'nothing to train'}", file=out)
 
 
-def run(args) -> int:
-    rates = read_rates(args.rates) if args.rates else None
-    jobs = count_sweep(config_dir(), args.overrides)
-    report(jobs, rates, args.jobs)
-    return 0
-
-
 def main(argv: Optional[list] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
-        return run(args)
+        rates = read_rates(args.rates) if args.rates else None
+        report(count_sweep(config_dir(), args.overrides), rates, args.jobs)
+        return 0
     except ConfigError as e:
         line = str(e)
     except (HydraException, OmegaConfBaseException) as e:

@@ -75,10 +75,8 @@ def load(args) -> tuple[nn.Module, dict, Optional[dict]]:
         raise EvalError(f"{args.path}: no model.pt there (a run folder of kdprune or a model.pt file)")
     obj = read_model_file(path)
     record = None
-    rec_path = path.parent / "results.json"
-    if rec_path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            record = json.loads(rec_path.read_text())
+    with contextlib.suppress(ValueError, OSError):
+        record = json.loads((path.parent / "results.json").read_text())
     if args.model == "final":
         return build_from(obj, path), obj, record
     role = "teacher" if args.model == "teacher" else "student"
@@ -142,7 +140,7 @@ def run(args) -> int:
     data = data_for(obj, args, device)
     if args.split == "val" and data.val is None:
         raise EvalError("--split val: this run held out no validation split (data.val_split=0)")
-    ev = (record or {}).get("config", {}).get("eval", {}) if record else {}
+    ev = record.get("config", {}).get("eval", {}) if record else {}
     splits = (args.split, "val") if args.split == "test" and data.val is not None else (args.split,)  # as recorded
     metrics = evaluate_splits(model, data, splits, int(ev.get("batch_size", 1000)),
                               int(ev.get("ece_bins", 15)))[args.split]
@@ -173,9 +171,8 @@ def run(args) -> int:
                          f"[{r['p10_ms']:.3f}, {r['p90_ms']:.3f}]  {r['images_per_s']:,.0f} img/s{extra}")
     if args.onnx:
         x = next(iter(data.batches(args.split, 16)))[0]
-        line = onnx_check(model, x, args.onnx)
-        out["onnx"] = line
-        lines.append("  " + line)
+        out["onnx"] = onnx_check(model, x, args.onnx)
+        lines.append("  " + out["onnx"])
     print(json.dumps(out, indent=2) if args.json else "\n".join(lines))
     return 0
 
@@ -184,11 +181,9 @@ def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EvalError, ModelFileError, DataError, CheckpointError, ConfigError) as e:
-        print(f"kdprune-eval: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"kdprune-eval: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except (EvalError, ModelFileError, DataError, CheckpointError, ConfigError, OSError) as e:
+        line = f"{e.filename or ''}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+        print(f"kdprune-eval: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import torch
+from hydra._internal.utils import run_and_report
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -40,10 +45,9 @@ def config_dir() -> str:
     raise RuntimeError("kdprune: config folder not found (conf/config.yaml); reinstall the package")
 
 
-def _group(cfg: DictConfig) -> str:
+def _group(cfg: DictConfig, hc) -> str:
     if cfg.logger.group:
         return cfg.logger.group
-    hc = HydraConfig.get()
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         p = Path(hc.sweep.dir)
         return f"{cfg.experiment or 'sweep'}-{p.parent.name}_{p.name}"
@@ -64,7 +68,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     logging.captureWarnings(True)  # Python warnings also go to the run folder's kdprune.log
     try:
-        record = run_job(cfg, run_dir, group=_group(cfg), overrides=task_overrides(hc),
+        record = run_job(cfg, run_dir, group=_group(cfg, hc), overrides=task_overrides(hc),
                          on_valid=lambda: announce(cfg, hc))
         value = objective(record, cfg.optimized_metric)
         if value is None and multirun and is_search(hc.sweeper):
@@ -102,8 +106,6 @@ def announce(cfg: DictConfig, hc) -> None:
             print(f"kdprune: config of sweep job {hc.job.num} (the other jobs differ by their overrides)")
         print_config(cfg)
     if cfg.detect_anomaly:
-        import torch
-
         torch.autograd.set_detect_anomaly(True)
         say("kdprune: autograd anomaly detection is on (slower; a NaN in backward names its forward op)", err=True)
 
@@ -127,8 +129,6 @@ def hidden_option(group: str, name: str) -> bool:
 def missing_config_line(e: BaseException) -> Optional[str]:
     """One line for a config node Hydra could not find: a plugin's node (the extra that installs it), or an
     unknown group option (the valid ones, internal nodes left out). None for anything else."""
-    from hydra.errors import MissingConfigException
-
     if not isinstance(e, MissingConfigException):
         return None
     text = str(e)
@@ -149,9 +149,6 @@ def missing_config_line(e: BaseException) -> Optional[str]:
 
 def config_groups_text() -> str:
     """``group: option, option`` lines for ``kdprune --help`` (the OmegaConf resolver ``kdprune_groups``)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
     loader = GlobalHydra.instance().config_loader()
     lines = []
     for group in sorted(loader.list_groups("")):
@@ -191,10 +188,8 @@ def composition_error_line(e: BaseException) -> str:
 def record_refusal(argv: list, line: str) -> None:
     """A refused command that names an existing run folder (``hydra.run.dir=DIR``) leaves its ``failed``
     record there, so an earlier run's record does not speak for it."""
-    if "-m" in argv or "--multirun" in argv:
-        return
     dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
-    if not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
+    if "-m" in argv or "--multirun" in argv or not dirs or "${" in dirs[-1] or not Path(dirs[-1]).is_dir():
         return
     record = {"status": "failed", "error": line, "job_id": None, "overrides": list(argv), "config": None}
     try:
@@ -208,8 +203,6 @@ def main() -> None:
     ``kdprune: error:`` line and exit status 2: a missing config node (an unknown option, a plugin that is not
     installed: the extra that provides it), a wrong type, an unresolvable interpolation, an unknown experiment.
     Other errors as Hydra reports them (``HYDRA_FULL_ERROR=1``: the full traceback)."""
-    from hydra.errors import HydraException
-
     if hasattr(signal, "SIGXFSZ"):  # a file over `ulimit -f` fails with EFBIG (a storage error), not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     user_full = os.environ.get("HYDRA_FULL_ERROR")
@@ -227,8 +220,6 @@ def main() -> None:
         if user_full not in (None, "", "0"):
             raise
         os.environ.pop("HYDRA_FULL_ERROR")
-        from hydra._internal.utils import run_and_report
-
         failure = e
 
         def again():

@@ -270,27 +270,6 @@ def _check_recipe(r, where: str) -> None:
     one_of(f"{where}.optimizer", r.optimizer, ("sgd", "adamw"))
 
 
-# Training images of each dataset's training split (before data.val_split holds some out).
-TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "tinyimagenet": 100000, "digits": 1437}
-
-
-def split_sizes(n: int, val_split: float) -> tuple[int, int]:
-    """``(training, validation)`` images when ``val_split`` of ``n`` training images are held out."""
-    n_val = int(round(val_split * n)) if val_split > 0 else 0
-    return n - n_val, n_val
-
-
-def check_val_split(data) -> None:
-    """A held-out split must leave at least one training batch (one image) and hold at least one image."""
-    n = TRAIN_IMAGES.get(data.name)
-    if n is None or data.val_split <= 0:
-        return
-    train, val = split_sizes(n, data.val_split)
-    if train < 1 or val < 1:
-        raise ConfigError(f"data.val_split={data.val_split} leaves {train} of the {n} {data.name} training images "
-                          f"for training and {val} for validation; both need at least one")
-
-
 def check_resolves(cfg: DictConfig) -> None:
     """Every interpolation resolves (``${oc.env:UNSET}`` does not), said with the key it sits under."""
     try:
@@ -307,11 +286,9 @@ def validate(cfg: DictConfig) -> None:
     :func:`kdprune_cli.experiment.validate.validate`, which calls this first: the config layer imports nothing above it.
     """
     check_resolves(cfg)
-    if not 0.0 <= cfg.sparsity < 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1), got {cfg.sparsity}")
-    if not 0.0 <= cfg.data.val_split < 1.0:
-        raise ConfigError(f"data.val_split must be in [0, 1), got {cfg.data.val_split}")
-    check_val_split(cfg.data)
+    for key in ("sparsity", "data.val_split"):
+        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
     for role in ("teacher", "student"):
         m = cfg[role]
         if m.checkpoint is not None and not Path(m.checkpoint).expanduser().is_file():
@@ -335,10 +312,9 @@ def check_prune(p) -> None:
         one_of(f"prune.{key}", p[key], allowed)
     if not 0.0 < p.max_group_ratio <= 1.0:
         raise ConfigError(f"prune.max_group_ratio must be in (0, 1], got {p.max_group_ratio}")
-    if p.min_channels < 1:
-        raise ConfigError(f"prune.min_channels must be an integer >= 1, got {p.min_channels}")
-    if p.round_to < 1:
-        raise ConfigError(f"prune.round_to must be an integer >= 1, got {p.round_to}")
+    for key in ("min_channels", "round_to"):
+        if p[key] < 1:
+            raise ConfigError(f"prune.{key} must be an integer >= 1, got {p[key]}")
     if p.granularity == "weight" and (p.target != "params" or p.round_to != 1):
         raise ConfigError("prune.target=macs and prune.round_to apply to prune.granularity=channel only")
 

@@ -18,9 +18,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from kdprune_cli.config.schema import ConfigError, split_sizes
+from kdprune_cli.config.schema import ConfigError
 from kdprune_cli.data.sources import get_source
-from kdprune_cli.experiment.validate import check_overrides, validate
+from kdprune_cli.experiment.validate import check_overrides, split_sizes, validate
 from kdprune_cli.pruning.budget import Budget
 from kdprune_cli.pruning.methods import get_method
 

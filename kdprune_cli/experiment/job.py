@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -57,14 +57,6 @@ def _finished_record(cfg: DictConfig, jid: str) -> Optional[dict]:
     return {**previous, "reused_from": str(done)} if previous["status"] == "ok" else None
 
 
-@dataclass
-class _Running:
-    """What a job has opened so far, for the record of a failure: its logger and its context."""
-
-    logger: Optional[RunLogger] = None
-    ctx: Optional[Context] = None
-
-
 def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool = True,
             overrides=(), on_valid: Optional[Callable[[], None]] = None) -> dict:
     """Run one job and write ``results.json`` into ``run_dir`` (also on failure). Returns the record.
@@ -78,7 +70,7 @@ def run_job(cfg: DictConfig, run_dir: Path, group: str = "single", summary: bool
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     record = base_record(cfg)
-    running = _Running()
+    running = SimpleNamespace(logger=None, ctx=None)  # what the job has opened, for the record of a failure
     with signals_interrupt():
         try:
             method, device = _prepare(cfg, run_dir, record, overrides, on_valid)
@@ -123,14 +115,17 @@ def _prepare(cfg: DictConfig, run_dir: Path, record: dict, overrides, on_valid) 
 
 
 def _execute(cfg: DictConfig, method, device: torch.device, record: dict, run_dir: Path, group: str,
-             t_start: float, running: _Running) -> None:
+             t_start: float, running: SimpleNamespace) -> None:
     """Run the job itself; its record (``status: ok``) goes to the store too, its training checkpoints go."""
     running.logger = _start(cfg, run_dir, group, device, record)
-    running.ctx = _context(cfg, device, running.logger, record)
+    jd = job_dir(cfg, record["job_id"]) if cfg.store.enabled and cfg.resume else None  # its training checkpoints
+    costs = Costs(device=device)
+    with costs.stage("data"):
+        data = load_data(cfg.data, device)
+    running.ctx = Context(cfg, data, device, log=running.logger.log, costs=costs, checkpoints=jd)
     _run(running.ctx, method, record, run_dir)
     complete_record(record, cfg, running.ctx, t_start)
-    if cfg.store.enabled and cfg.resume:
-        jd = job_dir(cfg, record["job_id"])
+    if jd is not None:
         atomic_write_json(record, jd / "results.json")
         for ck in jd.glob("*.pt"):  # the record is kept; the training checkpoints are not needed
             ck.unlink()
@@ -149,14 +144,6 @@ def _start(cfg: DictConfig, run_dir: Path, group: str, device: torch.device, rec
     if logger.wandb_info:
         record["wandb"] = logger.wandb_info
     return logger
-
-
-def _context(cfg: DictConfig, device: torch.device, logger: RunLogger, record: dict) -> Context:
-    costs = Costs(device=device)
-    with costs.stage("data"):
-        data = load_data(cfg.data, device)
-    ckpts = job_dir(cfg, record["job_id"]) if cfg.resume and cfg.store.enabled else None  # training checkpoints
-    return Context(cfg, data, device, log=logger.log, costs=costs, checkpoints=ckpts)
 
 
 def _run(ctx: Context, method, record: dict, run_dir: Path) -> None:

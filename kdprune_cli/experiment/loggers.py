@@ -20,11 +20,10 @@ from kdprune_cli.log import note, say
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
+            out.update(_flatten(v, f"{prefix}{k}/"))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -28,9 +28,7 @@ def base_record(cfg: DictConfig) -> dict:
 
 
 def complete_record(record: dict, cfg: DictConfig, ctx: Optional[Context], t_start: float) -> None:
-    """Metrics, per-stage cost, total time and the config into ``record`` (not for a reused record)."""
-    if "reused_from" in record:
-        return
+    """Metrics and per-stage cost (from ``ctx``, when the job ran), total time and the config into ``record``."""
     if ctx is not None:
         record["metrics"] = ctx.evaluator.metrics
         if ctx.evaluator.metrics_val:

@@ -15,15 +15,15 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kdprune_cli.experiment.loggers import RunLogger
+from kdprune_cli.experiment.record import complete_record
 from kdprune_cli.log import warn
-from kdprune_cli.store.atomic import fsync_dir, tmp_path
+from kdprune_cli.store.atomic import atomic_create
 from kdprune_cli.store.digests import config_hash, sha256_file
 
 MODEL = "model.pt"
@@ -56,25 +56,18 @@ def usable_model(previous: dict) -> tuple[Optional[Path], Optional[str], str]:
 def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
     """``run_dir/model.pt`` with the bytes of ``src``: a hard link where possible, else a copy; checked by size
     and sha256 (against ``digest``, the source's, when known). Returns the record's ``model_file``."""
-    dst = run_dir / MODEL
-    run_dir.mkdir(parents=True, exist_ok=True)
-    linked = dst.exists() and os.path.samefile(src, dst)
-    if not linked:
-        tmp = tmp_path(dst)
+    def link_or_copy(tmp: Path) -> None:
         try:
-            try:
-                os.link(src, tmp)
-                linked = True
-            except OSError:  # another filesystem, or links not allowed: a copy
-                shutil.copyfile(src, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(run_dir)
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or links not allowed: a copy
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+
+    dst = run_dir / MODEL
+    if not (dst.exists() and os.path.samefile(src, dst)):
+        atomic_create(dst, link_or_copy)
+    linked = os.path.samefile(src, dst)
     if linked and digest is not None:  # the same bytes on disk: the source's digest is the copy's
         info = {"path": str(dst), "bytes": dst.stat().st_size, "sha256": digest}
     else:
@@ -85,13 +78,10 @@ def place_model(src: Path, run_dir: Path, digest: Optional[str]) -> dict:
     return {**info, "source": str(src), "linked": linked}
 
 
-def _earlier_lines(previous: dict) -> list:
+def _earlier_lines(model_file: Path) -> list:
     """The earlier run's per-epoch log lines (``metrics.jsonl`` beside its model file), if still there."""
-    mf = previous.get("model_file") if isinstance(previous.get("model_file"), dict) else {}
-    if not mf.get("path"):
-        return []
     try:
-        text = (Path(mf["path"]).parent / "metrics.jsonl").read_text()
+        text = (model_file.parent / "metrics.jsonl").read_text()
     except OSError:
         return []
     lines = []
@@ -125,15 +115,14 @@ def reuse(cfg: DictConfig, previous: dict, store_record: Path, run_dir: Path, gr
     if original.get("reused"):  # a record that was itself reused: what the job first cost
         original = original.get("original") or {}
     record["cost"] = {"reused": True, "stages": {}, "total_seconds": None, "original": original}
-    lines = _earlier_lines(previous)  # read first: the logger starts this folder's metrics.jsonl afresh
+    lines = _earlier_lines(src)  # read first: the logger starts this folder's metrics.jsonl afresh
     logger = RunLogger(cfg, run_dir, record["job_id"], group, run_id=wandb_run_id(record["job_id"], run_dir))
     try:
         if logger.wandb_info:
             record["wandb"] = logger.wandb_info
         for line in lines:
             logger.log(line)
-        record["cost"]["total_seconds"] = time.perf_counter() - t_start
-        record["config"] = OmegaConf.to_container(cfg, resolve=False)
+        complete_record(record, cfg, None, t_start)
         logger.finish(record)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -26,23 +26,17 @@ BEST = "best.yaml"
 
 def is_search(sweeper: Any) -> bool:
     """Whether a multirun's sweeper optimises the jobs' return values (any sweeper but Hydra's basic grid)."""
-    target = str((sweeper or {}).get("_target_") or BASIC_SWEEPER)
-    return target != BASIC_SWEEPER
-
-
-def lookup(record: dict, path: str) -> Any:
-    """The value at a dotted ``path`` of a record, or None."""
-    node: Any = record
-    for key in str(path).split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
+    return str((sweeper or {}).get("_target_") or BASIC_SWEEPER) != BASIC_SWEEPER
 
 
 def objective(record: dict, path: str) -> Optional[float]:
-    """What a job returns to the sweeper: the number at ``path`` (None, a failed trial, when there is none)."""
-    v = lookup(record, path)
+    """What a job returns to the sweeper: the number at the record's dotted ``path`` (None, a failed trial, when
+    there is none)."""
+    v: Any = record
+    for key in str(path).split("."):
+        if not isinstance(v, dict) or key not in v:
+            return None
+        v = v[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v)
@@ -58,10 +52,6 @@ def _key(override: str) -> str:
     return str(override).lstrip("+~").split("=", 1)[0]
 
 
-def _explicit(overrides) -> bool:
-    return any(_key(o) == "optimized_metric" for o in overrides or [])
-
-
 def search_problem(config: DictConfig) -> Optional[str]:
     """Why a multirun's config must not start (one line), or None; checks only searches (see :func:`is_search`)."""
     hydra = config.hydra
@@ -74,7 +64,7 @@ def search_problem(config: DictConfig) -> Optional[str]:
     if parts[0] in SPLITS and (len(parts) != 3 or parts[1] not in STAGES):
         return (f"optimized_metric={metric}: expected {parts[0]}.<stage>.<metric> with stage one of "
                 f"{', '.join(STAGES)}")
-    if parts[0] == "metrics" and not _explicit(task_overrides(hydra)):
+    if parts[0] == "metrics" and "optimized_metric" not in map(_key, task_overrides(hydra)):
         return (f"optimized_metric={metric} is measured on the test split: a search selects on validation "
                 f"(metrics_val.*, with data.val_split > 0); to select on the test split anyway, set "
                 f"optimized_metric={metric} on the command line")
@@ -119,10 +109,6 @@ def best_trial(ok_jobs: list, metric: str, direction: str = "maximize") -> Optio
     return best
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
-
-
 def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int) -> Optional[Path]:
     """Print the best trial of a search and write ``<sweep_dir>/best.yaml``; None when no trial has the metric."""
     metric = str(config.optimized_metric)
@@ -132,11 +118,10 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
         print(f"kdprune: no trial recorded {metric}: no best trial")
         return None
     job, value, rec = found
-    split = SPLITS.get(metric.split(".")[0])
     final, typed = _pair(rec, "final"), {_key(t) for t in task_overrides(config.hydra)}
     doc = {
         "optimized_metric": metric,
-        "split": split or "record",
+        "split": SPLITS.get(metric.split(".")[0], "record"),
         "direction": direction,
         "value": value,
         "job": job.name,
@@ -153,6 +138,6 @@ def write_best(sweep_dir: Path, config: DictConfig, ok_jobs: list, n_failed: int
           f"{len(ok_jobs)} ok, {n_failed} failed)")
     print(f"  params: {' '.join(doc['params'])}")
     for name, both in final.items():
-        print(f"  final {name}: " + " · ".join(f"{s} {_fmt(both[s])}" for s in ("val", "test") if s in both))
+        print(f"  final {name}: " + " · ".join(f"{s} {both[s]:.4g}" for s in ("val", "test") if s in both))
     print(f"  {path}")
     return path

@@ -69,44 +69,27 @@ class Costs:
     ``device`` decides how memory is booked (see :class:`StageCost`): CUDA's peak allocated bytes per stage, or
     elsewhere the process's peak resident set."""
 
-    def __init__(self, stages: Optional[dict] = None, device: Optional[torch.device] = None):
-        self.stages, self.current = stages if stages is not None else {}, StageCost()
+    def __init__(self, device: Optional[torch.device] = None):
+        self.stages, self.current = {}, StageCost()
         self.teacher: Optional[nn.Module] = None  # forwards through it are ``teacher_samples`` (set by the artifacts)
         self.device = device
-        self._open: list = []  # CUDA: [stage, its peak before the stages opened inside it], innermost last
+        self._open: list = []  # CUDA: each open stage's peak before the stages opened inside it, innermost last
         self._watched: set = set()  # ids of the modules an open count() hooks (a nested one does not hook them again)
 
     def _cuda(self) -> Optional[torch.device]:
         dev = torch.device(self.device) if self.device is not None else None
         return dev if dev is not None and dev.type == "cuda" and torch.cuda.is_available() else None
 
-    def _memory_enter(self, st: StageCost) -> None:
-        dev = self._cuda()
-        if dev is None:
-            return
-        if self._open:  # the outer stage's peak so far is kept before the counter restarts for this one
-            self._open[-1][1] = max(self._open[-1][1], int(torch.cuda.max_memory_allocated(dev)))
-        torch.cuda.reset_peak_memory_stats(dev)
-        self._open.append([st, 0])
-
-    def _memory_exit(self, st: StageCost) -> None:
-        dev = self._cuda()
-        if dev is None:
-            rss = peak_rss_bytes()
-            if rss is not None:
-                st.peak_rss_bytes, st.memory_kind = max(st.peak_rss_bytes or 0, rss), "process_rss"
-            return
-        _, before = self._open.pop()
-        peak = max(before, int(torch.cuda.max_memory_allocated(dev)))
-        st.peak_memory_bytes, st.memory_kind = max(st.peak_memory_bytes or 0, peak), "cuda_allocated"
-        if self._open:  # the outer stage goes on: its peak from here on
-            torch.cuda.reset_peak_memory_stats(dev)
-
     @contextlib.contextmanager
     def stage(self, name: str):
         st = self.stages.setdefault(name, StageCost())
         prev, self.current = self.current, st
-        self._memory_enter(st)
+        dev = self._cuda()
+        if dev is not None:
+            if self._open:  # the outer stage's peak so far is kept before the counter restarts for this one
+                self._open[-1] = max(self._open[-1], int(torch.cuda.max_memory_allocated(dev)))
+            torch.cuda.reset_peak_memory_stats(dev)
+            self._open.append(0)
         t = time.perf_counter()
         try:
             yield st
@@ -115,7 +98,15 @@ class Costs:
             st.seconds += dt
             prev.seconds -= dt  # a stage opened inside another (evaluate during gmp) is not the outer's time
             self.current = prev
-            self._memory_exit(st)
+            if dev is None:
+                rss = peak_rss_bytes()
+                if rss is not None:
+                    st.peak_rss_bytes, st.memory_kind = max(st.peak_rss_bytes or 0, rss), "process_rss"
+            else:
+                peak = max(self._open.pop(), int(torch.cuda.max_memory_allocated(dev)))
+                st.peak_memory_bytes, st.memory_kind = max(st.peak_memory_bytes or 0, peak), "cuda_allocated"
+                if self._open:  # the outer stage goes on: its peak from here on
+                    torch.cuda.reset_peak_memory_stats(dev)
 
     @contextlib.contextmanager
     def count(self, *models: nn.Module, stage: Optional[str] = None):
@@ -213,9 +204,6 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, data: DeviceData, costs: Costs):
         self.cfg, self.data, self.costs, self.metrics, self.metrics_val = cfg, data, costs, {}, {}
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict:
-        return evaluate(model, self.data, split, self.cfg.eval.batch_size, self.cfg.eval.ece_bins)
-
     def all(self, model: nn.Module) -> dict:
         """Test and, if held out, validation metrics, with the calibration of :func:`evaluate_splits`."""
         splits = ("test",) if self.data.val is None else ("test", "val")
@@ -299,9 +287,8 @@ class Artifacts:
                                                            check=lambda st_: init().load_state_dict(st_["model"]))
             if self.cfg.store.enabled:
                 self.files[stage] = str(d / "artifact.pt")
-            if self.store.waited > 0:  # waiting for another job to make the artifact is not this stage's work
-                st.seconds -= self.store.waited
-                st.lock_wait_seconds += self.store.waited
+            st.seconds -= self.store.waited  # waiting for another job to make the artifact is not this stage's work
+            st.lock_wait_seconds += self.store.waited
             st.cached = cached
             if cached:
                 st.artifact = meta.get("cost")
@@ -350,8 +337,6 @@ class Context:
                  checkpoints: Optional[Path] = None):
         self.cfg, self.data, self.device, self.log = cfg, data, device, log
         self.costs = costs or Costs(device=device)
-        if self.costs.device is None:
-            self.costs.device = device
         self.seeds = Seeds(cfg, data, device)
         self.trainer = Trainer(cfg, data, self.costs, self.seeds, lambda rec: self.log(rec), checkpoints)
         self.evaluator = Evaluator(cfg, data, self.costs)

@@ -17,25 +17,24 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
-def _interrupt(signum: int):
-    raise Interrupted(signum)
-
-
 @contextlib.contextmanager
 def signals_interrupt():
     """Turn SIGTERM and SIGUSR1 into :class:`Interrupted` (once: a second signal while the job winds down
     is ignored), so the job writes a ``failed`` record and keeps its last checkpoint. A signal that arrives
-    during an atomic write (:class:`~kdprune_cli.store.writing`) is raised once the write is complete."""
+    during an atomic write (:func:`~kdprune_cli.store.atomic.writing`) is raised once the write is complete."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     sigs = (signal.SIGTERM, signal.SIGUSR1)
 
     def handler(signum, frame):
+        def interrupt():
+            raise Interrupted(signum)
+
         for s in sigs:
             signal.signal(s, signal.SIG_IGN)
-        if not defer_while_writing(lambda: _interrupt(signum)):
-            raise Interrupted(signum)
+        if not defer_while_writing(interrupt):
+            interrupt()
 
     old = {s: signal.signal(s, handler) for s in sigs}
     try:

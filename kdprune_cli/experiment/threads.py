@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -32,13 +34,11 @@ def cgroup_quota(root: Path = CGROUP) -> Optional[float]:
         return None
 
 
-def usable_cores(affinity: Optional[int] = None, quota: Optional[float] = None) -> int:
+def usable_cores(affinity: int, quota: Optional[float] = None) -> int:
     """The cores this process may use: the affinity mask's size, capped by the quota (rounded up, at least 1)."""
-    n = affinity if affinity is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else (os.cpu_count() or 1)
     if quota is not None and quota > 0:
-        n = min(n, math.ceil(quota))
-    return max(1, int(n))
+        affinity = min(affinity, math.ceil(quota))
+    return max(1, int(affinity))
 
 
 def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional[int] = None,
@@ -49,18 +49,14 @@ def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional
     env = os.environ if env is None else env
     s = str(setting).strip().lower()
     if s != "auto":
-        try:
-            n = int(s)
-        except ValueError:
-            n = 0
-        if n <= 0 or isinstance(setting, (bool, float)):
+        if isinstance(setting, (bool, float)) or not s.isdecimal() or int(s) <= 0:
             raise ValueError(f"threads must be auto or an integer > 0, got {setting!r}")
-        return n, "threads"
+        return int(s), "threads"
     omp = str(env.get("OMP_NUM_THREADS", "")).strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp), "OMP_NUM_THREADS"
-    if affinity is None and hasattr(os, "sched_getaffinity"):
-        affinity = len(os.sched_getaffinity(0))
+    if affinity is None:  # without an affinity mask (macOS, Windows): every core
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if quota is None:
         quota = cgroup_quota()
     n = usable_cores(affinity, quota)
@@ -71,8 +67,6 @@ def resolve_threads(setting: Any, env: Optional[dict] = None, affinity: Optional
 def apply_threads(setting: Any) -> dict:
     """Set torch's intra-op threads (and inter-op threads, where torch still allows it) from ``setting``;
     returns what the record keeps: ``{"intra_op", "inter_op", "source"}``."""
-    import torch
-
     n, why = resolve_threads(setting)
     torch.set_num_threads(n)
     try:  # allowed once, before any inter-op work in the process (a later job of a sweep keeps the first value)

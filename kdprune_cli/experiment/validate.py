@@ -11,7 +11,7 @@ from torch import nn
 
 from kdprune_cli.config import schema as config
 from kdprune_cli.config.schema import ConfigError, model_kwargs
-from kdprune_cli.data import DATASETS
+from kdprune_cli.data import DATASETS, get_source
 from kdprune_cli.models import build_model, is_known, model_names
 from kdprune_cli.models.checkpoint import load_checkpoint, read_error
 from kdprune_cli.models.masks import check_exclude
@@ -46,12 +46,28 @@ def check_overrides(overrides) -> None:
                               f"selected method config, whose settings belong to that method)")
 
 
+def split_sizes(n: int, val_split: float) -> tuple[int, int]:
+    """``(training, validation)`` images when ``val_split`` of ``n`` training images are held out."""
+    n_val = int(round(val_split * n)) if val_split > 0 else 0
+    return n - n_val, n_val
+
+
+def check_val_split(data) -> None:
+    """A held-out split must leave at least one training batch (one image) and hold at least one image."""
+    n = get_source(data.name).train_images
+    train, val = split_sizes(n, data.val_split)
+    if data.val_split > 0 and (train < 1 or val < 1):
+        raise ConfigError(f"data.val_split={data.val_split} leaves {train} of the {n} {data.name} training images "
+                          f"for training and {val} for validation; both need at least one")
+
+
 def validate(cfg: DictConfig) -> None:
     """The config's own checks, then the names only the registries know: dataset, models, method, and the
     modules ``prune.exclude`` names (on a model built for the dataset's shape); raises :class:`ConfigError`."""
     config.validate(cfg)
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    check_val_split(cfg.data)
     for role in ("teacher", "student"):
         if not is_known(cfg[role].name):
             raise ConfigError(f"unknown {role} model {cfg[role].name!r}; choose one of {', '.join(model_names())}")

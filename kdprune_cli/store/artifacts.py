@@ -61,8 +61,7 @@ class Store:
         d = self.dir(stage, key)
         art, meta_path = d / "artifact.pt", d / "meta.json"
         if not enabled:
-            state, meta = create()
-            return state, meta, False
+            return (*create(), False)
         d.mkdir(parents=True, exist_ok=True)
         lock = file_lock(d / "stage")
         self.waited = acquire(lock)

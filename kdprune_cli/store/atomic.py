@@ -4,7 +4,7 @@ the target, so a reader sees the old file or the whole new one.
 The temporary file is named ``.<name>.<host>.<pid>.<random>.tmp``; a writer that is killed leaves only it, which
 :func:`clean_orphans` recognises and removes at the next start. Files are created ``0666 & ~umask`` (group-
 readable under the usual umask), so a team can share a store. A signal whose handler asks
-:func:`defer_while_writing` lands once the write is complete (:class:`writing`).
+:func:`defer_while_writing` lands once the write is complete (:func:`writing`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -49,14 +50,12 @@ def fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-class _Writing:
-    """How many writes the main thread is inside, and the signal that arrived meanwhile (see :class:`writing`)."""
-
-    depth = 0
-    pending: Optional[Callable[[], None]] = None
+# How many writes the main thread is inside, and the action of the signal that arrived meanwhile (see :func:`writing`).
+_WRITES = SimpleNamespace(depth=0, pending=None)
 
 
-class writing:
+@contextlib.contextmanager
+def writing():
     """``with writing():`` a critical section in which a signal whose handler asks :func:`defer_while_writing`
     does not land: the handler records it and returns, and when the outermost section is left (normally or by
     an exception) the recorded action runs (e.g. raises the job's ``Interrupted``). Every atomic write is one.
@@ -65,53 +64,59 @@ class writing:
     Ray or submitit worker's helper thread, a lock holder) is never interrupted by them, so only the main
     thread counts. Sections nest; the action runs once, at the outermost exit.
     """
-
-    def __enter__(self) -> "writing":
-        self.main = threading.current_thread() is threading.main_thread()
-        if self.main:
-            _Writing.depth += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.main:
-            return
-        _Writing.depth -= 1
-        if _Writing.depth == 0 and _Writing.pending is not None:
-            fire, _Writing.pending = _Writing.pending, None
-            fire()
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        _WRITES.depth += 1
+    try:
+        yield
+    finally:
+        if main:
+            _WRITES.depth -= 1
+            if _WRITES.depth == 0 and _WRITES.pending is not None:
+                fire, _WRITES.pending = _WRITES.pending, None
+                fire()
 
 
 def defer_while_writing(fire: Callable[[], None]) -> bool:
-    """For a signal handler: inside a :class:`writing` section keep ``fire`` (the first one only) to run when
+    """For a signal handler: inside a :func:`writing` section keep ``fire`` (the first one only) to run when
     the section ends and return True; outside return False (the handler acts at once)."""
-    if _Writing.depth > 0 and threading.current_thread() is threading.main_thread():
-        if _Writing.pending is None:
-            _Writing.pending = fire
+    if _WRITES.depth > 0 and threading.current_thread() is threading.main_thread():
+        if _WRITES.pending is None:
+            _WRITES.pending = fire
         return True
     return False
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[int], None]) -> None:
-    """Create a temp file beside ``path``, ``write(fd)``, fsync, rename over ``path``, fsync the folder; a
-    signal that arrives meanwhile is acted on once the file is in place (or the temp file removed)."""
+def atomic_create(path: str | os.PathLike, create: Callable[[Path], None]) -> None:
+    """``create(tmp)`` makes a complete file at a temp path beside ``path``, which is renamed over ``path``, and
+    the folder fsync'ed; a signal that arrives meanwhile is acted on once the file is in place (or the temp
+    file removed)."""
     path = Path(path)
     with writing():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path(path)
-        # 0666 through the umask (0644 under umask 022), not mkstemp's 0600
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
-            try:
-                write(fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            create(tmp)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[int], None]) -> None:
+    """:func:`atomic_create` of a file that ``write(fd)`` fills (then fsync'ed)."""
+    def create(tmp: Path) -> None:
+        # 0666 through the umask (0644 under umask 022), not mkstemp's 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            write(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    atomic_create(path, create)
 
 
 class _Sink:
@@ -126,16 +131,14 @@ class _Sink:
         self.error: Optional[OSError] = None
 
     def write(self, b) -> int:
-        n = memoryview(b).nbytes
-        if self.error is None:
-            try:
-                write_all(self.fd, b)
-            except OSError as e:
-                self.error = e
-                raise
-        else:
+        if self.error is not None:
             raise self.error
-        return n
+        try:
+            write_all(self.fd, b)
+        except OSError as e:
+            self.error = e
+            raise
+        return memoryview(b).nbytes
 
     def flush(self) -> None:
         pass
@@ -146,11 +149,10 @@ def _torch_save(obj: Any, fd: int) -> None:
     try:
         torch.save(obj, sink)
     except Exception:
-        if sink.error is not None:
-            raise sink.error from None
-        raise
-    if sink.error is not None:
-        raise sink.error
+        if sink.error is None:
+            raise
+    if sink.error is not None:  # raised by torch.save as another error, or swallowed
+        raise sink.error from None
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -185,9 +187,6 @@ def clean_orphans(root: str | os.PathLike, max_age: float = ORPHAN_AGE) -> int:
     A temp file is an orphan when it was written on this host by a process that is gone, or when it is
     older than ``max_age`` seconds (a writer on another host). A live writer's file is never removed.
     """
-    root = Path(root)
-    if not root.is_dir():
-        return 0
     now = time.time()
     removed = 0
     for d, _, files in os.walk(root):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,7 @@ def config_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-_DIGESTS: dict = {}  # (resolved path, size, mtime_ns, inode) -> sha256 hex
-_DIGESTS_LOCK = threading.Lock()
+_DIGESTS: dict = {}  # (resolved path, size, mtime_ns, inode) -> sha256 hex (one dict operation at a time)
 DIGESTS_FILE = "digests.json"
 
 
@@ -32,8 +31,6 @@ def default_cache_dir() -> Path:
         try:
             base = Path.home() / ".cache"
         except (RuntimeError, KeyError):
-            import tempfile
-
             base = Path(tempfile.gettempdir()) / f"kdprune-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     return Path(base) / "kdprune"
 
@@ -69,28 +66,25 @@ def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     unwritable cache file is ignored.
     """
     p = Path(path).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), *_stat_key(st))
-    with _DIGESTS_LOCK:
-        if key in _DIGESTS:
-            return _DIGESTS[key]
+    stat = _stat_key(p.stat())
+    digest = _DIGESTS.get((str(p), *stat))
+    if digest is not None:
+        return digest
     cfile = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / DIGESTS_FILE
     e = _read_digests(cfile).get(str(p))
-    if isinstance(e, dict) and e.get("stat") == _stat_key(st) and isinstance(e.get("sha256"), str):
+    if isinstance(e, dict) and e.get("stat") == stat and isinstance(e.get("sha256"), str):
         digest = e["sha256"]
     else:
         for _ in range(3):  # a file written while it is read is read again
+            before = stat
             digest = sha256_file(p)
-            st2 = p.stat()
-            if _stat_key(st2) == _stat_key(st):
+            stat = _stat_key(p.stat())
+            if stat == before:
                 break
-            st = st2
         else:
             return digest  # still changing: not remembered
-        key = (str(p), *_stat_key(st))
-        _remember(cfile, str(p), _stat_key(st), digest)
-    with _DIGESTS_LOCK:
-        _DIGESTS[key] = digest
+        _remember(cfile, str(p), stat, digest)
+    _DIGESTS[(str(p), *stat)] = digest
     return digest
 
 
