@@ -28,10 +28,16 @@ def _jpeg_decoder():
     return (decode_jpeg, ImageReadMode.RGB) if _has_image_ops() else None
 
 
-def _decode_pil(path: Path) -> torch.Tensor:
-    """One image as PIL's ``Image.open(path).convert("RGB")`` gives it, 3×H×W uint8 (the path for non-JPEGs)."""
+def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
+    """One image, 3×H×W uint8: a JPEG through ``decoder``, any other file as PIL's
+    ``Image.open(path).convert("RGB")`` gives it."""
     from PIL import Image
 
+    if decoder is not None:
+        try:
+            return decoder[0](data, mode=decoder[1])
+        except Exception:  # not a JPEG (a PNG, say): PIL reads it, or says why not
+            pass
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -40,22 +46,12 @@ def _decode_pil(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
-    if decoder is not None:
-        try:
-            return decoder[0](data, mode=decoder[1])
-        except Exception:  # not a JPEG (a PNG, say): PIL reads it, or says why not
-            pass
-    return _decode_pil(path)
-
-
 def _decode_chunk(paths: list, out: torch.Tensor, size: int, decoder) -> int:
     """Decode ``paths`` into ``out`` (len(paths)×3×size×size uint8); the number of images."""
     raw = []
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                data = bytearray(f.read())
+            data = bytearray(Path(p).read_bytes())
         except OSError as e:
             raise DataError(f"{p} could not be read ({e.strerror or e})") from None
         raw.append(torch.frombuffer(data or bytearray(1), dtype=torch.uint8))  # empty: fails in the decoders
@@ -64,7 +60,7 @@ def _decode_chunk(paths: list, out: torch.Tensor, size: int, decoder) -> int:
         try:  # grayscale and CMYK JPEGs come out RGB (ImageReadMode.RGB), as PIL's convert("RGB") makes them
             imgs = decoder[0](raw, mode=decoder[1])
         except Exception:  # one file is not a JPEG, or is broken: one by one, to find it
-            imgs = None
+            pass
     if imgs is None:
         imgs = [_decode_one(p, data, decoder) for p, data in zip(paths, raw)]
     for i, (p, img) in enumerate(zip(paths, imgs)):
@@ -131,10 +127,8 @@ class TinyImageNet(Source):
             raise DataError(not_found("tinyimagenet (tiny-imagenet-200 layout: train/<wnid>/images, "
                                       "val/images + val/val_annotations.txt)", root))
         wnids_file = root / "wnids.txt"
-        if wnids_file.is_file():
-            wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
-        else:
-            wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        wnids = (wnids_file.read_text().split() if wnids_file.is_file()
+                 else sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
         index = {w: i for i, w in enumerate(wnids)}  # a class is its line of wnids.txt
         train_paths, train_y = [], []
         for w in wnids:
