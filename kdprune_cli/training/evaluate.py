@@ -50,8 +50,7 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 
 
 
 def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 1000, n_bins: int = 15) -> dict:
-    logits, y = predict(model, data, split, batch_size)
-    return classification_metrics(logits, y, n_bins)
+    return classification_metrics(*predict(model, data, split, batch_size), n_bins)
 
 
 def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
@@ -65,10 +64,8 @@ def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) ->
     correct = pred.eq(y).to(conf.dtype)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
     idx = (torch.bucketize(conf, edges, right=True) - 1).clamp_(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf.double())
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct.double())
-    count, conf_sum, acc_sum = count.tolist(), conf_sum.tolist(), acc_sum.tolist()
+    count, conf_sum, acc_sum = (torch.bincount(idx, weights, minlength=n_bins).tolist()
+                                for weights in (None, conf.double(), correct.double()))
     return {"count": count,
             "confidence": [s / n if n else None for s, n in zip(conf_sum, count)],
             "accuracy": [s / n if n else None for s, n in zip(acc_sum, count)]}
@@ -106,9 +103,8 @@ def temperature_scaled(val: tuple, test: tuple, n_bins: int = 15) -> dict:
     split's ECE and NLL after dividing its logits by it (``ece_ts``, ``nll_ts``)."""
     t = fit_temperature(*val)
     logits, y = test
-    scaled = logits.float() / t
-    ece = multiclass_calibration_error(F.softmax(scaled, dim=1), y, num_classes=scaled.shape[1], n_bins=n_bins)
-    return {"temperature": t, "ece_ts": float(ece), "nll_ts": float(F.cross_entropy(scaled, y))}
+    scaled = classification_metrics(logits.float() / t, y, n_bins)
+    return {"temperature": t, "ece_ts": scaled["ece"], "nll_ts": scaled["nll"]}
 
 
 def evaluate_splits(model: nn.Module, data, splits=("test",), batch_size: int = 1000, n_bins: int = 15) -> dict:
@@ -136,7 +132,6 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
     """
     dense, sparse = 0, 0
     prunable = set(id(m) for m in prunable_modules(model, exclude).values())
-    hooks = []
 
     def hook(m, inp, out):
         nonlocal dense, sparse
@@ -148,9 +143,7 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
         dense += macs
         sparse += macs * density
 
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(hook))
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
