@@ -46,21 +46,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
+def finish(ax, t: Table, metric: str, how: str, path: Path) -> Path:
     """The common end of a table's plot: metric axis, title, grid, legend, written to ``path``."""
     ax.set_ylabel(f"final {METRIC_DESC.get(metric, metric)}, test split")
     ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none where no run recorded the metric
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(ax.figure, path)
 
 
 def plot_table(t: Table, metric: str, out: Path) -> Path:
     """Accuracy against target sparsity: a series per row, the cells' mean ± sample std, the dense teacher and
     student as lines."""
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
+    ax = Figure(figsize=(6.4, 4.4)).subplots()
     for row in t.rows:
         pts = [(s, c.metric) for s, c in row.cells.items() if c.metric is not None]
         if not pts:
@@ -75,7 +74,7 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
         if d is not None:
             ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel("target sparsity")
-    return finish(fig, ax, t, metric, "mean ± sample std over seeds, as in the tables",
+    return finish(ax, t, metric, "mean ± sample std over seeds, as in the tables",
                   out / f"accuracy_vs_sparsity_{_stem(t)}.png")
 
 
@@ -109,8 +108,7 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if axis is None:
         return None
     kind, fx, fdense, xlabel = axis
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
+    ax = Figure(figsize=(6.4, 4.4)).subplots()
     for row in t.rows:
         pts = [(s, xy) for s, xy in ((s, _xy(c.recs, fx, metric, "final")) for s, c in row.cells.items())
                if xy is not None]
@@ -130,7 +128,7 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if d is not None:
         ax.axhline(d.mean, color="gray", linestyle=":", linewidth=1, label="teacher (dense)")
     ax.set_xlabel(f"final model {xlabel}" if kind == "latency" else xlabel, fontsize=8)
-    return finish(fig, ax, t, metric, "mean ± sample std over seeds; labels: sparsity",
+    return finish(ax, t, metric, "mean ± sample std over seeds; labels: sparsity",
                   out / f"accuracy_vs_latency_{_stem(t)}.png")
 
 
@@ -144,8 +142,7 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     """A bar per layer: its sparsity, the target as a red dashed line."""
     layers = rec["sparsity_per_layer"]
     names, vals = list(layers), [float(v) for v in layers.values()]
-    fig = Figure(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2)))
-    ax = fig.subplots()
+    ax = Figure(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2))).subplots()
     y = list(range(len(names)))
     ax.barh(y, vals, color="tab:blue")
     ax.set_yticks(y, names, fontsize=7)
@@ -163,7 +160,7 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, row_key(rec)[3])} · {rec.get('dataset')} · "
                  f"{rec.get('student')} · seed {rec.get('seed')}" + (f"\n{', '.join(sub)}" if sub else ""),
                  fontsize=10)
-    return _save(fig, out / f"layers_{safe(name)}.png")
+    return _save(ax.figure, out / f"layers_{safe(name)}.png")
 
 
 # --- reliability diagrams ---------------------------------------------------------------------------------------

@@ -228,13 +228,12 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
         out += _md_table(t, metric, nd, asked, setting)
     if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
-    if problems:
-        out += ["", "## Failed jobs", ""] + _problem_lines(problems)
-    if layer_notes:
-        out += ["", "## Per-layer plots not drawn", ""] + _problem_lines(layer_notes)
-    if superseded:
-        out += ["", "## Superseded records (same job, newer record used)", ""]
-        out += [f"- `{old}` → `{new}`" for old, new in superseded]
+    for heading, lines in (("Failed jobs", _problem_lines(problems)),
+                           ("Per-layer plots not drawn", _problem_lines(layer_notes)),
+                           ("Superseded records (same job, newer record used)",
+                            [f"- `{old}` → `{new}`" for old, new in superseded])):
+        if lines:
+            out += ["", f"## {heading}", "", *lines]
     return "\n".join(out) + "\n"
 
 
