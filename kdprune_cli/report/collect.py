@@ -55,8 +55,7 @@ def find_results(paths: Iterable[Path]) -> Found:
 def load(path: Path):
     """``(record, None)`` or ``(None, error line)``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return None, f"unreadable {RESULTS} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     wrong = wrong_field(rec) if isinstance(rec, dict) else "not a JSON object"

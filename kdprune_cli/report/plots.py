@@ -168,8 +168,8 @@ RELIABILITY_MODELS = (("dense_student", "dense student"), ("final", "final model
 
 
 def _bins(m) -> Optional[dict]:
-    """``metrics.<model>.reliability`` checked: equal-length ``count``, ``confidence``, ``accuracy``; None when
-    absent or malformed."""
+    """``metrics.<model>.reliability`` checked (equal-length ``count``, ``confidence``, ``accuracy``) with the
+    model's ``ece``, ``ece_ts`` and ``temperature``; None when the bins are absent or malformed."""
     r = m.get("reliability") if isinstance(m, dict) else None
     bins = {k: r.get(k) for k in ("count", "confidence", "accuracy")} if isinstance(r, dict) else {}
     if not (bins and all(isinstance(v, list) for v in bins.values())
@@ -178,7 +178,7 @@ def _bins(m) -> Optional[dict]:
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in bins["count"]) or any(
             n and (num(x) is None or num(a) is None) for n, x, a in zip(*bins.values())):
         return None
-    return bins
+    return {**bins, **{k: num(m.get(k)) for k in ("ece", "ece_ts", "temperature")}}
 
 
 def reliability_data(rec: dict) -> dict:
@@ -187,13 +187,7 @@ def reliability_data(rec: dict) -> dict:
     ``temperature`` where the run fit one); a model without bins maps to None. :class:`InputError` when the
     final model has none."""
     metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
-    out = {}
-    for key, _ in RELIABILITY_MODELS:
-        m = metrics.get(key)
-        bins = _bins(m)
-        if bins is not None:
-            bins.update({k: num(m.get(k)) for k in ("ece", "ece_ts", "temperature")})
-        out[key] = bins
+    out = {key: _bins(metrics.get(key)) for key, _ in RELIABILITY_MODELS}
     if out["final"] is None:
         raise InputError(f"no reliability bins (metrics.final.reliability) in the record (status "
                          f"{rec.get('status')}); kdprune records them for every run it evaluates")

@@ -135,10 +135,8 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
 
     def hook(m, inp, out):
         nonlocal dense, sparse
-        if isinstance(m, nn.Conv2d):
-            macs = out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            macs = out.numel() // out.shape[0] * m.in_features
+        # per output value, one weight row: in_channels / groups × kernel (Conv2d) or in_features (Linear)
+        macs = out.numel() // out.shape[0] * m.weight.shape[1:].numel()
         density = float((m.weight != 0).float().mean()) if id(m) in prunable else 1.0
         dense += macs
         sparse += macs * density

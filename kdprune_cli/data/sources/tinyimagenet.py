@@ -90,20 +90,17 @@ def decode_images(groups: list, size: int, desc: str = "tinyimagenet") -> list:
     except AttributeError:  # not on Linux
         workers = os.cpu_count() or 1
     outs = [torch.empty((len(paths), 3, size, size), dtype=torch.uint8) for paths in groups]
-    total = sum(len(paths) for paths in groups)
-    with warnings.catch_warnings(), tqdm(total=total, desc=desc, unit="img", leave=False, disable=None,
-                                         mininterval=0.5) as bar:
+    chunks = [(paths[i:i + DECODE_CHUNK], out[i:i + DECODE_CHUNK]) for paths, out in zip(groups, outs)
+              for i in range(0, len(paths), DECODE_CHUNK)]
+    with warnings.catch_warnings(), tqdm(total=sum(map(len, groups)), desc=desc, unit="img", leave=False,
+                                         disable=None, mininterval=0.5) as bar:
         # torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they still decode
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                                 category=DeprecationWarning)
-        ex = ThreadPoolExecutor(max_workers=max(1, min(32, workers)), thread_name_prefix="kdprune-decode")
-        try:
-            futures = [ex.submit(_decode_chunk, paths[i:i + DECODE_CHUNK], out[i:i + DECODE_CHUNK], size, decoder)
-                       for paths, out in zip(groups, outs) for i in range(0, len(paths), DECODE_CHUNK)]
-            for fut in futures:
-                bar.update(fut.result())
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+        with ThreadPoolExecutor(max_workers=max(1, min(32, workers)), thread_name_prefix="kdprune-decode") as ex:
+            # in order; an error cancels the chunks not yet started (map's results) and waits for the running ones
+            for n in ex.map(lambda chunk: _decode_chunk(*chunk, size, decoder), chunks):
+                bar.update(n)
     return outs
 
 
