@@ -88,7 +88,8 @@ def _kind(v) -> str:
         type(v), "a number")
 
 
-def _wrong_metrics(rec: dict) -> Optional[str]:
+def _wrong_inside(rec: dict) -> Optional[str]:
+    """Which field inside ``metrics``, ``metrics_val`` or ``cost`` has a type no kdprune record has."""
     for key in ("metrics", "metrics_val"):
         for role, m in (rec.get(key) or {}).items():
             if not isinstance(m, dict):
@@ -97,6 +98,12 @@ def _wrong_metrics(rec: dict) -> Optional[str]:
                 if not (isinstance(v, dict) if metric == "reliability" else
                         v is None or isinstance(v, _NUMBER) and not isinstance(v, bool)):
                     return f"{key}.{role}.{metric} is {_kind(v)}"
+    cost = rec.get("cost") or {}
+    stages = cost.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        return "cost.stages is not an object of stages"
+    if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
+        return f"cost.total_seconds is {_kind(cost['total_seconds'])}"
     return None
 
 
@@ -107,16 +114,7 @@ def wrong_field(rec: dict) -> Optional[str]:
         v = rec.get(k)
         if k in rec and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
             return f"{k} is {_kind(v)}"
-    wrong = _wrong_metrics(rec)
-    if wrong is not None:
-        return wrong
-    cost = rec.get("cost") or {}
-    stages = cost.get("stages", {})
-    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
-        return "cost.stages is not an object of stages"
-    if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
-        return f"cost.total_seconds is {_kind(cost['total_seconds'])}"
-    return None
+    return _wrong_inside(rec)
 
 
 # --- one record per job -------------------------------------------------------------------------------------

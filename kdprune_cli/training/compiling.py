@@ -83,7 +83,6 @@ class Compiled:
     logits across steps (DLB). ``eager`` counts the calls that ran no compiled graph."""
 
     def __init__(self, module: nn.Module, channels_last: bool = False):
-        self.module = module
         self.fn = torch.compile(module, backend=BACKEND, dynamic=False)
         self.channels_last = channels_last
         self.eager = 0

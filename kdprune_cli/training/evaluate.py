@@ -20,11 +20,9 @@ from kdprune_cli.training.compiling import wanted
 def predict(model: nn.Module, data, split: str = "test", batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = model.training
     model.eval()
-    logits, ys = [], []
-    for x, y, _ in data.batches(split, batch_size):
-        logits.append(model(x).float())
-        ys.append(y)
+    batches = [(model(x).float(), y) for x, y, _ in data.batches(split, batch_size)]
     model.train(was_training)
+    logits, ys = zip(*batches)
     return torch.cat(logits), torch.cat(ys)
 
 
@@ -35,18 +33,12 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 
     RMSCE (``norm="l2"``, the square root of the weighted mean squared gap)."""
     c = logits.shape[1]
     probs = F.softmax(logits, dim=1)
-
-    def calibration_error(norm: str) -> float:
-        return float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm=norm))
-
-    return {
-        "top1": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=1, average="micro")),
-        "top5": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=min(5, c), average="micro")),
-        "nll": float(F.cross_entropy(logits, y)),
-        "ece": calibration_error("l1"),
-        "mce": calibration_error("max"),
-        "rmsce": calibration_error("l2"),
-    }
+    out = {"top1": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=1, average="micro")),
+           "top5": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=min(5, c), average="micro")),
+           "nll": float(F.cross_entropy(logits, y))}
+    for key, norm in (("ece", "l1"), ("mce", "max"), ("rmsce", "l2")):
+        out[key] = float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm=norm))
+    return out
 
 
 def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 1000, n_bins: int = 15) -> dict:
