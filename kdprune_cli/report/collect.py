@@ -167,12 +167,10 @@ def dedupe(loaded: list) -> tuple:
         if ck is not None:
             jobs_by_config.setdefault(ck, set()).add(rec["job_id"])
     ids = [job_identity(path, rec, jobs_by_config) for path, rec in loaded]
-    runs: dict = {}
-    for i, ident in enumerate(ids):
-        if ident is not None:
-            runs.setdefault(ident, []).append(i)
-    # the newest by modification time; of equally new ones, the last found
-    newest = {ident: max(ix, key=lambda i: (_mtime(loaded[i][0]), i)) for ident, ix in runs.items()}
+    newest: dict = {}  # job -> its newest record: by modification time; of equally new ones, the last found
+    for i in sorted(range(len(loaded)), key=lambda i: (_mtime(loaded[i][0]), i)):
+        if ids[i] is not None:
+            newest[ids[i]] = i
     kept = [loaded[i] for i, ident in enumerate(ids) if ident is None or newest[ident] == i]
     return kept, [(loaded[i][0], loaded[newest[ident]][0]) for i, ident in enumerate(ids)
                   if ident is not None and newest[ident] != i]
