@@ -10,7 +10,6 @@ from matplotlib.figure import Figure
 
 from kdprune_cli.report.collect import InputError
 from kdprune_cli.report.stats import (
-    WEIGHT,
     Setting,
     Table,
     label,
@@ -157,7 +156,7 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     act = num(rec.get("sparsity_actual"))
     if act is not None:
         sub.append(f"global {act:.4f}")
-    ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, row_key(rec)[3])} · {rec.get('dataset')} · "
+    ax.set_title(f"{label(str(rec.get('method')), None, variant=row_key(rec)[3])} · {rec.get('dataset')} · "
                  f"{rec.get('student')} · seed {rec.get('seed')}" + (f"\n{', '.join(sub)}" if sub else ""),
                  fontsize=10)
     return _save(ax.figure, out / f"layers_{safe(name)}.png")
