@@ -5,6 +5,7 @@ validation split is the test split. The JPEGs decode in parallel on a thread poo
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -19,13 +20,13 @@ DECODE_CHUNK = 256  # files per task of the decoding pool
 
 
 def _jpeg_decoder():
-    """torchvision's libjpeg decoder ``(decode_jpeg, ImageReadMode.RGB)``, or None where its image ops are missing."""
+    """torchvision's libjpeg decoder of one JPEG to RGB, or None where its image ops are missing."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.io.image import _has_image_ops
     except ImportError:
         return None
-    return (decode_jpeg, ImageReadMode.RGB) if _has_image_ops() else None
+    return partial(decode_jpeg, mode=ImageReadMode.RGB) if _has_image_ops() else None
 
 
 def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
@@ -34,8 +35,8 @@ def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
     from PIL import Image
 
     if decoder is not None:
-        try:
-            return decoder[0](data, mode=decoder[1])
+        try:  # grayscale and CMYK JPEGs come out RGB (ImageReadMode.RGB), as PIL's convert("RGB") makes them
+            return decoder(data)
         except Exception:  # not a JPEG (a PNG, say): PIL reads it, or says why not
             pass
     try:
@@ -55,14 +56,7 @@ def _decode_chunk(paths: list, out: torch.Tensor, size: int, decoder) -> int:
         except OSError as e:
             raise DataError(f"{p} could not be read ({e.strerror or e})") from None
         raw.append(torch.frombuffer(data or bytearray(1), dtype=torch.uint8))  # empty: fails in the decoders
-    imgs = None
-    if decoder is not None:
-        try:  # grayscale and CMYK JPEGs come out RGB (ImageReadMode.RGB), as PIL's convert("RGB") makes them
-            imgs = decoder[0](raw, mode=decoder[1])
-        except Exception:  # one file is not a JPEG, or is broken: one by one, to find it
-            pass
-    if imgs is None:
-        imgs = [_decode_one(p, data, decoder) for p, data in zip(paths, raw)]
+    imgs = [_decode_one(p, data, decoder) for p, data in zip(paths, raw)]
     for i, (p, img) in enumerate(zip(paths, imgs)):
         if tuple(img.shape) != (3, size, size):
             raise DataError(f"{p} is {img.shape[-1]}×{img.shape[-2]} pixels, not {size}×{size}: every "
