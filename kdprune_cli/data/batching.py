@@ -98,10 +98,7 @@ class DeviceData:
         n = len(s)
         gen = self.device_generator(gen if gen is not None else torch.Generator().manual_seed(0))
         order = torch.randperm(n, generator=gen, device=self.device) if shuffle else torch.arange(n, device=self.device)
-        stop = n - (n % batch_size) if (drop_last and n >= batch_size) else n
-        for b, start in enumerate(range(0, stop, batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
+        for start in range(0, n, batch_size)[:batch_count(n, batch_size, drop_last)][:max_batches]:
             idx = order[start:start + batch_size]
             x = s.x[idx]
             if augment:

@@ -133,11 +133,8 @@ def _write(args, out: Path, got, diagrams: list) -> tuple:
     written: list = []
     layer_notes = _layers(args.layers, out, written)
     written += write_reliability(diagrams, out)
-    for t in tables:
-        written.append(plot_table(t, args.metric, out))
-        cost_png = plot_cost(t, args.metric, out, setting)
-        if cost_png is not None:
-            written.append(cost_png)
+    written += [png for t in tables for png in (plot_table(t, args.metric, out), plot_cost(t, args.metric, out, setting))
+                if png is not None]  # no cost plot where no run recorded a cost of inference
     md = markdown(tables, args.metric, got.problems, got.superseded, layer_notes, got.counts, asked, setting)
     (out / "report.md").write_text(md, encoding="utf-8")
     write_csv(tables, out / "report.csv", asked, setting)

@@ -55,8 +55,7 @@ def find_results(paths: Iterable[Path]) -> Found:
 def load(path: Path):
     """``(record, None)`` or ``(None, error line)``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return None, f"unreadable {RESULTS} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     wrong = wrong_field(rec) if isinstance(rec, dict) else "not a JSON object"
@@ -89,7 +88,8 @@ def _kind(v) -> str:
         type(v), "a number")
 
 
-def _wrong_metrics(rec: dict) -> Optional[str]:
+def _wrong_inside(rec: dict) -> Optional[str]:
+    """Which field inside ``metrics``, ``metrics_val`` or ``cost`` has a type no kdprune record has."""
     for key in ("metrics", "metrics_val"):
         for role, m in (rec.get(key) or {}).items():
             if not isinstance(m, dict):
@@ -98,6 +98,12 @@ def _wrong_metrics(rec: dict) -> Optional[str]:
                 if not (isinstance(v, dict) if metric == "reliability" else
                         v is None or isinstance(v, _NUMBER) and not isinstance(v, bool)):
                     return f"{key}.{role}.{metric} is {_kind(v)}"
+    cost = rec.get("cost") or {}
+    stages = cost.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        return "cost.stages is not an object of stages"
+    if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
+        return f"cost.total_seconds is {_kind(cost['total_seconds'])}"
     return None
 
 
@@ -108,16 +114,7 @@ def wrong_field(rec: dict) -> Optional[str]:
         v = rec.get(k)
         if k in rec and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
             return f"{k} is {_kind(v)}"
-    wrong = _wrong_metrics(rec)
-    if wrong is not None:
-        return wrong
-    cost = rec.get("cost") or {}
-    stages = cost.get("stages", {})
-    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
-        return "cost.stages is not an object of stages"
-    if cost.get("total_seconds") is not None and not isinstance(cost["total_seconds"], _NUMBER):
-        return f"cost.total_seconds is {_kind(cost['total_seconds'])}"
-    return None
+    return _wrong_inside(rec)
 
 
 # --- one record per job -------------------------------------------------------------------------------------
@@ -170,12 +167,10 @@ def dedupe(loaded: list) -> tuple:
         if ck is not None:
             jobs_by_config.setdefault(ck, set()).add(rec["job_id"])
     ids = [job_identity(path, rec, jobs_by_config) for path, rec in loaded]
-    runs: dict = {}
-    for i, ident in enumerate(ids):
-        if ident is not None:
-            runs.setdefault(ident, []).append(i)
-    # the newest by modification time; of equally new ones, the last found
-    newest = {ident: max(ix, key=lambda i: (_mtime(loaded[i][0]), i)) for ident, ix in runs.items()}
+    newest: dict = {}  # job -> its newest record: by modification time; of equally new ones, the last found
+    for i in sorted(range(len(loaded)), key=lambda i: (_mtime(loaded[i][0]), i)):
+        if ids[i] is not None:
+            newest[ids[i]] = i
     kept = [loaded[i] for i, ident in enumerate(ids) if ident is None or newest[ident] == i]
     return kept, [(loaded[i][0], loaded[newest[ident]][0]) for i, ident in enumerate(ids)
                   if ident is not None and newest[ident] != i]

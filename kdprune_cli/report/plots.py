@@ -10,7 +10,6 @@ from matplotlib.figure import Figure
 
 from kdprune_cli.report.collect import InputError
 from kdprune_cli.report.stats import (
-    WEIGHT,
     Setting,
     Table,
     label,
@@ -46,21 +45,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def finish(fig, ax, t: Table, metric: str, how: str, path: Path) -> Path:
+def finish(ax, t: Table, metric: str, how: str, path: Path) -> Path:
     """The common end of a table's plot: metric axis, title, grid, legend, written to ``path``."""
     ax.set_ylabel(f"final {METRIC_DESC.get(metric, metric)}, test split")
     ax.set_title(f"{t.dataset}: {t.teacher} → {t.student} ({how})", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none where no run recorded the metric
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(ax.figure, path)
 
 
 def plot_table(t: Table, metric: str, out: Path) -> Path:
     """Accuracy against target sparsity: a series per row, the cells' mean ± sample std, the dense teacher and
     student as lines."""
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
+    ax = Figure(figsize=(6.4, 4.4)).subplots()
     for row in t.rows:
         pts = [(s, c.metric) for s, c in row.cells.items() if c.metric is not None]
         if not pts:
@@ -75,7 +73,7 @@ def plot_table(t: Table, metric: str, out: Path) -> Path:
         if d is not None:
             ax.axhline(d.mean, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set_xlabel("target sparsity")
-    return finish(fig, ax, t, metric, "mean ± sample std over seeds, as in the tables",
+    return finish(ax, t, metric, "mean ± sample std over seeds, as in the tables",
                   out / f"accuracy_vs_sparsity_{_stem(t)}.png")
 
 
@@ -109,8 +107,7 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if axis is None:
         return None
     kind, fx, fdense, xlabel = axis
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
+    ax = Figure(figsize=(6.4, 4.4)).subplots()
     for row in t.rows:
         pts = [(s, xy) for s, xy in ((s, _xy(c.recs, fx, metric, "final")) for s, c in row.cells.items())
                if xy is not None]
@@ -130,7 +127,7 @@ def plot_cost(t: Table, metric: str, out: Path, setting: Setting = Setting()) ->
     if d is not None:
         ax.axhline(d.mean, color="gray", linestyle=":", linewidth=1, label="teacher (dense)")
     ax.set_xlabel(f"final model {xlabel}" if kind == "latency" else xlabel, fontsize=8)
-    return finish(fig, ax, t, metric, "mean ± sample std over seeds; labels: sparsity",
+    return finish(ax, t, metric, "mean ± sample std over seeds; labels: sparsity",
                   out / f"accuracy_vs_latency_{_stem(t)}.png")
 
 
@@ -144,12 +141,10 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     """A bar per layer: its sparsity, the target as a red dashed line."""
     layers = rec["sparsity_per_layer"]
     names, vals = list(layers), [float(v) for v in layers.values()]
-    fig = Figure(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2)))
-    ax = fig.subplots()
+    ax = Figure(figsize=(7.0, max(2.5, 0.28 * len(names) + 1.2))).subplots()
     y = list(range(len(names)))
     ax.barh(y, vals, color="tab:blue")
-    ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=7)
+    ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("sparsity (fraction of zero weights)")
@@ -161,10 +156,10 @@ def plot_layers(rec: dict, name: str, out: Path) -> Path:
     act = num(rec.get("sparsity_actual"))
     if act is not None:
         sub.append(f"global {act:.4f}")
-    ax.set_title(f"{label(str(rec.get('method')), None, WEIGHT, row_key(rec)[3])} · {rec.get('dataset')} · "
+    ax.set_title(f"{label(str(rec.get('method')), None, variant=row_key(rec)[3])} · {rec.get('dataset')} · "
                  f"{rec.get('student')} · seed {rec.get('seed')}" + (f"\n{', '.join(sub)}" if sub else ""),
                  fontsize=10)
-    return _save(fig, out / f"layers_{safe(name)}.png")
+    return _save(ax.figure, out / f"layers_{safe(name)}.png")
 
 
 # --- reliability diagrams ---------------------------------------------------------------------------------------
@@ -172,8 +167,8 @@ RELIABILITY_MODELS = (("dense_student", "dense student"), ("final", "final model
 
 
 def _bins(m) -> Optional[dict]:
-    """``metrics.<model>.reliability`` checked: equal-length ``count``, ``confidence``, ``accuracy``; None when
-    absent or malformed."""
+    """``metrics.<model>.reliability`` checked (equal-length ``count``, ``confidence``, ``accuracy``) with the
+    model's ``ece``, ``ece_ts`` and ``temperature``; None when the bins are absent or malformed."""
     r = m.get("reliability") if isinstance(m, dict) else None
     bins = {k: r.get(k) for k in ("count", "confidence", "accuracy")} if isinstance(r, dict) else {}
     if not (bins and all(isinstance(v, list) for v in bins.values())
@@ -182,7 +177,7 @@ def _bins(m) -> Optional[dict]:
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in bins["count"]) or any(
             n and (num(x) is None or num(a) is None) for n, x, a in zip(*bins.values())):
         return None
-    return bins
+    return {**bins, **{k: num(m.get(k)) for k in ("ece", "ece_ts", "temperature")}}
 
 
 def reliability_data(rec: dict) -> dict:
@@ -191,13 +186,7 @@ def reliability_data(rec: dict) -> dict:
     ``temperature`` where the run fit one); a model without bins maps to None. :class:`InputError` when the
     final model has none."""
     metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
-    out = {}
-    for key, _ in RELIABILITY_MODELS:
-        m = metrics.get(key)
-        bins = _bins(m)
-        if bins is not None:
-            bins.update({k: num(m.get(k)) for k in ("ece", "ece_ts", "temperature")})
-        out[key] = bins
+    out = {key: _bins(metrics.get(key)) for key, _ in RELIABILITY_MODELS}
     if out["final"] is None:
         raise InputError(f"no reliability bins (metrics.final.reliability) in the record (status "
                          f"{rec.get('status')}); kdprune records them for every run it evaluates")

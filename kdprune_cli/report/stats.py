@@ -107,12 +107,9 @@ def latency_entries(rec: dict, which: str) -> list:
 
 def latency_of(rec: dict, which: str, setting: Setting) -> Optional[float]:
     """Median milliseconds of ``which`` for the setting; None when it was not measured."""
-    for e in latency_entries(rec, which):
-        if num(e.get("batch")) == setting.batch and e.get("mode") == setting.mode:
-            ms = num(e.get("median_ms"))
-            if ms is not None and ms > 0:
-                return ms
-    return None
+    found = (num(e.get("median_ms")) for e in latency_entries(rec, which)
+             if num(e.get("batch")) == setting.batch and e.get("mode") == setting.mode)
+    return next((ms for ms in found if ms is not None and ms > 0), None)
 
 
 def speedup(rec: dict, setting: Setting) -> Optional[float]:

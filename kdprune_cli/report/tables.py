@@ -197,11 +197,10 @@ def _md_head(metric: str, counts: dict, n_superseded: int) -> list:
 
 def _md_table(t: Table, metric: str, nd: int, asked: tuple, setting: Setting) -> list:
     cols, notes = shown_cost_columns(t, asked, setting)
-    dense_cost = dense_cost_line(t, asked, setting) if asked else None
     out = ["", f"## {t.dataset} · {t.teacher} → {t.student}", "",
            f"Dense references ({metric}): teacher {fmt_stat(t.dense('teacher', metric), nd)}, "
            f"dense student {fmt_stat(t.dense('dense_student', metric), nd)}."]
-    for line in ([dense_cost] if dense_cost else []) + notes:
+    for line in filter(None, [dense_cost_line(t, asked, setting), *notes]):
         out += ["", line]
     head, rows = grid(t, cols, nd, MD)
     return out + ["", head, "|---|" + "---:|" * (len(t.sparsities) * (1 + len(cols)) + 2), *rows]
@@ -229,13 +228,12 @@ def markdown(tables: list, metric: str, problems: list, superseded: list, layer_
         out += _md_table(t, metric, nd, asked, setting)
     if tables:
         out += ["", "¹ " + SAMPLES_NOTE]
-    if problems:
-        out += ["", "## Failed jobs", ""] + _problem_lines(problems)
-    if layer_notes:
-        out += ["", "## Per-layer plots not drawn", ""] + _problem_lines(layer_notes)
-    if superseded:
-        out += ["", "## Superseded records (same job, newer record used)", ""]
-        out += [f"- `{old}` → `{new}`" for old, new in superseded]
+    for heading, lines in (("Failed jobs", _problem_lines(problems)),
+                           ("Per-layer plots not drawn", _problem_lines(layer_notes)),
+                           ("Superseded records (same job, newer record used)",
+                            [f"- `{old}` → `{new}`" for old, new in superseded])):
+        if lines:
+            out += ["", f"## {heading}", "", *lines]
     return "\n".join(out) + "\n"
 
 

@@ -64,12 +64,9 @@ class CountingBackend:
         cid = torch._guards.CompileContext.current_compile_id()
         if cid is not None and cid.frame_compile_id:
             self.recompiles += 1
-        compiler = torch._dynamo.lookup_backend(self.name)
-        if self.name == "inductor":
-            on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-            fn = compiler(gm, example_inputs, config_patches={"triton.cudagraphs": on_cuda})
-        else:
-            fn = compiler(gm, example_inputs)
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        patches = {"config_patches": {"triton.cudagraphs": on_cuda}} if self.name == "inductor" else {}
+        fn = torch._dynamo.lookup_backend(self.name)(gm, example_inputs, **patches)
 
         def run(*args):
             self.calls += 1
@@ -86,7 +83,6 @@ class Compiled:
     logits across steps (DLB). ``eager`` counts the calls that ran no compiled graph."""
 
     def __init__(self, module: nn.Module, channels_last: bool = False):
-        self.module = module
         self.fn = torch.compile(module, backend=BACKEND, dynamic=False)
         self.channels_last = channels_last
         self.eager = 0
@@ -94,10 +90,9 @@ class Compiled:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        n = BACKEND.calls
+        calls = BACKEND.calls
         out = self.fn(x)
-        if BACKEND.calls == n:
-            self.eager += 1
+        self.eager += BACKEND.calls == calls
         return out.clone() if out.is_cuda else out
 
 
@@ -127,11 +122,9 @@ class Session:
     def active(self):
         """channels_last and the compiled teacher for the duration; after it the weights are contiguous
         again (pruning code may ``view`` them) and the objective has its teacher module back."""
-        fmt = torch.channels_last if self.channels_last else None
-        nets = [self.model] + ([self.teacher] if self.teacher is not None else [])
-        if fmt is not None:
-            for m in nets:
-                m.to(memory_format=fmt)
+        nets = [m for m in (self.model, self.teacher) if m is not None] if self.channels_last else []
+        for m in nets:
+            m.to(memory_format=torch.channels_last)
         if self.teacher_forward is not None:
             self.objective.teacher = self.teacher_forward
         try:
@@ -139,9 +132,8 @@ class Session:
         finally:
             if self.teacher_forward is not None:
                 self.objective.teacher = self.teacher
-            if fmt is not None:
-                for m in nets:
-                    m.to(memory_format=torch.contiguous_format)
+            for m in nets:
+                m.to(memory_format=torch.contiguous_format)
 
     def mark(self) -> tuple:
         """Call at the start of a step, and :meth:`book` with the result at its end."""

@@ -20,11 +20,9 @@ from kdprune_cli.training.compiling import wanted
 def predict(model: nn.Module, data, split: str = "test", batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = model.training
     model.eval()
-    logits, ys = [], []
-    for x, y, _ in data.batches(split, batch_size):
-        logits.append(model(x).float())
-        ys.append(y)
+    batches = [(model(x).float(), y) for x, y, _ in data.batches(split, batch_size)]
     model.train(was_training)
+    logits, ys = zip(*batches)
     return torch.cat(logits), torch.cat(ys)
 
 
@@ -35,23 +33,16 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 
     RMSCE (``norm="l2"``, the square root of the weighted mean squared gap)."""
     c = logits.shape[1]
     probs = F.softmax(logits, dim=1)
-
-    def calibration_error(norm: str) -> float:
-        return float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm=norm))
-
-    return {
-        "top1": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=1, average="micro")),
-        "top5": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=min(5, c), average="micro")),
-        "nll": float(F.cross_entropy(logits, y)),
-        "ece": calibration_error("l1"),
-        "mce": calibration_error("max"),
-        "rmsce": calibration_error("l2"),
-    }
+    out = {"top1": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=1, average="micro")),
+           "top5": 100.0 * float(multiclass_accuracy(logits, y, num_classes=c, top_k=min(5, c), average="micro")),
+           "nll": float(F.cross_entropy(logits, y))}
+    for key, norm in (("ece", "l1"), ("mce", "max"), ("rmsce", "l2")):
+        out[key] = float(multiclass_calibration_error(probs, y, num_classes=c, n_bins=n_bins, norm=norm))
+    return out
 
 
 def evaluate(model: nn.Module, data, split: str = "test", batch_size: int = 1000, n_bins: int = 15) -> dict:
-    logits, y = predict(model, data, split, batch_size)
-    return classification_metrics(logits, y, n_bins)
+    return classification_metrics(*predict(model, data, split, batch_size), n_bins)
 
 
 def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> dict:
@@ -65,10 +56,8 @@ def reliability_bins(logits: torch.Tensor, y: torch.Tensor, n_bins: int = 15) ->
     correct = pred.eq(y).to(conf.dtype)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
     idx = (torch.bucketize(conf, edges, right=True) - 1).clamp_(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf.double())
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct.double())
-    count, conf_sum, acc_sum = count.tolist(), conf_sum.tolist(), acc_sum.tolist()
+    count, conf_sum, acc_sum = (torch.bincount(idx, weights, minlength=n_bins).tolist()
+                                for weights in (None, conf.double(), correct.double()))
     return {"count": count,
             "confidence": [s / n if n else None for s, n in zip(conf_sum, count)],
             "accuracy": [s / n if n else None for s, n in zip(acc_sum, count)]}
@@ -106,9 +95,8 @@ def temperature_scaled(val: tuple, test: tuple, n_bins: int = 15) -> dict:
     split's ECE and NLL after dividing its logits by it (``ece_ts``, ``nll_ts``)."""
     t = fit_temperature(*val)
     logits, y = test
-    scaled = logits.float() / t
-    ece = multiclass_calibration_error(F.softmax(scaled, dim=1), y, num_classes=scaled.shape[1], n_bins=n_bins)
-    return {"temperature": t, "ece_ts": float(ece), "nll_ts": float(F.cross_entropy(scaled, y))}
+    scaled = classification_metrics(logits.float() / t, y, n_bins)
+    return {"temperature": t, "ece_ts": scaled["ece"], "nll_ts": scaled["nll"]}
 
 
 def evaluate_splits(model: nn.Module, data, splits=("test",), batch_size: int = 1000, n_bins: int = 15) -> dict:
@@ -136,21 +124,16 @@ def count_flops(model: nn.Module, input_shape: tuple, exclude=()) -> dict:
     """
     dense, sparse = 0, 0
     prunable = set(id(m) for m in prunable_modules(model, exclude).values())
-    hooks = []
 
     def hook(m, inp, out):
         nonlocal dense, sparse
-        if isinstance(m, nn.Conv2d):
-            macs = out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            macs = out.numel() // out.shape[0] * m.in_features
+        # per output value, one weight row: in_channels / groups × kernel (Conv2d) or in_features (Linear)
+        macs = out.numel() // out.shape[0] * m.weight.shape[1:].numel()
         density = float((m.weight != 0).float().mean()) if id(m) in prunable else 1.0
         dense += macs
         sparse += macs * density
 
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(hook))
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device

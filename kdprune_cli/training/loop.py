@@ -92,15 +92,13 @@ def train(model: nn.Module, data, recipe, objective: Objective, *, gen: torch.Ge
     config path, names the learning rate to lower) before that epoch's checkpoint is written. The loss is
     checked once per epoch, through the epoch's loss sum that stays on the device until then.
     """
-    start = time.perf_counter()
     model = getattr(model, "_orig_mod", model)  # given a torch.compile'd model: train the module behind it
     device = next(model.parameters()).device
-    base = (objective.teacher_samples, objective.extra_samples)
     if int(recipe.epochs) <= 0:
         return {"seconds": 0.0, "samples": 0, "teacher_samples": 0, **NO_COMPILE}
     mode = compiling.training_mode(compile, device, objective, getattr(recipe, "optimizer", "sgd"))
     session = compiling.Session(model, objective, device, whole_step=mode == "step") if mode != "eager" else None
-    run = _Training(model, data, recipe, objective, gen, masks, session, start, base, max_batches)
+    run = _Training(model, data, recipe, objective, gen, masks, session, max_batches)
     if checkpoint is not None and Path(checkpoint).is_file():
         run.resume(checkpoint)
     bar = tqdm(total=run.total, initial=run.step, desc=desc, disable=bars_disabled(progress), leave=False,
@@ -133,10 +131,10 @@ class _Training:
     cost booked before a resume."""
 
     def __init__(self, model: nn.Module, data, recipe, objective: Objective, gen: torch.Generator,
-                 masks: Optional[dict], session: Optional[compiling.Session], start: float, base: tuple,
-                 max_batches: Optional[int]):
+                 masks: Optional[dict], session: Optional[compiling.Session], max_batches: Optional[int]):
+        self.start, self.base = time.perf_counter(), (objective.teacher_samples, objective.extra_samples)
         self.model, self.data, self.recipe, self.objective, self.gen = model, data, recipe, objective, gen
-        self.masks, self.session, self.start, self.base, self.max_batches = masks, session, start, base, max_batches
+        self.masks, self.session, self.max_batches = masks, session, max_batches
         self.device, self.epochs = next(model.parameters()).device, int(recipe.epochs)
         self.spe = steps_per_epoch(data, recipe.batch_size, max_batches)
         self.total = self.epochs * self.spe
@@ -166,6 +164,7 @@ class _Training:
             if step_hook is not None:
                 step_hook(self.step, self.total)
             loss, logits = self.one_step(net, x, y, idx, amp)
+            self.step += 1
             self.samples += x.shape[0]
             loss_sum += loss.detach().float() * x.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
@@ -191,7 +190,6 @@ class _Training:
         self.objective.step()  # an objective with parameters of its own (NutePrune's gates, λ)
         if self.masks is not None:
             apply_masks(self.model, self.masks)
-        self.step += 1
         return loss, logits
 
     def graph_step(self, x, y, idx, amp: bool) -> tuple:
@@ -200,9 +198,7 @@ class _Training:
                                device=self.device)
             self.graph = compiling.GraphStep(self.model, self.objective, self.opt, self.masks, lrs, self.step, amp)
         self.objective.count(x.shape[0])
-        loss, logits = self.graph(x, y, idx, self.session)
-        self.step += 1
-        return loss, logits
+        return self.graph(x, y, idx, self.session)
 
     def save(self, checkpoint: Path, epochs_done: int) -> None:
         atomic_save({"epoch": epochs_done, "step": self.step, "model": self.model.state_dict(),

@@ -32,13 +32,13 @@ def test_accuracy_vs_sparsity_plot_draws_mean_and_sample_std_as_the_tables(tmp_p
     drawn = {}
     finish = plots.finish
 
-    def spy(fig, ax, t, metric, how, path):
+    def spy(ax, t, metric, how, path):
         if path.name.startswith("accuracy_vs_sparsity"):
             drawn["how"] = how
             for container in ax.containers:
                 segs = container.lines[2][0].get_segments()  # one vertical error bar per sparsity
                 drawn[container.get_label()] = [(float(s[0][1]), float(s[1][1])) for s in segs]
-        return finish(fig, ax, t, metric, how, path)
+        return finish(ax, t, metric, how, path)
 
     monkeypatch.setattr(plots, "finish", spy)
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0

@@ -34,9 +34,9 @@ def test_variants_are_rows_of_their_own(tmp_path, monkeypatch):
     legends = []
     finish = plots.finish
 
-    def spy(fig, ax, *a, **k):
+    def spy(ax, *a, **k):
         legends.append(ax.get_legend_handles_labels()[1])
-        return finish(fig, ax, *a, **k)
+        return finish(ax, *a, **k)
 
     monkeypatch.setattr(plots, "finish", spy)
     out = tmp_path / "out"

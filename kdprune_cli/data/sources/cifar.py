@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import pickle
 from pathlib import Path
 from typing import Optional
@@ -25,15 +24,12 @@ def _latin1_encode(obj, encoding="utf-8", errors="strict"):
 
 
 def _allowed_globals() -> dict:
+    """ndarray, dtype and the two functions that rebuild a pickled array (taken from numpy's own reduce); a pickle
+    names them in numpy.core (numpy 1.x) or numpy._core (2.x), and either is allowed."""
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
-    for sub, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer")):
-        for core in ("numpy._core", "numpy.core"):  # the module of numpy 2.x, then of 1.x
-            try:
-                fn = getattr(importlib.import_module(f"{core}.{sub}"), name)
-            except (ImportError, AttributeError):
-                continue
-            allowed[(f"numpy.core.{sub}", name)] = allowed[(f"numpy._core.{sub}", name)] = fn  # pickled by either
-            break
+    for fn in (np.ndarray(0).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0]):  # _reconstruct, _frombuffer
+        sub = fn.__module__.rsplit(".", 1)[1]
+        allowed[(f"numpy.core.{sub}", fn.__name__)] = allowed[(f"numpy._core.{sub}", fn.__name__)] = fn
     return allowed
 
 
@@ -80,7 +76,7 @@ def _unpickle(path: Path):
     """The object pickled in ``path``, through the restricted unpickler; DataError when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            obj = _BatchUnpickler(f, path).load()
+            return _BatchUnpickler(f, path).load()
     except DataError:
         raise
     except OSError as e:
@@ -88,7 +84,6 @@ def _unpickle(path: Path):
     except Exception as e:  # truncated or not a pickle at all
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise DataError(f"{path} is not a CIFAR batch (unreadable pickle: {type(e).__name__}: {first})") from None
-    return obj
 
 
 def _batch_data(data, bad: str) -> np.ndarray:
@@ -111,52 +106,43 @@ class Cifar(Source):
     channels, size, train_images = 3, 32, 50000
     config = {"root": "${paths.data_dir}", "download": False, "crop_padding": 4, "flip": True}
 
-    def __init__(self, name: str, classes: int, torchvision_class: str):
-        self.name, self.classes, self.torchvision_class = name, classes, torchvision_class
-
-    def _tv(self):
-        return getattr(datasets, self.torchvision_class)
+    def __init__(self, name: str, classes: int, tv: type):
+        self.name, self.classes, self.tv = name, classes, tv
 
     def files(self, root: Path) -> list:
         """``[(path, md5), ...]``: the train batches, then the test batches (torchvision's lists)."""
-        cls = self._tv()
-        return [(root / cls.base_folder / f, digest) for f, digest in [*cls.train_list, *cls.test_list]]
+        return [(root / self.tv.base_folder / f, digest) for f, digest in [*self.tv.train_list, *self.tv.test_list]]
 
-    def problem(self, root: Path, verify: bool) -> Optional[DataError]:
+    def check(self, root: Path, verify: bool = True) -> None:
+        """:class:`DataError` when a file is missing or, with ``verify``, fails its md5 sum."""
         files = self.files(root)
         if not all(path.is_file() for path, _ in files):
-            return DataError(not_found(self.name, root))
+            raise DataError(not_found(self.name, root))
         for path, want in files if verify else ():
             got = calculate_md5(path)
             if got != want:
-                return DataError(
+                raise DataError(
                     f"{self.name} file {path} is corrupt or modified (md5 mismatch: {got}, expected {want}): restore "
                     f"the official file (remove it and set data.download=true), or set "
                     f"data.verify_checksums=false for a re-packed copy")
-        return None
-
-    def check(self, root: Path) -> None:
-        problem = self.problem(root, True)
-        if problem is not None:
-            raise problem
 
     def signature(self, root: Path) -> Optional[dict]:
         files = [p for p, _ in self.files(root)]
         return files_signature(root, files if all(p.is_file() for p in files) else None)
 
     def read(self, root: Path, download: bool, verify: bool) -> Splits:
-        problem = self.problem(root, verify)
-        if problem is not None and download:
-            cls = self._tv()
+        try:
+            self.check(root, verify)
+        except DataError:
+            if not download:
+                raise
             try:
-                download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+                download_and_extract_archive(self.tv.url, str(root), filename=self.tv.filename, md5=self.tv.tgz_md5)
             except Exception as e:  # network failures, a corrupt archive
-                raise DataError(f"{self.name} download from {cls.url} into {root} failed: {e}") from e
-            problem = self.problem(root, verify)
-        if problem is not None:
-            raise problem
+                raise DataError(f"{self.name} download from {self.tv.url} into {root} failed: {e}") from e
+            self.check(root, verify)
         paths = [p for p, _ in self.files(root)]
-        n_train = len(self._tv().train_list)
+        n_train = len(self.tv.train_list)
 
         def tensors(paths):
             parts = [read_cifar_batch(p, self.classes) for p in paths]
@@ -167,4 +153,4 @@ class Cifar(Source):
         return tensors(paths[:n_train]), tensors(paths[n_train:])
 
 
-SOURCES = [Cifar("cifar10", 10, "CIFAR10"), Cifar("cifar100", 100, "CIFAR100")]
+SOURCES = [Cifar("cifar10", 10, datasets.CIFAR10), Cifar("cifar100", 100, datasets.CIFAR100)]

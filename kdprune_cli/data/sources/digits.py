@@ -23,7 +23,6 @@ class Digits(Source):
         x = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
         y = torch.from_numpy(d.target.astype(np.int64))
         tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
-        tr, te = torch.from_numpy(tr), torch.from_numpy(te)
         return (x[tr], y[tr]), (x[te], y[te])
 
     def signature(self, root: Path) -> Optional[dict]:

@@ -5,6 +5,7 @@ validation split is the test split. The JPEGs decode in parallel on a thread poo
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -19,19 +20,25 @@ DECODE_CHUNK = 256  # files per task of the decoding pool
 
 
 def _jpeg_decoder():
-    """torchvision's libjpeg decoder ``(decode_jpeg, ImageReadMode.RGB)``, or None where its image ops are missing."""
+    """torchvision's libjpeg decoder of one JPEG to RGB, or None where its image ops are missing."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.io.image import _has_image_ops
     except ImportError:
         return None
-    return (decode_jpeg, ImageReadMode.RGB) if _has_image_ops() else None
+    return partial(decode_jpeg, mode=ImageReadMode.RGB) if _has_image_ops() else None
 
 
-def _decode_pil(path: Path) -> torch.Tensor:
-    """One image as PIL's ``Image.open(path).convert("RGB")`` gives it, 3×H×W uint8 (the path for non-JPEGs)."""
+def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
+    """One image, 3×H×W uint8: a JPEG through ``decoder``, any other file as PIL's
+    ``Image.open(path).convert("RGB")`` gives it."""
     from PIL import Image
 
+    if decoder is not None:
+        try:  # grayscale and CMYK JPEGs come out RGB (ImageReadMode.RGB), as PIL's convert("RGB") makes them
+            return decoder(data)
+        except Exception:  # not a JPEG (a PNG, say): PIL reads it, or says why not
+            pass
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -40,33 +47,16 @@ def _decode_pil(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _decode_one(path: Path, data: torch.Tensor, decoder) -> torch.Tensor:
-    if decoder is not None:
-        try:
-            return decoder[0](data, mode=decoder[1])
-        except Exception:  # not a JPEG (a PNG, say): PIL reads it, or says why not
-            pass
-    return _decode_pil(path)
-
-
 def _decode_chunk(paths: list, out: torch.Tensor, size: int, decoder) -> int:
     """Decode ``paths`` into ``out`` (len(paths)×3×size×size uint8); the number of images."""
     raw = []
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                data = bytearray(f.read())
+            data = bytearray(Path(p).read_bytes())
         except OSError as e:
             raise DataError(f"{p} could not be read ({e.strerror or e})") from None
         raw.append(torch.frombuffer(data or bytearray(1), dtype=torch.uint8))  # empty: fails in the decoders
-    imgs = None
-    if decoder is not None:
-        try:  # grayscale and CMYK JPEGs come out RGB (ImageReadMode.RGB), as PIL's convert("RGB") makes them
-            imgs = decoder[0](raw, mode=decoder[1])
-        except Exception:  # one file is not a JPEG, or is broken: one by one, to find it
-            imgs = None
-    if imgs is None:
-        imgs = [_decode_one(p, data, decoder) for p, data in zip(paths, raw)]
+    imgs = [_decode_one(p, data, decoder) for p, data in zip(paths, raw)]
     for i, (p, img) in enumerate(zip(paths, imgs)):
         if tuple(img.shape) != (3, size, size):
             raise DataError(f"{p} is {img.shape[-1]}×{img.shape[-2]} pixels, not {size}×{size}: every "
@@ -94,20 +84,17 @@ def decode_images(groups: list, size: int, desc: str = "tinyimagenet") -> list:
     except AttributeError:  # not on Linux
         workers = os.cpu_count() or 1
     outs = [torch.empty((len(paths), 3, size, size), dtype=torch.uint8) for paths in groups]
-    total = sum(len(paths) for paths in groups)
-    with warnings.catch_warnings(), tqdm(total=total, desc=desc, unit="img", leave=False, disable=None,
-                                         mininterval=0.5) as bar:
+    chunks = [(paths[i:i + DECODE_CHUNK], out[i:i + DECODE_CHUNK]) for paths, out in zip(groups, outs)
+              for i in range(0, len(paths), DECODE_CHUNK)]
+    with warnings.catch_warnings(), tqdm(total=sum(map(len, groups)), desc=desc, unit="img", leave=False,
+                                         disable=None, mininterval=0.5) as bar:
         # torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec); they still decode
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                                 category=DeprecationWarning)
-        ex = ThreadPoolExecutor(max_workers=max(1, min(32, workers)), thread_name_prefix="kdprune-decode")
-        try:
-            futures = [ex.submit(_decode_chunk, paths[i:i + DECODE_CHUNK], out[i:i + DECODE_CHUNK], size, decoder)
-                       for paths, out in zip(groups, outs) for i in range(0, len(paths), DECODE_CHUNK)]
-            for fut in futures:
-                bar.update(fut.result())
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+        with ThreadPoolExecutor(max_workers=max(1, min(32, workers)), thread_name_prefix="kdprune-decode") as ex:
+            # in order; an error cancels the chunks not yet started (map's results) and waits for the running ones
+            for n in ex.map(lambda chunk: _decode_chunk(*chunk, size, decoder), chunks):
+                bar.update(n)
     return outs
 
 
@@ -131,10 +118,8 @@ class TinyImageNet(Source):
             raise DataError(not_found("tinyimagenet (tiny-imagenet-200 layout: train/<wnid>/images, "
                                       "val/images + val/val_annotations.txt)", root))
         wnids_file = root / "wnids.txt"
-        if wnids_file.is_file():
-            wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
-        else:
-            wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        wnids = (wnids_file.read_text().split() if wnids_file.is_file()
+                 else sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
         index = {w: i for i, w in enumerate(wnids)}  # a class is its line of wnids.txt
         train_paths, train_y = [], []
         for w in wnids:
