@@ -9,6 +9,8 @@ STAMP := $(VENV)/.kdprune-installed
 EXTRAS_VENV ?= .venv-extras
 EXTRAS_PY := $(EXTRAS_VENV)/bin/python
 EXTRAS_STAMP := $(EXTRAS_VENV)/.kdprune-installed
+# pytest-xdist workers for the main suite: one per core (`make test TEST_WORKERS=0` runs it in one process).
+TEST_WORKERS ?= auto
 
 .PHONY: quickstart test test-extras install install-extras bench clean
 
@@ -32,10 +34,12 @@ quickstart: $(STAMP)
 	$(VENV)/bin/kdprune experiment=quickstart
 
 # Pyflakes and the size rules (pyproject.toml's [tool.ruff]), the main suite, then the sweep tools' tests in the
-# extras environment.
+# extras environment. The main suite runs one pytest-xdist worker per core: each test process and the kdprune
+# processes it starts use one torch thread (tests/conftest.py), so the cores are otherwise mostly idle; worksteal
+# evens out the tests of very different lengths.
 test: $(STAMP)
 	$(VENV)/bin/ruff check kdprune_cli tests scripts
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 	$(MAKE) test-extras
 
 # Ray and submitit_local sweeps and an Optuna search on the quickstart (debug=default), one job at a time.
