@@ -51,6 +51,11 @@ class StageCost:
     peak_rss_bytes: Optional[int] = None
     memory_kind: Optional[str] = None
 
+    def add(self, stats: dict) -> None:
+        """Add a training's counts (:func:`~kdprune_cli.training.loop.train`'s stats) to the stage."""
+        for k in ("samples", "teacher_samples", "compile_seconds", "recompiles", "fallbacks"):
+            setattr(self, k, getattr(self, k) + stats.get(k, 0))
+
 
 def peak_rss_bytes() -> Optional[int]:
     """The process's peak resident set size so far, in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS);
@@ -187,8 +192,7 @@ class Trainer:
                           max_batches=self.cfg.get("max_batches"), compile=self.cfg.get("compile", "auto"),
                           where=config_path(recipe_node))
             if record:
-                for k in ("samples", "teacher_samples", "compile_seconds", "recompiles", "fallbacks"):
-                    setattr(st, k, getattr(st, k) + stats.get(k, 0))
+                st.add(stats)
         return stats
 
     def skip_trainings(self, stage: str, n: int = 1) -> None:
@@ -293,8 +297,7 @@ class Artifacts:
             if cached:
                 st.artifact = meta.get("cost")
             else:
-                st.samples += meta["cost"]["samples"]
-                st.teacher_samples += meta["cost"]["teacher_samples"]
+                st.add(meta["cost"])
         self.models[stage] = state["model"]
         self.metrics[stage] = meta["metrics"]
 

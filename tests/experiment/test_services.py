@@ -5,6 +5,7 @@ import resource
 import torch
 
 from kdprune_cli.experiment.services import Costs, peak_rss_bytes
+from kdprune_cli.training import compiling
 
 
 def test_services_share_one_cost_book_and_a_spy_on_a_service_reaches_everyone(make_ctx):
@@ -22,6 +23,20 @@ def test_services_share_one_cost_book_and_a_spy_on_a_service_reaches_everyone(ma
     ctx.log = logged.append  # the trainer logs through the context's current log
     ctx.trainer.log({"x": 1})
     assert logged == [{"x": 1}]
+
+
+def test_a_stored_dense_model_books_its_training_compile_time(make_ctx, monkeypatch):
+    """The dense teacher and student are store artifacts: the stage that trains one books what its training
+    counted, compile time included, as every other training stage does; the stage that reads it books none."""
+    monkeypatch.setattr(compiling.BACKEND, "name", "aot_eager")  # dynamo's graphs without code generation
+    made = make_ctx("compile=true", "max_batches=2")
+    made.artifacts.dense_student()
+    st = made.costs.stages["student"]
+    assert not st.cached and st.samples > 0 and st.compile_seconds > 0 and st.fallbacks == 0
+    read = make_ctx("compile=true", "max_batches=2")  # the same store
+    read.artifacts.dense_student()
+    st = read.costs.stages["student"]
+    assert st.cached and st.samples == 0 and st.compile_seconds == 0 and st.artifact["compile_seconds"] > 0
 
 
 def test_every_stage_books_the_process_peak_rss_on_cpu(make_ctx):
