@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from kdprune_cli.config.schema import COMPILE
+from kdprune_cli.config.schema import COMPILE, one_of
 from kdprune_cli.log import note
 
 RECOMPILE_LIMIT = 64  # cache entries per code object (dynamo's default is 8)
@@ -29,9 +29,8 @@ RECOMPILE_LIMIT = 64  # cache entries per code object (dynamo's default is 8)
 
 def wanted(setting, device: torch.device) -> bool:
     """``compile`` resolved for ``device``: ``auto`` compiles on CUDA only."""
+    one_of("compile", setting, COMPILE, lower=True)
     s = str(setting).lower()
-    if s not in COMPILE:
-        raise ValueError(f"compile must be {', '.join(COMPILE[:-1])} or {COMPILE[-1]}, got {setting!r}")
     return device.type == "cuda" if s == "auto" else s != "false"
 
 

@@ -152,6 +152,8 @@ def test_compile_setting():
         validate(compose_cfg([ok]))
     with pytest.raises(ConfigError, match="compile must be auto, true, false or step"):
         validate(compose_cfg(["compile=sometimes"]))
+    with pytest.raises(ValueError, match="compile must be auto, true, false or step, got 'sometimes'"):
+        compiling.wanted("sometimes", cpu)  # the trainer called directly
 
 
 def epoch_losses(model, objective, **kw) -> list:
